@@ -1,0 +1,37 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// libp11fork.so: the PKCS#11 module, with the Swift runtime linked in and only the three
+// PKCS#11 entry points exported (see Sources/P11Fork/exports.map).
+let moduleLinkerFlags: [String] = [
+    "-static-stdlib",
+    "-Xlinker", "--version-script=\(Context.packageDirectory)/Sources/P11Fork/exports.map",
+    "-Xlinker", "-z", "-Xlinker", "defs",
+]
+
+let package = Package(
+    name: "p11fork",
+    products: [
+        .library(name: "p11fork", type: .dynamic, targets: ["P11Fork"]),
+        .executable(name: "p11fork-probe", targets: ["p11fork-probe"]),
+    ],
+    targets: [
+        // The C edge: PKCS#11 2.40 (p11-kit's header) + 3.0 declarations, and tiny syscall helpers.
+        .target(name: "CPKCS11"),
+        // The proxy: loading the real module, handle tables, fork handling, tracing, the calls.
+        .target(name: "P11ForkCore", dependencies: ["CPKCS11"]),
+        // The exported module: the three C entry points and nothing else.
+        .target(
+            name: "P11Fork",
+            dependencies: ["P11ForkCore", "CPKCS11"],
+            exclude: ["exports.map"],
+            linkerSettings: [.unsafeFlags(moduleLinkerFlags)]
+        ),
+        // A small PKCS#11 client used by the tools and tests (never linked into the module).
+        .target(name: "PKCS11Client", dependencies: ["CPKCS11"]),
+        // Runs call sequences against any module and prints a comparable transcript (tests).
+        .executableTarget(name: "p11fork-probe", dependencies: ["PKCS11Client"]),
+        .testTarget(name: "P11ForkCoreTests", dependencies: ["P11ForkCore"]),
+        .testTarget(name: "P11ForkTests", dependencies: ["PKCS11Client"]),
+    ]
+)

@@ -1,0 +1,145 @@
+import CPKCS11
+import Glibc
+
+/// Hand-written entry points: the general-purpose functions (PKCS#11 2.40 section 5.4) and
+/// the 3.0 interface functions. The rest of `Custom` is in the other files of Calls/.
+enum Custom {
+    static let C_Initialize: CK_C_Initialize = { pInitArgs in
+        let call = Call(.C_Initialize)
+        let rv: CK_RV
+        if let problem = Core.loadProblem {
+            // One line on stderr naming the problem and the fix, every time the app tries.
+            let message = "p11fork: \(problem.message)\n"
+            Trace.write(2, message, message.utf8.count)
+            rv = CK_RV(CKR_GENERAL_ERROR)
+        } else if let function = Core.functions?.pointee.C_Initialize {
+            // The application's arguments (mutex callbacks, flags, pReserved) go on unchanged.
+            rv = function(pInitArgs)
+        } else {
+            rv = CK_RV(CKR_GENERAL_ERROR)
+        }
+        if call.isTraced {
+            var line = call.line()
+            if let args = pInitArgs?.assumingMemoryBound(to: CK_C_INITIALIZE_ARGS.self) {
+                line.flags("flags", args.pointee.flags, names: CK_FLAGS.initializeFlagNames)
+                line.key("mutexCallbacks")
+                line.symbol { $0.append(args.pointee.CreateMutex != nil ? "yes" : "no") }
+                line.key("reserved")
+                if args.pointee.pReserved == nil { line.null() } else { line.symbol { $0.append("ptr") } }
+            } else {
+                line.key("args")
+                line.null()
+            }
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_Finalize: CK_C_Finalize = { pReserved in
+        let call = Call(.C_Finalize)
+        guard let function = Core.functions?.pointee.C_Finalize else { return call.unavailable() }
+        let rv = function(pReserved)
+        if rv == CKR_OK { Core.forgetSessionsAndObjects() }
+        if call.isTraced {
+            var line = call.line()
+            line.key("reserved")
+            if pReserved == nil { line.null() } else { line.symbol { $0.append("ptr") } }
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_GetFunctionList: CK_C_GetFunctionList = { ppFunctionList in
+        Exports.getFunctionList(ppFunctionList)
+    }
+
+    static let C_GetInterfaceList: CK_C_GetInterfaceList = { pInterfacesList, pulCount in
+        Exports.getInterfaceList(pInterfacesList, pulCount)
+    }
+
+    static let C_GetInterface: CK_C_GetInterface = { pInterfaceName, pVersion, ppInterface, flags in
+        Exports.getInterface(pInterfaceName, pVersion, ppInterface, flags)
+    }
+}
+
+/// The three functions the shared library exports (Sources/P11Fork). They need no initialised
+/// library; the first of them to be called loads the configuration and the real module.
+public enum Exports {
+    public static func getFunctionList(_ ppFunctionList: UnsafeMutablePointer<UnsafeMutablePointer<CK_FUNCTION_LIST>?>?) -> CK_RV {
+        Core.ensureLoaded()
+        let call = Call(.C_GetFunctionList)
+        var rv = CK_RV(CKR_OK)
+        if let ppFunctionList { ppFunctionList.pointee = Core.list240 } else { rv = CK_RV(CKR_ARGUMENTS_BAD) }
+        if call.isTraced {
+            var line = call.line()
+            line.pointer("list", ppFunctionList)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    public static func getInterfaceList(_ pInterfacesList: UnsafeMutablePointer<CK_INTERFACE>?,
+                                        _ pulCount: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
+        Core.ensureLoaded()
+        let call = Call(.C_GetInterfaceList)
+        let countIn = pulCount?.pointee
+        let available = CK_ULONG(Core.interfaceCount)
+        var rv = CK_RV(CKR_OK)
+        if let pulCount {
+            if let pInterfacesList {
+                if pulCount.pointee < available {
+                    rv = CK_RV(CKR_BUFFER_TOO_SMALL)
+                } else {
+                    for i in 0..<Core.interfaceCount { pInterfacesList[i] = Core.interfaces[i] }
+                }
+            }
+            pulCount.pointee = available
+        } else {
+            rv = CK_RV(CKR_ARGUMENTS_BAD)
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.output("interfaces", pInterfacesList, in: countIn, out: pulCount, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    public static func getInterface(_ pInterfaceName: UnsafeMutablePointer<CK_UTF8CHAR>?,
+                                    _ pVersion: UnsafeMutablePointer<CK_VERSION>?,
+                                    _ ppInterface: UnsafeMutablePointer<UnsafeMutablePointer<CK_INTERFACE>?>?,
+                                    _ flags: CK_FLAGS) -> CK_RV {
+        Core.ensureLoaded()
+        let call = Call(.C_GetInterface)
+        var rv = CK_RV(CKR_ARGUMENTS_BAD)
+        if let ppInterface {
+            let wanted = pInterfaceName.map { String(cString: UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self)) }
+            for i in 0..<Core.interfaceCount {
+                let interface = Core.interfaces + i
+                let list = interface.pointee.pFunctionList!.assumingMemoryBound(to: CK_VERSION.self).pointee
+                guard wanted == nil || wanted == "PKCS 11",
+                      pVersion == nil || (pVersion!.pointee.major == list.major && pVersion!.pointee.minor == list.minor),
+                      interface.pointee.flags & flags == flags else { continue }
+                ppInterface.pointee = interface
+                rv = CK_RV(CKR_OK)
+                break
+            }
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.key("name")
+            if let pInterfaceName {
+                line.appendQuoted(UnsafeRawBufferPointer(start: pInterfaceName, count: strlen(UnsafeRawPointer(pInterfaceName).assumingMemoryBound(to: CChar.self))))
+            } else { line.null() }
+            line.key("version")
+            if let pVersion {
+                line.symbol { l in
+                    l.appendDecimal(UInt(pVersion.pointee.major)); l.append(UInt8(ascii: ".")); l.appendDecimal(UInt(pVersion.pointee.minor))
+                }
+            } else { line.null() }
+            line.flags("flags", flags, names: [(CK_FLAGS(CKF_INTERFACE_FORK_SAFE), "CKF_INTERFACE_FORK_SAFE")])
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+}

@@ -1,0 +1,168 @@
+import CPKCS11
+
+// Slot and session management (PKCS#11 2.40 sections 5.5 and 5.6): the calls that hand out or
+// take back slot IDs and session handles, so they cannot be plain forwarders.
+extension Custom {
+    static let C_GetSlotList: CK_C_GetSlotList = { tokenPresent, pSlotList, pulCount in
+        let call = Call(.C_GetSlotList)
+        let countIn = call.isTraced ? pulCount?.pointee : nil
+        guard let function = Core.functions?.pointee.C_GetSlotList else { return call.unavailable() }
+        let rv = function(tokenPresent, pSlotList, pulCount)
+        if rv == CKR_OK, let pSlotList, let pulCount {
+            for i in 0..<Int(pulCount.pointee) { pSlotList[i] = Slots.expose(real: pSlotList[i]) }
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.key("tokenPresent")
+            line.append(tokenPresent != 0 ? "true" : "false")
+            line.output("slots", pSlotList, in: countIn, out: pulCount, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_WaitForSlotEvent: CK_C_WaitForSlotEvent = { flags, pSlot, pReserved in
+        let call = Call(.C_WaitForSlotEvent)
+        guard let function = Core.functions?.pointee.C_WaitForSlotEvent else { return call.unavailable() }
+        let rv = function(flags, pSlot, pReserved)
+        if rv == CKR_OK, let pSlot { pSlot.pointee = Slots.expose(real: pSlot.pointee) }
+        if call.isTraced {
+            var line = call.line()
+            line.flags("flags", flags, names: CK_FLAGS.waitFlagNames)
+            line.key("slot")
+            if let pSlot, rv == CKR_OK { line.symbol { $0.appendHex(pSlot.pointee) } } else { line.null() }
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_OpenSession: CK_C_OpenSession = { slotID, flags, pApplication, Notify, phSession in
+        let call = Call(.C_OpenSession)
+        guard let function = Core.functions?.pointee.C_OpenSession else { return call.unavailable() }
+        // A notification callback must see the virtual session handle: it goes through a relay.
+        let relay = Notify.map { SessionNotifications.Relay(notify: $0, application: pApplication) }
+        var rv: CK_RV
+        if let relay {
+            rv = function(Slots.real(slotID), flags, Unmanaged.passUnretained(relay).toOpaque(),
+                          SessionNotifications.trampoline, phSession)
+        } else {
+            rv = function(Slots.real(slotID), flags, pApplication, nil, phSession)
+        }
+        if rv == CKR_OK, let phSession {
+            if let virtual = Sessions.table.issue(real: phSession.pointee, epoch: Core.epoch, aux: slotID) {
+                if let relay { SessionNotifications.keep(relay, for: virtual) }
+                phSession.pointee = virtual
+            } else {
+                // Cannot happen before 16 million sessions are open at once; give the session back.
+                _ = Core.functions?.pointee.C_CloseSession?(phSession.pointee)
+                Trace.event(.error, "session handle table full: C_OpenSession refused")
+                rv = CK_RV(CKR_SESSION_COUNT)
+            }
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.slot("slot", slotID)
+            line.flags("flags", flags, names: CK_FLAGS.sessionFlagNames)
+            line.key("notify")
+            line.symbol { $0.append(Notify != nil ? "yes" : "no") }
+            line.key("session")
+            if let phSession, rv == CKR_OK { line.symbol { $0.appendHex(phSession.pointee) } } else { line.null() }
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_CloseSession: CK_C_CloseSession = { hSession in
+        let call = Call(.C_CloseSession)
+        guard let function = Core.functions?.pointee.C_CloseSession else { return call.unavailable() }
+        let rv = function(Sessions.real(hSession))
+        if rv == CKR_OK {
+            Sessions.table.release(hSession)
+            SessionNotifications.forget(hSession)
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_CloseAllSessions: CK_C_CloseAllSessions = { slotID in
+        let call = Call(.C_CloseAllSessions)
+        guard let function = Core.functions?.pointee.C_CloseAllSessions else { return call.unavailable() }
+        let rv = function(Slots.real(slotID))
+        if rv == CKR_OK {
+            let closed = Sessions.table.releaseAll { _, slot in slot == slotID }
+            for session in closed { SessionNotifications.forget(session) }
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.slot("slot", slotID)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_GetSessionInfo: CK_C_GetSessionInfo = { hSession, pInfo in
+        let call = Call(.C_GetSessionInfo)
+        guard let function = Core.functions?.pointee.C_GetSessionInfo else { return call.unavailable() }
+        let session = Sessions.lookup(hSession)
+        let rv = function(session?.real ?? CK_SESSION_HANDLE(CK_INVALID_HANDLE), pInfo)
+        // The module reports its own slot ID; the application knows the virtual one.
+        if rv == CKR_OK, let pInfo, let session { pInfo.pointee.slotID = session.slot }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            if rv == CKR_OK, let pInfo {
+                line.key("state")
+                line.name(sessionStateName(pInfo.pointee.state), orHex: pInfo.pointee.state)
+                line.flags("flags", pInfo.pointee.flags, names: CK_FLAGS.sessionFlagNames)
+            } else {
+                line.pointer("info", pInfo)
+            }
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+}
+
+/// Relays the real module's session notifications (CK_NOTIFY) to the application with the
+/// virtual session handle and the application's own pointer.
+enum SessionNotifications {
+    final class Relay {
+        let notify: CK_NOTIFY
+        let application: UnsafeMutableRawPointer?
+        /// Set once the session has its virtual handle.
+        var session: CK_SESSION_HANDLE = CK_SESSION_HANDLE(CK_INVALID_HANDLE)
+
+        init(notify: CK_NOTIFY, application: UnsafeMutableRawPointer?) {
+            self.notify = notify
+            self.application = application
+        }
+    }
+
+    nonisolated(unsafe) static var lock: ForkSafeLock!
+    nonisolated(unsafe) static var relays: [CK_SESSION_HANDLE: Relay] = [:]
+
+    static func install() { lock = ForkDetection.register(ForkSafeLock()) }
+
+    static let trampoline: CK_NOTIFY = { _, event, context in
+        guard let context else { return CK_RV(CKR_OK) }
+        let relay = Unmanaged<Relay>.fromOpaque(context).takeUnretainedValue()
+        return relay.notify(relay.session, event, relay.application)
+    }
+
+    static func keep(_ relay: Relay, for session: CK_SESSION_HANDLE) {
+        relay.session = session
+        lock.withLock { relays[session] = relay }
+    }
+
+    static func forget(_ session: CK_SESSION_HANDLE) {
+        lock.withLock { _ = relays.removeValue(forKey: session) }
+    }
+
+    static func removeAll() {
+        lock.withLock { relays.removeAll() }
+    }
+}

@@ -1,0 +1,82 @@
+import CPKCS11
+import Glibc
+
+/// p11fork's process-wide state: the real module's functions, the handle epoch, the function
+/// lists and interfaces p11fork offers. Set up once, when the module is first asked for its
+/// function list (that is, right after the application loads it).
+public enum Core {
+    /// The real module's functions; nil when it could not be loaded (see `loadProblem`).
+    nonisolated(unsafe) static var functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
+    /// Handles are valid in the epoch they were issued in; C_Finalize starts a new one.
+    nonisolated(unsafe) static var epoch: UInt = 1
+    nonisolated(unsafe) static var module: RealModule?
+    nonisolated(unsafe) static var configuration: Configuration?
+    /// Why the real module is not there: reported by C_Initialize.
+    nonisolated(unsafe) static var loadProblem: ConfigurationProblem?
+
+    /// The lists and interfaces handed to the application.
+    nonisolated(unsafe) static var list30: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>!
+    nonisolated(unsafe) static var list240: UnsafeMutablePointer<CK_FUNCTION_LIST>!
+    nonisolated(unsafe) static var interfaces: UnsafeMutablePointer<CK_INTERFACE>!
+    nonisolated(unsafe) static var interfaceCount = 0
+
+    private static let loaded: Bool = {
+        load(environment: Configuration.currentEnvironment())
+        return true
+    }()
+
+    /// Loads everything on first use; thread-safe, once per process.
+    @inline(__always)
+    public static func ensureLoaded() { _ = loaded }
+
+    private static func load(environment: [String: String]) {
+        ForkDetection.install()
+        installHandleTables()
+        SessionNotifications.install()
+
+        switch Configuration.load(environment: environment) {
+        case .failure(let problem):
+            loadProblem = problem
+        case .success(let configuration):
+            self.configuration = configuration
+            if let problem = Trace.configure(configuration.trace, level: configuration.traceLevel,
+                                             format: configuration.traceFormat) {
+                loadProblem = ConfigurationProblem(problem)
+                break
+            }
+            switch RealModule.load(path: configuration.modulePath, source: configuration.moduleSource) {
+            case .failure(let problem):
+                loadProblem = problem
+            case .success(let module):
+                self.module = module
+                functions = module.functions
+                Trace.event(.fork, "loaded \(module.path) (\(module.offers30 ? "PKCS#11 3.0 interface" : "PKCS#11 2.x function list")); fork detection by \(ProcessMark.wipedByKernel ? "MADV_WIPEONFORK page" : "pthread_atfork handler")")
+            }
+        }
+        if let loadProblem { Trace.event(.error, loadProblem.message) }
+        buildLists(offers30: module?.offers30 ?? false)
+    }
+
+    private static func buildLists(offers30: Bool) {
+        list30 = .allocate(capacity: 1)
+        UnsafeMutableRawPointer(list30).initializeMemory(as: UInt8.self, repeating: 0,
+                                                         count: MemoryLayout<CK_FUNCTION_LIST_3_0>.size)
+        fillFunctionList(list30)
+        list30.pointee.version = CK_VERSION(major: 3, minor: 0)
+        list240 = .allocate(capacity: 1)
+        UnsafeMutableRawPointer(list240).copyMemory(from: list30, byteCount: MemoryLayout<CK_FUNCTION_LIST>.size)
+        list240.pointee.version = CK_VERSION(major: 2, minor: 40)
+
+        let name = strdup("PKCS 11")!.withMemoryRebound(to: CK_UTF8CHAR.self, capacity: 8) { $0 }
+        interfaces = .allocate(capacity: 2)
+        interfaceCount = 0
+        // The 3.0 interface only when the real module has one to forward to. It will carry
+        // CKF_INTERFACE_FORK_SAFE once p11fork keeps the whole promise (DESIGN.md "Interface").
+        if offers30 {
+            interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: UnsafeMutableRawPointer(list30), flags: 0)
+            interfaceCount += 1
+        }
+        interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: UnsafeMutableRawPointer(list240), flags: 0)
+        interfaceCount += 1
+    }
+}

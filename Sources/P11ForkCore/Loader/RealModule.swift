@@ -1,0 +1,81 @@
+import CPKCS11
+import Glibc
+
+/// The real (vendor) module, loaded in process with dlopen.
+///
+/// Its functions are copied into a 3.0-layout list owned by p11fork (the 3.0 part empty when
+/// the module offers only 2.40), so every forwarder reads one table whatever the module's age.
+struct RealModule {
+    let path: String
+    let handle: UnsafeMutableRawPointer
+    let functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>
+    /// True when the module offered the "PKCS 11" 3.0 interface through C_GetInterface.
+    let offers30: Bool
+
+    /// Loads `path`; `source` names where the path came from, for messages.
+    static func load(path: String, source: String) -> Result<RealModule, ConfigurationProblem> {
+        var status = stat()
+        guard stat(path, &status) == 0 else {
+            return .failure(ConfigurationProblem(
+                "\(source)=\(path): no such file: set it to the path of the real PKCS#11 module"))
+        }
+        guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
+            let reason = dlerror().map { String(cString: $0) } ?? "unknown reason"
+            return .failure(ConfigurationProblem(
+                "\(source)=\(path): the module cannot be loaded (\(reason)): check that it is a PKCS#11 library for this machine and that its dependencies are installed"))
+        }
+        guard let getList = dlsym(handle, "C_GetFunctionList") else {
+            dlclose(handle)
+            return .failure(ConfigurationProblem(
+                "\(source)=\(path) is not a PKCS#11 module (it has no C_GetFunctionList): point it at the vendor's PKCS#11 library"))
+        }
+        if let own = Self.ownHandle, getList == dlsym(own, "C_GetFunctionList") {
+            return .failure(ConfigurationProblem(
+                "\(source)=\(path) is p11fork itself: point it at the real PKCS#11 module, not at libp11fork.so"))
+        }
+
+        let functions = UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>.allocate(capacity: 1)
+        UnsafeMutableRawPointer(functions).initializeMemory(as: UInt8.self, repeating: 0,
+                                                            count: MemoryLayout<CK_FUNCTION_LIST_3_0>.size)
+        var offers30 = false
+        if let getInterface = dlsym(handle, "C_GetInterface"),
+           let list = Self.interface30(unsafeBitCast(getInterface, to: CK_C_GetInterface.self)) {
+            functions.pointee = list.pointee
+            offers30 = true
+        } else {
+            var list: UnsafeMutablePointer<CK_FUNCTION_LIST>?
+            let rv = unsafeBitCast(getList, to: CK_C_GetFunctionList.self)(&list)
+            guard rv == CKR_OK, let list else {
+                let name = returnCodeName(rv).map { "\($0)" } ?? "0x\(String(rv, radix: 16))"
+                return .failure(ConfigurationProblem(
+                    "\(source)=\(path): the module's C_GetFunctionList failed (\(name)): the module is broken or not set up; try 'pkcs11-tool --module \(path) -I'"))
+            }
+            UnsafeMutableRawPointer(functions).copyMemory(from: list, byteCount: MemoryLayout<CK_FUNCTION_LIST>.size)
+        }
+        return .success(RealModule(path: path, handle: handle, functions: functions, offers30: offers30))
+    }
+
+    /// The module's "PKCS 11" 3.x function list, if it has one.
+    private static func interface30(_ getInterface: CK_C_GetInterface) -> UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>? {
+        var name = Array("PKCS 11".utf8CString).map { CK_UTF8CHAR(bitPattern: $0) }
+        var version = CK_VERSION(major: 3, minor: 0)
+        var interface: UnsafeMutablePointer<CK_INTERFACE>?
+        var rv = getInterface(&name, &version, &interface, 0)
+        if rv != CKR_OK || interface == nil {
+            rv = getInterface(&name, nil, &interface, 0)
+        }
+        guard rv == CKR_OK, let interface, let list = interface.pointee.pFunctionList,
+              let interfaceName = interface.pointee.pInterfaceName,
+              String(cString: UnsafeRawPointer(interfaceName).assumingMemoryBound(to: CChar.self)) == "PKCS 11"
+        else { return nil }
+        let functions = list.assumingMemoryBound(to: CK_FUNCTION_LIST_3_0.self)
+        guard functions.pointee.version.major >= 3 else { return nil }
+        return functions
+    }
+
+    /// p11fork's own image, to refuse being pointed at itself.
+    nonisolated(unsafe) static let ownHandle: UnsafeMutableRawPointer? = {
+        guard let name = CPKCS11_image_path(#dsohandle) else { return nil }
+        return dlopen(name, RTLD_NOW | RTLD_NOLOAD)
+    }()
+}
