@@ -150,11 +150,11 @@ def write_forwarders(functions):
 def write_table(functions):
     lines = [BANNER, "import CPKCS11\n",
              "/// Every PKCS#11 function p11fork offers, in function-list order.",
-             "public enum Function: Int, CaseIterable, Sendable {"]
+             "enum Function: Int, CaseIterable, Sendable {"]
     for n, _ in functions:
         lines.append(f"    case {n}")
     lines.append("")
-    lines.append("    public var name: StaticString {")
+    lines.append("    var name: StaticString {")
     lines.append("        switch self {")
     for n, _ in functions:
         lines.append(f'        case .{n}: return "{n}"')

@@ -4,7 +4,7 @@ import Glibc
 /// p11fork's process-wide state: the real module's functions, the handle epoch, the function
 /// lists and interfaces p11fork offers. Set up once, when the module is first asked for its
 /// function list (that is, right after the application loads it).
-public enum Core {
+enum Core {
     /// The real module's functions; nil when it could not be loaded (see `loadProblem`).
     nonisolated(unsafe) static var functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
     /// Handles are valid in the epoch they were issued in; C_Finalize starts a new one.
@@ -27,7 +27,7 @@ public enum Core {
 
     /// Loads everything on first use; thread-safe, once per process.
     @inline(__always)
-    public static func ensureLoaded() { _ = loaded }
+    static func ensureLoaded() { _ = loaded }
 
     private static func load(environment: [String: String]) {
         ForkDetection.install()

@@ -3,7 +3,7 @@
 import CPKCS11
 
 /// Every PKCS#11 function p11fork offers, in function-list order.
-public enum Function: Int, CaseIterable, Sendable {
+enum Function: Int, CaseIterable, Sendable {
     case C_Initialize
     case C_Finalize
     case C_GetInfo
@@ -97,7 +97,7 @@ public enum Function: Int, CaseIterable, Sendable {
     case C_VerifyMessageNext
     case C_MessageVerifyFinal
 
-    public var name: StaticString {
+    var name: StaticString {
         switch self {
         case .C_Initialize: return "C_Initialize"
         case .C_Finalize: return "C_Finalize"

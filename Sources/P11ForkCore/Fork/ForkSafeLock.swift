@@ -7,10 +7,10 @@ import Glibc
 /// `pthread_mutex_t` behind a pointer so the child's fork handling can initialise it afresh:
 /// in the child only the forking thread exists, so no one can legitimately hold it.
 /// Never held across a call into the real module.
-public final class ForkSafeLock: @unchecked Sendable {
+final class ForkSafeLock: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
 
-    public init() {
+    init() {
         mutex = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
     }
@@ -21,7 +21,7 @@ public final class ForkSafeLock: @unchecked Sendable {
     }
 
     @inline(__always)
-    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+    func withLock<T>(_ body: () throws -> T) rethrows -> T {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()

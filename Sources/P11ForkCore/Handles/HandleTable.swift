@@ -9,8 +9,8 @@ import Synchronization
 /// Each entry holds the real handle, the epoch in which that real handle is valid (handles of
 /// an earlier epoch are stale: the module was finalized, or the process forked), and one more
 /// word of the owner's choosing (`aux`: a session's or object's virtual slot).
-public final class HandleTable: @unchecked Sendable {
-    public struct Entry: ~Copyable {
+final class HandleTable: @unchecked Sendable {
+    struct Entry: ~Copyable {
         /// The virtual handle currently issued for this index; 0 when free.
         let virtual: Atomic<UInt>
         let real: Atomic<UInt>
@@ -18,14 +18,14 @@ public final class HandleTable: @unchecked Sendable {
         let aux: Atomic<UInt>
     }
 
-    public let base: UInt
+    let base: UInt
     /// The lock-free read side, copied into the hot path's globals (no reference counting there).
-    public let view: HandleView
+    let view: HandleView
     static let chunkBits = 10
     static let chunkSize = 1 << chunkBits
     static let chunkCount = 1 << 14
     /// 16,777,216 handles live at once, at most.
-    public static let capacity = chunkSize * chunkCount
+    static let capacity = chunkSize * chunkCount
 
     let chunks: UnsafeMutablePointer<Atomic<UnsafeMutablePointer<Entry>?>>
     let lock: ForkSafeLock
@@ -42,7 +42,7 @@ public final class HandleTable: @unchecked Sendable {
         let aux: UInt
     }
 
-    public init(base: UInt, lock: ForkSafeLock = ForkSafeLock()) {
+    init(base: UInt, lock: ForkSafeLock = ForkSafeLock()) {
         self.base = base
         self.lock = lock
         chunks = .allocate(capacity: Self.chunkCount)
@@ -64,16 +64,16 @@ public final class HandleTable: @unchecked Sendable {
     @inline(__always)
     private func entry(_ virtual: UInt) -> UnsafeMutablePointer<Entry>? { view.entry(virtual) }
 
-    public func real(_ virtual: UInt, epoch: UInt) -> UInt? { view.real(virtual, epoch: epoch) }
-    public func lookup(_ virtual: UInt, epoch: UInt) -> (real: UInt, aux: UInt)? { view.lookup(virtual, epoch: epoch) }
+    func real(_ virtual: UInt, epoch: UInt) -> UInt? { view.real(virtual, epoch: epoch) }
+    func lookup(_ virtual: UInt, epoch: UInt) -> (real: UInt, aux: UInt)? { view.lookup(virtual, epoch: epoch) }
 
     /// Issues a new virtual handle for `real`; nil when the table is full.
-    public func issue(real: UInt, epoch: UInt, aux: UInt = 0) -> UInt? {
+    func issue(real: UInt, epoch: UInt, aux: UInt = 0) -> UInt? {
         lock.withLock { issueLocked(real: real, epoch: epoch, aux: aux) }
     }
 
     /// The virtual handle already exposed for (`real`, `aux`) in `epoch`, or a new one.
-    public func expose(real: UInt, epoch: UInt, aux: UInt = 0) -> UInt? {
+    func expose(real: UInt, epoch: UInt, aux: UInt = 0) -> UInt? {
         lock.withLock {
             let key = RealKey(real: real, aux: aux)
             if let known = exposed[key], let entry = entry(known),
@@ -116,7 +116,7 @@ public final class HandleTable: @unchecked Sendable {
 
     /// Gives `virtual` up; later look-ups of it fail. Returns false if it was not issued.
     @discardableResult
-    public func release(_ virtual: UInt) -> Bool {
+    func release(_ virtual: UInt) -> Bool {
         lock.withLock { releaseLocked(virtual) }
     }
 
@@ -133,7 +133,7 @@ public final class HandleTable: @unchecked Sendable {
 
     /// Releases every live handle for which `predicate(real, aux)` holds; returns them.
     @discardableResult
-    public func releaseAll(where predicate: (_ real: UInt, _ aux: UInt) -> Bool) -> [UInt] {
+    func releaseAll(where predicate: (_ real: UInt, _ aux: UInt) -> Bool) -> [UInt] {
         lock.withLock {
             var released: [UInt] = []
             for index in 1..<nextIndex {
@@ -151,18 +151,18 @@ public final class HandleTable: @unchecked Sendable {
     }
 
     /// The number of live handles (for tests and memory figures).
-    public var liveCount: Int {
+    var liveCount: Int {
         lock.withLock { nextIndex - 1 - freeIndices.count }
     }
 }
 
 /// The read side of a `HandleTable`: plain pointers, so looking a handle up costs no reference
 /// counting and no lock. A default view (no table yet) finds nothing.
-public struct HandleView: @unchecked Sendable {
+struct HandleView: @unchecked Sendable {
     let chunks: UnsafeMutablePointer<Atomic<UnsafeMutablePointer<HandleTable.Entry>?>>?
     let base: UInt
 
-    public init() { chunks = nil; base = 0 }
+    init() { chunks = nil; base = 0 }
 
     init(chunks: UnsafeMutablePointer<Atomic<UnsafeMutablePointer<HandleTable.Entry>?>>, base: UInt) {
         self.chunks = chunks
@@ -181,14 +181,14 @@ public struct HandleView: @unchecked Sendable {
 
     /// The real handle behind `virtual` if it was issued in `epoch`, else nil.
     @inline(__always)
-    public func real(_ virtual: UInt, epoch: UInt) -> UInt? {
+    func real(_ virtual: UInt, epoch: UInt) -> UInt? {
         guard let entry = entry(virtual), entry.pointee.epoch.load(ordering: .relaxed) == epoch else { return nil }
         return entry.pointee.real.load(ordering: .relaxed)
     }
 
     /// The real handle and the aux word behind `virtual` if it was issued in `epoch`.
     @inline(__always)
-    public func lookup(_ virtual: UInt, epoch: UInt) -> (real: UInt, aux: UInt)? {
+    func lookup(_ virtual: UInt, epoch: UInt) -> (real: UInt, aux: UInt)? {
         guard let entry = entry(virtual), entry.pointee.epoch.load(ordering: .relaxed) == epoch else { return nil }
         return (entry.pointee.real.load(ordering: .relaxed), entry.pointee.aux.load(ordering: .relaxed))
     }

@@ -4,22 +4,22 @@ import Glibc
 /// environment, and from the `key = value` file named by P11FORK_CONFIG. A variable that is set
 /// wins over the same key in the file. Daemons scrub their workers' environment, so nothing is
 /// read again later.
-public struct Configuration: Equatable, Sendable {
+struct Configuration: Equatable, Sendable {
     /// Path of the real module and where it was named (for messages).
-    public var modulePath: String
-    public var moduleSource: String
-    public var trace: TraceDestination?
-    public var traceLevel: TraceLevel
-    public var traceFormat: TraceFormat
+    var modulePath: String
+    var moduleSource: String
+    var trace: TraceDestination?
+    var traceLevel: TraceLevel
+    var traceFormat: TraceFormat
 
     /// The keys a configuration file may hold, and the variable each mirrors.
-    public static let keys: [(key: String, variable: String)] = [
+    static let keys: [(key: String, variable: String)] = [
         ("module", "P11FORK_MODULE"), ("trace", "P11FORK_TRACE"),
         ("trace_level", "P11FORK_TRACE_LEVEL"), ("trace_format", "P11FORK_TRACE_FORMAT"),
     ]
 
     /// Reads the configuration; on a problem, the one-line message that names it and the fix.
-    public static func load(environment: [String: String],
+    static func load(environment: [String: String],
                             readFile: (String) -> Result<String, ConfigurationProblem> = Self.readFile)
         -> Result<Configuration, ConfigurationProblem> {
         var settings: [String: (value: String, source: String)] = [:]
@@ -95,7 +95,7 @@ public struct Configuration: Equatable, Sendable {
         return .success(settings)
     }
 
-    public static func readFile(_ path: String) -> Result<String, ConfigurationProblem> {
+    static func readFile(_ path: String) -> Result<String, ConfigurationProblem> {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
             let reason = String(cString: strerror(errno))
@@ -118,7 +118,7 @@ public struct Configuration: Equatable, Sendable {
     }
 
     /// The process environment as it is now (read once, at load).
-    public static func currentEnvironment() -> [String: String] {
+    static func currentEnvironment() -> [String: String] {
         var result: [String: String] = [:]
         var entry = environ
         while let pointer = entry.pointee {
@@ -133,9 +133,9 @@ public struct Configuration: Equatable, Sendable {
 }
 
 /// A configuration or loading problem, as the single line written to stderr.
-public struct ConfigurationProblem: Error, Equatable, Sendable {
-    public let message: String
-    public init(_ message: String) { self.message = message }
+struct ConfigurationProblem: Error, Equatable, Sendable {
+    let message: String
+    init(_ message: String) { self.message = message }
 }
 
 extension Substring {

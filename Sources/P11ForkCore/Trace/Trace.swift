@@ -2,7 +2,7 @@ import CPKCS11
 import Glibc
 
 /// How much p11fork writes (DESIGN.md "Tracing"). Each level includes the ones before it.
-public enum TraceLevel: UInt8, Comparable, Sendable, CaseIterable {
+enum TraceLevel: UInt8, Comparable, Sendable, CaseIterable {
     case off = 0
     /// p11fork's own problems: configuration, loading, what could not be recovered.
     case error
@@ -13,9 +13,9 @@ public enum TraceLevel: UInt8, Comparable, Sendable, CaseIterable {
     /// Plus templates (non-sensitive values only), mechanism parameter lengths, real handles.
     case full
 
-    public static func < (a: TraceLevel, b: TraceLevel) -> Bool { a.rawValue < b.rawValue }
+    static func < (a: TraceLevel, b: TraceLevel) -> Bool { a.rawValue < b.rawValue }
 
-    public init?(name: String) {
+    init?(name: String) {
         switch name {
         case "error": self = .error
         case "fork": self = .fork
@@ -25,7 +25,7 @@ public enum TraceLevel: UInt8, Comparable, Sendable, CaseIterable {
         }
     }
 
-    public var name: String {
+    var name: String {
         switch self {
         case .off: return "off"
         case .error: return "error"
@@ -36,12 +36,12 @@ public enum TraceLevel: UInt8, Comparable, Sendable, CaseIterable {
     }
 }
 
-public enum TraceFormat: Sendable, Equatable {
+enum TraceFormat: Sendable, Equatable {
     case text, json
 }
 
 /// Where trace lines go: standard error or a file (`%p` in its name becomes the pid).
-public enum TraceDestination: Sendable, Equatable {
+enum TraceDestination: Sendable, Equatable {
     case standardError
     case file(template: String)
 }
@@ -49,8 +49,8 @@ public enum TraceDestination: Sendable, Equatable {
 /// The trace writer. Off by default; when off, a call pays one load and one branch.
 /// Every line is written with a single write(2) on an O_APPEND descriptor, so lines from a
 /// parent and its children sharing one file never interleave.
-public enum Trace {
-    nonisolated(unsafe) public internal(set) static var level: TraceLevel = .off
+enum Trace {
+    nonisolated(unsafe) static var level: TraceLevel = .off
     nonisolated(unsafe) static var format: TraceFormat = .text
     nonisolated(unsafe) static var fd: Int32 = -1
     nonisolated(unsafe) static var destination: TraceDestination?

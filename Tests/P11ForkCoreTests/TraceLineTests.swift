@@ -1,0 +1,114 @@
+import CPKCS11
+import Foundation
+import Testing
+@testable import P11ForkCore
+
+/// Trace formatting, with the level switched for the test (these tests share Trace.level).
+@Suite(.serialized) struct TraceLineTests {
+    private func withLevel<T>(_ level: TraceLevel, _ body: () -> T) -> T {
+        let saved = Trace.level
+        Trace.level = level
+        defer { Trace.level = saved }
+        return body()
+    }
+
+    private func signLine(json: Bool) -> String {
+        var line = TraceLine(json: json)
+        line.header()
+        line.beginCall(.C_Sign)
+        line.session("session", 0x5E00_0001)
+        line.length("data", UnsafeMutablePointer<UInt8>(bitPattern: 0x1000), 32)
+        var outLength: CK_ULONG = 256
+        line.output("signature", UnsafeMutablePointer<UInt8>(bitPattern: 0x2000), in: 512, out: &outLength, CK_RV(CKR_OK))
+        line.endCall(CK_RV(CKR_OK), nanoseconds: 12_345)
+        return line.text
+    }
+
+    @Test func textCallLineHasTimePidFunctionArgumentsReturnCodeAndDuration() {
+        let text = withLevel(.calls) { signLine(json: false) }
+        #expect(text.hasSuffix("C_Sign(session=0x5e000001, data=len 32, signature=len 512->256) = CKR_OK 12.3us\n"))
+        #expect(text.contains(" p11fork[\(getpid())/"))
+        #expect(text.range(of: #"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z "#, options: .regularExpression) != nil)
+    }
+
+    @Test func jsonCallLineIsOneObject() throws {
+        let text = withLevel(.calls) { signLine(json: true) }
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
+        #expect(object["call"] as? String == "C_Sign")
+        #expect(object["rv"] as? String == "CKR_OK")
+        #expect(object["pid"] as? Int == Int(getpid()))
+        let args = try #require(object["args"] as? [String: Any])
+        #expect(args["session"] as? String == "0x5e000001")
+        #expect(args["data"] as? Int == 32)
+    }
+
+    @Test func unknownReturnCodeIsPrintedInHex() {
+        let text = withLevel(.calls) { () -> String in
+            var line = TraceLine(json: false)
+            line.beginCall(.C_Logout)
+            line.endCall(0x8000_0123, nanoseconds: 1000)
+            return line.text
+        }
+        #expect(text == "C_Logout() = 0x80000123 1.0us\n")
+    }
+
+    @Test func templateShowsNamesAndHarmlessValuesButOnlyLengthsOfSecrets() {
+        var keyClass = CK_OBJECT_CLASS(CKO_SECRET_KEY)
+        var token: CK_BBOOL = 1
+        var label = Array("aes \"main\"".utf8)
+        var value = [UInt8](repeating: 0xA5, count: 32)
+        let text = withLevel(.full) { () -> String in
+            withUnsafeMutableBytes(of: &keyClass) { classBytes in
+                withUnsafeMutableBytes(of: &token) { tokenBytes in
+                    label.withUnsafeMutableBytes { labelBytes in
+                        value.withUnsafeMutableBytes { valueBytes in
+                            var template = [
+                                CK_ATTRIBUTE(type: CK_ATTRIBUTE_TYPE(CKA_CLASS), pValue: classBytes.baseAddress, ulValueLen: 8),
+                                CK_ATTRIBUTE(type: CK_ATTRIBUTE_TYPE(CKA_TOKEN), pValue: tokenBytes.baseAddress, ulValueLen: 1),
+                                CK_ATTRIBUTE(type: CK_ATTRIBUTE_TYPE(CKA_LABEL), pValue: labelBytes.baseAddress, ulValueLen: CK_ULONG(labelBytes.count)),
+                                CK_ATTRIBUTE(type: CK_ATTRIBUTE_TYPE(CKA_VALUE), pValue: valueBytes.baseAddress, ulValueLen: 32),
+                            ]
+                            var line = TraceLine(json: false)
+                            line.template("template", &template, 4, valuesShown: true)
+                            return line.text
+                        }
+                    }
+                }
+            }
+        }
+        #expect(text == #"template=[CKA_CLASS=CKO_SECRET_KEY, CKA_TOKEN=true, CKA_LABEL="aes \"main\"", CKA_VALUE(len 32)]"#)
+        #expect(!text.lowercased().contains("a5a5"))
+    }
+
+    @Test func templateAtCallsLevelIsItsSize() {
+        var attribute = CK_ATTRIBUTE(type: CK_ATTRIBUTE_TYPE(CKA_LABEL), pValue: nil, ulValueLen: 0)
+        let text = withLevel(.calls) { () -> String in
+            var line = TraceLine(json: false)
+            line.template("template", &attribute, 1, valuesShown: true)
+            return line.text
+        }
+        #expect(text == "template=[1 attributes]")
+    }
+
+    @Test func pinIsNeverShownNotEvenItsLength() {
+        var pin = Array("123456".utf8)
+        let text = withLevel(.full) { () -> String in
+            var line = TraceLine(json: false)
+            line.secret("pin", &pin)
+            return line.text
+        }
+        #expect(text == "pin=hidden")
+    }
+
+    @Test func overlongLineIsCutButStillEndsWithTheReturnCode() {
+        let text = withLevel(.calls) { () -> String in
+            var line = TraceLine(json: false)
+            line.beginCall(.C_FindObjects)
+            for _ in 0..<1000 { line.number("n", 123_456_789) }
+            line.endCall(CK_RV(CKR_OK), nanoseconds: 10)
+            return line.text
+        }
+        #expect(text.count < TraceLine.capacity)
+        #expect(text.hasSuffix("…) = CKR_OK 0.0us\n"))
+    }
+}
