@@ -14,6 +14,8 @@ let package = Package(
     products: [
         .library(name: "p11fork", type: .dynamic, targets: ["P11Fork"]),
         .executable(name: "p11fork-probe", targets: ["p11fork-probe"]),
+        // Modules built only for the tests.
+        .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
     ],
     targets: [
         // The C edge: PKCS#11 2.40 (p11-kit's header) + 3.0 declarations, and tiny syscall helpers.
@@ -31,6 +33,7 @@ let package = Package(
         .target(name: "PKCS11Client", dependencies: ["CPKCS11"]),
         // Runs call sequences against any module and prints a comparable transcript (tests).
         .executableTarget(name: "p11fork-probe", dependencies: ["PKCS11Client"]),
+        .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         .testTarget(name: "P11ForkCoreTests", dependencies: ["P11ForkCore"]),
         .testTarget(name: "P11ForkTests", dependencies: ["PKCS11Client"]),
     ]

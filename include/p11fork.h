@@ -1,0 +1,61 @@
+/*
+ * p11fork — a PKCS#11 module that gives the module behind it fork tolerant semantics.
+ *
+ * Load libp11fork.so wherever a PKCS#11 module path is asked for, and tell p11fork which real
+ * module to load. Everything an application does goes through the standard PKCS#11 entry
+ * points below; p11fork forwards each call to the real module.
+ *
+ * Configuration (read once, when the module is first asked for its function list; later
+ * changes to the environment are not seen, since daemons scrub their workers' environment):
+ *
+ *   P11FORK_MODULE        Path of the real PKCS#11 module. Required, unless the
+ *                         configuration file names it.
+ *   P11FORK_CONFIG        Optional file of "key = value" lines with the same settings:
+ *                           module       = /usr/lib/vendor/libvendorpkcs11.so
+ *                           trace        = stderr | /path/to/file (%p = process id)
+ *                           trace_level  = error | fork | calls | full
+ *                           trace_format = text | json
+ *                         '#' starts a comment; a value may be in double quotes. A variable
+ *                         that is set wins over the same key in the file.
+ *   P11FORK_TRACE         Where trace lines go: "stderr", or a file path (opened for appending;
+ *                         "%p" becomes the process id). Unset: no tracing.
+ *   P11FORK_TRACE_LEVEL   error (p11fork's own problems), fork (+ fork events and recovery
+ *                         steps), calls (+ every call: arguments, return code, duration; the
+ *                         default), full (+ templates, mechanism parameter lengths, real handles).
+ *   P11FORK_TRACE_FORMAT  text (default) or json (one object per line).
+ *
+ * A configuration problem (variable unset, file missing, not a PKCS#11 module, unknown key,
+ * bad value) makes C_Initialize write one line on stderr, naming the problem and the fix, and
+ * return CKR_GENERAL_ERROR.
+ *
+ * Handles: slot IDs, session handles and object handles seen by the application are p11fork's
+ * own values (slots from 0x51000001, sessions from 0x5e000001, objects from 0x0b000001), stable
+ * for the life of the process. Traces never contain PINs, secret attribute values or data.
+ *
+ * This header declares the three symbols libp11fork.so exports; the PKCS#11 types come from a
+ * standard PKCS#11 header (for example p11-kit's <p11-kit/pkcs11.h>) included before it. The
+ * PKCS#11 3.0 types CK_INTERFACE and CK_VERSION are needed for the last two.
+ */
+#ifndef P11FORK_H
+#define P11FORK_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The PKCS#11 2.40 function list: every function forwarded to the real module. */
+CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ppFunctionList);
+
+#ifdef CKF_INTERFACE_FORK_SAFE /* a PKCS#11 3.0 header */
+/* The interfaces offered: "PKCS 11" 2.40, and "PKCS 11" 3.0 when the real module has a 3.0
+ * interface (its 3.0 functions are then forwarded too). */
+CK_RV C_GetInterfaceList(CK_INTERFACE_PTR pInterfacesList, CK_ULONG_PTR pulCount);
+CK_RV C_GetInterface(CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR pVersion,
+                     CK_INTERFACE_PTR_PTR ppInterface, CK_FLAGS flags);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* P11FORK_H */

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages p11fork's demo and tests use (only what is missing).
+set -euo pipefail
+
+packages=(
+  softhsm2                  # the real module the demo and tests put behind p11fork
+  libp11-kit-dev            # <p11-kit/pkcs11.h>, the PKCS#11 2.40 header p11fork builds with
+  p11-kit-modules           # p11-kit's proxy module (tests)
+  opensc                    # pkcs11-tool
+  openssl
+  libengine-pkcs11-openssl  # OpenSSL's pkcs11 engine (tests)
+  python3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "p11fork: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

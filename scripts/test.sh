@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs p11fork's tests: the generated code is current, then everything in `swift test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/swift-env.sh
+python3 codegen/generate.py --check
+swift build --build-tests
+swift test --skip-build
