@@ -72,13 +72,13 @@ def forwarder(name, params):
     for kind, ns in params:
         key = trace_key(ns[0])
         if kind == "session":
-            call_args.append(f"Sessions.real({ns[0]})")
+            call_args.append(f"Sessions.real({ns[0]}, &failure)")
             trace.append(f'line.session("{key}", {ns[0]})')
         elif kind == "slot":
-            call_args.append(f"Slots.real({ns[0]})")
+            call_args.append(f"Slots.real({ns[0]}, &failure)")
             trace.append(f'line.slot("{key}", {ns[0]})')
         elif kind == "object":
-            call_args.append(f"Objects.real({ns[0]})")
+            call_args.append(f"Objects.real({ns[0]}, &failure)")
             trace.append(f'line.object("{key}", {ns[0]})')
         elif kind == "newobject":
             call_args.append(ns[0])
@@ -121,8 +121,23 @@ def forwarder(name, params):
     out.append(f"        let call = Call(.{name})")
     for p in pre:
         out.append(f"        {p}")
+    resolves = any(k in ("session", "slot", "object") for k, _ in params)
     out.append(f"        guard let function = Core.functions?.pointee.{name} else {{ return call.unavailable() }}")
-    out.append(f"        let rv = function({', '.join(call_args)})")
+    if resolves:
+        # Handles are resolved first; in a forked child that may recover them, or fail.
+        out.append("        var failure = CK_RV(CKR_OK)")
+        resolved = []
+        for i, a in enumerate(call_args):
+            if "&failure" in a:
+                key = trace_key(a[a.index("(") + 1:a.index(",")])
+                var = "real" + key[0].upper() + key[1:]
+                out.append(f"        let {var} = {a}")
+                resolved.append(var)
+            else:
+                resolved.append(a)
+        out.append(f"        let rv = failure != CKR_OK ? failure : function({', '.join(resolved)})")
+    else:
+        out.append(f"        let rv = function({', '.join(call_args)})")
     for p in post:
         out.append(f"        {p}")
     out.append("        if call.isTraced {")

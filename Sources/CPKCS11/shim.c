@@ -23,3 +23,28 @@ const char *CPKCS11_image_path(const void *address) {
     if (dladdr(address, &info) == 0) return NULL;
     return info.dli_fname;
 }
+
+#include <link.h>
+#include <string.h>
+
+struct CPKCS11_match { const char *needle; int count; };
+
+static int CPKCS11_count_match(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    struct CPKCS11_match *match = data;
+    if (info->dlpi_name && strstr(info->dlpi_name, match->needle)) match->count++;
+    return 0;
+}
+
+int CPKCS11_loaded_count(const char *needle) {
+    struct CPKCS11_match match = { needle, 0 };
+    dl_iterate_phdr(CPKCS11_count_match, &match);
+    return match.count;
+}
+
+extern char **environ;
+char **CPKCS11_swap_environ(char **replacement) {
+    char **previous = environ;
+    environ = replacement;
+    return previous;
+}

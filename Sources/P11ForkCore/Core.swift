@@ -7,8 +7,15 @@ import Glibc
 enum Core {
     /// The real module's functions; nil when it could not be loaded (see `loadProblem`).
     nonisolated(unsafe) static var functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
-    /// Handles are valid in the epoch they were issued in; C_Finalize starts a new one.
+    /// Session and object handles are valid in the epoch they were issued in; C_Finalize and a
+    /// child's new module start a new one.
     nonisolated(unsafe) static var epoch: UInt = 1
+    /// Slot IDs outlive C_Finalize; only a child's new module starts a new slot epoch.
+    nonisolated(unsafe) static var slotEpoch: UInt = 1
+    /// True between the application's successful C_Initialize and its C_Finalize.
+    nonisolated(unsafe) static var appInitialized = false
+    /// Set in a child that could not get a working module: what every call answers.
+    nonisolated(unsafe) static var unusable: CK_RV?
     nonisolated(unsafe) static var module: RealModule?
     nonisolated(unsafe) static var configuration: Configuration?
     /// Why the real module is not there: reported by C_Initialize.
@@ -33,12 +40,17 @@ enum Core {
         ForkDetection.install()
         installHandleTables()
         SessionNotifications.install()
+        Records.install()
+        Recovery.install()
+        ModuleRecovery.snapshotEnvironment()
 
         switch Configuration.load(environment: environment) {
         case .failure(let problem):
             loadProblem = problem
         case .success(let configuration):
             self.configuration = configuration
+            ModuleRecovery.strategy = configuration.strategy
+            Logins.replayEnabled = configuration.loginReplay
             if let problem = Trace.configure(configuration.trace, level: configuration.traceLevel,
                                              format: configuration.traceFormat) {
                 loadProblem = ConfigurationProblem(problem)

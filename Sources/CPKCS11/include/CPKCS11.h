@@ -213,5 +213,9 @@ int CPKCS11_madv_wipeonfork(void);
 int CPKCS11_madv_dontdump(void);
 /// The file name of the loaded image that holds `address` (dladdr), or NULL.
 const char *CPKCS11_image_path(const void *address);
+/// How many loaded objects (all link-map namespaces) have `needle` in their file name.
+int CPKCS11_loaded_count(const char *needle);
+/// Replaces the process environment (`environ`), returning the previous one.
+char **CPKCS11_swap_environ(char **replacement);
 
 #endif

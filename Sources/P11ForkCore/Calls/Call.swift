@@ -10,7 +10,7 @@ struct Call {
 
     @inline(__always)
     init(_ function: Function) {
-        if _slowPath(!ProcessMark.isCurrentProcess) { ForkDetection.adoptChild() }
+        if _slowPath(!ProcessMark.isCurrentProcess) { ForkDetection.adoptChild(function) }
         self.function = function
         started = Trace.level >= .calls ? Clock.monotonicNanoseconds() : 0
     }
@@ -22,7 +22,7 @@ struct Call {
     /// with one, the function is not supported.
     @inline(never)
     func unavailable() -> CK_RV {
-        let rv = Core.functions == nil ? CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED) : CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        let rv = Core.functions == nil ? Core.unusable ?? CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED) : CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         if isTraced {
             var line = line()
             finish(rv, &line)

@@ -20,20 +20,9 @@ enum Forwarders {
     static let C_GetSlotInfo: CK_C_GetSlotInfo = { slotID, pInfo in
         let call = Call(.C_GetSlotInfo)
         guard let function = Core.functions?.pointee.C_GetSlotInfo else { return call.unavailable() }
-        let rv = function(Slots.real(slotID), pInfo)
-        if call.isTraced {
-            var line = call.line()
-            line.slot("slot", slotID)
-            line.pointer("info", pInfo)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_GetTokenInfo: CK_C_GetTokenInfo = { slotID, pInfo in
-        let call = Call(.C_GetTokenInfo)
-        guard let function = Core.functions?.pointee.C_GetTokenInfo else { return call.unavailable() }
-        let rv = function(Slots.real(slotID), pInfo)
+        var failure = CK_RV(CKR_OK)
+        let realSlot = Slots.real(slotID, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSlot, pInfo)
         if call.isTraced {
             var line = call.line()
             line.slot("slot", slotID)
@@ -47,7 +36,9 @@ enum Forwarders {
         let call = Call(.C_GetMechanismList)
         let pulCountIn = call.isTraced ? pulCount?.pointee : nil
         guard let function = Core.functions?.pointee.C_GetMechanismList else { return call.unavailable() }
-        let rv = function(Slots.real(slotID), pMechanismList, pulCount)
+        var failure = CK_RV(CKR_OK)
+        let realSlot = Slots.real(slotID, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSlot, pMechanismList, pulCount)
         if call.isTraced {
             var line = call.line()
             line.slot("slot", slotID)
@@ -60,7 +51,9 @@ enum Forwarders {
     static let C_GetMechanismInfo: CK_C_GetMechanismInfo = { slotID, type, pInfo in
         let call = Call(.C_GetMechanismInfo)
         guard let function = Core.functions?.pointee.C_GetMechanismInfo else { return call.unavailable() }
-        let rv = function(Slots.real(slotID), type, pInfo)
+        var failure = CK_RV(CKR_OK)
+        let realSlot = Slots.real(slotID, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSlot, type, pInfo)
         if call.isTraced {
             var line = call.line()
             line.slot("slot", slotID)
@@ -74,7 +67,9 @@ enum Forwarders {
     static let C_InitToken: CK_C_InitToken = { slotID, pPin, ulPinLen, pLabel in
         let call = Call(.C_InitToken)
         guard let function = Core.functions?.pointee.C_InitToken else { return call.unavailable() }
-        let rv = function(Slots.real(slotID), pPin, ulPinLen, pLabel)
+        var failure = CK_RV(CKR_OK)
+        let realSlot = Slots.real(slotID, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSlot, pPin, ulPinLen, pLabel)
         if call.isTraced {
             var line = call.line()
             line.slot("slot", slotID)
@@ -88,7 +83,9 @@ enum Forwarders {
     static let C_InitPIN: CK_C_InitPIN = { hSession, pPin, ulPinLen in
         let call = Call(.C_InitPIN)
         guard let function = Core.functions?.pointee.C_InitPIN else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pPin, ulPinLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pPin, ulPinLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -98,25 +95,13 @@ enum Forwarders {
         return rv
     }
 
-    static let C_SetPIN: CK_C_SetPIN = { hSession, pOldPin, ulOldLen, pNewPin, ulNewLen in
-        let call = Call(.C_SetPIN)
-        guard let function = Core.functions?.pointee.C_SetPIN else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pOldPin, ulOldLen, pNewPin, ulNewLen)
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.secret("oldPin", pOldPin)
-            line.secret("newPin", pNewPin)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
     static let C_GetOperationState: CK_C_GetOperationState = { hSession, pOperationState, pulOperationStateLen in
         let call = Call(.C_GetOperationState)
         let pulOperationStateLenIn = call.isTraced ? pulOperationStateLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_GetOperationState else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pOperationState, pulOperationStateLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pOperationState, pulOperationStateLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -129,7 +114,11 @@ enum Forwarders {
     static let C_SetOperationState: CK_C_SetOperationState = { hSession, pOperationState, ulOperationStateLen, hEncryptionKey, hAuthenticationKey in
         let call = Call(.C_SetOperationState)
         guard let function = Core.functions?.pointee.C_SetOperationState else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pOperationState, ulOperationStateLen, Objects.real(hEncryptionKey), Objects.real(hAuthenticationKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realEncryptionKey = Objects.real(hEncryptionKey, &failure)
+        let realAuthenticationKey = Objects.real(hAuthenticationKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pOperationState, ulOperationStateLen, realEncryptionKey, realAuthenticationKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -141,36 +130,12 @@ enum Forwarders {
         return rv
     }
 
-    static let C_Login: CK_C_Login = { hSession, userType, pPin, ulPinLen in
-        let call = Call(.C_Login)
-        guard let function = Core.functions?.pointee.C_Login else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), userType, pPin, ulPinLen)
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.user("user", userType)
-            line.secret("pin", pPin)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_Logout: CK_C_Logout = { hSession in
-        let call = Call(.C_Logout)
-        guard let function = Core.functions?.pointee.C_Logout else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
     static let C_CreateObject: CK_C_CreateObject = { hSession, pTemplate, ulCount, phObject in
         let call = Call(.C_CreateObject)
         guard let function = Core.functions?.pointee.C_CreateObject else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pTemplate, ulCount, phObject)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount, phObject)
         if rv == CKR_OK, let out = phObject { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
         if call.isTraced {
             var line = call.line()
@@ -185,7 +150,10 @@ enum Forwarders {
     static let C_CopyObject: CK_C_CopyObject = { hSession, hObject, pTemplate, ulCount, phNewObject in
         let call = Call(.C_CopyObject)
         guard let function = Core.functions?.pointee.C_CopyObject else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), Objects.real(hObject), pTemplate, ulCount, phNewObject)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount, phNewObject)
         if rv == CKR_OK, let out = phNewObject { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
         if call.isTraced {
             var line = call.line()
@@ -201,7 +169,10 @@ enum Forwarders {
     static let C_GetObjectSize: CK_C_GetObjectSize = { hSession, hObject, pulSize in
         let call = Call(.C_GetObjectSize)
         guard let function = Core.functions?.pointee.C_GetObjectSize else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), Objects.real(hObject), pulSize)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pulSize)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -215,7 +186,10 @@ enum Forwarders {
     static let C_GetAttributeValue: CK_C_GetAttributeValue = { hSession, hObject, pTemplate, ulCount in
         let call = Call(.C_GetAttributeValue)
         guard let function = Core.functions?.pointee.C_GetAttributeValue else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), Objects.real(hObject), pTemplate, ulCount)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -229,7 +203,10 @@ enum Forwarders {
     static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
         let call = Call(.C_SetAttributeValue)
         guard let function = Core.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), Objects.real(hObject), pTemplate, ulCount)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -243,7 +220,9 @@ enum Forwarders {
     static let C_FindObjectsInit: CK_C_FindObjectsInit = { hSession, pTemplate, ulCount in
         let call = Call(.C_FindObjectsInit)
         guard let function = Core.functions?.pointee.C_FindObjectsInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pTemplate, ulCount)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -256,7 +235,9 @@ enum Forwarders {
     static let C_FindObjectsFinal: CK_C_FindObjectsFinal = { hSession in
         let call = Call(.C_FindObjectsFinal)
         guard let function = Core.functions?.pointee.C_FindObjectsFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -268,7 +249,10 @@ enum Forwarders {
     static let C_EncryptInit: CK_C_EncryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_EncryptInit)
         guard let function = Core.functions?.pointee.C_EncryptInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -283,7 +267,9 @@ enum Forwarders {
         let call = Call(.C_Encrypt)
         let pulEncryptedDataLenIn = call.isTraced ? pulEncryptedDataLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_Encrypt else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pData, ulDataLen, pEncryptedData, pulEncryptedDataLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -298,7 +284,9 @@ enum Forwarders {
         let call = Call(.C_EncryptUpdate)
         let pulEncryptedPartLenIn = call.isTraced ? pulEncryptedPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_EncryptUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -313,7 +301,9 @@ enum Forwarders {
         let call = Call(.C_EncryptFinal)
         let pulLastEncryptedPartLenIn = call.isTraced ? pulLastEncryptedPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_EncryptFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pLastEncryptedPart, pulLastEncryptedPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pLastEncryptedPart, pulLastEncryptedPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -326,7 +316,10 @@ enum Forwarders {
     static let C_DecryptInit: CK_C_DecryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_DecryptInit)
         guard let function = Core.functions?.pointee.C_DecryptInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -341,7 +334,9 @@ enum Forwarders {
         let call = Call(.C_Decrypt)
         let pulDataLenIn = call.isTraced ? pulDataLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_Decrypt else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pEncryptedData, ulEncryptedDataLen, pData, pulDataLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedData, ulEncryptedDataLen, pData, pulDataLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -356,7 +351,9 @@ enum Forwarders {
         let call = Call(.C_DecryptUpdate)
         let pulPartLenIn = call.isTraced ? pulPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_DecryptUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -371,7 +368,9 @@ enum Forwarders {
         let call = Call(.C_DecryptFinal)
         let pulLastPartLenIn = call.isTraced ? pulLastPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_DecryptFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pLastPart, pulLastPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pLastPart, pulLastPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -384,7 +383,9 @@ enum Forwarders {
     static let C_DigestInit: CK_C_DigestInit = { hSession, pMechanism in
         let call = Call(.C_DigestInit)
         guard let function = Core.functions?.pointee.C_DigestInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -398,7 +399,9 @@ enum Forwarders {
         let call = Call(.C_Digest)
         let pulDigestLenIn = call.isTraced ? pulDigestLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_Digest else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pData, ulDataLen, pDigest, pulDigestLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pDigest, pulDigestLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -412,7 +415,9 @@ enum Forwarders {
     static let C_DigestUpdate: CK_C_DigestUpdate = { hSession, pPart, ulPartLen in
         let call = Call(.C_DigestUpdate)
         guard let function = Core.functions?.pointee.C_DigestUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pPart, ulPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -425,7 +430,10 @@ enum Forwarders {
     static let C_DigestKey: CK_C_DigestKey = { hSession, hKey in
         let call = Call(.C_DigestKey)
         guard let function = Core.functions?.pointee.C_DigestKey else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -439,7 +447,9 @@ enum Forwarders {
         let call = Call(.C_DigestFinal)
         let pulDigestLenIn = call.isTraced ? pulDigestLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_DigestFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pDigest, pulDigestLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pDigest, pulDigestLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -452,7 +462,10 @@ enum Forwarders {
     static let C_SignInit: CK_C_SignInit = { hSession, pMechanism, hKey in
         let call = Call(.C_SignInit)
         guard let function = Core.functions?.pointee.C_SignInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -467,7 +480,9 @@ enum Forwarders {
         let call = Call(.C_Sign)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_Sign else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pData, ulDataLen, pSignature, pulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, pulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -481,7 +496,9 @@ enum Forwarders {
     static let C_SignUpdate: CK_C_SignUpdate = { hSession, pPart, ulPartLen in
         let call = Call(.C_SignUpdate)
         guard let function = Core.functions?.pointee.C_SignUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pPart, ulPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -495,7 +512,9 @@ enum Forwarders {
         let call = Call(.C_SignFinal)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_SignFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pSignature, pulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pSignature, pulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -508,7 +527,10 @@ enum Forwarders {
     static let C_SignRecoverInit: CK_C_SignRecoverInit = { hSession, pMechanism, hKey in
         let call = Call(.C_SignRecoverInit)
         guard let function = Core.functions?.pointee.C_SignRecoverInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -523,7 +545,9 @@ enum Forwarders {
         let call = Call(.C_SignRecover)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_SignRecover else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pData, ulDataLen, pSignature, pulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, pulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -537,7 +561,10 @@ enum Forwarders {
     static let C_VerifyInit: CK_C_VerifyInit = { hSession, pMechanism, hKey in
         let call = Call(.C_VerifyInit)
         guard let function = Core.functions?.pointee.C_VerifyInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -551,7 +578,9 @@ enum Forwarders {
     static let C_Verify: CK_C_Verify = { hSession, pData, ulDataLen, pSignature, ulSignatureLen in
         let call = Call(.C_Verify)
         guard let function = Core.functions?.pointee.C_Verify else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pData, ulDataLen, pSignature, ulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, ulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -565,7 +594,9 @@ enum Forwarders {
     static let C_VerifyUpdate: CK_C_VerifyUpdate = { hSession, pPart, ulPartLen in
         let call = Call(.C_VerifyUpdate)
         guard let function = Core.functions?.pointee.C_VerifyUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pPart, ulPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -578,7 +609,9 @@ enum Forwarders {
     static let C_VerifyFinal: CK_C_VerifyFinal = { hSession, pSignature, ulSignatureLen in
         let call = Call(.C_VerifyFinal)
         guard let function = Core.functions?.pointee.C_VerifyFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pSignature, ulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pSignature, ulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -591,7 +624,10 @@ enum Forwarders {
     static let C_VerifyRecoverInit: CK_C_VerifyRecoverInit = { hSession, pMechanism, hKey in
         let call = Call(.C_VerifyRecoverInit)
         guard let function = Core.functions?.pointee.C_VerifyRecoverInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -606,7 +642,9 @@ enum Forwarders {
         let call = Call(.C_VerifyRecover)
         let pulDataLenIn = call.isTraced ? pulDataLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_VerifyRecover else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pSignature, ulSignatureLen, pData, pulDataLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pSignature, ulSignatureLen, pData, pulDataLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -621,7 +659,9 @@ enum Forwarders {
         let call = Call(.C_DigestEncryptUpdate)
         let pulEncryptedPartLenIn = call.isTraced ? pulEncryptedPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_DigestEncryptUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -636,7 +676,9 @@ enum Forwarders {
         let call = Call(.C_DecryptDigestUpdate)
         let pulPartLenIn = call.isTraced ? pulPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_DecryptDigestUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -651,7 +693,9 @@ enum Forwarders {
         let call = Call(.C_SignEncryptUpdate)
         let pulEncryptedPartLenIn = call.isTraced ? pulEncryptedPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_SignEncryptUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -666,7 +710,9 @@ enum Forwarders {
         let call = Call(.C_DecryptVerifyUpdate)
         let pulPartLenIn = call.isTraced ? pulPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_DecryptVerifyUpdate else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -680,7 +726,9 @@ enum Forwarders {
     static let C_GenerateKey: CK_C_GenerateKey = { hSession, pMechanism, pTemplate, ulCount, phKey in
         let call = Call(.C_GenerateKey)
         guard let function = Core.functions?.pointee.C_GenerateKey else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, pTemplate, ulCount, phKey)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, pTemplate, ulCount, phKey)
         if rv == CKR_OK, let out = phKey { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
         if call.isTraced {
             var line = call.line()
@@ -696,7 +744,9 @@ enum Forwarders {
     static let C_GenerateKeyPair: CK_C_GenerateKeyPair = { hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount, pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey in
         let call = Call(.C_GenerateKeyPair)
         guard let function = Core.functions?.pointee.C_GenerateKeyPair else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount, pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount, pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey)
         if rv == CKR_OK, let out = phPublicKey { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
         if rv == CKR_OK, let out = phPrivateKey { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
         if call.isTraced {
@@ -716,7 +766,11 @@ enum Forwarders {
         let call = Call(.C_WrapKey)
         let pulWrappedKeyLenIn = call.isTraced ? pulWrappedKeyLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_WrapKey else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hWrappingKey), Objects.real(hKey), pWrappedKey, pulWrappedKeyLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realWrappingKey = Objects.real(hWrappingKey, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realWrappingKey, realKey, pWrappedKey, pulWrappedKeyLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -732,7 +786,10 @@ enum Forwarders {
     static let C_UnwrapKey: CK_C_UnwrapKey = { hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey in
         let call = Call(.C_UnwrapKey)
         guard let function = Core.functions?.pointee.C_UnwrapKey else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hUnwrappingKey), pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey)
         if rv == CKR_OK, let out = phKey { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
         if call.isTraced {
             var line = call.line()
@@ -750,7 +807,9 @@ enum Forwarders {
     static let C_SeedRandom: CK_C_SeedRandom = { hSession, pSeed, ulSeedLen in
         let call = Call(.C_SeedRandom)
         guard let function = Core.functions?.pointee.C_SeedRandom else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pSeed, ulSeedLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pSeed, ulSeedLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -763,7 +822,9 @@ enum Forwarders {
     static let C_GenerateRandom: CK_C_GenerateRandom = { hSession, pRandomData, ulRandomLen in
         let call = Call(.C_GenerateRandom)
         guard let function = Core.functions?.pointee.C_GenerateRandom else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pRandomData, ulRandomLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pRandomData, ulRandomLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -776,7 +837,9 @@ enum Forwarders {
     static let C_GetFunctionStatus: CK_C_GetFunctionStatus = { hSession in
         let call = Call(.C_GetFunctionStatus)
         guard let function = Core.functions?.pointee.C_GetFunctionStatus else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -788,25 +851,12 @@ enum Forwarders {
     static let C_CancelFunction: CK_C_CancelFunction = { hSession in
         let call = Call(.C_CancelFunction)
         guard let function = Core.functions?.pointee.C_CancelFunction else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_LoginUser: CK_C_LoginUser = { hSession, userType, pPin, ulPinLen, pUsername, ulUsernameLen in
-        let call = Call(.C_LoginUser)
-        guard let function = Core.functions?.pointee.C_LoginUser else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), userType, pPin, ulPinLen, pUsername, ulUsernameLen)
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.user("user", userType)
-            line.secret("pin", pPin)
-            line.length("username", pUsername, ulUsernameLen)
             call.finish(rv, &line)
         }
         return rv
@@ -815,7 +865,9 @@ enum Forwarders {
     static let C_SessionCancel: CK_C_SessionCancel = { hSession, flags in
         let call = Call(.C_SessionCancel)
         guard let function = Core.functions?.pointee.C_SessionCancel else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), flags)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, flags)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -828,7 +880,10 @@ enum Forwarders {
     static let C_MessageEncryptInit: CK_C_MessageEncryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_MessageEncryptInit)
         guard let function = Core.functions?.pointee.C_MessageEncryptInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -843,7 +898,9 @@ enum Forwarders {
         let call = Call(.C_EncryptMessage)
         let pulCiphertextLenIn = call.isTraced ? pulCiphertextLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_EncryptMessage else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pPlaintext, ulPlaintextLen, pCiphertext, pulCiphertextLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pPlaintext, ulPlaintextLen, pCiphertext, pulCiphertextLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -859,7 +916,9 @@ enum Forwarders {
     static let C_EncryptMessageBegin: CK_C_EncryptMessageBegin = { hSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen in
         let call = Call(.C_EncryptMessageBegin)
         guard let function = Core.functions?.pointee.C_EncryptMessageBegin else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -874,7 +933,9 @@ enum Forwarders {
         let call = Call(.C_EncryptMessageNext)
         let pulCiphertextPartLenIn = call.isTraced ? pulCiphertextPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_EncryptMessageNext else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pPlaintextPart, ulPlaintextPartLen, pCiphertextPart, pulCiphertextPartLen, flags)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pPlaintextPart, ulPlaintextPartLen, pCiphertextPart, pulCiphertextPartLen, flags)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -890,7 +951,9 @@ enum Forwarders {
     static let C_MessageEncryptFinal: CK_C_MessageEncryptFinal = { hSession in
         let call = Call(.C_MessageEncryptFinal)
         guard let function = Core.functions?.pointee.C_MessageEncryptFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -902,7 +965,10 @@ enum Forwarders {
     static let C_MessageDecryptInit: CK_C_MessageDecryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_MessageDecryptInit)
         guard let function = Core.functions?.pointee.C_MessageDecryptInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -917,7 +983,9 @@ enum Forwarders {
         let call = Call(.C_DecryptMessage)
         let pulPlaintextLenIn = call.isTraced ? pulPlaintextLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_DecryptMessage else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pCiphertext, ulCiphertextLen, pPlaintext, pulPlaintextLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pCiphertext, ulCiphertextLen, pPlaintext, pulPlaintextLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -933,7 +1001,9 @@ enum Forwarders {
     static let C_DecryptMessageBegin: CK_C_DecryptMessageBegin = { hSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen in
         let call = Call(.C_DecryptMessageBegin)
         guard let function = Core.functions?.pointee.C_DecryptMessageBegin else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -948,7 +1018,9 @@ enum Forwarders {
         let call = Call(.C_DecryptMessageNext)
         let pulPlaintextPartLenIn = call.isTraced ? pulPlaintextPartLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_DecryptMessageNext else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pCiphertextPart, ulCiphertextPartLen, pPlaintextPart, pulPlaintextPartLen, flags)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pCiphertextPart, ulCiphertextPartLen, pPlaintextPart, pulPlaintextPartLen, flags)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -964,7 +1036,9 @@ enum Forwarders {
     static let C_MessageDecryptFinal: CK_C_MessageDecryptFinal = { hSession in
         let call = Call(.C_MessageDecryptFinal)
         guard let function = Core.functions?.pointee.C_MessageDecryptFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -976,7 +1050,10 @@ enum Forwarders {
     static let C_MessageSignInit: CK_C_MessageSignInit = { hSession, pMechanism, hKey in
         let call = Call(.C_MessageSignInit)
         guard let function = Core.functions?.pointee.C_MessageSignInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -991,7 +1068,9 @@ enum Forwarders {
         let call = Call(.C_SignMessage)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_SignMessage else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1006,7 +1085,9 @@ enum Forwarders {
     static let C_SignMessageBegin: CK_C_SignMessageBegin = { hSession, pParameter, ulParameterLen in
         let call = Call(.C_SignMessageBegin)
         guard let function = Core.functions?.pointee.C_SignMessageBegin else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1020,7 +1101,9 @@ enum Forwarders {
         let call = Call(.C_SignMessageNext)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
         guard let function = Core.functions?.pointee.C_SignMessageNext else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1035,7 +1118,9 @@ enum Forwarders {
     static let C_MessageSignFinal: CK_C_MessageSignFinal = { hSession in
         let call = Call(.C_MessageSignFinal)
         guard let function = Core.functions?.pointee.C_MessageSignFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1047,7 +1132,10 @@ enum Forwarders {
     static let C_MessageVerifyInit: CK_C_MessageVerifyInit = { hSession, pMechanism, hKey in
         let call = Call(.C_MessageVerifyInit)
         guard let function = Core.functions?.pointee.C_MessageVerifyInit else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pMechanism, Objects.real(hKey))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1061,7 +1149,9 @@ enum Forwarders {
     static let C_VerifyMessage: CK_C_VerifyMessage = { hSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen in
         let call = Call(.C_VerifyMessage)
         guard let function = Core.functions?.pointee.C_VerifyMessage else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1076,7 +1166,9 @@ enum Forwarders {
     static let C_VerifyMessageBegin: CK_C_VerifyMessageBegin = { hSession, pParameter, ulParameterLen in
         let call = Call(.C_VerifyMessageBegin)
         guard let function = Core.functions?.pointee.C_VerifyMessageBegin else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1089,7 +1181,9 @@ enum Forwarders {
     static let C_VerifyMessageNext: CK_C_VerifyMessageNext = { hSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen in
         let call = Call(.C_VerifyMessageNext)
         guard let function = Core.functions?.pointee.C_VerifyMessageNext else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1104,7 +1198,9 @@ enum Forwarders {
     static let C_MessageVerifyFinal: CK_C_MessageVerifyFinal = { hSession in
         let call = Call(.C_MessageVerifyFinal)
         guard let function = Core.functions?.pointee.C_MessageVerifyFinal else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)

@@ -12,11 +12,21 @@ enum Custom {
             let message = "p11fork: \(problem.message)\n"
             Trace.write(2, message, message.utf8.count)
             rv = CK_RV(CKR_GENERAL_ERROR)
+        } else if Recovery.initializationUnclaimed {
+            // A child following the old rule: p11fork already initialised its module.
+            Recovery.initializationUnclaimed = false
+            Core.appInitialized = true
+            rv = CK_RV(CKR_OK)
+            Trace.event(.fork, "C_Initialize in the child: the module was already made ready for this process: answered CKR_OK")
         } else if let function = Core.functions?.pointee.C_Initialize {
             // The application's arguments (mutex callbacks, flags, pReserved) go on unchanged.
             rv = function(pInitArgs)
+            if rv == CKR_OK {
+                Core.appInitialized = true
+                ModuleRecovery.keepInitArguments(pInitArgs)
+            }
         } else {
-            rv = CK_RV(CKR_GENERAL_ERROR)
+            rv = Core.unusable ?? CK_RV(CKR_GENERAL_ERROR)
         }
         if call.isTraced {
             var line = call.line()
@@ -37,9 +47,23 @@ enum Custom {
 
     static let C_Finalize: CK_C_Finalize = { pReserved in
         let call = Call(.C_Finalize)
-        guard let function = Core.functions?.pointee.C_Finalize else { return call.unavailable() }
-        let rv = function(pReserved)
-        if rv == CKR_OK { Core.forgetSessionsAndObjects() }
+        let rv: CK_RV
+        if Recovery.moduleInherited {
+            // A child finalizing what it inherited: p11fork forgets it all; the inherited module
+            // (and a server-side state it may share with the parent) is left alone.
+            rv = !Core.appInitialized ? CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED)
+                : pReserved != nil ? CK_RV(CKR_ARGUMENTS_BAD) : CK_RV(CKR_OK)
+        } else if let function = Core.functions?.pointee.C_Finalize {
+            // In a child this reaches only the child's own (recovered) module.
+            rv = function(pReserved)
+        } else {
+            return call.unavailable()
+        }
+        if rv == CKR_OK {
+            Core.appInitialized = false
+            Recovery.initializationUnclaimed = false
+            Core.forgetSessionsAndObjects()
+        }
         if call.isTraced {
             var line = call.line()
             line.key("reserved")

@@ -6,7 +6,9 @@ extension Custom {
     static let C_FindObjects: CK_C_FindObjects = { hSession, phObject, ulMaxObjectCount, pulObjectCount in
         let call = Call(.C_FindObjects)
         guard let function = Core.functions?.pointee.C_FindObjects else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), phObject, ulMaxObjectCount, pulObjectCount)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, phObject, ulMaxObjectCount, pulObjectCount)
         if rv == CKR_OK, let phObject, let pulObjectCount {
             for i in 0..<Int(min(pulObjectCount.pointee, ulMaxObjectCount)) {
                 phObject[i] = Objects.expose(real: phObject[i], session: hSession)
@@ -36,8 +38,14 @@ extension Custom {
     static let C_DestroyObject: CK_C_DestroyObject = { hSession, hObject in
         let call = Call(.C_DestroyObject)
         guard let function = Core.functions?.pointee.C_DestroyObject else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession), Objects.real(hObject))
-        if rv == CKR_OK { Objects.table.release(hObject) }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject)
+        if rv == CKR_OK {
+            Objects.table.release(hObject)
+            Records.forgetObject(hObject)
+        }
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -50,8 +58,11 @@ extension Custom {
     static let C_DeriveKey: CK_C_DeriveKey = { hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey in
         let call = Call(.C_DeriveKey)
         guard let function = Core.functions?.pointee.C_DeriveKey else { return call.unavailable() }
-        let rv = MechanismHandles.withRealHandles(pMechanism) { mechanism in
-            function(Sessions.real(hSession), mechanism, Objects.real(hBaseKey), pTemplate, ulAttributeCount, phKey)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realBaseKey = Objects.real(hBaseKey, &failure)
+        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
+            function(realSession, mechanism, realBaseKey, pTemplate, ulAttributeCount, phKey)
         }
         if rv == CKR_OK, let phKey { phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession) }
         if call.isTraced {
@@ -78,7 +89,8 @@ enum MechanismHandles {
             guard let parameter = mechanism.pointee.pParameter,
                   mechanism.pointee.ulParameterLen == CK_ULONG(MemoryLayout<CK_OBJECT_HANDLE>.size)
             else { return body(mechanism) }
-            var realKey = Objects.real(parameter.loadUnaligned(as: CK_OBJECT_HANDLE.self))
+            var failure = CK_RV(CKR_OK)
+            var realKey = Objects.real(parameter.loadUnaligned(as: CK_OBJECT_HANDLE.self), &failure)
             return withUnsafeMutableBytes(of: &realKey) { bytes in
                 var copy = mechanism.pointee
                 copy.pParameter = bytes.baseAddress

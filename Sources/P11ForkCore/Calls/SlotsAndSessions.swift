@@ -21,6 +21,23 @@ extension Custom {
         return rv
     }
 
+    static let C_GetTokenInfo: CK_C_GetTokenInfo = { slotID, pInfo in
+        let call = Call(.C_GetTokenInfo)
+        guard let function = Core.functions?.pointee.C_GetTokenInfo else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSlot = Slots.real(slotID, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSlot, pInfo)
+        // The token's identity is how a child finds this slot again.
+        if rv == CKR_OK, let pInfo { Records.noteToken(slotID, TokenIdentity(pInfo.pointee)) }
+        if call.isTraced {
+            var line = call.line()
+            line.slot("slot", slotID)
+            line.pointer("info", pInfo)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_WaitForSlotEvent: CK_C_WaitForSlotEvent = { flags, pSlot, pReserved in
         let call = Call(.C_WaitForSlotEvent)
         guard let function = Core.functions?.pointee.C_WaitForSlotEvent else { return call.unavailable() }
@@ -41,16 +58,24 @@ extension Custom {
         guard let function = Core.functions?.pointee.C_OpenSession else { return call.unavailable() }
         // A notification callback must see the virtual session handle: it goes through a relay.
         let relay = Notify.map { SessionNotifications.Relay(notify: $0, application: pApplication) }
+        var failure = CK_RV(CKR_OK)
+        let realSlot = Slots.real(slotID, &failure)
         var rv: CK_RV
-        if let relay {
-            rv = function(Slots.real(slotID), flags, Unmanaged.passUnretained(relay).toOpaque(),
+        if failure != CKR_OK {
+            rv = failure
+        } else if let relay {
+            rv = function(realSlot, flags, Unmanaged.passUnretained(relay).toOpaque(),
                           SessionNotifications.trampoline, phSession)
         } else {
-            rv = function(Slots.real(slotID), flags, pApplication, nil, phSession)
+            rv = function(realSlot, flags, pApplication, nil, phSession)
         }
         if rv == CKR_OK, let phSession {
             if let virtual = Sessions.table.issue(real: phSession.pointee, epoch: Core.epoch, aux: slotID) {
                 if let relay { SessionNotifications.keep(relay, for: virtual) }
+                Records.noteSession(virtual, slot: slotID, flags: flags)
+                if Records.token(slotID) == nil, let identity = TokenIdentity.read(Core.functions!, slot: realSlot) {
+                    Records.noteToken(slotID, identity)
+                }
                 phSession.pointee = virtual
             } else {
                 // Cannot happen before 16 million sessions are open at once; give the session back.
@@ -74,11 +99,22 @@ extension Custom {
 
     static let C_CloseSession: CK_C_CloseSession = { hSession in
         let call = Call(.C_CloseSession)
-        guard let function = Core.functions?.pointee.C_CloseSession else { return call.unavailable() }
-        let rv = function(Sessions.real(hSession))
-        if rv == CKR_OK {
-            Sessions.table.release(hSession)
-            SessionNotifications.forget(hSession)
+        var rv: CK_RV
+        if Recovery.moduleInherited || Sessions.isStale(hSession) {
+            // A child closing an inherited session it never used: p11fork forgets it; the
+            // parent's session (maybe shared with a server) is left alone.
+            rv = Sessions.table.release(hSession) ? CK_RV(CKR_OK) : Recovery.answerForUnknownSession
+            if rv == CKR_OK { sessionsClosed([hSession]) }
+        } else if let function = Core.functions?.pointee.C_CloseSession {
+            var failure = CK_RV(CKR_OK)
+            let realSession = Sessions.real(hSession, &failure)
+            rv = failure != CKR_OK ? failure : function(realSession)
+            if rv == CKR_OK {
+                Sessions.table.release(hSession)
+                sessionsClosed([hSession])
+            }
+        } else {
+            return call.unavailable()
         }
         if call.isTraced {
             var line = call.line()
@@ -90,12 +126,19 @@ extension Custom {
 
     static let C_CloseAllSessions: CK_C_CloseAllSessions = { slotID in
         let call = Call(.C_CloseAllSessions)
-        guard let function = Core.functions?.pointee.C_CloseAllSessions else { return call.unavailable() }
-        let rv = function(Slots.real(slotID))
-        if rv == CKR_OK {
-            let closed = Sessions.table.releaseAll { _, slot in slot == slotID }
-            for session in closed { SessionNotifications.forget(session) }
+        var rv: CK_RV
+        if Recovery.moduleInherited {
+            let known = Slots.view.lookupAnyEpoch(slotID) != nil
+            rv = known ? CK_RV(CKR_OK) : (Core.appInitialized ? CK_RV(CKR_SLOT_ID_INVALID) : CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED))
+        } else if let function = Core.functions?.pointee.C_CloseAllSessions {
+            // In a child this reaches only the child's own module and sessions.
+            var failure = CK_RV(CKR_OK)
+            let realSlot = Slots.real(slotID, &failure)
+            rv = failure != CKR_OK ? failure : function(realSlot)
+        } else {
+            return call.unavailable()
         }
+        if rv == CKR_OK { sessionsClosed(Sessions.table.releaseAll { _, slot in slot == slotID }) }
         if call.isTraced {
             var line = call.line()
             line.slot("slot", slotID)
@@ -104,13 +147,21 @@ extension Custom {
         return rv
     }
 
+    /// Sessions are gone: forget them, and the login of a token whose last session closed
+    /// (PKCS#11 logs the application out then).
+    private static func sessionsClosed(_ sessions: [CK_SESSION_HANDLE]) {
+        for session in sessions { SessionNotifications.forget(session) }
+        Logins.forget(slots: Records.forgetSessions(sessions))
+    }
+
     static let C_GetSessionInfo: CK_C_GetSessionInfo = { hSession, pInfo in
         let call = Call(.C_GetSessionInfo)
         guard let function = Core.functions?.pointee.C_GetSessionInfo else { return call.unavailable() }
-        let session = Sessions.lookup(hSession)
-        let rv = function(session?.real ?? CK_SESSION_HANDLE(CK_INVALID_HANDLE), pInfo)
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pInfo)
         // The module reports its own slot ID; the application knows the virtual one.
-        if rv == CKR_OK, let pInfo, let session { pInfo.pointee.slotID = session.slot }
+        if rv == CKR_OK, let pInfo, let session = Sessions.lookup(hSession) { pInfo.pointee.slotID = session.slot }
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)

@@ -4,14 +4,15 @@ import Synchronization
 /// What happens when a call finds itself in a new process.
 ///
 /// The check on every call is one load (`ProcessMark.isCurrentProcess`). The first call in a
-/// child adopts the process exactly once, while other threads of the child wait: locks are
-/// made afresh, the pid is read, the trace file re-opened when its name holds `%p`.
+/// child adopts the process exactly once, while the child's other threads wait: locks are made
+/// afresh, the pid is read, the trace file re-opened when its name holds `%p`, kept PINs locked
+/// again, and the real module replaced (Recovery) unless the call leaves it alone.
 enum ForkDetection {
     /// Locks a child must re-create; registered when they are made (all at load time).
     nonisolated(unsafe) static var locks: [ForkSafeLock] = []
     /// The pid of this process as last adopted (getpid() is a system call: never per call).
     nonisolated(unsafe) static var pid: pid_t = getpid()
-    /// How many times this lineage of processes has forked (0 in the process that loaded us).
+    /// How many forks separate this process from the one that loaded p11fork.
     nonisolated(unsafe) static var generation = 0
 
     static func install() {
@@ -27,21 +28,34 @@ enum ForkDetection {
         return lock
     }
 
-    /// Called from `Call.init` when the mark says this is a new process.
+    /// Called from `Call.init` when the mark says this process has not been adopted yet.
     @inline(never)
-    static func adoptChild() {
+    static func adoptChild(_ function: Function) {
         guard let page = ProcessMark.page else { return }
-        // One thread adopts; the others of the child wait for it to finish.
-        if page.pointee.compareExchange(expected: 0, desired: -1, ordering: .acquiring).exchanged {
-            let parent = pid
+        while true {
+            let mark = page.pointee.load(ordering: .acquiring)
+            if mark > 0 { return }
+            if mark == 0, page.pointee.compareExchange(expected: 0, desired: -1, ordering: .acquiring).exchanged {
+                adopt(function, page)
+                return
+            }
+            sched_yield()
+        }
+    }
+
+    private static func adopt(_ function: Function, _ page: UnsafeMutablePointer<Atomic<Int>>) {
+        let now = getpid()
+        if now != pid {
             for lock in locks { lock.reinitializeAfterFork() }
-            pid = getpid()
+            let parent = pid
+            pid = now
             generation += 1
             Trace.adoptChild()
-            Trace.event(.fork, "fork detected: this is a child of pid \(parent) (fork generation \(generation))")
-            page.pointee.store(Int(pid), ordering: .releasing)
-            return
+            Trace.event(.fork, "fork detected: this is a child of pid \(parent) (fork generation \(generation)), first call \(function.name)")
+            Recovery.enterChild()
         }
-        while page.pointee.load(ordering: .acquiring) <= 0 { sched_yield() }
+        if Recovery.moduleInherited && !function.leavesModuleAlone { Recovery.recoverModule() }
+        // While the inherited module is still in place, later calls come back here.
+        page.pointee.store(Recovery.moduleInherited ? 0 : Int(pid), ordering: .releasing)
     }
 }

@@ -86,6 +86,30 @@ final class HandleTable: @unchecked Sendable {
         }
     }
 
+    /// The virtual handle exposed for (`real`, `aux`) in `epoch`, without issuing one.
+    func exposed(real: UInt, epoch: UInt, aux: UInt) -> UInt? {
+        lock.withLock {
+            guard let known = exposed[RealKey(real: real, aux: aux)], let entry = entry(known),
+                  entry.pointee.epoch.load(ordering: .relaxed) == epoch else { return nil }
+            return known
+        }
+    }
+
+    /// Points a live virtual handle at a new real handle in a new epoch (recovery in a child).
+    @discardableResult
+    func rebind(_ virtual: UInt, real: UInt, epoch: UInt) -> Bool {
+        lock.withLock {
+            guard let entry = entry(virtual) else { return false }
+            let aux = entry.pointee.aux.load(ordering: .relaxed)
+            let old = RealKey(real: entry.pointee.real.load(ordering: .relaxed), aux: aux)
+            if exposed[old] == virtual { exposed[old] = nil }
+            exposed[RealKey(real: real, aux: aux)] = virtual
+            entry.pointee.real.store(real, ordering: .relaxed)
+            entry.pointee.epoch.store(epoch, ordering: .releasing)
+            return true
+        }
+    }
+
     private func issueLocked(real: UInt, epoch: UInt, aux: UInt) -> UInt? {
         let index: Int
         if let reused = freeIndices.popLast() {
@@ -150,6 +174,22 @@ final class HandleTable: @unchecked Sendable {
         }
     }
 
+    /// Every live handle with its real handle and epoch.
+    func entries() -> [(virtual: UInt, real: UInt, epoch: UInt)] {
+        lock.withLock {
+            var result: [(UInt, UInt, UInt)] = []
+            for index in 1..<nextIndex {
+                guard let chunk = chunks[index >> Self.chunkBits].load(ordering: .relaxed) else { continue }
+                let entry = chunk + (index & (Self.chunkSize - 1))
+                let virtual = entry.pointee.virtual.load(ordering: .relaxed)
+                if virtual != 0 {
+                    result.append((virtual, entry.pointee.real.load(ordering: .relaxed), entry.pointee.epoch.load(ordering: .relaxed)))
+                }
+            }
+            return result
+        }
+    }
+
     /// The number of live handles (for tests and memory figures).
     var liveCount: Int {
         lock.withLock { nextIndex - 1 - freeIndices.count }
@@ -191,5 +231,12 @@ struct HandleView: @unchecked Sendable {
     func lookup(_ virtual: UInt, epoch: UInt) -> (real: UInt, aux: UInt)? {
         guard let entry = entry(virtual), entry.pointee.epoch.load(ordering: .relaxed) == epoch else { return nil }
         return (entry.pointee.real.load(ordering: .relaxed), entry.pointee.aux.load(ordering: .relaxed))
+    }
+
+    /// Whatever `virtual` is bound to, in any epoch (recovery decides what a stale one means).
+    func lookupAnyEpoch(_ virtual: UInt) -> (real: UInt, epoch: UInt, aux: UInt)? {
+        guard let entry = entry(virtual) else { return nil }
+        return (entry.pointee.real.load(ordering: .relaxed), entry.pointee.epoch.load(ordering: .acquiring),
+                entry.pointee.aux.load(ordering: .relaxed))
     }
 }

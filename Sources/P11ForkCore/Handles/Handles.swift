@@ -13,14 +13,22 @@ enum Slots {
     nonisolated(unsafe) static var view = HandleView()
     nonisolated(unsafe) static var table: HandleTable!
 
+    /// The real slot ID; in a forked child, an inherited slot is first matched by its token.
+    @inline(__always)
+    static func real(_ slot: CK_SLOT_ID, _ failure: inout CK_RV) -> CK_SLOT_ID {
+        view.real(slot, epoch: Core.slotEpoch) ?? Recovery.slot(slot, &failure)
+    }
+
     @inline(__always)
     static func real(_ slot: CK_SLOT_ID) -> CK_SLOT_ID {
-        view.real(slot, epoch: 0) ?? invalidReal
+        var failure = CK_RV(CKR_OK)
+        return real(slot, &failure)
     }
 
     /// The virtual ID for a real slot ID the module reported.
     static func expose(real: CK_SLOT_ID) -> CK_SLOT_ID {
-        table.expose(real: real, epoch: 0) ?? invalidReal
+        Recovery.matchSlots()
+        return table.expose(real: real, epoch: Core.slotEpoch) ?? invalidReal
     }
 }
 
@@ -30,9 +38,16 @@ enum Sessions {
     nonisolated(unsafe) static var view = HandleView()
     nonisolated(unsafe) static var table: HandleTable!
 
+    /// The real session handle; in a forked child, an inherited session is first re-opened.
     @inline(__always)
-    static func real(_ session: CK_SESSION_HANDLE) -> CK_SESSION_HANDLE {
-        view.real(session, epoch: Core.epoch) ?? CK_SESSION_HANDLE(CK_INVALID_HANDLE)
+    static func real(_ session: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
+        view.real(session, epoch: Core.epoch) ?? Recovery.session(session, &failure)
+    }
+
+    /// True for a handle issued before this process's module (a fork) and not yet recovered.
+    static func isStale(_ session: CK_SESSION_HANDLE) -> Bool {
+        guard let bound = view.lookupAnyEpoch(session) else { return false }
+        return bound.epoch != Core.epoch
     }
 
     /// The real handle and the virtual slot of a session.
@@ -48,17 +63,32 @@ enum Objects {
     nonisolated(unsafe) static var view = HandleView()
     nonisolated(unsafe) static var table: HandleTable!
 
+    /// The real object handle; in a forked child, an inherited object is first re-found.
     @inline(__always)
-    static func real(_ object: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
-        view.real(object, epoch: Core.epoch) ?? CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
+    static func real(_ object: CK_OBJECT_HANDLE, _ failure: inout CK_RV) -> CK_OBJECT_HANDLE {
+        view.real(object, epoch: Core.epoch) ?? Recovery.object(object, &failure)
     }
 
-    /// The virtual handle for an object handle the real module returned on `session`.
+    /// The virtual handle for an object handle the real module returned on `session`. An object
+    /// seen for the first time has its identity recorded (for a child to find it again); in a
+    /// child, an object the parent had exposed gets its inherited handle back.
     static func expose(real: CK_OBJECT_HANDLE, session: CK_SESSION_HANDLE) -> CK_OBJECT_HANDLE {
-        let slot = Sessions.lookup(session)?.slot ?? 0
-        if let virtual = table.expose(real: real, epoch: Core.epoch, aux: slot) { return virtual }
-        Trace.event(.error, "object handle table full (\(HandleTable.capacity) live handles): object not exposed")
-        return CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
+        let bound = Sessions.lookup(session)
+        let slot = bound?.slot ?? 0
+        if let known = table.exposed(real: real, epoch: Core.epoch, aux: slot) { return known }
+        let identity = bound.flatMap { bound in
+            Core.functions.flatMap { ObjectIdentity.read($0, session: bound.real, object: real) }
+        }
+        if let identity, let inherited = Recovery.inheritedHandle(for: identity, slot: slot) {
+            table.rebind(inherited, real: real, epoch: Core.epoch)
+            return inherited
+        }
+        guard let virtual = table.expose(real: real, epoch: Core.epoch, aux: slot) else {
+            Trace.event(.error, "object handle table full (\(HandleTable.capacity) live handles): object not exposed")
+            return CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
+        }
+        if let identity { Records.noteObject(virtual, identity) }
+        return virtual
     }
 }
 
@@ -78,5 +108,7 @@ extension Core {
         Sessions.table.releaseAll { _, _ in true }
         Objects.table.releaseAll { _, _ in true }
         SessionNotifications.removeAll()
+        Records.forgetSessionsAndObjects()
+        Logins.forgetAll()
     }
 }

@@ -11,11 +11,16 @@ struct Configuration: Equatable, Sendable {
     var trace: TraceDestination?
     var traceLevel: TraceLevel
     var traceFormat: TraceFormat
+    /// How a child gets a working module (ModuleStrategy).
+    var strategy: ModuleStrategy = .auto
+    /// Whether a child replays the parent's login with the kept PIN.
+    var loginReplay = true
 
     /// The keys a configuration file may hold, and the variable each mirrors.
     static let keys: [(key: String, variable: String)] = [
         ("module", "P11FORK_MODULE"), ("trace", "P11FORK_TRACE"),
         ("trace_level", "P11FORK_TRACE_LEVEL"), ("trace_format", "P11FORK_TRACE_FORMAT"),
+        ("strategy", "P11FORK_STRATEGY"), ("login_replay", "P11FORK_LOGIN_REPLAY"),
     ]
 
     /// Reads the configuration; on a problem, the one-line message that names it and the fix.
@@ -61,6 +66,22 @@ struct Configuration: Equatable, Sendable {
             default:
                 return .failure(ConfigurationProblem(
                     "\(format.source): '\(format.value)' is not a trace format: use text or json"))
+            }
+        }
+        if let strategy = settings["strategy"] {
+            guard let parsed = ModuleStrategy(rawValue: strategy.value) else {
+                let choices = ModuleStrategy.allCases.map(\.rawValue).joined(separator: ", ")
+                return .failure(ConfigurationProblem(
+                    "\(strategy.source): '\(strategy.value)' is not a strategy: use \(choices)"))
+            }
+            configuration.strategy = parsed
+        }
+        if let replay = settings["login_replay"] {
+            switch replay.value {
+            case "on", "yes", "true", "1": configuration.loginReplay = true
+            case "off", "no", "false", "0": configuration.loginReplay = false
+            default:
+                return .failure(ConfigurationProblem("\(replay.source): '\(replay.value)' is not on or off"))
             }
         }
         return .success(configuration)

@@ -11,15 +11,23 @@ struct RealModule {
     let functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>
     /// True when the module offered the "PKCS 11" 3.0 interface through C_GetInterface.
     let offers30: Bool
+    /// True when loading the module brought GLib into the process: such a stack cannot be
+    /// loaded a second time in one process (GObject crashes; MODULES-AFTER-FORK.md).
+    let loadsGLib: Bool
+    /// True for a private copy loaded in a child (dlmopen, a new link-map namespace).
+    let isPrivateCopy: Bool
 
-    /// Loads `path`; `source` names where the path came from, for messages.
-    static func load(path: String, source: String) -> Result<RealModule, ConfigurationProblem> {
+    /// Loads `path`; `source` names where the path came from, for messages. With `privateCopy`,
+    /// loads a fresh copy in a new link-map namespace, sharing nothing with the loaded one.
+    static func load(path: String, source: String, privateCopy: Bool = false) -> Result<RealModule, ConfigurationProblem> {
         var status = stat()
         guard stat(path, &status) == 0 else {
             return .failure(ConfigurationProblem(
                 "\(source)=\(path): no such file: set it to the path of the real PKCS#11 module"))
         }
-        guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
+        let glibBefore = CPKCS11_loaded_count("libglib-2.0")
+        let opened = privateCopy ? CPKCS11_dlmopen_new(path, RTLD_NOW | RTLD_LOCAL) : dlopen(path, RTLD_NOW | RTLD_LOCAL)
+        guard let handle = opened else {
             let reason = dlerror().map { String(cString: $0) } ?? "unknown reason"
             return .failure(ConfigurationProblem(
                 "\(source)=\(path): the module cannot be loaded (\(reason)): check that it is a PKCS#11 library for this machine and that its dependencies are installed"))
@@ -52,7 +60,9 @@ struct RealModule {
             }
             UnsafeMutableRawPointer(functions).copyMemory(from: list, byteCount: MemoryLayout<CK_FUNCTION_LIST>.size)
         }
-        return .success(RealModule(path: path, handle: handle, functions: functions, offers30: offers30))
+        let loadsGLib = CPKCS11_loaded_count("libglib-2.0") > glibBefore
+        return .success(RealModule(path: path, handle: handle, functions: functions, offers30: offers30,
+                                   loadsGLib: loadsGLib, isPrivateCopy: privateCopy))
     }
 
     /// The module's "PKCS 11" 3.x function list, if it has one.

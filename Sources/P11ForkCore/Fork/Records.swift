@@ -1,0 +1,85 @@
+import CPKCS11
+
+/// What the parent records as it hands out handles, so that a child can rebuild what it uses
+/// without asking the parent's state anything (DESIGN.md "Handles", "Recovery in the child").
+/// Written on the calls that open sessions, log in and expose objects; never on the signing path.
+enum Records {
+    struct Session {
+        let slot: CK_SLOT_ID
+        let flags: CK_FLAGS
+    }
+
+    nonisolated(unsafe) static var lock: ForkSafeLock!
+    // All guarded by `lock`.
+    nonisolated(unsafe) static var tokens: [CK_SLOT_ID: TokenIdentity] = [:]
+    nonisolated(unsafe) static var sessions: [CK_SESSION_HANDLE: Session] = [:]
+    nonisolated(unsafe) static var objects: [CK_OBJECT_HANDLE: ObjectIdentity] = [:]
+    /// Object handles by identity, to give a re-found object its inherited handle back.
+    nonisolated(unsafe) static var objectsByIdentity: [ObjectIdentity: [CK_OBJECT_HANDLE]] = [:]
+
+    static func install() { lock = ForkDetection.register(ForkSafeLock()) }
+
+    static func noteToken(_ slot: CK_SLOT_ID, _ identity: TokenIdentity) {
+        lock.withLock { tokens[slot] = identity }
+    }
+
+    static func token(_ slot: CK_SLOT_ID) -> TokenIdentity? {
+        lock.withLock { tokens[slot] }
+    }
+
+    static func noteSession(_ session: CK_SESSION_HANDLE, slot: CK_SLOT_ID, flags: CK_FLAGS) {
+        lock.withLock { sessions[session] = Session(slot: slot, flags: flags) }
+    }
+
+    /// Forgets closed sessions; returns the slots left with no open session (their login is gone).
+    @discardableResult
+    static func forgetSessions(_ closed: [CK_SESSION_HANDLE]) -> Set<CK_SLOT_ID> {
+        lock.withLock {
+            var slots = Set<CK_SLOT_ID>()
+            for session in closed { if let record = sessions.removeValue(forKey: session) { slots.insert(record.slot) } }
+            for record in sessions.values { slots.remove(record.slot) }
+            return slots
+        }
+    }
+
+    static func session(_ session: CK_SESSION_HANDLE) -> Session? {
+        lock.withLock { sessions[session] }
+    }
+
+    static func noteObject(_ object: CK_OBJECT_HANDLE, _ identity: ObjectIdentity) {
+        lock.withLock {
+            objects[object] = identity
+            objectsByIdentity[identity, default: []].append(object)
+        }
+    }
+
+    static func object(_ object: CK_OBJECT_HANDLE) -> ObjectIdentity? {
+        lock.withLock { objects[object] }
+    }
+
+    static func forgetObject(_ object: CK_OBJECT_HANDLE) {
+        lock.withLock {
+            guard let identity = objects.removeValue(forKey: object) else { return }
+            objectsByIdentity[identity]?.removeAll { $0 == object }
+            if objectsByIdentity[identity]?.isEmpty == true { objectsByIdentity[identity] = nil }
+        }
+    }
+
+    static func objects(with identity: ObjectIdentity) -> [CK_OBJECT_HANDLE] {
+        lock.withLock { objectsByIdentity[identity] ?? [] }
+    }
+
+    /// After C_Finalize: sessions and objects are gone (token identities stay: slots outlive it).
+    static func forgetSessionsAndObjects() {
+        lock.withLock {
+            sessions.removeAll()
+            objects.removeAll()
+            objectsByIdentity.removeAll()
+        }
+    }
+
+    /// Sizes for memory figures and tests.
+    static var counts: (sessions: Int, objects: Int, tokens: Int) {
+        lock.withLock { (sessions.count, objects.count, tokens.count) }
+    }
+}

@@ -1,0 +1,254 @@
+import CPKCS11
+import Glibc
+
+/// Recovery in a forked child (DESIGN.md "Recovery in the child"): lazily, only for what the
+/// child uses, under one lock while the child's other threads wait.
+///
+/// 1. The module: on the child's first call that needs it (ForkDetection.adoptChild), with the
+///    configured ModuleStrategy. Until then no call reaches the inherited copy.
+/// 2.–4. Slots, sessions and objects: when a stale handle (issued before the fork) is first
+///    used, from what Records kept: slots matched by token identity, sessions re-opened with
+///    their flags and the login replayed, objects re-found by their recorded identity.
+enum Recovery {
+    nonisolated(unsafe) static var lock: ForkSafeLock!
+    /// True in a child whose real module is still the inherited, initialised copy: it is
+    /// replaced before any call may reach it, and the teardown calls act on p11fork alone.
+    nonisolated(unsafe) static var moduleInherited = false
+    /// The recovered module is initialised but the application has not called C_Initialize in
+    /// this process: its C_Initialize (the old rule for children) then answers CKR_OK.
+    nonisolated(unsafe) static var initializationUnclaimed = false
+    // Guarded by `lock`.
+    nonisolated(unsafe) static var slotsMatchedEpoch: UInt = 0
+    nonisolated(unsafe) static var searchSessions: [CK_SLOT_ID: CK_SESSION_HANDLE] = [:]
+    nonisolated(unsafe) static var lost: Set<CK_OBJECT_HANDLE> = []
+
+    static func install() { lock = ForkDetection.register(ForkSafeLock()) }
+
+    /// In a new process, once (called by ForkDetection with the other threads waiting).
+    static func enterChild() {
+        Logins.enterChild()
+        searchSessions = [:]
+        lost = []
+        initializationUnclaimed = false
+        moduleInherited = Core.appInitialized && Core.module != nil
+    }
+
+    /// Replaces the inherited module by one this child may use (ForkDetection, once).
+    static func recoverModule() {
+        guard moduleInherited, let inherited = Core.module else { return }
+        moduleInherited = false
+        let started = Clock.monotonicNanoseconds()
+        switch ModuleRecovery.recover(inherited) {
+        case .success(let module):
+            Core.module = module
+            Core.functions = module.functions
+            // Every inherited handle is now stale: each is recovered when first used.
+            Core.epoch &+= 1
+            Core.slotEpoch &+= 1
+            initializationUnclaimed = true
+            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy, \(milliseconds(since: started)))")
+        case .failure(let why):
+            Core.functions = nil
+            Core.unusable = CK_RV(CKR_DEVICE_ERROR)
+            Trace.event(.error, "no working module in this child: \(why.message); every call answers CKR_DEVICE_ERROR. Choose another strategy with P11FORK_STRATEGY (reinitialize, fresh-copy)")
+        }
+    }
+
+    // MARK: slots
+
+    @inline(never)
+    static func slot(_ virtual: CK_SLOT_ID, _ failure: inout CK_RV) -> CK_SLOT_ID {
+        guard failure == CKR_OK, Slots.view.lookupAnyEpoch(virtual) != nil else { return Slots.invalidReal }
+        return lock.withLock { slotLocked(virtual) }
+    }
+
+    private static func slotLocked(_ virtual: CK_SLOT_ID) -> CK_SLOT_ID {
+        if let real = Slots.view.real(virtual, epoch: Core.slotEpoch) { return real }
+        matchSlotsLocked()
+        return Slots.view.real(virtual, epoch: Core.slotEpoch) ?? Slots.invalidReal
+    }
+
+    /// Before exposing real slot IDs of a recovered module: match the inherited slots first.
+    static func matchSlots() {
+        guard slotsMatchedEpoch != Core.slotEpoch else { return }
+        lock.withLock { matchSlotsLocked() }
+    }
+
+    /// Finds each inherited slot in this module by its token's identity (or, for a slot whose
+    /// token was never seen, by the same slot ID). Once per module.
+    private static func matchSlotsLocked() {
+        guard slotsMatchedEpoch != Core.slotEpoch, let functions = Core.functions,
+              let getSlotList = functions.pointee.C_GetSlotList else { return }
+        slotsMatchedEpoch = Core.slotEpoch
+        let started = Clock.monotonicNanoseconds()
+        var count: CK_ULONG = 0
+        var reals: [CK_SLOT_ID] = []
+        if getSlotList(CK_BBOOL(CK_FALSE), nil, &count) == CKR_OK, count > 0 {
+            reals = [CK_SLOT_ID](repeating: 0, count: Int(count))
+            if getSlotList(CK_BBOOL(CK_FALSE), &reals, &count) != CKR_OK { reals = [] }
+            reals = Array(reals.prefix(Int(count)))
+        }
+        var byIdentity: [TokenIdentity: CK_SLOT_ID] = [:]
+        for real in reals {
+            if let identity = TokenIdentity.read(functions, slot: real), byIdentity[identity] == nil {
+                byIdentity[identity] = real
+            }
+        }
+        var matched = 0, unmatched: [String] = []
+        let inherited = Slots.table.entries()
+        for (virtual, parentReal, _) in inherited {
+            if let identity = Records.token(virtual) {
+                if let real = byIdentity[identity] {
+                    Slots.table.rebind(virtual, real: real, epoch: Core.slotEpoch)
+                    matched += 1
+                } else {
+                    unmatched.append("'\(identity.labelText)'")
+                }
+            } else if reals.contains(parentReal) {
+                Slots.table.rebind(virtual, real: parentReal, epoch: Core.slotEpoch)
+                matched += 1
+            }
+        }
+        let missing = unmatched.isEmpty ? "" : "; not found: token \(unmatched.joined(separator: ", "))"
+        Trace.event(.fork, "slots matched by token identity: \(matched) of \(inherited.count)\(missing) (\(milliseconds(since: started)))")
+    }
+
+    // MARK: sessions
+
+    @inline(never)
+    static func session(_ virtual: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
+        let invalid = CK_SESSION_HANDLE(CK_INVALID_HANDLE)
+        guard failure == CKR_OK, Sessions.view.lookupAnyEpoch(virtual) != nil else { return invalid }
+        return lock.withLock {
+            if let real = Sessions.view.real(virtual, epoch: Core.epoch) { return real }
+            guard let record = Records.session(virtual), let functions = Core.functions,
+                  let openSession = functions.pointee.C_OpenSession else { return invalid }
+            let started = Clock.monotonicNanoseconds()
+            let realSlot = slotLocked(record.slot)
+            var real = invalid
+            let rv = openSession(realSlot, record.flags, nil, nil, &real)
+            guard rv == CKR_OK else {
+                failure = rv
+                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))")
+                return invalid
+            }
+            Sessions.table.rebind(virtual, real: real, epoch: Core.epoch)
+            Trace.event(.fork, "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))")
+            let login = Logins.ensure(slot: record.slot, session: real, functions: functions)
+            if login != CKR_OK { failure = login }
+            return real
+        }
+    }
+
+    // MARK: objects
+
+    @inline(never)
+    static func object(_ virtual: CK_OBJECT_HANDLE, _ failure: inout CK_RV) -> CK_OBJECT_HANDLE {
+        let invalid = CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
+        guard failure == CKR_OK, let bound = Objects.view.lookupAnyEpoch(virtual) else { return invalid }
+        return lock.withLock {
+            if let real = Objects.view.real(virtual, epoch: Core.epoch) { return real }
+            guard !lost.contains(virtual), let functions = Core.functions else { return invalid }
+            let started = Clock.monotonicNanoseconds()
+            func lose(_ why: String) -> CK_OBJECT_HANDLE {
+                lost.insert(virtual)
+                Trace.event(.fork, "object 0x\(hex(virtual)) is lost in this child: \(why)")
+                return invalid
+            }
+            guard let identity = Records.object(virtual) else { return lose("nothing was recorded about it") }
+            guard identity.isTokenObject else {
+                return lose("it is a session object of the parent (\(identity.summary)), which cannot be re-created in a child")
+            }
+            let session = searchSessionLocked(bound.aux, functions, &failure)
+            guard failure == CKR_OK, session != invalid else { return invalid }
+            let candidates = find(identity, session: session, functions)
+            let matches = candidates.filter { ObjectIdentity.read(functions, session: session, object: $0) == identity }
+            guard let chosen = matches.first else {
+                return lose("no object on the token matches it (\(identity.summary); \(candidates.count) with the same class, ID and label)")
+            }
+            Objects.table.rebind(virtual, real: chosen, epoch: Core.epoch)
+            let alike = matches.count > 1 ? "; \(matches.count) identical objects, the first taken" : ""
+            Trace.event(.fork, "object 0x\(hex(virtual)) re-found (\(identity.summary); real object 0x\(hex(chosen)), \(candidates.count) candidate(s)\(alike), \(milliseconds(since: started)))")
+            return chosen
+        }
+    }
+
+    /// The inherited handle of an object this child just came across by itself (C_FindObjects,
+    /// ...), so that it keeps the handle the parent had: the same identity, on the same slot.
+    static func inheritedHandle(for identity: ObjectIdentity, slot: CK_SLOT_ID) -> CK_OBJECT_HANDLE? {
+        Records.objects(with: identity).first { virtual in
+            guard let bound = Objects.view.lookupAnyEpoch(virtual) else { return false }
+            return bound.aux == slot && bound.epoch != Core.epoch
+        }
+    }
+
+    /// A session of this child's own on `slot`, logged in as the parent was, to search with.
+    private static func searchSessionLocked(_ slot: CK_SLOT_ID, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>,
+                                            _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
+        if let session = searchSessions[slot] { return session }
+        guard let openSession = functions.pointee.C_OpenSession else { return 0 }
+        let realSlot = slotLocked(slot)
+        var session = CK_SESSION_HANDLE(CK_INVALID_HANDLE)
+        var rv = openSession(realSlot, CK_FLAGS(CKF_SERIAL_SESSION | CKF_RW_SESSION), nil, nil, &session)
+        if rv != CKR_OK { rv = openSession(realSlot, CK_FLAGS(CKF_SERIAL_SESSION), nil, nil, &session) }
+        guard rv == CKR_OK else {
+            failure = rv
+            Trace.event(.error, "no session could be opened on slot 0x\(hex(slot)) to re-find objects: C_OpenSession answered \(name(rv))")
+            return 0
+        }
+        searchSessions[slot] = session
+        let login = Logins.ensure(slot: slot, session: session, functions: functions)
+        if login != CKR_OK { failure = login }
+        return session
+    }
+
+    private static func find(_ identity: ObjectIdentity, session: CK_SESSION_HANDLE,
+                             _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> [CK_OBJECT_HANDLE] {
+        guard let initFind = functions.pointee.C_FindObjectsInit, let findObjects = functions.pointee.C_FindObjects,
+              let finalFind = functions.pointee.C_FindObjectsFinal else { return [] }
+        let started = identity.withSearchTemplate { template, count in initFind(session, template, count) }
+        guard started == CKR_OK else { return [] }
+        var found: [CK_OBJECT_HANDLE] = []
+        var batch = [CK_OBJECT_HANDLE](repeating: 0, count: 16)
+        while found.count < 256 {
+            var count: CK_ULONG = 0
+            guard findObjects(session, &batch, 16, &count) == CKR_OK, count > 0 else { break }
+            found += batch.prefix(Int(count))
+        }
+        _ = finalFind(session)
+        return found
+    }
+
+    /// What the module would answer for a session handle it never issued, without asking it
+    /// (a child must not call its inherited copy).
+    static var answerForUnknownSession: CK_RV {
+        Core.appInitialized ? CK_RV(CKR_SESSION_HANDLE_INVALID) : CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED)
+    }
+
+    // MARK: formatting
+
+    static func milliseconds(since start: UInt64) -> String {
+        let tenths = (Clock.monotonicNanoseconds() &- start) / 100_000
+        return "\(tenths / 10).\(tenths % 10) ms"
+    }
+
+    static func name(_ rv: CK_RV) -> String {
+        returnCodeName(rv).map { "\($0)" } ?? "0x\(String(rv, radix: 16))"
+    }
+
+    static func hex(_ value: UInt) -> String { String(value, radix: 16) }
+}
+
+extension Function {
+    /// Calls that must not make a child replace its inherited module: they need no module, or
+    /// in a child that has not recovered one they act on p11fork's own state alone.
+    var leavesModuleAlone: Bool {
+        switch self {
+        case .C_Finalize, .C_CloseSession, .C_CloseAllSessions, .C_Logout,
+             .C_GetFunctionList, .C_GetInterfaceList, .C_GetInterface:
+            return true
+        default:
+            return false
+        }
+    }
+}

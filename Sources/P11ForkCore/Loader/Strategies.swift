@@ -1,0 +1,97 @@
+import CPKCS11
+import Glibc
+
+/// How a child gets a working real module (DESIGN.md "Recovery in the child", step 1).
+/// MODULES-AFTER-FORK.md shows no single way works for every module.
+enum ModuleStrategy: String, CaseIterable, Sendable {
+    /// Re-initialise in place; if the module answers that it is still initialised (it did not
+    /// notice the fork), load a fresh private copy instead. Modules whose stack loads GLib are
+    /// only re-initialised in place (a second GLib in one process crashes).
+    case auto
+    /// Call the inherited module's C_Initialize again: for modules that detect fork themselves
+    /// (SoftHSM with reset_on_fork, p11-kit's proxy, openCryptoki).
+    case reinitialize
+    /// Load a fresh copy of the module in a new link-map namespace (dlmopen) and initialise it;
+    /// the inherited copy is left alone. For modules that keep their state across fork
+    /// (SoftHSM's default mode, network-HSM clients).
+    case freshCopy = "fresh-copy"
+}
+
+struct RecoveryFailure: Error {
+    let message: String
+    init(_ message: String) { self.message = message }
+}
+
+enum ModuleRecovery {
+    /// The application's C_Initialize arguments, kept for the child's initialisation
+    /// (nil when it passed NULL).
+    nonisolated(unsafe) static var initArguments: UnsafeMutablePointer<CK_C_INITIALIZE_ARGS>?
+    /// The environment as it was when p11fork loaded: a fresh copy is initialised with it,
+    /// because daemons scrub their workers' environment (SOFTHSM2_CONF and the like).
+    nonisolated(unsafe) static var loadEnvironment: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?
+    nonisolated(unsafe) static var strategy = ModuleStrategy.auto
+
+    static func keepInitArguments(_ arguments: UnsafeMutableRawPointer?) {
+        guard let arguments else { initArguments = nil; return }
+        if initArguments == nil { initArguments = .allocate(capacity: 1) }
+        initArguments!.pointee = arguments.assumingMemoryBound(to: CK_C_INITIALIZE_ARGS.self).pointee
+    }
+
+    static func snapshotEnvironment() {
+        var count = 0
+        while environ[count] != nil { count += 1 }
+        let copy = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: count + 1)
+        for i in 0..<count { copy[i] = strdup(environ[i]!) }
+        copy[count] = nil
+        loadEnvironment = copy
+    }
+
+    /// Makes a real module this child may use. The inherited copy is never finalized, closed or
+    /// unloaded. Returns the module, or the trace message saying why there is none.
+    static func recover(_ inherited: RealModule) -> Result<RealModule, RecoveryFailure> {
+        switch strategy {
+        case .reinitialize:
+            return reinitialize(inherited)
+        case .freshCopy:
+            return freshCopy(of: inherited)
+        case .auto:
+            let inPlace = reinitialize(inherited)
+            if case .success = inPlace { return inPlace }
+            if inherited.loadsGLib {
+                if case .failure(let why) = inPlace {
+                    return .failure(RecoveryFailure("\(why.message); a fresh copy is not tried because the module's stack loads GLib, which cannot be loaded twice in one process"))
+                }
+            }
+            if case .failure(let why) = inPlace { Trace.event(.fork, "\(why.message): loading a fresh private copy instead") }
+            return freshCopy(of: inherited)
+        }
+    }
+
+    private static func reinitialize(_ module: RealModule) -> Result<RealModule, RecoveryFailure> {
+        let started = Clock.monotonicNanoseconds()
+        let rv = module.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        if rv == CKR_OK {
+            Trace.event(.fork, "module re-initialised in place (\(Recovery.milliseconds(since: started)))")
+            return .success(module)
+        }
+        return .failure(RecoveryFailure("re-initialising the module in place answered \(Recovery.name(rv))"))
+    }
+
+    private static func freshCopy(of module: RealModule) -> Result<RealModule, RecoveryFailure> {
+        let started = Clock.monotonicNanoseconds()
+        // The copy reads its settings from the environment p11fork was loaded with.
+        let current = loadEnvironment.map { CPKCS11_swap_environ($0) }
+        defer { if let current { _ = CPKCS11_swap_environ(current) } }
+        let copy: RealModule
+        switch RealModule.load(path: module.path, source: "fresh copy", privateCopy: true) {
+        case .success(let loaded): copy = loaded
+        case .failure(let problem): return .failure(RecoveryFailure("loading a fresh copy of the module failed: \(problem.message)"))
+        }
+        let rv = copy.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        guard rv == CKR_OK else {
+            return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Recovery.name(rv))"))
+        }
+        Trace.event(.fork, "fresh private copy of the module loaded and initialised (\(Recovery.milliseconds(since: started)))")
+        return .success(copy)
+    }
+}
