@@ -18,7 +18,7 @@ enum Recovery {
     /// this process: its C_Initialize (the old rule for children) then answers CKR_OK.
     nonisolated(unsafe) static var initializationUnclaimed = false
     // Guarded by `lock`.
-    nonisolated(unsafe) static var slotsMatchedEpoch: UInt = 0
+    nonisolated(unsafe) static var slotsMatchedEpoch: UInt = 1
     nonisolated(unsafe) static var searchSessions: [CK_SLOT_ID: CK_SESSION_HANDLE] = [:]
     nonisolated(unsafe) static var lost: Set<CK_OBJECT_HANDLE> = []
 

@@ -87,11 +87,32 @@ enum ModuleRecovery {
         case .success(let loaded): copy = loaded
         case .failure(let problem): return .failure(RecoveryFailure("loading a fresh copy of the module failed: \(problem.message)"))
         }
+        separateThreadKeys(copy.handle)
         let rv = copy.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         guard rv == CKR_OK else {
             return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Recovery.name(rv))"))
         }
         Trace.event(.fork, "fresh private copy of the module loaded and initialised (\(Recovery.milliseconds(since: started)))")
         return .success(copy)
+    }
+
+    /// A copy in a new link-map namespace brings its own libc, whose pthread key numbers start
+    /// again at 0 while every thread's key-value slots are shared with the first libc: the
+    /// copy's first keys would read and overwrite the values of keys the process already uses
+    /// (seen: OpenSSL in the copy crashed on a value stored by the Swift runtime). So the copy's
+    /// libc first creates, and never uses, every key number the process has in use plus a margin
+    /// for keys the process makes later.
+    private static func separateThreadKeys(_ handle: UnsafeMutableRawPointer) {
+        typealias KeyCreate = @convention(c) (UnsafeMutablePointer<pthread_key_t>?, (@convention(c) (UnsafeMutableRawPointer?) -> Void)?) -> Int32
+        guard let symbol = dlsym(handle, "pthread_key_create") else { return }
+        let create = unsafeBitCast(symbol, to: KeyCreate.self)
+        var probe = pthread_key_t()
+        guard pthread_key_create(&probe, nil) == 0 else { return }
+        pthread_key_delete(probe)
+        let limit = probe + 64
+        var key = pthread_key_t()
+        var burned = 0
+        while create(&key, nil) == 0 && key < limit { burned += 1 }
+        Trace.event(.fork, "fresh copy: \(burned) thread-key numbers reserved in its libc (the process uses keys below \(probe))")
     }
 }
