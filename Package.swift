@@ -14,6 +14,7 @@ let package = Package(
     products: [
         .library(name: "p11fork", type: .dynamic, targets: ["P11Fork"]),
         .executable(name: "p11fork-probe", targets: ["p11fork-probe"]),
+        .executable(name: "p11fork-forkcheck", targets: ["p11fork-forkcheck"]),
         // Modules built only for the tests.
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
     ],
@@ -33,6 +34,13 @@ let package = Package(
         .target(name: "PKCS11Client", dependencies: ["CPKCS11"]),
         // Runs call sequences against any module and prints a comparable transcript (tests).
         .executableTarget(name: "p11fork-probe", dependencies: ["PKCS11Client"]),
+        // Runs one fork scenario against a module (directly or through p11fork); in C, so the
+        // driver's own runtime cannot blur what a forked child sees.
+        .executableTarget(
+            name: "p11fork-forkcheck",
+            path: "Sources/TestTools/ForkCheck",
+            linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
+        ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         .testTarget(name: "P11ForkCoreTests", dependencies: ["P11ForkCore"]),
         .testTarget(name: "P11ForkTests", dependencies: ["PKCS11Client"]),

@@ -11,11 +11,13 @@ enum ForkDetection {
     /// Locks a child must re-create; registered when they are made (all at load time).
     nonisolated(unsafe) static var locks: [ForkSafeLock] = []
     /// The pid of this process as last adopted (getpid() is a system call: never per call).
-    nonisolated(unsafe) static var pid: pid_t = getpid()
+    /// Set in install(): a lazily initialised global would read the child's pid in a child.
+    nonisolated(unsafe) static var pid: pid_t = 0
     /// How many forks separate this process from the one that loaded p11fork.
     nonisolated(unsafe) static var generation = 0
 
     static func install() {
+        pid = getpid()
         ProcessMark.install()
         pthread_atfork(nil, nil, {
             // Only marks; anything more is done lazily on the child's first call.

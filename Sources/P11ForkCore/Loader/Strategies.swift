@@ -4,9 +4,12 @@ import Glibc
 /// How a child gets a working real module (DESIGN.md "Recovery in the child", step 1).
 /// MODULES-AFTER-FORK.md shows no single way works for every module.
 enum ModuleStrategy: String, CaseIterable, Sendable {
-    /// Re-initialise in place; if the module answers that it is still initialised (it did not
-    /// notice the fork), load a fresh private copy instead. Modules whose stack loads GLib are
-    /// only re-initialised in place (a second GLib in one process crashes).
+    /// A fresh private copy, which never touches what the child inherited; re-initialise in
+    /// place only where a copy cannot be had: when the module's stack loads GLib (a second GLib
+    /// in one process crashes) or when the copy fails to load or initialise. Re-initialising in
+    /// place first would be cheaper, but it runs the inherited copy's code, which hangs when
+    /// another thread of the parent held one of its locks at the fork (measured: SoftHSM with
+    /// reset_on_fork, a parent with two signing threads).
     case auto
     /// Call the inherited module's C_Initialize again: for modules that detect fork themselves
     /// (SoftHSM with reset_on_fork, p11-kit's proxy, openCryptoki).
@@ -55,15 +58,14 @@ enum ModuleRecovery {
         case .freshCopy:
             return freshCopy(of: inherited)
         case .auto:
-            let inPlace = reinitialize(inherited)
-            if case .success = inPlace { return inPlace }
             if inherited.loadsGLib {
-                if case .failure(let why) = inPlace {
-                    return .failure(RecoveryFailure("\(why.message); a fresh copy is not tried because the module's stack loads GLib, which cannot be loaded twice in one process"))
-                }
+                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: re-initialising in place")
+                return reinitialize(inherited)
             }
-            if case .failure(let why) = inPlace { Trace.event(.fork, "\(why.message): loading a fresh private copy instead") }
-            return freshCopy(of: inherited)
+            let copy = freshCopy(of: inherited)
+            guard case .failure(let why) = copy else { return copy }
+            Trace.event(.fork, "\(why.message): re-initialising the inherited module in place instead")
+            return reinitialize(inherited)
         }
     }
 

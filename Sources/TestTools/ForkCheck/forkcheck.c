@@ -1,0 +1,431 @@
+// p11fork-forkcheck: runs one fork scenario against a PKCS#11 module and says what happened.
+//
+// The same scenario is run against the real module directly (to show its failure) and through
+// libp11fork.so (to show it fixed). Written in C so that nothing in the driver's own runtime
+// can blur what a forked child sees. Every child arms alarm() and _exit()s with a status; the
+// parent checks every status, so a hang is a failure, never a stuck run.
+//
+//   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|ec|hmac]
+//                     [--children N] [--signatures M] [--stagger MS] [--run-before-fork CMD] SCENARIO
+//
+// Scenarios: inherited, generations, child-initializes, child-teardown, threads, pin-changed.
+// Last line: "result: ok ..." (exit 0) or "result: fail ..." (exit 1); usage errors exit 2.
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <p11-kit-1/p11-kit/pkcs11.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define CHILD_TIMEOUT 20
+#define MAX_SIGNATURE 1024
+
+static CK_FUNCTION_LIST_PTR p11;
+static const char *token_label, *pin, *key_label, *mechanism_name = "rsa", *run_before_fork;
+static int children = 1, signatures = 1, stagger_ms = 0;
+
+static CK_SLOT_ID slot;
+static CK_SESSION_HANDLE session;
+static CK_OBJECT_HANDLE private_key, verify_key;
+
+// MARK: names and reporting
+
+static const char *rv_name(CK_RV rv) {
+    switch (rv) {
+#define N(x) case x: return #x;
+        N(CKR_OK) N(CKR_CANCEL) N(CKR_HOST_MEMORY) N(CKR_SLOT_ID_INVALID) N(CKR_GENERAL_ERROR)
+        N(CKR_FUNCTION_FAILED) N(CKR_ARGUMENTS_BAD) N(CKR_ATTRIBUTE_TYPE_INVALID) N(CKR_DATA_LEN_RANGE)
+        N(CKR_DEVICE_ERROR) N(CKR_DEVICE_MEMORY) N(CKR_DEVICE_REMOVED) N(CKR_FUNCTION_NOT_SUPPORTED)
+        N(CKR_KEY_HANDLE_INVALID) N(CKR_MECHANISM_INVALID) N(CKR_OBJECT_HANDLE_INVALID)
+        N(CKR_OPERATION_ACTIVE) N(CKR_OPERATION_NOT_INITIALIZED) N(CKR_PIN_INCORRECT) N(CKR_PIN_LOCKED)
+        N(CKR_PIN_EXPIRED) N(CKR_SESSION_CLOSED) N(CKR_SESSION_HANDLE_INVALID) N(CKR_SIGNATURE_INVALID)
+        N(CKR_TOKEN_NOT_PRESENT) N(CKR_USER_ALREADY_LOGGED_IN) N(CKR_USER_NOT_LOGGED_IN)
+        N(CKR_BUFFER_TOO_SMALL) N(CKR_CRYPTOKI_NOT_INITIALIZED) N(CKR_CRYPTOKI_ALREADY_INITIALIZED)
+        N(CKR_SESSION_READ_ONLY_EXISTS) N(CKR_USER_TYPE_INVALID)
+#undef N
+    }
+    static __thread char hex[32];
+    snprintf(hex, sizeof hex, "0x%lx", rv);
+    return hex;
+}
+
+static void say(const char *format, ...) {
+    char line[512];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(line, sizeof line, format, args);
+    va_end(args);
+    // One write per line: lines of parent and children never interleave.
+    size_t n = strlen(line);
+    line[n] = '\n';
+    (void)!write(1, line, n + 1);
+}
+
+static int fail(const char *format, ...) {
+    char reason[400];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(reason, sizeof reason, format, args);
+    va_end(args);
+    say("result: fail %s", reason);
+    return 1;
+}
+
+// MARK: PKCS#11 steps
+
+static CK_MECHANISM mechanism(void) {
+    CK_MECHANISM m = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+    if (!strcmp(mechanism_name, "ec")) m.mechanism = CKM_ECDSA_SHA256;
+    if (!strcmp(mechanism_name, "hmac")) m.mechanism = CKM_SHA256_HMAC;
+    return m;
+}
+
+static CK_RV find_object(CK_SESSION_HANDLE s, CK_OBJECT_CLASS class, const char *label, CK_OBJECT_HANDLE *out) {
+    CK_ATTRIBUTE template[] = {
+        { CKA_CLASS, &class, sizeof class },
+        { CKA_LABEL, (void *)label, strlen(label) },
+    };
+    CK_ULONG count = 0;
+    CK_RV rv = p11->C_FindObjectsInit(s, template, 2);
+    if (rv != CKR_OK) return rv;
+    rv = p11->C_FindObjects(s, out, 1, &count);
+    p11->C_FindObjectsFinal(s);
+    if (rv == CKR_OK && count == 0) rv = CKR_OBJECT_HANDLE_INVALID;
+    return rv;
+}
+
+static CK_RV find_slot(CK_SLOT_ID *out) {
+    CK_SLOT_ID slots[32];
+    CK_ULONG count = 32;
+    CK_RV rv = p11->C_GetSlotList(CK_TRUE, slots, &count);
+    if (rv != CKR_OK) return rv;
+    for (CK_ULONG i = 0; i < count; i++) {
+        CK_TOKEN_INFO info;
+        if (p11->C_GetTokenInfo(slots[i], &info) != CKR_OK) continue;
+        size_t n = strlen(token_label);
+        if (n <= 32 && !memcmp(info.label, token_label, n)) {
+            int padded = 1;
+            for (size_t j = n; j < 32; j++) padded &= info.label[j] == ' ';
+            if (padded) { *out = slots[i]; return CKR_OK; }
+        }
+    }
+    return CKR_TOKEN_NOT_PRESENT;
+}
+
+// Opens a session, logs in, finds the signing key and the key that verifies its signatures.
+static CK_RV set_up(CK_SLOT_ID *s_slot, CK_SESSION_HANDLE *s, CK_OBJECT_HANDLE *key, CK_OBJECT_HANDLE *verifier,
+                    const char **step) {
+    CK_RV rv;
+    *step = "C_GetSlotList/C_GetTokenInfo";
+    if ((rv = find_slot(s_slot)) != CKR_OK) return rv;
+    *step = "C_OpenSession";
+    if ((rv = p11->C_OpenSession(*s_slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, s)) != CKR_OK) return rv;
+    *step = "C_Login";
+    rv = p11->C_Login(*s, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
+    if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) return rv;
+    int secret = !strcmp(mechanism_name, "hmac");
+    *step = "C_FindObjects (signing key)";
+    if ((rv = find_object(*s, secret ? CKO_SECRET_KEY : CKO_PRIVATE_KEY, key_label, key)) != CKR_OK) return rv;
+    *step = "C_FindObjects (verifying key)";
+    if (secret) { *verifier = *key; return CKR_OK; }
+    return find_object(*s, CKO_PUBLIC_KEY, key_label, verifier);
+}
+
+static const unsigned char message[] = "p11fork fork check";
+
+static CK_RV sign_with(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key, unsigned char *signature, CK_ULONG *length) {
+    CK_MECHANISM m = mechanism();
+    CK_RV rv = p11->C_SignInit(s, &m, key);
+    if (rv != CKR_OK) return rv;
+    *length = MAX_SIGNATURE;
+    return p11->C_Sign(s, (CK_BYTE_PTR)message, sizeof message - 1, signature, length);
+}
+
+static CK_RV verify(const unsigned char *signature, CK_ULONG length) {
+    CK_MECHANISM m = mechanism();
+    CK_RV rv = p11->C_VerifyInit(session, &m, verify_key);
+    if (rv != CKR_OK) return rv;
+    return p11->C_Verify(session, (CK_BYTE_PTR)message, sizeof message - 1, (CK_BYTE_PTR)signature, length);
+}
+
+// MARK: children
+
+typedef int (*child_body)(int pipe_fd, int index);
+
+// Sends a signature (or a failed return code) to the parent: [rv][length][bytes].
+static void send_signature(int fd, CK_RV rv, const unsigned char *signature, CK_ULONG length) {
+    (void)!write(fd, &rv, sizeof rv);
+    (void)!write(fd, &length, sizeof length);
+    if (rv == CKR_OK) (void)!write(fd, signature, length);
+}
+
+static int child_signs(int fd, int index, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key) {
+    int status = 0;
+    for (int i = 0; i < signatures; i++) {
+        unsigned char signature[MAX_SIGNATURE];
+        CK_ULONG length = 0;
+        CK_RV rv = sign_with(s, key, signature, &length);
+        send_signature(fd, rv, signature, length);
+        if (rv != CKR_OK) {
+            say("child %d (pid %d): signature %d: %s", index, getpid(), i + 1, rv_name(rv));
+            status = 3;
+            break;
+        }
+    }
+    return status;
+}
+
+static int inherited_child(int fd, int index) { return child_signs(fd, index, session, private_key); }
+
+// Forks `count` children running `body`; checks exit statuses and verifies what they signed.
+static int run_children(int count, child_body body, int *verified_out) {
+    pid_t pids[64];
+    int fds[64];
+    for (int i = 0; i < count; i++) {
+        int p[2];
+        if (pipe(p) != 0) return fail("pipe: %s", strerror(errno));
+        pid_t pid = fork();
+        if (pid < 0) return fail("fork: %s", strerror(errno));
+        if (pid == 0) {
+            close(p[0]);
+            alarm(CHILD_TIMEOUT);
+            // SoftHSM's file store races when several processes initialise and log in at the
+            // same moment (seen directly, without p11fork); --stagger spaces the children's
+            // first calls so that a test measures p11fork, not that race.
+            if (stagger_ms) usleep((useconds_t)(i * stagger_ms * 1000));
+            _exit(body(p[1], i + 1));
+        }
+        close(p[1]);
+        pids[i] = pid;
+        fds[i] = p[0];
+    }
+    int problems = 0, verified = 0;
+    for (int i = 0; i < count; i++) {
+        // Read until the child closes its end (it exits or is killed by its alarm).
+        for (;;) {
+            CK_RV rv;
+            CK_ULONG length;
+            unsigned char signature[MAX_SIGNATURE];
+            if (read(fds[i], &rv, sizeof rv) != sizeof rv) break;
+            if (read(fds[i], &length, sizeof length) != sizeof length) break;
+            if (rv != CKR_OK) continue;
+            if (length > MAX_SIGNATURE || read(fds[i], signature, length) != (ssize_t)length) break;
+            CK_RV checked = verify(signature, length);
+            if (checked == CKR_OK) verified++;
+            else { say("child %d: its signature does not verify in the parent: %s", i + 1, rv_name(checked)); problems++; }
+        }
+        close(fds[i]);
+        int status = 0;
+        waitpid(pids[i], &status, 0);
+        if (WIFSIGNALED(status)) {
+            say("child %d: killed by signal %d%s", i + 1, WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung)" : "");
+            problems++;
+        } else if (WEXITSTATUS(status) != 0) {
+            say("child %d: exit status %d", i + 1, WEXITSTATUS(status));
+            problems++;
+        }
+    }
+    if (verified_out) *verified_out = verified;
+    return problems;
+}
+
+// The parent must be unharmed by whatever its children did.
+static int parent_still_signs(const char *scenario, int child_problems, int verified) {
+    unsigned char signature[MAX_SIGNATURE];
+    CK_ULONG length;
+    CK_RV rv = sign_with(session, private_key, signature, &length);
+    if (rv == CKR_OK) rv = verify(signature, length);
+    if (child_problems) return fail("%s: %d child problem(s); parent after the children: %s", scenario, child_problems, rv_name(rv));
+    if (rv != CKR_OK) return fail("%s: children fine, but the parent cannot sign after them: %s", scenario, rv_name(rv));
+    say("result: ok %s: %d signature(s) from children verified; the parent still signs", scenario, verified);
+    return 0;
+}
+
+// MARK: scenarios
+
+static int scenario_inherited(void) {
+    int verified = 0;
+    int problems = run_children(children, inherited_child, &verified);
+    if (!problems && verified != children * signatures) return fail("inherited: %d of %d signatures verified", verified, children * signatures);
+    return parent_still_signs("inherited", problems, verified);
+}
+
+// A child signs, then forks a grandchild that signs too (three generations).
+static int generations_child(int fd, int index) {
+    int status = child_signs(fd, index, session, private_key);
+    if (status) return status;
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(CHILD_TIMEOUT);
+        _exit(child_signs(fd, 100 + index, session, private_key));
+    }
+    int grandchild = 0;
+    waitpid(pid, &grandchild, 0);
+    if (WIFSIGNALED(grandchild)) { say("grandchild: killed by signal %d", WTERMSIG(grandchild)); return 4; }
+    return WEXITSTATUS(grandchild);
+}
+
+static int scenario_generations(void) {
+    int verified = 0;
+    int problems = run_children(children, generations_child, &verified);
+    if (!problems && verified != 2 * children * signatures) return fail("generations: %d signatures verified", verified);
+    return parent_still_signs("generations", problems, verified);
+}
+
+// The old rule: the child calls C_Initialize, opens its own session, logs in, finds the key.
+static int initializing_child(int fd, int index) {
+    CK_C_INITIALIZE_ARGS init = { .flags = CKF_OS_LOCKING_OK };
+    CK_RV rv = p11->C_Initialize(&init);
+    if (rv != CKR_OK) { say("child %d: C_Initialize: %s", index, rv_name(rv)); send_signature(fd, rv, NULL, 0); return 3; }
+    CK_SLOT_ID s_slot;
+    CK_SESSION_HANDLE s;
+    CK_OBJECT_HANDLE key, verifier;
+    const char *step;
+    if ((rv = set_up(&s_slot, &s, &key, &verifier, &step)) != CKR_OK) {
+        say("child %d: %s: %s", index, step, rv_name(rv));
+        send_signature(fd, rv, NULL, 0);
+        return 3;
+    }
+    return child_signs(fd, index, s, key);
+}
+
+static int scenario_child_initializes(void) {
+    int verified = 0;
+    int problems = run_children(children, initializing_child, &verified);
+    return parent_still_signs("child-initializes", problems, verified);
+}
+
+// The child tears down everything it inherited; the parent must not notice.
+static int teardown_child(int fd, int index) {
+    (void)fd;
+    CK_RV logout = p11->C_Logout(session);
+    CK_RV close = p11->C_CloseSession(session);
+    CK_RV close_all = p11->C_CloseAllSessions(slot);
+    CK_RV finalize = p11->C_Finalize(NULL);
+    say("child %d: C_Logout %s, C_CloseSession %s, C_CloseAllSessions %s, C_Finalize %s", index, rv_name(logout),
+        rv_name(close), rv_name(close_all), rv_name(finalize));
+    return 0;
+}
+
+static int scenario_child_teardown(void) {
+    int problems = run_children(children, teardown_child, NULL);
+    return parent_still_signs("child-teardown", problems, 0);
+}
+
+// Two threads sign continuously, each on its own session, while the parent forks children.
+static volatile int stop_signing;
+static int thread_failures;
+
+static void *signing_thread(void *unused) {
+    (void)unused;
+    CK_SESSION_HANDLE s;
+    if (p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s) != CKR_OK) { __sync_fetch_and_add(&thread_failures, 1); return NULL; }
+    while (!stop_signing) {
+        unsigned char signature[MAX_SIGNATURE];
+        CK_ULONG length;
+        if (sign_with(s, private_key, signature, &length) != CKR_OK) __sync_fetch_and_add(&thread_failures, 1);
+    }
+    p11->C_CloseSession(s);
+    return NULL;
+}
+
+static int scenario_threads(void) {
+    pthread_t threads[2];
+    for (int i = 0; i < 2; i++) pthread_create(&threads[i], NULL, signing_thread, NULL);
+    usleep(20000);
+    int problems = 0, verified = 0;
+    for (int round = 0; round < children; round++) {
+        int v = 0;
+        problems += run_children(1, inherited_child, &v);
+        verified += v;
+    }
+    stop_signing = 1;
+    for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+    if (thread_failures) return fail("threads: %d signature(s) failed in the parent's signing threads", thread_failures);
+    return parent_still_signs("threads", problems, verified);
+}
+
+// The PIN changes after the parent's login: the child's replay fails once, clearly, and the
+// child's next call does not try the PIN again.
+static int pin_changed_child(int fd, int index) {
+    unsigned char signature[MAX_SIGNATURE];
+    CK_ULONG length;
+    CK_RV first = sign_with(session, private_key, signature, &length);
+    CK_RV second = sign_with(session, private_key, signature, &length);
+    say("child %d: first signature %s, second %s", index, rv_name(first), rv_name(second));
+    (void)fd;
+    if (first == CKR_OK || second == CKR_OK) return 5;
+    return first == CKR_PIN_INCORRECT ? 0 : 6;
+}
+
+static int scenario_pin_changed(void) {
+    int problems = run_children(1, pin_changed_child, NULL);
+    if (problems) return fail("pin-changed: the child did not get CKR_PIN_INCORRECT then a refusal");
+    say("result: ok pin-changed: the child got CKR_PIN_INCORRECT and no second attempt");
+    return 0;
+}
+
+// MARK: main
+
+static int usage(const char *problem) {
+    fprintf(stderr, "p11fork-forkcheck: %s\nusage: p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL "
+                    "[--mechanism rsa|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--run-before-fork CMD] SCENARIO\n"
+                    "scenarios: inherited generations child-initializes child-teardown threads pin-changed\n", problem);
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    const char *module = NULL, *scenario = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--module") && v) { module = v; i++; }
+        else if (!strcmp(a, "--token") && v) { token_label = v; i++; }
+        else if (!strcmp(a, "--pin") && v) { pin = v; i++; }
+        else if (!strcmp(a, "--key") && v) { key_label = v; i++; }
+        else if (!strcmp(a, "--mechanism") && v) { mechanism_name = v; i++; }
+        else if (!strcmp(a, "--children") && v) { children = atoi(v); i++; }
+        else if (!strcmp(a, "--signatures") && v) { signatures = atoi(v); i++; }
+        else if (!strcmp(a, "--run-before-fork") && v) { run_before_fork = v; i++; }
+        else if (!strcmp(a, "--stagger") && v) { stagger_ms = atoi(v); i++; }
+        else if (a[0] != '-' && !scenario) scenario = a;
+        else return usage("unknown or incomplete argument");
+    }
+    if (!module || !token_label || !pin || !key_label || !scenario) return usage("missing argument");
+    if (children < 1 || children > 64 || signatures < 1) return usage("--children is 1..64, --signatures at least 1");
+    if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "ec") && strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
+
+    void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
+    if (!library) return fail("cannot load %s: %s", module, dlerror());
+    CK_C_GetFunctionList get_list = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
+    if (!get_list || get_list(&p11) != CKR_OK) return fail("%s has no usable C_GetFunctionList", module);
+
+    // Many threads may call at once (the threads scenario): the module must lock.
+    CK_C_INITIALIZE_ARGS init = { .flags = CKF_OS_LOCKING_OK };
+    CK_RV rv = p11->C_Initialize(&init);
+    if (rv != CKR_OK) return fail("parent C_Initialize: %s", rv_name(rv));
+    const char *step;
+    if ((rv = set_up(&slot, &session, &private_key, &verify_key, &step)) != CKR_OK) return fail("parent %s: %s", step, rv_name(rv));
+    unsigned char signature[MAX_SIGNATURE];
+    CK_ULONG length;
+    if ((rv = sign_with(session, private_key, signature, &length)) != CKR_OK) return fail("parent C_Sign: %s", rv_name(rv));
+    if ((rv = verify(signature, length)) != CKR_OK) return fail("parent's own signature does not verify: %s", rv_name(rv));
+    if (run_before_fork && system(run_before_fork) != 0) return fail("--run-before-fork command failed");
+
+    int result;
+    if (!strcmp(scenario, "inherited")) result = scenario_inherited();
+    else if (!strcmp(scenario, "generations")) result = scenario_generations();
+    else if (!strcmp(scenario, "child-initializes")) result = scenario_child_initializes();
+    else if (!strcmp(scenario, "child-teardown")) result = scenario_child_teardown();
+    else if (!strcmp(scenario, "threads")) result = scenario_threads();
+    else if (!strcmp(scenario, "pin-changed")) result = scenario_pin_changed();
+    else return usage("unknown scenario");
+    p11->C_Finalize(NULL);
+    return result;
+}
