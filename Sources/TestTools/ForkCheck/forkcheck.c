@@ -81,7 +81,8 @@ static int fail(const char *format, ...) {
 
 static CK_MECHANISM mechanism(void) {
     CK_MECHANISM m = { CKM_SHA256_RSA_PKCS, NULL, 0 };
-    if (!strcmp(mechanism_name, "ec")) m.mechanism = CKM_ECDSA_SHA256;
+    // Raw ECDSA over a 32-byte value: SoftHSM 2.6 has no CKM_ECDSA_SHA256.
+    if (!strcmp(mechanism_name, "ec")) m.mechanism = CKM_ECDSA;
     if (!strcmp(mechanism_name, "hmac")) m.mechanism = CKM_SHA256_HMAC;
     return m;
 }
@@ -137,7 +138,8 @@ static CK_RV set_up(CK_SLOT_ID *s_slot, CK_SESSION_HANDLE *s, CK_OBJECT_HANDLE *
     return find_object(*s, CKO_PUBLIC_KEY, key_label, verifier);
 }
 
-static const unsigned char message[] = "p11fork fork check";
+// 32 bytes: also usable as the "digest" that raw ECDSA signs.
+static const unsigned char message[] = "p11fork fork check: 32 bytes....";
 
 static CK_RV sign_with(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key, unsigned char *signature, CK_ULONG *length) {
     CK_MECHANISM m = mechanism();

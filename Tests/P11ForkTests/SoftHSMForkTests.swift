@@ -1,0 +1,95 @@
+import Testing
+
+/// Fork tolerance over SoftHSM2, in its default mode (state copied into the child, locks too)
+/// and with `library.reset_on_fork = true` (a child gets CKR_CRYPTOKI_NOT_INITIALIZED, like a
+/// strict vendor module). Where the module itself shows a failure, the scenario also runs
+/// without p11fork and the test asserts that failure, so it would catch a regression.
+@Suite(.serialized) struct SoftHSMForkTests {
+    struct Variant: CustomTestStringConvertible, Sendable {
+        let strict: Bool
+        let mechanism: String
+        let keyType: String
+        var testDescription: String { "\(strict ? "reset_on_fork" : "default mode"), \(mechanism)" }
+    }
+
+    static let variants = [
+        Variant(strict: false, mechanism: "rsa", keyType: "rsa:2048"),
+        Variant(strict: true, mechanism: "rsa", keyType: "rsa:2048"),
+        Variant(strict: true, mechanism: "ec", keyType: "EC:prime256v1"),
+    ]
+
+    private func setUp(_ variant: Variant) throws -> (SoftHSMToken, ForkCheck) {
+        let token = try SoftHSMToken(strict: variant.strict)
+        try token.generateKeyPair(label: "fork-key", type: variant.keyType)
+        return (token, ForkCheck(token: token, mechanism: variant.mechanism))
+    }
+
+    private func expectSuccess(_ check: ForkCheck, _ scenario: String, children: Int = 1, signatures: Int = 1,
+                               extra: [String] = []) throws {
+        let outcome = try check.run(scenario, throughP11Fork: true, children: children, signatures: signatures, extra: extra)
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+    }
+
+    @Test(arguments: variants)
+    func childSignsWithParentSessionAndKey(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        if variant.strict {
+            let direct = try check.run("inherited", throughP11Fork: false)
+            #expect(!direct.succeeded && direct.result.stdout.contains("CKR_CRYPTOKI_NOT_INITIALIZED"), "directly: \(direct.report)")
+        }
+        try expectSuccess(check, "inherited")
+        _ = token
+    }
+
+    @Test(arguments: variants)
+    func workerPoolOfFourChildrenSignsTenTimesEach(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        try expectSuccess(check, "inherited", children: 4, signatures: 10)
+        _ = token
+    }
+
+    @Test(arguments: variants)
+    func grandchildSignsWithInheritedHandles(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        try expectSuccess(check, "generations", children: 2, signatures: 2)
+        _ = token
+    }
+
+    @Test(arguments: variants)
+    func childThatInitializesItselfStartsOver(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        if !variant.strict {
+            // SoftHSM's default mode refuses the old rule: the child's own C_Initialize fails.
+            let direct = try check.run("child-initializes", throughP11Fork: false)
+            #expect(!direct.succeeded && direct.result.stdout.contains("CKR_CRYPTOKI_ALREADY_INITIALIZED"), "directly: \(direct.report)")
+        }
+        try expectSuccess(check, "child-initializes", children: 2)
+        _ = token
+    }
+
+    @Test(arguments: variants)
+    func childTearingDownLeavesTheParentSigning(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        try expectSuccess(check, "child-teardown", children: 2)
+        _ = token
+    }
+
+    @Test(arguments: variants)
+    func forkWhileTwoThreadsSignNeverHangsTheChild(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        try expectSuccess(check, "threads", children: 10)
+        _ = token
+    }
+
+    @Test(arguments: variants)
+    func changedPinFailsOnceAndIsNotTriedAgain(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        let newPin = String(token.pin.reversed()) + "9"
+        let change = "pkcs11-tool --module \(RealModules.softHSM) --token-label \(token.label) --login --pin \(token.pin) --change-pin --new-pin \(newPin) >/dev/null 2>&1"
+        let outcome = try check.run("pin-changed", throughP11Fork: true, extra: ["--run-before-fork", change])
+        #expect(outcome.succeeded, "\(outcome.report)")
+        #expect(outcome.trace.components(separatedBy: "login replay failed").count - 1 == 1, "\(outcome.report)")
+        #expect(outcome.trace.contains("answered CKR_PIN_INCORRECT; the kept PIN is wiped and will not be tried again"), "\(outcome.report)")
+        #expect(!outcome.trace.contains(token.pin) && !outcome.trace.contains(newPin), "a PIN appeared in the trace")
+    }
+}

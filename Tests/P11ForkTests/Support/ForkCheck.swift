@@ -1,0 +1,36 @@
+import Foundation
+import XCTest
+
+/// Runs p11fork-forkcheck (Sources/TestTools/ForkCheck) for one scenario, against the real
+/// module directly or through libp11fork.so, and returns what it printed.
+struct ForkCheck {
+    let token: SoftHSMToken
+    var keyLabel = "fork-key"
+    var mechanism = "rsa"
+    var realModule = RealModules.softHSM
+    var extraEnvironment: [String: String] = [:]
+
+    struct Outcome {
+        let result: ProcessResult
+        let trace: String
+        var succeeded: Bool { result.status == 0 && result.stdout.contains("result: ok") }
+        var report: String { "status \(result.status)\(result.timedOut ? " (timed out)" : "")\n\(result.output)\ntrace:\n\(trace)" }
+    }
+
+    func run(_ scenario: String, throughP11Fork: Bool, children: Int = 1, signatures: Int = 1,
+             extra: [String] = []) throws -> Outcome {
+        let traceFile = token.directory.appendingPathComponent("trace-\(UUID().uuidString).log")
+        var environment = token.environment.merging(extraEnvironment) { $1 }
+        if throughP11Fork {
+            environment["P11FORK_MODULE"] = realModule
+            environment["P11FORK_TRACE"] = traceFile.path
+            environment["P11FORK_TRACE_LEVEL"] = environment["P11FORK_TRACE_LEVEL"] ?? "fork"
+        }
+        let arguments = ["--module", throughP11Fork ? Products.module : realModule, "--token", token.label,
+                         "--pin", token.pin, "--key", keyLabel, "--mechanism", mechanism,
+                         "--children", String(children), "--signatures", String(signatures), "--stagger", "100"] + extra + [scenario]
+        let result = try runProgram(Products.forkcheck, arguments, environment: environment, timeout: 180)
+        let trace = (try? String(contentsOf: traceFile, encoding: .utf8)) ?? ""
+        return Outcome(result: result, trace: trace)
+    }
+}

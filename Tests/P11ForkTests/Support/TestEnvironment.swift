@@ -1,0 +1,114 @@
+import Foundation
+import XCTest
+
+/// The package's build products, found next to the running test bundle (.build/<config>).
+enum Products {
+    static let directory = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+    static func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+    static var module: String { path("libp11fork.so") }
+    static var forkcheck: String { path("p11fork-forkcheck") }
+    static var failingModule: String { path("libp11fork-test-failing.so") }
+    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent()
+    static func example(_ name: String) -> String { packageRoot.appendingPathComponent("examples/\(name)").path }
+}
+
+/// The real module the tests put behind p11fork (TEST_PKCS11_MODULE overrides it).
+enum RealModules {
+    static var softHSM: String { ProcessInfo.processInfo.environment["TEST_PKCS11_MODULE"] ?? "/usr/lib/softhsm/libsofthsm2.so" }
+}
+
+struct ProcessResult {
+    let status: Int32
+    let stdout: String
+    let stderr: String
+    let timedOut: Bool
+    var output: String { stdout + stderr }
+}
+
+/// Runs a program with a clean environment (no P11FORK_* or SOFTHSM2_CONF from the caller)
+/// plus `environment`, and kills it after `timeout` seconds: a hang is a failure, not a stuck run.
+func runProgram(_ executable: String, _ arguments: [String], environment: [String: String] = [:],
+         timeout: TimeInterval = 120, input: String? = nil) throws -> ProcessResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("P11FORK_") && $0.key != "SOFTHSM2_CONF" }
+    for (key, value) in environment { env[key] = value }
+    process.environment = env
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    let inPipe = Pipe()
+    process.standardInput = inPipe
+    final class Collected: @unchecked Sendable { var stdout = Data(), stderr = Data() }
+    let collected = Collected()
+    let group = DispatchGroup()
+    group.enter()
+    DispatchQueue.global().async { collected.stdout = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+    group.enter()
+    DispatchQueue.global().async { collected.stderr = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+    try process.run()
+    if let input { inPipe.fileHandleForWriting.write(Data(input.utf8)) }
+    try? inPipe.fileHandleForWriting.close()
+    let deadline = Date().addingTimeInterval(timeout)
+    var timedOut = false
+    while process.isRunning {
+        if Date() > deadline {
+            timedOut = true
+            kill(-process.processIdentifier, SIGKILL)
+            process.terminate()
+            kill(process.processIdentifier, SIGKILL)
+            break
+        }
+        usleep(10_000)
+    }
+    process.waitUntilExit()
+    group.wait()
+    return ProcessResult(status: process.terminationStatus, stdout: String(decoding: collected.stdout, as: UTF8.self),
+                         stderr: String(decoding: collected.stderr, as: UTF8.self), timedOut: timedOut)
+}
+
+/// A throw-away SoftHSM token in a temporary directory (never the system token directory).
+final class SoftHSMToken {
+    let directory: URL
+    let label: String
+    let pin: String
+    let soPin: String
+    let strict: Bool
+    var configPath: String { directory.appendingPathComponent("softhsm2.conf").path }
+    /// The environment a process needs to see this token.
+    var environment: [String: String] { ["SOFTHSM2_CONF": configPath] }
+
+    /// `strict`: `library.reset_on_fork = true`, SoftHSM then refuses inherited state in a child.
+    init(label: String = "p11fork-test", strict: Bool = false) throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("p11fork-token-\(UUID().uuidString)")
+        let tokens = directory.appendingPathComponent("tokens")
+        try FileManager.default.createDirectory(at: tokens, withIntermediateDirectories: true)
+        self.label = label
+        self.strict = strict
+        pin = String(format: "%06d", Int.random(in: 0..<1_000_000))
+        soPin = String(format: "%08d", Int.random(in: 0..<100_000_000))
+        var config = "directories.tokendir = \(tokens.path)\nobjectstore.backend = file\nlog.level = ERROR\n"
+        if strict { config += "library.reset_on_fork = true\n" }
+        try config.write(toFile: configPath, atomically: true, encoding: .utf8)
+        let result = try runProgram("/usr/bin/softhsm2-util", ["--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", soPin],
+                             environment: environment)
+        guard result.status == 0 else { throw TestFailure("softhsm2-util --init-token failed: \(result.output)") }
+    }
+
+    deinit { try? FileManager.default.removeItem(at: directory) }
+
+    /// Makes a key pair on the token with pkcs11-tool, directly on SoftHSM. `type`: rsa:2048, EC:prime256v1.
+    func generateKeyPair(label keyLabel: String, type: String = "rsa:2048", id: String = "01") throws {
+        let result = try runProgram("/usr/bin/pkcs11-tool", ["--module", RealModules.softHSM, "--token-label", label, "--login",
+                                                      "--pin", pin, "--keypairgen", "--key-type", type, "--label", keyLabel, "--id", id],
+                             environment: environment)
+        guard result.status == 0 else { throw TestFailure("key generation failed: \(result.output)") }
+    }
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
