@@ -13,7 +13,7 @@ let package = Package(
     name: "p11fork",
     products: [
         .library(name: "p11fork", type: .dynamic, targets: ["P11Fork"]),
-        .executable(name: "p11fork-probe", targets: ["p11fork-probe"]),
+        .executable(name: "p11fork-conformance", targets: ["p11fork-conformance"]),
         .executable(name: "p11fork-forkcheck", targets: ["p11fork-forkcheck"]),
         // Modules built only for the tests.
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
@@ -30,10 +30,12 @@ let package = Package(
             exclude: ["exports.map"],
             linkerSettings: [.unsafeFlags(moduleLinkerFlags)]
         ),
-        // A small PKCS#11 client used by the tools and tests (never linked into the module).
-        .target(name: "PKCS11Client", dependencies: ["CPKCS11"]),
-        // Runs call sequences against any module and prints a comparable transcript (tests).
-        .executableTarget(name: "p11fork-probe", dependencies: ["PKCS11Client"]),
+        // Runs one fixed call sequence against a module and prints a comparable transcript.
+        .executableTarget(
+            name: "p11fork-conformance",
+            path: "Sources/TestTools/Conformance",
+            linkerSettings: [.linkedLibrary("dl")]
+        ),
         // Runs one fork scenario against a module (directly or through p11fork); in C, so the
         // driver's own runtime cannot blur what a forked child sees.
         .executableTarget(
@@ -43,6 +45,6 @@ let package = Package(
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         .testTarget(name: "P11ForkCoreTests", dependencies: ["P11ForkCore"]),
-        .testTarget(name: "P11ForkTests", dependencies: ["PKCS11Client"]),
+        .testTarget(name: "P11ForkTests"),
     ]
 )

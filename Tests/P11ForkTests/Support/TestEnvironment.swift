@@ -87,8 +87,11 @@ final class SoftHSMToken {
         try FileManager.default.createDirectory(at: tokens, withIntermediateDirectories: true)
         self.label = label
         self.strict = strict
-        pin = String(format: "%06d", Int.random(in: 0..<1_000_000))
-        soPin = String(format: "%08d", Int.random(in: 0..<100_000_000))
+        // Letters no hex number, time or length in a trace can contain: a test that finds the
+        // PIN in a trace has found the PIN, not a coincidence.
+        func secret() -> String { "PIN-" + String((0..<8).map { _ in "ghjkmnpqrstuvwxyz".randomElement()! }) }
+        pin = secret()
+        soPin = secret()
         var config = "directories.tokendir = \(tokens.path)\nobjectstore.backend = file\nlog.level = ERROR\n"
         if strict { config += "library.reset_on_fork = true\n" }
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
