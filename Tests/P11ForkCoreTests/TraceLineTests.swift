@@ -8,6 +8,7 @@ import Testing
     private func withLevel<T>(_ level: TraceLevel, _ body: () -> T) -> T {
         let saved = Trace.level
         Trace.level = level
+        ForkDetection.pid = getpid()  // set when the module loads; these tests do not load it
         defer { Trace.level = saved }
         return body()
     }
