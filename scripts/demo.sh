@@ -25,11 +25,11 @@ tool() { pkcs11-tool --module "$module" --token-label p11fork-demo "$@"; }
 
 echo "== an RSA-2048 key pair, made through p11fork"
 tool --login --pin "$pin" --keypairgen --key-type rsa:2048 --label demo-key --id 01 >/dev/null
-tool --read-object --type pubkey --label demo-key -o "$work/pub.der" >/dev/null
+tool --read-object --type pubkey --id 01 -o "$work/pub.der" >/dev/null
 echo "hello from p11fork" > "$work/data.txt"
 
 echo "== signing through p11fork (trace on: P11FORK_TRACE=stderr)"
-P11FORK_TRACE=stderr tool --login --pin "$pin" --sign --mechanism SHA256-RSA-PKCS --label demo-key \
+P11FORK_TRACE=stderr tool --login --pin "$pin" --sign --mechanism SHA256-RSA-PKCS --id 01 \
   -i "$work/data.txt" -o "$work/sig.bin" 2>&1 | grep -v '^Using'
 
 echo "== verifying the signature with openssl"

@@ -32,7 +32,7 @@ final class ConsumerTests: XCTestCase {
 
     func testPkcs11ToolSignatureVerifiesWithOpenSSL() throws {
         let result = try runProgram(Products.example("sign-with-pkcs11-tool.sh"),
-                                    [Products.module, token.label, "rsa-key", try dataFile()], environment: environment)
+                                    [Products.module, token.label, "01", try dataFile()], environment: environment)
         XCTAssertEqual(result.status, 0, result.output)
         XCTAssertTrue(result.stdout.contains("Verified OK"), result.output)
     }

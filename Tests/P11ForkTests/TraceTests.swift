@@ -30,7 +30,7 @@ final class TraceTests: XCTestCase {
         var result = try runProgram("/usr/bin/pkcs11-tool", base + ["--write-object", keyFile.path, "--type", "secrkey",
                                                                      "--key-type", "AES:32", "--label", "aes-key"], environment: environment)
         XCTAssertEqual(result.status, 0, result.output)
-        result = try runProgram("/usr/bin/pkcs11-tool", base + ["--sign", "--mechanism", "SHA256-RSA-PKCS", "--label", "rsa-key",
+        result = try runProgram("/usr/bin/pkcs11-tool", base + ["--sign", "--mechanism", "SHA256-RSA-PKCS", "--id", "01",
                                                                  "-i", data.path, "-o", token.directory.appendingPathComponent("sig").path],
                                 environment: environment)
         XCTAssertEqual(result.status, 0, result.output)
