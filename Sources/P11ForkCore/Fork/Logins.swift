@@ -1,4 +1,5 @@
 import CPKCS11
+import Glibc
 
 /// Logins kept for replay in a child (DESIGN.md "Recovery in the child", step 3).
 ///
@@ -112,13 +113,14 @@ enum Logins {
         guard let k else { return CK_RV(CKR_OK) }
         let user = userTypeName(k.userType).map { "\($0)" } ?? "user type \(k.userType)"
         let started = Clock.monotonicNanoseconds()
-        var rv: CK_RV
-        if let username = k.username, let loginUser = functions.pointee.C_LoginUser {
-            rv = loginUser(session, k.userType, k.pin?.bytes, CK_ULONG(k.pin?.count ?? 0), username.bytes, CK_ULONG(username.count))
-        } else if let login = functions.pointee.C_Login {
-            rv = login(session, k.userType, k.pin?.bytes, CK_ULONG(k.pin?.count ?? 0))
-        } else {
-            rv = CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        var rv = login(k, session: session, functions: functions)
+        // A verdict on the PIN is final. Anything else did not judge the PIN (SoftHSM answers
+        // CKR_GENERAL_ERROR while another process rewrites its token file): tried again, twice.
+        var attempts = 1
+        while rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN && !isVerdictOnPIN(rv) && attempts < 3 {
+            usleep(UInt32(10_000 << attempts))
+            rv = login(k, session: session, functions: functions)
+            attempts += 1
         }
         let took = Recovery.milliseconds(since: started)
         let how = k.pin == nil ? "protected-path " : ""
@@ -135,7 +137,27 @@ enum Logins {
         k.pin?.wipe()
         k.username?.wipe()
         let name = returnCodeName(rv).map { "\($0)" } ?? "0x\(String(rv, radix: 16))"
-        Trace.event(.error, "login replay failed: \(how)\(user) on slot 0x\(String(slot, radix: 16)) answered \(name); the kept PIN is wiped and will not be tried again (\(took))")
+        let tries = attempts > 1 ? " \(attempts) times" : ""
+        Trace.event(.error, "login replay failed: \(how)\(user) on slot 0x\(String(slot, radix: 16)) answered \(name)\(tries); the kept PIN is wiped and will not be tried again (\(took))")
         return rv
+    }
+
+    private static func login(_ k: Kept, session: CK_SESSION_HANDLE, functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> CK_RV {
+        if let username = k.username, let loginUser = functions.pointee.C_LoginUser {
+            return loginUser(session, k.userType, k.pin?.bytes, CK_ULONG(k.pin?.count ?? 0), username.bytes, CK_ULONG(username.count))
+        }
+        guard let login = functions.pointee.C_Login else { return CK_RV(CKR_FUNCTION_NOT_SUPPORTED) }
+        return login(session, k.userType, k.pin?.bytes, CK_ULONG(k.pin?.count ?? 0))
+    }
+
+    /// Answers that judged the PIN: trying it again could count against the token's retry limit.
+    static func isVerdictOnPIN(_ rv: CK_RV) -> Bool {
+        switch rv {
+        case CK_RV(CKR_PIN_INCORRECT), CK_RV(CKR_PIN_LOCKED), CK_RV(CKR_PIN_EXPIRED), CK_RV(CKR_PIN_INVALID),
+             CK_RV(CKR_PIN_LEN_RANGE):
+            return true
+        default:
+            return false
+        }
     }
 }

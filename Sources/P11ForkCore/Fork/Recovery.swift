@@ -77,10 +77,37 @@ enum Recovery {
     /// Finds each inherited slot in this module by its token's identity (or, for a slot whose
     /// token was never seen, by the same slot ID). Once per module.
     private static func matchSlotsLocked() {
-        guard slotsMatchedEpoch != Core.slotEpoch, let functions = Core.functions,
-              let getSlotList = functions.pointee.C_GetSlotList else { return }
+        guard slotsMatchedEpoch != Core.slotEpoch, Core.functions != nil else { return }
         slotsMatchedEpoch = Core.slotEpoch
         let started = Clock.monotonicNanoseconds()
+        var (matched, missing) = matchSlotsOnce()
+        // A module may not show, right after its initialisation, a token the parent used: SoftHSM's
+        // file store, read while another process logs in, loses tokens (seen with pool workers
+        // starting together, also without p11fork). While this child has opened nothing on the
+        // module yet, initialising it again is safe; a few tries, spaced out.
+        var tries = 0
+        while !missing.isEmpty && tries < 4 && moduleIsUntouched() {
+            tries += 1
+            usleep(UInt32(5_000 << tries))
+            guard let functions = Core.functions, functions.pointee.C_Finalize?(nil) == CKR_OK,
+                  functions.pointee.C_Initialize?(ModuleRecovery.initArguments) == CKR_OK else { break }
+            (matched, missing) = matchSlotsOnce()
+        }
+        let notFound = missing.isEmpty ? "" : "; not found: token \(missing.joined(separator: ", "))"
+        let retried = tries > 0 ? ", after initialising the module again \(tries) time(s)" : ""
+        Trace.event(missing.isEmpty ? .fork : .error,
+                    "slots matched by token identity: \(matched) of \(Slots.table.liveCount)\(notFound)\(retried) (\(milliseconds(since: started)))")
+    }
+
+    /// True while the child has no session of its own on its module (so it may re-initialise it).
+    private static func moduleIsUntouched() -> Bool {
+        searchSessions.isEmpty && !Sessions.table.entries().contains { $0.epoch == Core.epoch }
+    }
+
+    /// One pass over the module's slots; returns how many inherited slots matched and the
+    /// labels of the tokens not found.
+    private static func matchSlotsOnce() -> (matched: Int, missing: [String]) {
+        guard let functions = Core.functions, let getSlotList = functions.pointee.C_GetSlotList else { return (0, []) }
         var count: CK_ULONG = 0
         var reals: [CK_SLOT_ID] = []
         if getSlotList(CK_BBOOL(CK_FALSE), nil, &count) == CKR_OK, count > 0 {
@@ -94,23 +121,22 @@ enum Recovery {
                 byIdentity[identity] = real
             }
         }
-        var matched = 0, unmatched: [String] = []
-        let inherited = Slots.table.entries()
-        for (virtual, parentReal, _) in inherited {
+        var matched = 0
+        var missing: [String] = []
+        for (virtual, parentReal, _) in Slots.table.entries() {
             if let identity = Records.token(virtual) {
                 if let real = byIdentity[identity] {
                     Slots.table.rebind(virtual, real: real, epoch: Core.slotEpoch)
                     matched += 1
                 } else {
-                    unmatched.append("'\(identity.labelText)'")
+                    missing.append("'\(identity.labelText)'")
                 }
             } else if reals.contains(parentReal) {
                 Slots.table.rebind(virtual, real: parentReal, epoch: Core.slotEpoch)
                 matched += 1
             }
         }
-        let missing = unmatched.isEmpty ? "" : "; not found: token \(unmatched.joined(separator: ", "))"
-        Trace.event(.fork, "slots matched by token identity: \(matched) of \(inherited.count)\(missing) (\(milliseconds(since: started)))")
+        return (matched, missing)
     }
 
     // MARK: sessions

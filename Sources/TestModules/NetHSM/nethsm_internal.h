@@ -1,0 +1,177 @@
+// NetHSM test module: declarations shared by the module's own .c files (never installed).
+//
+// The "server" is one file, $NETHSM_DIR/nethsm.state, mapped MAP_SHARED by every process and
+// every loaded copy of the module, and guarded by a process-shared robust mutex that lives in
+// the file. Everything a network HSM keeps on its side lives there: the token, its objects,
+// the connections, their sessions (with their operation state) and their login state.
+#ifndef NETHSM_INTERNAL_H
+#define NETHSM_INTERNAL_H
+
+#include "nethsm.h"
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+// Everything declared from here on stays inside the .so (only C_GetFunctionList is exported).
+#pragma GCC visibility push(hidden)
+
+#define NH_INTERNAL __attribute__((visibility("hidden")))
+
+// MARK: limits (bounded sizes everywhere)
+
+#define NH_MAX_CONNECTIONS 64
+#define NH_MAX_SESSIONS 64      // server-wide
+#define NH_MAX_OBJECTS 256      // server-wide, token and session objects together
+#define NH_MAX_VALUE 4096       // CKA_VALUE
+#define NH_MAX_SHORT 256        // CKA_LABEL, CKA_ID, CKA_APPLICATION
+#define NH_MIN_PIN 4
+#define NH_MAX_PIN 64
+#define NH_PIN_TRIES 3          // consecutive failures that lock a PIN
+#define NH_ID_BITS 20           // server ids of sessions and objects: 1 ... 2^20-1
+#define NH_ID_MASK ((1u << NH_ID_BITS) - 1)
+#define NH_HMAC_LEN 32
+
+// MARK: SHA-256 and HMAC-SHA-256 (sha256.c)
+
+struct nh_sha256 {
+    uint32_t h[8];
+    uint64_t total;       // bytes hashed so far
+    uint8_t block[64];
+    uint32_t used;        // bytes waiting in block
+};
+
+struct nh_hmac {
+    struct nh_sha256 inner;
+    uint8_t outer_key[64];  // key block XOR opad, for the final outer hash
+};
+
+NH_INTERNAL void nh_sha256_init(struct nh_sha256 *c);
+NH_INTERNAL void nh_sha256_update(struct nh_sha256 *c, const void *data, size_t len);
+NH_INTERNAL void nh_sha256_final(struct nh_sha256 *c, uint8_t out[32]);
+NH_INTERNAL void nh_sha256(const void *data, size_t len, uint8_t out[32]);
+NH_INTERNAL void nh_hmac_init(struct nh_hmac *c, const uint8_t *key, size_t key_len);
+NH_INTERNAL void nh_hmac_update(struct nh_hmac *c, const void *data, size_t len);
+NH_INTERNAL void nh_hmac_final(struct nh_hmac *c, uint8_t out[32]);
+
+// MARK: the server state (server.c)
+
+enum nh_login { NH_LOGIN_NONE = 0, NH_LOGIN_USER = 1, NH_LOGIN_SO = 2 };
+enum nh_op { NH_OP_NONE = 0, NH_OP_FIND, NH_OP_SIGN, NH_OP_VERIFY, NH_OP_DIGEST };
+
+struct nh_connection {
+    uint32_t in_use;
+    uint32_t id;
+    int32_t pid;            // the process that made it
+    uint32_t tag;           // handle prefix: handle = tag << NH_ID_BITS | server id (1 ... 0xfff)
+    uint64_t slot;          // this connection's slot ID (100 ... 999)
+    uint32_t login;         // enum nh_login
+};
+
+struct nh_session {
+    uint32_t in_use;
+    uint32_t id;
+    uint32_t conn;          // owning connection id
+    uint32_t rw;
+    // The one active operation (find, sign, verify or digest).
+    uint32_t op;            // enum nh_op
+    uint32_t op_parts;      // 1 once C_*Update was called: C_Sign/C_Verify/C_Digest refused
+    uint32_t op_key;        // server id of the key (sign, verify)
+    uint32_t op_key_private;
+    uint32_t op_needs_context_login;  // CKA_ALWAYS_AUTHENTICATE key, C_Login(CKU_CONTEXT_SPECIFIC) not yet done
+    struct nh_hmac hmac;
+    struct nh_sha256 digest;
+    uint32_t find_count, find_next;
+    uint32_t find_ids[NH_MAX_OBJECTS];
+};
+
+struct nh_object {
+    uint32_t in_use;
+    uint32_t id;
+    uint64_t seq;           // creation order
+    uint32_t session;       // owning server session id for session objects, 0 for token objects
+    uint32_t conn;          // owning connection id for session objects
+    uint64_t klass;         // CKO_SECRET_KEY or CKO_DATA
+    uint64_t key_type;      // CKK_GENERIC_SECRET for keys
+    uint8_t token, private_, modifiable;
+    uint8_t sensitive, extractable, sign, verify, always_authenticate;
+    uint8_t local, always_sensitive, never_extractable;
+    uint32_t label_len, ckaid_len, application_len, value_len;
+    uint8_t label[NH_MAX_SHORT];
+    uint8_t ckaid[NH_MAX_SHORT];
+    uint8_t application[NH_MAX_SHORT];
+    uint8_t value[NH_MAX_VALUE];
+};
+
+#define NH_MAGIC 0x31305f4d53484e4eULL  // "NNHSM_01"
+#define NH_LAYOUT 1
+
+struct nh_state {
+    uint64_t magic;         // written last when the file is created
+    uint32_t layout;
+    uint32_t size;          // sizeof(struct nh_state): refuses a file made by another build
+    pthread_mutex_t lock;   // process-shared, robust
+    uint8_t label[32];      // blank padded
+    uint8_t serial[16];     // blank padded, random at creation
+    uint8_t user_pin[NH_MAX_PIN];
+    uint32_t user_pin_len;
+    uint8_t so_pin[NH_MAX_PIN];
+    uint32_t so_pin_len;
+    uint32_t user_failures;  // consecutive wrong user PINs (locked at NH_PIN_TRIES)
+    uint32_t so_failures;
+    uint32_t next_connection, next_session, next_object;
+    uint64_t next_seq;
+    struct nh_connection connections[NH_MAX_CONNECTIONS];
+    struct nh_session sessions[NH_MAX_SESSIONS];
+    struct nh_object objects[NH_MAX_OBJECTS];
+};
+
+// Opens (or creates) the state in dir and maps it. On failure writes a one-line reason to why.
+NH_INTERNAL struct nh_state *nh_server_open(const char *dir, char *why, size_t why_size);
+NH_INTERNAL void nh_server_close(struct nh_state *s);
+NH_INTERNAL int nh_server_lock(struct nh_state *s);      // 0 on success
+NH_INTERNAL void nh_server_unlock(struct nh_state *s);
+
+NH_INTERNAL struct nh_connection *nh_connection_open(struct nh_state *s, pid_t pid);
+NH_INTERNAL struct nh_connection *nh_connection_find(struct nh_state *s, uint32_t id);
+// Closes every session of the connection (and their session objects) and logs it out.
+// Returns the number of sessions closed.
+NH_INTERNAL unsigned nh_connection_reset(struct nh_state *s, struct nh_connection *c);
+NH_INTERNAL void nh_connection_close(struct nh_state *s, struct nh_connection *c);
+// Drops connections whose process is gone (a server would time them out).
+NH_INTERNAL void nh_reap_dead_connections(struct nh_state *s);
+
+NH_INTERNAL struct nh_session *nh_session_new(struct nh_state *s, struct nh_connection *c, int rw);
+NH_INTERNAL struct nh_session *nh_session_find(struct nh_state *s, uint32_t conn, uint32_t id);
+NH_INTERNAL void nh_session_close(struct nh_state *s, struct nh_session *se);
+NH_INTERNAL unsigned nh_session_count(struct nh_state *s, uint32_t conn, int rw_only);
+
+NH_INTERNAL struct nh_object *nh_object_new(struct nh_state *s);
+NH_INTERNAL struct nh_object *nh_object_find(struct nh_state *s, uint32_t id);
+NH_INTERNAL void nh_object_free(struct nh_object *o);
+
+NH_INTERNAL int nh_random(void *buf, size_t len);  // 0 on success
+// Appends one line (single write) to path; no-op when path is empty.
+NH_INTERNAL void nh_log(const char *path, const char *format, ...) __attribute__((format(printf, 2, 3)));
+
+// MARK: attributes (objects.c)
+
+enum nh_template_mode { NH_CREATE, NH_GENERATE, NH_COPY };
+
+// Builds *o from a template. For NH_COPY, *o holds the source object's copy on entry.
+// For NH_GENERATE the caller fills CKA_VALUE with o->value_len random bytes afterwards.
+NH_INTERNAL CK_RV nh_template_apply(struct nh_object *o, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
+                                    enum nh_template_mode mode);
+// Reads one attribute: CKR_OK with *value/*len (pointing into o or into scratch),
+// CKR_ATTRIBUTE_TYPE_INVALID, or CKR_ATTRIBUTE_SENSITIVE.
+NH_INTERNAL CK_RV nh_attribute_read(const struct nh_object *o, CK_ATTRIBUTE_TYPE type,
+                                    const void **value, CK_ULONG *len, uint8_t scratch[sizeof(CK_ULONG)]);
+NH_INTERNAL int nh_object_matches(const struct nh_object *o, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count);
+// CKA_LABEL / CKA_ID changes (validated first, then applied all together).
+NH_INTERNAL CK_RV nh_attributes_set(struct nh_object *o, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count);
+NH_INTERNAL CK_RV nh_template_check_pointers(CK_ATTRIBUTE_PTR tmpl, CK_ULONG count);
+
+#pragma GCC visibility pop
+
+#endif
