@@ -48,3 +48,18 @@ char **CPKCS11_swap_environ(char **replacement) {
     environ = replacement;
     return previous;
 }
+
+// Per-thread set-up of a module copy's own libc (see CPKCS11.h).
+__thread unsigned long CPKCS11_thread_copy_generation __attribute__((tls_model("initial-exec")));
+unsigned long CPKCS11_copy_generation;
+void (*CPKCS11_copy_ctype_init)(void);
+
+void CPKCS11_use_copy(void *ctype_init) {
+    CPKCS11_copy_ctype_init = (void (*)(void))ctype_init;
+    __atomic_add_fetch(&CPKCS11_copy_generation, 1, __ATOMIC_RELEASE);
+}
+
+void CPKCS11_enter_copy_slow(void) {
+    if (CPKCS11_copy_ctype_init) CPKCS11_copy_ctype_init();
+    CPKCS11_thread_copy_generation = CPKCS11_copy_generation;
+}

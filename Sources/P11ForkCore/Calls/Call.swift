@@ -11,6 +11,7 @@ struct Call {
     @inline(__always)
     init(_ function: Function) {
         if _slowPath(!ProcessMark.isCurrentProcess) { ForkDetection.adoptChild(function) }
+        CPKCS11_enter_copy()
         self.function = function
         started = Trace.level >= .calls ? Clock.monotonicNanoseconds() : 0
     }

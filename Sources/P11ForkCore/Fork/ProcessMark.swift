@@ -25,11 +25,12 @@ enum ProcessMark {
         page = mark
     }
 
-    /// The per-call check: true while this process is the one that set the mark.
+    /// The per-call check: true once this process has been adopted. 0 means a new child, -1 a
+    /// child being adopted by another of its threads: both must wait in ForkDetection.
     @inline(__always)
     static var isCurrentProcess: Bool {
         guard let page else { return true }
-        return page.pointee.load(ordering: .relaxed) != 0
+        return page.pointee.load(ordering: .acquiring) > 0
     }
 
     /// Called by the atfork child handler when the kernel does not wipe the page.

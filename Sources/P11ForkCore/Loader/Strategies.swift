@@ -79,23 +79,77 @@ enum ModuleRecovery {
         return .failure(RecoveryFailure("re-initialising the module in place answered \(Recovery.name(rv))"))
     }
 
-    private static func freshCopy(of module: RealModule) -> Result<RealModule, RecoveryFailure> {
+    /// A copy loaded ahead of the fork, never initialised, for a child to initialise. Loading it
+    /// in the child instead would give the threads the child already runs a libc of the copy
+    /// that they were not started with: such a thread crashed in malloc when it exited (seen with
+    /// four threads of a child signing at once). Threads made after the load are fine, and every
+    /// thread of a child but the one that forked is made after the fork.
+    nonisolated(unsafe) static var spare: RealModule?
+
+    /// Whether this configuration wants copies (so that a spare is worth loading).
+    static func usesCopies(_ module: RealModule) -> Bool {
+        strategy == .freshCopy || (strategy == .auto && !module.loadsGLib)
+    }
+
+    /// Loads the spare copy for this process's future children, if the strategy wants one and
+    /// there is none: after the application's C_Initialize, and in a child after its recovery.
+    static func prepareSpare(for module: RealModule) {
+        guard spare == nil, usesCopies(module) else { return }
         let started = Clock.monotonicNanoseconds()
+        switch loadCopy(of: module) {
+        case .success(let copy):
+            spare = copy
+            Trace.event(.fork, "spare copy of the module loaded for children to use (\(Recovery.milliseconds(since: started)))")
+        case .failure(let problem):
+            Trace.event(.fork, "no spare copy of the module for children (\(problem.message)); a child will load one itself")
+        }
+    }
+
+    private static func loadCopy(of module: RealModule) -> Result<RealModule, ConfigurationProblem> {
         // The copy reads its settings from the environment p11fork was loaded with.
         let current = loadEnvironment.map { CPKCS11_swap_environ($0) }
         defer { if let current { _ = CPKCS11_swap_environ(current) } }
-        let copy: RealModule
-        switch RealModule.load(path: module.path, source: "fresh copy", privateCopy: true) {
-        case .success(let loaded): copy = loaded
-        case .failure(let problem): return .failure(RecoveryFailure("loading a fresh copy of the module failed: \(problem.message)"))
+        let loaded = RealModule.load(path: module.path, source: "fresh copy", privateCopy: true)
+        if case .success(let copy) = loaded {
+            separateThreadKeys(copy.handle)
+            tellCopyItIsMultiThreaded(copy.handle)
         }
+        return loaded
+    }
+
+    private static func freshCopy(of module: RealModule) -> Result<RealModule, RecoveryFailure> {
+        let started = Clock.monotonicNanoseconds()
+        let copy: RealModule
+        if let spare {
+            copy = spare
+            self.spare = nil
+        } else {
+            switch loadCopy(of: module) {
+            case .success(let loaded): copy = loaded
+            case .failure(let problem): return .failure(RecoveryFailure("loading a fresh copy of the module failed: \(problem.message)"))
+            }
+        }
+        // Keys the process made since the copy was loaded must not be shared with it either.
         separateThreadKeys(copy.handle)
+        // From now on every thread sets up the copy's libc before its first call into it.
+        CPKCS11_use_copy(dlsym(copy.handle, "__ctype_init"))
+        CPKCS11_enter_copy()
+        let current = loadEnvironment.map { CPKCS11_swap_environ($0) }
         let rv = copy.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        if let current { _ = CPKCS11_swap_environ(current) }
         guard rv == CKR_OK else {
             return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Recovery.name(rv))"))
         }
-        Trace.event(.fork, "fresh private copy of the module loaded and initialised (\(Recovery.milliseconds(since: started)))")
+        Trace.event(.fork, "fresh private copy of the module initialised (\(Recovery.milliseconds(since: started)))")
         return .success(copy)
+    }
+
+    /// The copy's libc was started in a process that may already run several threads, and its
+    /// `__libc_single_threaded` says it does not: its malloc then skips locking, and threads of
+    /// the child calling the copy at once corrupted its heap (seen: "double free or corruption").
+    private static func tellCopyItIsMultiThreaded(_ handle: UnsafeMutableRawPointer) {
+        guard let flag = dlsym(handle, "__libc_single_threaded") else { return }
+        flag.assumingMemoryBound(to: CChar.self).pointee = 0
     }
 
     /// A copy in a new link-map namespace brings its own libc, whose pthread key numbers start
@@ -114,7 +168,10 @@ enum ModuleRecovery {
         let limit = probe + 64
         var key = pthread_key_t()
         var burned = 0
-        while create(&key, nil) == 0 && key < limit { burned += 1 }
-        Trace.event(.fork, "fresh copy: \(burned) thread-key numbers reserved in its libc (the process uses keys below \(probe))")
+        while create(&key, nil) == 0 {
+            burned += 1
+            if key >= limit { break }
+        }
+        Trace.event(.fork, "copy of the module: \(burned) thread-key numbers reserved in its libc (the process uses keys below \(probe))")
     }
 }

@@ -6,9 +6,12 @@
 // parent checks every status, so a hang is a failure, never a stuck run.
 //
 //   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|ec|hmac]
-//                     [--children N] [--signatures M] [--stagger MS] [--run-before-fork CMD] SCENARIO
+//                     [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins]
+//                     [--run-before-fork CMD] SCENARIO
 //
-// Scenarios: inherited, generations, child-initializes, child-teardown, threads, pin-changed.
+// Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
+// pin-changed. --raw-fork forks with the system call (no atfork handlers run); --twins picks the
+// last of several keys with the same label and checks children's signatures equal the parent's.
 // Last line: "result: ok ..." (exit 0) or "result: fail ..." (exit 1); usage errors exit 2.
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -20,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,7 +32,11 @@
 
 static CK_FUNCTION_LIST_PTR p11;
 static const char *token_label, *pin, *key_label, *mechanism_name = "rsa", *run_before_fork;
-static int children = 1, signatures = 1, stagger_ms = 0;
+static int children = 1, signatures = 1, stagger_ms = 0, raw_fork = 0, twins = 0;
+// With --twins the parent's own signature, which a child's must equal (RSA PKCS#1 v1.5 is
+// deterministic): the public key cannot tell two look-alike keys apart, equality can.
+static unsigned char parent_signature[1024];
+static CK_ULONG parent_signature_length;
 
 static CK_SLOT_ID slot;
 static CK_SESSION_HANDLE session;
@@ -87,17 +95,21 @@ static CK_MECHANISM mechanism(void) {
     return m;
 }
 
+// The first object of a class with a label; with --twins the last of several look-alikes.
 static CK_RV find_object(CK_SESSION_HANDLE s, CK_OBJECT_CLASS class, const char *label, CK_OBJECT_HANDLE *out) {
     CK_ATTRIBUTE template[] = {
         { CKA_CLASS, &class, sizeof class },
         { CKA_LABEL, (void *)label, strlen(label) },
     };
+    CK_OBJECT_HANDLE found[8];
     CK_ULONG count = 0;
     CK_RV rv = p11->C_FindObjectsInit(s, template, 2);
     if (rv != CKR_OK) return rv;
-    rv = p11->C_FindObjects(s, out, 1, &count);
+    rv = p11->C_FindObjects(s, found, 8, &count);
     p11->C_FindObjectsFinal(s);
     if (rv == CKR_OK && count == 0) rv = CKR_OBJECT_HANDLE_INVALID;
+    if (rv == CKR_OK) *out = found[twins ? count - 1 : 0];
+    if (rv == CKR_OK && twins && count < 2) rv = CKR_OBJECT_HANDLE_INVALID;
     return rv;
 }
 
@@ -150,15 +162,31 @@ static CK_RV sign_with(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key, unsigned char 
 }
 
 static CK_RV verify(const unsigned char *signature, CK_ULONG length) {
+    if (twins) {
+        int same = length == parent_signature_length && !memcmp(signature, parent_signature, length);
+        return same ? CKR_OK : CKR_SIGNATURE_INVALID;
+    }
     CK_MECHANISM m = mechanism();
     CK_RV rv = p11->C_VerifyInit(session, &m, verify_key);
     if (rv != CKR_OK) return rv;
     return p11->C_Verify(session, (CK_BYTE_PTR)message, sizeof message - 1, (CK_BYTE_PTR)signature, length);
 }
 
+// Verification inside a child, on one of its own (inherited) sessions.
+static CK_RV verify_in_child(CK_SESSION_HANDLE s, const unsigned char *signature, CK_ULONG length) {
+    if (twins) return verify(signature, length);
+    CK_MECHANISM m = mechanism();
+    CK_RV rv = p11->C_VerifyInit(s, &m, verify_key);
+    if (rv != CKR_OK) return rv;
+    return p11->C_Verify(s, (CK_BYTE_PTR)message, sizeof message - 1, (CK_BYTE_PTR)signature, length);
+}
+
 // MARK: children
 
 typedef int (*child_body)(int pipe_fd, int index);
+
+// --raw-fork: the fork system call itself, which runs no pthread_atfork handlers.
+static pid_t make_child(void) { return raw_fork ? (pid_t)syscall(SYS_fork) : fork(); }
 
 // Sends a signature (or a failed return code) to the parent: [rv][length][bytes].
 static void send_signature(int fd, CK_RV rv, const unsigned char *signature, CK_ULONG length) {
@@ -192,7 +220,7 @@ static int run_children(int count, child_body body, int *verified_out) {
     for (int i = 0; i < count; i++) {
         int p[2];
         if (pipe(p) != 0) return fail("pipe: %s", strerror(errno));
-        pid_t pid = fork();
+        pid_t pid = make_child();
         if (pid < 0) return fail("fork: %s", strerror(errno));
         if (pid == 0) {
             close(p[0]);
@@ -262,7 +290,7 @@ static int scenario_inherited(void) {
 static int generations_child(int fd, int index) {
     int status = child_signs(fd, index, session, private_key);
     if (status) return status;
-    pid_t pid = fork();
+    pid_t pid = make_child();
     if (pid == 0) {
         alarm(CHILD_TIMEOUT);
         _exit(child_signs(fd, 100 + index, session, private_key));
@@ -373,12 +401,49 @@ static int scenario_pin_changed(void) {
     return 0;
 }
 
+// Several threads of one child call at once, each on its own inherited session: the child's
+// recovery must happen exactly once and serve them all.
+#define CHILD_THREADS 4
+static CK_SESSION_HANDLE thread_sessions[CHILD_THREADS];
+static CK_RV thread_results[CHILD_THREADS];
+
+static void *child_thread(void *arg) {
+    int i = (int)(long)arg;
+    unsigned char signature[MAX_SIGNATURE];
+    CK_ULONG length;
+    thread_results[i] = sign_with(thread_sessions[i], private_key, signature, &length);
+    if (thread_results[i] == CKR_OK) thread_results[i] = verify_in_child(thread_sessions[i], signature, length);
+    return NULL;
+}
+
+static int threaded_child(int fd, int index) {
+    (void)fd;
+    if (getenv("FORKCHECK_WARM")) { CK_SESSION_INFO info; p11->C_GetSessionInfo(session, &info); }
+    pthread_t threads[CHILD_THREADS];
+    for (long i = 0; i < CHILD_THREADS; i++) pthread_create(&threads[i], NULL, child_thread, (void *)i);
+    int status = 0;
+    for (int i = 0; i < CHILD_THREADS; i++) {
+        pthread_join(threads[i], NULL);
+        if (thread_results[i] != CKR_OK) { say("child %d thread %d: %s", index, i, rv_name(thread_results[i])); status = 3; }
+    }
+    return status;
+}
+
+static int scenario_child_threads(void) {
+    for (int i = 0; i < CHILD_THREADS; i++) {
+        CK_RV rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &thread_sessions[i]);
+        if (rv != CKR_OK) return fail("child-threads: parent C_OpenSession: %s", rv_name(rv));
+    }
+    int problems = run_children(children, threaded_child, NULL);
+    return parent_still_signs("child-threads", problems, 0);
+}
+
 // MARK: main
 
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forkcheck: %s\nusage: p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL "
-                    "[--mechanism rsa|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--run-before-fork CMD] SCENARIO\n"
-                    "scenarios: inherited generations child-initializes child-teardown threads pin-changed\n", problem);
+                    "[--mechanism rsa|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] SCENARIO\n"
+                    "scenarios: inherited generations child-initializes child-teardown threads child-threads pin-changed\n", problem);
     return 2;
 }
 
@@ -396,6 +461,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--signatures") && v) { signatures = atoi(v); i++; }
         else if (!strcmp(a, "--run-before-fork") && v) { run_before_fork = v; i++; }
         else if (!strcmp(a, "--stagger") && v) { stagger_ms = atoi(v); i++; }
+        else if (!strcmp(a, "--raw-fork")) raw_fork = 1;
+        else if (!strcmp(a, "--twins")) twins = 1;
         else if (a[0] != '-' && !scenario) scenario = a;
         else return usage("unknown or incomplete argument");
     }
@@ -417,6 +484,8 @@ int main(int argc, char **argv) {
     unsigned char signature[MAX_SIGNATURE];
     CK_ULONG length;
     if ((rv = sign_with(session, private_key, signature, &length)) != CKR_OK) return fail("parent C_Sign: %s", rv_name(rv));
+    memcpy(parent_signature, signature, length);
+    parent_signature_length = length;
     if ((rv = verify(signature, length)) != CKR_OK) return fail("parent's own signature does not verify: %s", rv_name(rv));
     if (run_before_fork && system(run_before_fork) != 0) return fail("--run-before-fork command failed");
 
@@ -427,6 +496,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "child-teardown")) result = scenario_child_teardown();
     else if (!strcmp(scenario, "threads")) result = scenario_threads();
     else if (!strcmp(scenario, "pin-changed")) result = scenario_pin_changed();
+    else if (!strcmp(scenario, "child-threads")) result = scenario_child_threads();
     else return usage("unknown scenario");
     p11->C_Finalize(NULL);
     return result;

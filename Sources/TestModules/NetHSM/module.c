@@ -1,0 +1,1104 @@
+// NetHSM test module: the PKCS#11 2.40 entry points.
+//
+// The module plays the client library of a network HSM that knows nothing about fork. One
+// C_Initialize of one loaded copy in one process is one "connection" to the server (the state
+// file, see server.c); sessions, operations and the login state live on the server and belong
+// to the connection. After fork the child's inherited copy is a shared, broken connection:
+//   - C_Initialize answers CKR_CRYPTOKI_ALREADY_INITIALIZED and the copy stays broken;
+//   - C_Finalize, C_Logout, C_CloseSession and C_CloseAllSessions reach the server and tear
+//     down the *parent's* state (its sessions, its login), then answer as the server does;
+//   - every other call fails with CKR_DEVICE_ERROR.
+// A fresh copy (dlmopen) or a C_Initialize after C_Finalize in the child is a new connection.
+// Handles are server ids behind a per-connection prefix and the slot ID is per connection, so
+// nothing a parent got works in a child's connection and vice versa.
+#define _GNU_SOURCE
+#include "nethsm_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MANUFACTURER "p11fork test"
+#define DESCRIPTION "NetHSM test module"
+#define MODEL "NetHSM"
+
+// MARK: the client side of the connection (process local, one per loaded copy)
+
+// Guards everything below. Never re-initialised: a fork while another thread holds it leaves
+// it held in the child, which then hangs on its next call, as a naive client library would.
+static pthread_mutex_t client_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct {
+    int initialized;
+    pid_t pid;              // the process that called C_Initialize
+    struct nh_state *srv;
+    uint32_t conn_id;
+    uint32_t tag;           // handle prefix of this connection
+    CK_SLOT_ID slot;
+    char log_path[1024];    // NETHSM_LOG, read at C_Initialize
+} client;
+
+static struct nh_connection *conn;  // this connection's server record, valid between begin() and end()
+
+static const char *rv_name(CK_RV rv) {
+    switch (rv) {
+    case CKR_OK: return "CKR_OK";
+    case CKR_DEVICE_ERROR: return "CKR_DEVICE_ERROR";
+    case CKR_SESSION_HANDLE_INVALID: return "CKR_SESSION_HANDLE_INVALID";
+    case CKR_SLOT_ID_INVALID: return "CKR_SLOT_ID_INVALID";
+    case CKR_USER_NOT_LOGGED_IN: return "CKR_USER_NOT_LOGGED_IN";
+    case CKR_CRYPTOKI_ALREADY_INITIALIZED: return "CKR_CRYPTOKI_ALREADY_INITIALIZED";
+    case CKR_ARGUMENTS_BAD: return "CKR_ARGUMENTS_BAD";
+    default: return "CKR_other";
+    }
+}
+
+// Starts a call: client lock, "initialised?", "still the process that connected?", server lock.
+// On CKR_OK both locks are held and conn is set; end() releases them.
+static CK_RV begin(const char *function) {
+    pthread_mutex_lock(&client_lock);
+    if (!client.initialized) {
+        pthread_mutex_unlock(&client_lock);
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    }
+    if (client.pid != getpid()) {
+        nh_log(client.log_path, "pid=%d inherited %s: connection %u belongs to pid %d -> CKR_DEVICE_ERROR",
+               (int)getpid(), function, client.conn_id, (int)client.pid);
+        pthread_mutex_unlock(&client_lock);
+        return CKR_DEVICE_ERROR;
+    }
+    if (nh_server_lock(client.srv) != 0) {
+        pthread_mutex_unlock(&client_lock);
+        return CKR_DEVICE_ERROR;
+    }
+    conn = nh_connection_find(client.srv, client.conn_id);
+    if (conn == NULL) {  // the server dropped us
+        nh_server_unlock(client.srv);
+        pthread_mutex_unlock(&client_lock);
+        return CKR_DEVICE_ERROR;
+    }
+    return CKR_OK;
+}
+
+static CK_RV end(CK_RV rv) {
+    conn = NULL;
+    nh_server_unlock(client.srv);
+    pthread_mutex_unlock(&client_lock);
+    return rv;
+}
+
+// For the four teardown calls, which reach the server even on inherited state: like begin(),
+// and *inherited tells whether this process is not the one that connected.
+static CK_RV begin_teardown(const char *function, int *inherited) {
+    pthread_mutex_lock(&client_lock);
+    if (!client.initialized) {
+        pthread_mutex_unlock(&client_lock);
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    }
+    *inherited = client.pid != getpid();
+    if (nh_server_lock(client.srv) != 0) {
+        pthread_mutex_unlock(&client_lock);
+        return CKR_DEVICE_ERROR;
+    }
+    conn = nh_connection_find(client.srv, client.conn_id);
+    if (conn == NULL) {
+        if (*inherited)
+            nh_log(client.log_path, "pid=%d inherited %s: connection %u of pid %d is gone -> CKR_DEVICE_ERROR",
+                   (int)getpid(), function, client.conn_id, (int)client.pid);
+        return end(CKR_DEVICE_ERROR);
+    }
+    return CKR_OK;
+}
+
+static void pad(unsigned char *dst, size_t size, const char *text) {
+    memset(dst, ' ', size);
+    size_t n = strlen(text);
+    memcpy(dst, text, n < size ? n : size);
+}
+
+// MARK: handles
+
+static CK_ULONG handle_of(uint32_t server_id) { return (CK_ULONG)client.tag << NH_ID_BITS | server_id; }
+
+static struct nh_session *session_of(CK_SESSION_HANDLE handle) {
+    if ((handle >> NH_ID_BITS) != client.tag) return NULL;
+    return nh_session_find(client.srv, client.conn_id, (uint32_t)(handle & NH_ID_MASK));
+}
+
+// Token objects, and this connection's session objects.
+static struct nh_object *object_of(CK_OBJECT_HANDLE handle) {
+    if ((handle >> NH_ID_BITS) != client.tag) return NULL;
+    struct nh_object *o = nh_object_find(client.srv, (uint32_t)(handle & NH_ID_MASK));
+    if (o != NULL && !o->token && o->conn != client.conn_id) return NULL;
+    return o;
+}
+
+static int user_logged_in(void) { return conn->login == NH_LOGIN_USER; }
+
+static CK_RV may_use(const struct nh_object *o) {
+    return o->private_ && !user_logged_in() ? CKR_USER_NOT_LOGGED_IN : CKR_OK;
+}
+
+static CK_RV may_write(const struct nh_session *se, const struct nh_object *o) {
+    CK_RV rv = may_use(o);
+    if (rv == CKR_OK && o->token && !se->rw) rv = CKR_SESSION_READ_ONLY;
+    return rv;
+}
+
+// Puts a finished object (built in *o) on the server; *handle gets its handle.
+static CK_RV store_object(const struct nh_session *se, struct nh_object *o, CK_OBJECT_HANDLE_PTR handle) {
+    struct nh_object *slot = nh_object_new(client.srv);
+    if (slot == NULL) return CKR_DEVICE_MEMORY;
+    uint32_t id = slot->id;
+    uint64_t seq = slot->seq;
+    *slot = *o;
+    slot->id = id;
+    slot->seq = seq;
+    slot->session = o->token ? 0 : se->id;
+    slot->conn = o->token ? 0 : se->conn;
+    slot->in_use = 1;
+    *handle = handle_of(id);
+    return CKR_OK;
+}
+
+static void end_operation(struct nh_session *se) {
+    se->op = NH_OP_NONE;
+    se->op_parts = 0;
+    se->op_key = 0;
+    se->op_key_private = 0;
+    se->op_needs_context_login = 0;
+    memset(&se->hmac, 0, sizeof se->hmac);
+    memset(&se->digest, 0, sizeof se->digest);
+    se->find_count = se->find_next = 0;
+}
+
+static int pin_matches(const uint8_t *want, uint32_t want_len, const CK_UTF8CHAR *pin, CK_ULONG len) {
+    if (len != want_len) return 0;
+    uint8_t diff = 0;
+    for (CK_ULONG i = 0; i < len; i++) diff |= (uint8_t)(want[i] ^ pin[i]);
+    return diff == 0;
+}
+
+// Checks a PIN against the server, counting consecutive failures (3 lock it).
+static CK_RV check_pin(int so, const CK_UTF8CHAR *pin, CK_ULONG len) {
+    struct nh_state *s = client.srv;
+    uint32_t *failures = so ? &s->so_failures : &s->user_failures;
+    if (*failures >= NH_PIN_TRIES) return CKR_PIN_LOCKED;
+    int ok = so ? pin_matches(s->so_pin, s->so_pin_len, pin, len) : pin_matches(s->user_pin, s->user_pin_len, pin, len);
+    if (!ok) {
+        (*failures)++;
+        return CKR_PIN_INCORRECT;
+    }
+    *failures = 0;
+    return CKR_OK;
+}
+
+// MARK: general purpose
+
+static CK_RV nh_Initialize(CK_VOID_PTR init_args) {
+    pthread_mutex_lock(&client_lock);
+    CK_RV rv = CKR_OK;
+    if (client.initialized) {
+        if (client.pid != getpid())
+            nh_log(client.log_path,
+                   "pid=%d inherited C_Initialize: connection %u of pid %d stays broken -> CKR_CRYPTOKI_ALREADY_INITIALIZED",
+                   (int)getpid(), client.conn_id, (int)client.pid);
+        rv = CKR_CRYPTOKI_ALREADY_INITIALIZED;
+        goto out;
+    }
+    if (init_args != NULL) {
+        CK_C_INITIALIZE_ARGS *args = init_args;
+        int callbacks = (args->CreateMutex != NULL) + (args->DestroyMutex != NULL) + (args->LockMutex != NULL) +
+                        (args->UnlockMutex != NULL);
+        if (args->pReserved != NULL || (callbacks != 0 && callbacks != 4)) {
+            rv = CKR_ARGUMENTS_BAD;
+            goto out;
+        }
+        if (callbacks == 4 && !(args->flags & CKF_OS_LOCKING_OK)) {
+            rv = CKR_CANT_LOCK;  // this client only knows the OS's locks
+            goto out;
+        }
+    }
+    const char *dir = getenv("NETHSM_DIR");
+    if (dir == NULL || dir[0] == '\0') {
+        fprintf(stderr, "nethsm: NETHSM_DIR is not set: set it to the directory that holds the NetHSM server state "
+                        "(created on first use)\n");
+        rv = CKR_GENERAL_ERROR;
+        goto out;
+    }
+    const char *log_path = getenv("NETHSM_LOG");
+    if (log_path != NULL && strlen(log_path) >= sizeof client.log_path) {
+        fprintf(stderr, "nethsm: NETHSM_LOG is too long (at most %zu characters)\n", sizeof client.log_path - 1);
+        rv = CKR_GENERAL_ERROR;
+        goto out;
+    }
+    char why[512];
+    struct nh_state *srv = nh_server_open(dir, why, sizeof why);
+    if (srv == NULL) {
+        fprintf(stderr, "nethsm: %s\n", why);
+        rv = CKR_GENERAL_ERROR;
+        goto out;
+    }
+    if (nh_server_lock(srv) != 0) {
+        nh_server_close(srv);
+        rv = CKR_DEVICE_ERROR;
+        goto out;
+    }
+    struct nh_connection *c = nh_connection_open(srv, getpid());
+    if (c == NULL) {
+        nh_server_unlock(srv);
+        nh_server_close(srv);
+        fprintf(stderr, "nethsm: the server has no free connection (%d in use)\n", NH_MAX_CONNECTIONS);
+        rv = CKR_GENERAL_ERROR;
+        goto out;
+    }
+    client.srv = srv;
+    client.pid = getpid();
+    client.conn_id = c->id;
+    client.tag = c->tag;
+    client.slot = (CK_SLOT_ID)c->slot;
+    snprintf(client.log_path, sizeof client.log_path, "%s", log_path != NULL ? log_path : "");
+    client.initialized = 1;
+    nh_server_unlock(srv);
+out:
+    pthread_mutex_unlock(&client_lock);
+    return rv;
+}
+
+static CK_RV nh_Finalize(CK_VOID_PTR reserved) {
+    int inherited = 0;
+    CK_RV rv = begin_teardown("C_Finalize", &inherited);
+    if (rv != CKR_OK) return rv;
+    if (reserved != NULL) return end(CKR_ARGUMENTS_BAD);
+    if (inherited) {
+        // The shared connection goes down on the server: the parent loses its sessions and login.
+        int was_logged_in = conn->login != NH_LOGIN_NONE;
+        unsigned closed = nh_connection_reset(client.srv, conn);
+        nh_log(client.log_path, "pid=%d inherited C_Finalize: killed connection %u of pid %d (%u sessions, %s) -> CKR_OK",
+               (int)getpid(), client.conn_id, (int)client.pid, closed, was_logged_in ? "logout" : "not logged in");
+    } else {
+        nh_connection_close(client.srv, conn);
+    }
+    struct nh_state *srv = client.srv;
+    conn = NULL;
+    nh_server_unlock(srv);
+    nh_server_close(srv);
+    memset(&client, 0, sizeof client);
+    pthread_mutex_unlock(&client_lock);
+    return CKR_OK;
+}
+
+static CK_RV nh_GetInfo(CK_INFO_PTR info) {
+    CK_RV rv = begin("C_GetInfo");
+    if (rv != CKR_OK) return rv;
+    if (info == NULL) return end(CKR_ARGUMENTS_BAD);
+    memset(info, 0, sizeof *info);
+    info->cryptokiVersion.major = 2;
+    info->cryptokiVersion.minor = 40;
+    pad(info->manufacturerID, sizeof info->manufacturerID, MANUFACTURER);
+    info->flags = 0;
+    pad(info->libraryDescription, sizeof info->libraryDescription, DESCRIPTION);
+    info->libraryVersion.major = 1;
+    info->libraryVersion.minor = 0;
+    return end(CKR_OK);
+}
+
+static CK_FUNCTION_LIST function_list;
+
+// MARK: slots and tokens
+
+static CK_RV nh_GetSlotList(CK_BBOOL token_present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count) {
+    (void)token_present;  // the token is always present
+    CK_RV rv = begin("C_GetSlotList");
+    if (rv != CKR_OK) return rv;
+    if (count == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (list != NULL) {
+        if (*count < 1)
+            rv = CKR_BUFFER_TOO_SMALL;
+        else
+            list[0] = client.slot;
+    }
+    *count = 1;
+    return end(rv);
+}
+
+static CK_RV nh_GetSlotInfo(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info) {
+    CK_RV rv = begin("C_GetSlotInfo");
+    if (rv != CKR_OK) return rv;
+    if (info == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (slot != client.slot) return end(CKR_SLOT_ID_INVALID);
+    memset(info, 0, sizeof *info);
+    pad(info->slotDescription, sizeof info->slotDescription, "NetHSM test slot (network)");
+    pad(info->manufacturerID, sizeof info->manufacturerID, MANUFACTURER);
+    info->flags = CKF_TOKEN_PRESENT;
+    info->hardwareVersion.major = 1;
+    info->firmwareVersion.major = 1;
+    return end(CKR_OK);
+}
+
+static CK_FLAGS pin_flags(uint32_t failures, CK_FLAGS count_low, CK_FLAGS final_try, CK_FLAGS locked) {
+    if (failures >= NH_PIN_TRIES) return locked;
+    CK_FLAGS flags = 0;
+    if (failures > 0) flags |= count_low;
+    if (failures == NH_PIN_TRIES - 1) flags |= final_try;
+    return flags;
+}
+
+static CK_RV nh_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) {
+    CK_RV rv = begin("C_GetTokenInfo");
+    if (rv != CKR_OK) return rv;
+    if (info == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (slot != client.slot) return end(CKR_SLOT_ID_INVALID);
+    struct nh_state *s = client.srv;
+    memset(info, 0, sizeof *info);
+    memcpy(info->label, s->label, sizeof info->label);
+    pad(info->manufacturerID, sizeof info->manufacturerID, MANUFACTURER);
+    pad(info->model, sizeof info->model, MODEL);
+    memcpy(info->serialNumber, s->serial, sizeof info->serialNumber);
+    info->flags = CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED | CKF_TOKEN_INITIALIZED |
+                  pin_flags(s->user_failures, CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED) |
+                  pin_flags(s->so_failures, CKF_SO_PIN_COUNT_LOW, CKF_SO_PIN_FINAL_TRY, CKF_SO_PIN_LOCKED);
+    info->ulMaxSessionCount = NH_MAX_SESSIONS;
+    info->ulSessionCount = nh_session_count(s, conn->id, 0);
+    info->ulMaxRwSessionCount = NH_MAX_SESSIONS;
+    info->ulRwSessionCount = nh_session_count(s, conn->id, 1);
+    info->ulMaxPinLen = NH_MAX_PIN;
+    info->ulMinPinLen = NH_MIN_PIN;
+    info->ulTotalPublicMemory = CK_UNAVAILABLE_INFORMATION;
+    info->ulFreePublicMemory = CK_UNAVAILABLE_INFORMATION;
+    info->ulTotalPrivateMemory = CK_UNAVAILABLE_INFORMATION;
+    info->ulFreePrivateMemory = CK_UNAVAILABLE_INFORMATION;
+    info->hardwareVersion.major = 1;
+    info->firmwareVersion.major = 1;
+    memset(info->utcTime, ' ', sizeof info->utcTime);  // no clock on the token
+    return end(CKR_OK);
+}
+
+static const struct {
+    CK_MECHANISM_TYPE type;
+    CK_ULONG min, max;
+    CK_FLAGS flags;
+} mechanisms[] = {
+    {CKM_SHA256, 0, 0, CKF_DIGEST},
+    {CKM_SHA256_HMAC, 1, NH_MAX_VALUE, CKF_SIGN | CKF_VERIFY},             // key sizes in bytes
+    {CKM_GENERIC_SECRET_KEY_GEN, 1, NH_MAX_VALUE, CKF_GENERATE},          // key sizes in bytes
+};
+#define MECHANISM_COUNT (sizeof mechanisms / sizeof mechanisms[0])
+
+static CK_RV nh_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count) {
+    CK_RV rv = begin("C_GetMechanismList");
+    if (rv != CKR_OK) return rv;
+    if (count == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (slot != client.slot) return end(CKR_SLOT_ID_INVALID);
+    if (list != NULL) {
+        if (*count < MECHANISM_COUNT)
+            rv = CKR_BUFFER_TOO_SMALL;
+        else
+            for (size_t i = 0; i < MECHANISM_COUNT; i++) list[i] = mechanisms[i].type;
+    }
+    *count = MECHANISM_COUNT;
+    return end(rv);
+}
+
+static CK_RV nh_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info) {
+    CK_RV rv = begin("C_GetMechanismInfo");
+    if (rv != CKR_OK) return rv;
+    if (info == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (slot != client.slot) return end(CKR_SLOT_ID_INVALID);
+    for (size_t i = 0; i < MECHANISM_COUNT; i++) {
+        if (mechanisms[i].type == type) {
+            info->ulMinKeySize = mechanisms[i].min;
+            info->ulMaxKeySize = mechanisms[i].max;
+            info->flags = mechanisms[i].flags;
+            return end(CKR_OK);
+        }
+    }
+    return end(CKR_MECHANISM_INVALID);
+}
+
+// MARK: PINs
+
+static CK_RV nh_InitPIN(CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR pin, CK_ULONG len) {
+    CK_RV rv = begin("C_InitPIN");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (pin == NULL) return end(CKR_ARGUMENTS_BAD);  // no protected authentication path
+    if (conn->login != NH_LOGIN_SO) return end(CKR_USER_NOT_LOGGED_IN);
+    if (!se->rw) return end(CKR_SESSION_READ_ONLY);
+    if (len < NH_MIN_PIN || len > NH_MAX_PIN) return end(CKR_PIN_LEN_RANGE);
+    memset(client.srv->user_pin, 0, sizeof client.srv->user_pin);
+    memcpy(client.srv->user_pin, pin, len);
+    client.srv->user_pin_len = (uint32_t)len;
+    client.srv->user_failures = 0;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_SetPIN(CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR old_pin, CK_ULONG old_len, CK_UTF8CHAR_PTR new_pin,
+                       CK_ULONG new_len) {
+    CK_RV rv = begin("C_SetPIN");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (old_pin == NULL || new_pin == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (!se->rw) return end(CKR_SESSION_READ_ONLY);
+    if (new_len < NH_MIN_PIN || new_len > NH_MAX_PIN) return end(CKR_PIN_LEN_RANGE);
+    int so = conn->login == NH_LOGIN_SO;  // the SO changes the SO PIN; user or public session: the user PIN
+    rv = check_pin(so, old_pin, old_len);
+    if (rv != CKR_OK) return end(rv);
+    struct nh_state *s = client.srv;
+    uint8_t *target = so ? s->so_pin : s->user_pin;
+    memset(target, 0, NH_MAX_PIN);
+    memcpy(target, new_pin, new_len);
+    if (so)
+        s->so_pin_len = (uint32_t)new_len;
+    else
+        s->user_pin_len = (uint32_t)new_len;
+    return end(CKR_OK);
+}
+
+// MARK: sessions
+
+static CK_RV nh_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR application, CK_NOTIFY notify,
+                            CK_SESSION_HANDLE_PTR session) {
+    (void)application;  // no notifications are ever sent
+    (void)notify;
+    CK_RV rv = begin("C_OpenSession");
+    if (rv != CKR_OK) return rv;
+    if (session == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (slot != client.slot) return end(CKR_SLOT_ID_INVALID);
+    if (!(flags & CKF_SERIAL_SESSION)) return end(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
+    int rw = (flags & CKF_RW_SESSION) != 0;
+    if (!rw && conn->login == NH_LOGIN_SO) return end(CKR_SESSION_READ_WRITE_SO_EXISTS);
+    struct nh_session *se = nh_session_new(client.srv, conn, rw);
+    if (se == NULL) return end(CKR_SESSION_COUNT);
+    *session = handle_of(se->id);
+    return end(CKR_OK);
+}
+
+static CK_RV nh_CloseSession(CK_SESSION_HANDLE session) {
+    int inherited = 0;
+    CK_RV rv = begin_teardown("C_CloseSession", &inherited);
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    uint32_t id = se != NULL ? se->id : 0;
+    if (se == NULL)
+        rv = CKR_SESSION_HANDLE_INVALID;
+    else
+        nh_session_close(client.srv, se);
+    if (inherited)
+        nh_log(client.log_path, "pid=%d inherited C_CloseSession: closed session %u of connection %u of pid %d -> %s",
+               (int)getpid(), id, client.conn_id, (int)client.pid, rv_name(rv));
+    return end(rv);
+}
+
+static CK_RV nh_CloseAllSessions(CK_SLOT_ID slot) {
+    int inherited = 0;
+    CK_RV rv = begin_teardown("C_CloseAllSessions", &inherited);
+    if (rv != CKR_OK) return rv;
+    unsigned closed = 0;
+    if (slot != client.slot)
+        rv = CKR_SLOT_ID_INVALID;
+    else
+        closed = nh_connection_reset(client.srv, conn);  // the last session closed ends the login too
+    if (inherited)
+        nh_log(client.log_path,
+               "pid=%d inherited C_CloseAllSessions: closed %u sessions of connection %u of pid %d (logout) -> %s",
+               (int)getpid(), closed, client.conn_id, (int)client.pid, rv_name(rv));
+    return end(rv);
+}
+
+static CK_RV nh_GetSessionInfo(CK_SESSION_HANDLE session, CK_SESSION_INFO_PTR info) {
+    CK_RV rv = begin("C_GetSessionInfo");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (info == NULL) return end(CKR_ARGUMENTS_BAD);
+    memset(info, 0, sizeof *info);
+    info->slotID = client.slot;
+    if (se->rw)
+        info->state = conn->login == NH_LOGIN_SO     ? CKS_RW_SO_FUNCTIONS
+                      : conn->login == NH_LOGIN_USER ? CKS_RW_USER_FUNCTIONS
+                                                     : CKS_RW_PUBLIC_SESSION;
+    else
+        info->state = conn->login == NH_LOGIN_USER ? CKS_RO_USER_FUNCTIONS : CKS_RO_PUBLIC_SESSION;
+    info->flags = CKF_SERIAL_SESSION | (se->rw ? CKF_RW_SESSION : 0);
+    info->ulDeviceError = 0;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_Login(CK_SESSION_HANDLE session, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG len) {
+    CK_RV rv = begin("C_Login");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (pin == NULL) return end(CKR_ARGUMENTS_BAD);  // no protected authentication path
+    switch (user) {
+    case CKU_CONTEXT_SPECIFIC:
+        if (se->op != NH_OP_SIGN || !se->op_needs_context_login) return end(CKR_OPERATION_NOT_INITIALIZED);
+        rv = check_pin(0, pin, len);
+        if (rv == CKR_OK) se->op_needs_context_login = 0;
+        return end(rv);
+    case CKU_USER:
+        if (conn->login == NH_LOGIN_USER) return end(CKR_USER_ALREADY_LOGGED_IN);
+        if (conn->login == NH_LOGIN_SO) return end(CKR_USER_ANOTHER_ALREADY_LOGGED_IN);
+        rv = check_pin(0, pin, len);
+        if (rv == CKR_OK) conn->login = NH_LOGIN_USER;
+        return end(rv);
+    case CKU_SO:
+        if (conn->login == NH_LOGIN_SO) return end(CKR_USER_ALREADY_LOGGED_IN);
+        if (conn->login == NH_LOGIN_USER) return end(CKR_USER_ANOTHER_ALREADY_LOGGED_IN);
+        if (nh_session_count(client.srv, conn->id, 0) != nh_session_count(client.srv, conn->id, 1))
+            return end(CKR_SESSION_READ_ONLY_EXISTS);
+        rv = check_pin(1, pin, len);
+        if (rv == CKR_OK) conn->login = NH_LOGIN_SO;
+        return end(rv);
+    default:
+        return end(CKR_USER_TYPE_INVALID);
+    }
+}
+
+static CK_RV nh_Logout(CK_SESSION_HANDLE session) {
+    int inherited = 0;
+    CK_RV rv = begin_teardown("C_Logout", &inherited);
+    if (rv != CKR_OK) return rv;
+    if (session_of(session) == NULL)
+        rv = CKR_SESSION_HANDLE_INVALID;
+    else if (conn->login == NH_LOGIN_NONE)
+        rv = CKR_USER_NOT_LOGGED_IN;
+    else
+        conn->login = NH_LOGIN_NONE;
+    if (inherited)
+        nh_log(client.log_path, "pid=%d inherited C_Logout: logged out connection %u of pid %d -> %s", (int)getpid(),
+               client.conn_id, (int)client.pid, rv_name(rv));
+    return end(rv);
+}
+
+// MARK: objects
+
+static CK_RV nh_CreateObject(CK_SESSION_HANDLE session, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
+                             CK_OBJECT_HANDLE_PTR object) {
+    CK_RV rv = begin("C_CreateObject");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (object == NULL || (tmpl == NULL && count > 0)) return end(CKR_ARGUMENTS_BAD);
+    struct nh_object o;
+    rv = nh_template_apply(&o, tmpl, count, NH_CREATE);
+    if (rv == CKR_OK) rv = may_write(se, &o);
+    if (rv == CKR_OK) rv = store_object(se, &o, object);
+    explicit_bzero(&o, sizeof o);
+    return end(rv);
+}
+
+static CK_RV nh_CopyObject(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE source, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
+                           CK_OBJECT_HANDLE_PTR object) {
+    CK_RV rv = begin("C_CopyObject");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (object == NULL || (tmpl == NULL && count > 0)) return end(CKR_ARGUMENTS_BAD);
+    struct nh_object *from = object_of(source);
+    if (from == NULL) return end(CKR_OBJECT_HANDLE_INVALID);
+    if ((rv = may_use(from)) != CKR_OK) return end(rv);
+    struct nh_object o = *from;
+    rv = nh_template_apply(&o, tmpl, count, NH_COPY);
+    if (rv == CKR_OK) rv = may_write(se, &o);
+    if (rv == CKR_OK) rv = store_object(se, &o, object);
+    explicit_bzero(&o, sizeof o);
+    return end(rv);
+}
+
+static CK_RV nh_DestroyObject(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object) {
+    CK_RV rv = begin("C_DestroyObject");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    struct nh_object *o = object_of(object);
+    if (o == NULL) return end(CKR_OBJECT_HANDLE_INVALID);
+    if ((rv = may_write(se, o)) != CKR_OK) return end(rv);
+    nh_object_free(o);
+    return end(CKR_OK);
+}
+
+// PKCS#11 2.40 C_GetAttributeValue: every attribute is processed; the return code is the first
+// problem met (CKR_ATTRIBUTE_SENSITIVE, CKR_ATTRIBUTE_TYPE_INVALID or CKR_BUFFER_TOO_SMALL), and
+// each attribute that cannot be returned gets ulValueLen = CK_UNAVAILABLE_INFORMATION.
+static CK_RV nh_GetAttributeValue(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, CK_ATTRIBUTE_PTR tmpl,
+                                  CK_ULONG count) {
+    CK_RV rv = begin("C_GetAttributeValue");
+    if (rv != CKR_OK) return rv;
+    if (session_of(session) == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (tmpl == NULL && count > 0) return end(CKR_ARGUMENTS_BAD);
+    struct nh_object *o = object_of(object);
+    if (o == NULL) return end(CKR_OBJECT_HANDLE_INVALID);
+    if ((rv = may_use(o)) != CKR_OK) return end(rv);
+    for (CK_ULONG i = 0; i < count; i++) {
+        const void *value;
+        CK_ULONG len;
+        uint8_t scratch[sizeof(CK_ULONG)];
+        CK_RV one = nh_attribute_read(o, tmpl[i].type, &value, &len, scratch);
+        if (one == CKR_OK) {
+            if (tmpl[i].pValue == NULL) {
+                tmpl[i].ulValueLen = len;
+            } else if (tmpl[i].ulValueLen >= len) {
+                if (len > 0) memcpy(tmpl[i].pValue, value, len);
+                tmpl[i].ulValueLen = len;
+            } else {
+                tmpl[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                one = CKR_BUFFER_TOO_SMALL;
+            }
+        } else {
+            tmpl[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        }
+        if (rv == CKR_OK) rv = one;
+    }
+    return end(rv);
+}
+
+static CK_RV nh_SetAttributeValue(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, CK_ATTRIBUTE_PTR tmpl,
+                                  CK_ULONG count) {
+    CK_RV rv = begin("C_SetAttributeValue");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (tmpl == NULL && count > 0) return end(CKR_ARGUMENTS_BAD);
+    struct nh_object *o = object_of(object);
+    if (o == NULL) return end(CKR_OBJECT_HANDLE_INVALID);
+    if ((rv = may_write(se, o)) != CKR_OK) return end(rv);
+    return end(nh_attributes_set(o, tmpl, count));
+}
+
+static int visible(const struct nh_object *o) {
+    if (!o->in_use) return 0;
+    if (!o->token && o->conn != client.conn_id) return 0;
+    return !o->private_ || user_logged_in();
+}
+
+static CK_RV nh_FindObjectsInit(CK_SESSION_HANDLE session, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count) {
+    CK_RV rv = begin("C_FindObjectsInit");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = nh_template_check_pointers(tmpl, count)) != CKR_OK) return end(rv);
+    if (se->op != NH_OP_NONE) return end(CKR_OPERATION_ACTIVE);
+    // The matches, in creation order (insertion sort by sequence number: at most 256).
+    struct nh_state *s = client.srv;
+    const struct nh_object *found[NH_MAX_OBJECTS];
+    uint32_t n = 0;
+    for (int i = 0; i < NH_MAX_OBJECTS; i++) {
+        const struct nh_object *o = &s->objects[i];
+        if (!visible(o) || !nh_object_matches(o, tmpl, count)) continue;
+        uint32_t at = n++;
+        while (at > 0 && found[at - 1]->seq > o->seq) {
+            found[at] = found[at - 1];
+            at--;
+        }
+        found[at] = o;
+    }
+    end_operation(se);
+    for (uint32_t i = 0; i < n; i++) se->find_ids[i] = found[i]->id;
+    se->find_count = n;
+    se->op = NH_OP_FIND;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_FindObjects(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE_PTR objects, CK_ULONG max, CK_ULONG_PTR count) {
+    CK_RV rv = begin("C_FindObjects");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (objects == NULL || count == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (se->op != NH_OP_FIND) return end(CKR_OPERATION_NOT_INITIALIZED);
+    CK_ULONG n = 0;
+    while (n < max && se->find_next < se->find_count) {
+        uint32_t id = se->find_ids[se->find_next++];
+        struct nh_object *o = nh_object_find(client.srv, id);
+        if (o != NULL && visible(o)) objects[n++] = handle_of(id);  // skips what vanished meanwhile
+    }
+    *count = n;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_FindObjectsFinal(CK_SESSION_HANDLE session) {
+    CK_RV rv = begin("C_FindObjectsFinal");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (se->op != NH_OP_FIND) return end(CKR_OPERATION_NOT_INITIALIZED);
+    end_operation(se);
+    return end(CKR_OK);
+}
+
+// MARK: digest
+
+static CK_RV mechanism_check(CK_MECHANISM_PTR mechanism, CK_MECHANISM_TYPE wanted) {
+    if (mechanism->mechanism != wanted) return CKR_MECHANISM_INVALID;
+    if (mechanism->pParameter != NULL || mechanism->ulParameterLen != 0) return CKR_MECHANISM_PARAM_INVALID;
+    return CKR_OK;
+}
+
+// The output-length protocol of C_Sign, C_SignFinal, C_Digest, C_DigestFinal: a NULL buffer asks
+// for the length (operation stays), a short buffer is CKR_BUFFER_TOO_SMALL (operation stays).
+// Returns 1 when the caller should produce the output now.
+static int output_ready(CK_BYTE_PTR out, CK_ULONG_PTR out_len, CK_RV *rv) {
+    if (out == NULL) {
+        *out_len = NH_HMAC_LEN;
+        *rv = CKR_OK;
+        return 0;
+    }
+    if (*out_len < NH_HMAC_LEN) {
+        *out_len = NH_HMAC_LEN;
+        *rv = CKR_BUFFER_TOO_SMALL;
+        return 0;
+    }
+    return 1;
+}
+
+static CK_RV nh_DigestInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism) {
+    CK_RV rv = begin("C_DigestInit");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (se->op != NH_OP_NONE) return end(CKR_OPERATION_ACTIVE);
+    if ((rv = mechanism_check(mechanism, CKM_SHA256)) != CKR_OK) return end(rv);
+    end_operation(se);
+    nh_sha256_init(&se->digest);
+    se->op = NH_OP_DIGEST;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_Digest(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR digest,
+                       CK_ULONG_PTR digest_len) {
+    CK_RV rv = begin("C_Digest");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (se->op != NH_OP_DIGEST) return end(CKR_OPERATION_NOT_INITIALIZED);
+    if (se->op_parts) return end(CKR_OPERATION_ACTIVE);  // a multi-part digest is under way
+    if (digest_len == NULL || (data == NULL && data_len > 0)) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    if (!output_ready(digest, digest_len, &rv)) return end(rv);
+    nh_sha256_update(&se->digest, data, data_len);
+    nh_sha256_final(&se->digest, digest);
+    *digest_len = NH_HMAC_LEN;
+    end_operation(se);
+    return end(CKR_OK);
+}
+
+static CK_RV nh_DigestUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
+    CK_RV rv = begin("C_DigestUpdate");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (se->op != NH_OP_DIGEST) return end(CKR_OPERATION_NOT_INITIALIZED);
+    if (part == NULL && part_len > 0) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    nh_sha256_update(&se->digest, part, part_len);
+    se->op_parts = 1;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_DigestFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR digest, CK_ULONG_PTR digest_len) {
+    CK_RV rv = begin("C_DigestFinal");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (se->op != NH_OP_DIGEST) return end(CKR_OPERATION_NOT_INITIALIZED);
+    if (digest_len == NULL) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    if (!output_ready(digest, digest_len, &rv)) return end(rv);
+    nh_sha256_final(&se->digest, digest);
+    *digest_len = NH_HMAC_LEN;
+    end_operation(se);
+    return end(CKR_OK);
+}
+
+// MARK: sign and verify (CKM_SHA256_HMAC)
+
+static CK_RV mac_init(struct nh_session *se, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key, int sign) {
+    if (mechanism == NULL) return CKR_ARGUMENTS_BAD;
+    if (se->op != NH_OP_NONE) return CKR_OPERATION_ACTIVE;
+    CK_RV rv = mechanism_check(mechanism, CKM_SHA256_HMAC);
+    if (rv != CKR_OK) return rv;
+    struct nh_object *o = object_of(key);
+    if (o == NULL || o->klass != CKO_SECRET_KEY) return CKR_KEY_HANDLE_INVALID;
+    if ((rv = may_use(o)) != CKR_OK) return rv;
+    if (o->key_type != CKK_GENERIC_SECRET) return CKR_KEY_TYPE_INCONSISTENT;
+    if (!(sign ? o->sign : o->verify)) return CKR_KEY_FUNCTION_NOT_PERMITTED;
+    end_operation(se);
+    nh_hmac_init(&se->hmac, o->value, o->value_len);
+    se->op = sign ? NH_OP_SIGN : NH_OP_VERIFY;
+    se->op_key = o->id;
+    se->op_key_private = o->private_;
+    se->op_needs_context_login = sign && o->always_authenticate;
+    return CKR_OK;
+}
+
+// Checks that the session has the operation and may still use its key. A key that became
+// unusable (logout, e.g. by a child on a shared connection) ends the operation.
+static CK_RV mac_continue(struct nh_session *se, enum nh_op op) {
+    if (se->op != op) return CKR_OPERATION_NOT_INITIALIZED;
+    if (se->op_key_private && !user_logged_in()) {
+        end_operation(se);
+        return CKR_USER_NOT_LOGGED_IN;
+    }
+    if (se->op_needs_context_login) return CKR_USER_NOT_LOGGED_IN;  // C_Login(CKU_CONTEXT_SPECIFIC) first
+    return CKR_OK;
+}
+
+static CK_RV nh_SignInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key) {
+    CK_RV rv = begin("C_SignInit");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    return end(mac_init(se, mechanism, key, 1));
+}
+
+static CK_RV nh_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR signature,
+                     CK_ULONG_PTR signature_len) {
+    CK_RV rv = begin("C_Sign");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = mac_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
+    if (se->op_parts) return end(CKR_OPERATION_ACTIVE);  // a multi-part signature is under way
+    if (signature_len == NULL || (data == NULL && data_len > 0)) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    if (!output_ready(signature, signature_len, &rv)) return end(rv);
+    nh_hmac_update(&se->hmac, data, data_len);
+    nh_hmac_final(&se->hmac, signature);
+    *signature_len = NH_HMAC_LEN;
+    end_operation(se);
+    return end(CKR_OK);
+}
+
+static CK_RV nh_SignUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
+    CK_RV rv = begin("C_SignUpdate");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = mac_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
+    if (part == NULL && part_len > 0) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    nh_hmac_update(&se->hmac, part, part_len);
+    se->op_parts = 1;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_SignFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR signature, CK_ULONG_PTR signature_len) {
+    CK_RV rv = begin("C_SignFinal");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = mac_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
+    if (signature_len == NULL) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    if (!output_ready(signature, signature_len, &rv)) return end(rv);
+    nh_hmac_final(&se->hmac, signature);
+    *signature_len = NH_HMAC_LEN;
+    end_operation(se);
+    return end(CKR_OK);
+}
+
+static CK_RV nh_VerifyInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key) {
+    CK_RV rv = begin("C_VerifyInit");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    return end(mac_init(se, mechanism, key, 0));
+}
+
+// Ends the verify operation, whatever the outcome.
+static CK_RV verify_finish(struct nh_session *se, CK_BYTE_PTR signature, CK_ULONG signature_len) {
+    uint8_t mac[NH_HMAC_LEN];
+    CK_RV rv;
+    if (signature_len != NH_HMAC_LEN) {
+        rv = CKR_SIGNATURE_LEN_RANGE;
+    } else {
+        nh_hmac_final(&se->hmac, mac);
+        uint8_t diff = 0;
+        for (int i = 0; i < NH_HMAC_LEN; i++) diff |= (uint8_t)(mac[i] ^ signature[i]);
+        rv = diff == 0 ? CKR_OK : CKR_SIGNATURE_INVALID;
+    }
+    end_operation(se);
+    return rv;
+}
+
+static CK_RV nh_Verify(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR signature,
+                       CK_ULONG signature_len) {
+    CK_RV rv = begin("C_Verify");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = mac_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
+    if (se->op_parts) return end(CKR_OPERATION_ACTIVE);
+    if (signature == NULL || (data == NULL && data_len > 0)) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    nh_hmac_update(&se->hmac, data, data_len);
+    return end(verify_finish(se, signature, signature_len));
+}
+
+static CK_RV nh_VerifyUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
+    CK_RV rv = begin("C_VerifyUpdate");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = mac_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
+    if (part == NULL && part_len > 0) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    nh_hmac_update(&se->hmac, part, part_len);
+    se->op_parts = 1;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_VerifyFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR signature, CK_ULONG signature_len) {
+    CK_RV rv = begin("C_VerifyFinal");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = mac_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
+    if (signature == NULL) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    return end(verify_finish(se, signature, signature_len));
+}
+
+// MARK: keys and random numbers
+
+static CK_RV nh_GenerateKey(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_ATTRIBUTE_PTR tmpl,
+                            CK_ULONG count, CK_OBJECT_HANDLE_PTR key) {
+    CK_RV rv = begin("C_GenerateKey");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL || key == NULL || (tmpl == NULL && count > 0)) return end(CKR_ARGUMENTS_BAD);
+    if ((rv = mechanism_check(mechanism, CKM_GENERIC_SECRET_KEY_GEN)) != CKR_OK) return end(rv);
+    struct nh_object o;
+    rv = nh_template_apply(&o, tmpl, count, NH_GENERATE);
+    if (rv == CKR_OK) rv = may_write(se, &o);
+    if (rv == CKR_OK && nh_random(o.value, o.value_len) != 0) rv = CKR_DEVICE_ERROR;
+    if (rv == CKR_OK) rv = store_object(se, &o, key);
+    explicit_bzero(&o, sizeof o);
+    return end(rv);
+}
+
+static CK_RV nh_SeedRandom(CK_SESSION_HANDLE session, CK_BYTE_PTR seed, CK_ULONG seed_len) {
+    CK_RV rv = begin("C_SeedRandom");
+    if (rv != CKR_OK) return rv;
+    if (session_of(session) == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (seed == NULL && seed_len > 0) return end(CKR_ARGUMENTS_BAD);
+    return end(CKR_RANDOM_SEED_NOT_SUPPORTED);
+}
+
+static CK_RV nh_GenerateRandom(CK_SESSION_HANDLE session, CK_BYTE_PTR out, CK_ULONG len) {
+    CK_RV rv = begin("C_GenerateRandom");
+    if (rv != CKR_OK) return rv;
+    if (session_of(session) == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (out == NULL && len > 0) return end(CKR_ARGUMENTS_BAD);
+    if (len > 0 && nh_random(out, len) != 0) return end(CKR_DEVICE_ERROR);
+    return end(CKR_OK);
+}
+
+// MARK: legacy parallel functions (PKCS#11: always CKR_FUNCTION_NOT_PARALLEL)
+
+static CK_RV nh_GetFunctionStatus(CK_SESSION_HANDLE session) {
+    (void)session;
+    return CKR_FUNCTION_NOT_PARALLEL;
+}
+
+static CK_RV nh_CancelFunction(CK_SESSION_HANDLE session) {
+    (void)session;
+    return CKR_FUNCTION_NOT_PARALLEL;
+}
+
+// MARK: not supported
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#define UNSUPPORTED(name, params) \
+    static CK_RV nh_##name params { return CKR_FUNCTION_NOT_SUPPORTED; }
+
+UNSUPPORTED(InitToken, (CK_SLOT_ID a, CK_UTF8CHAR_PTR b, CK_ULONG c, CK_UTF8CHAR_PTR d))
+UNSUPPORTED(GetOperationState, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c))
+UNSUPPORTED(SetOperationState, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_OBJECT_HANDLE d, CK_OBJECT_HANDLE e))
+UNSUPPORTED(GetObjectSize, (CK_SESSION_HANDLE a, CK_OBJECT_HANDLE b, CK_ULONG_PTR c))
+UNSUPPORTED(EncryptInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c))
+UNSUPPORTED(Encrypt, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(EncryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(EncryptFinal, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c))
+UNSUPPORTED(DecryptInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c))
+UNSUPPORTED(Decrypt, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(DecryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(DecryptFinal, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c))
+UNSUPPORTED(DigestKey, (CK_SESSION_HANDLE a, CK_OBJECT_HANDLE b))
+UNSUPPORTED(SignRecoverInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c))
+UNSUPPORTED(SignRecover, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(VerifyRecoverInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c))
+UNSUPPORTED(VerifyRecover, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(DigestEncryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(DecryptDigestUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(SignEncryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(DecryptVerifyUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
+UNSUPPORTED(GenerateKeyPair, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_ATTRIBUTE_PTR c, CK_ULONG d,
+                              CK_ATTRIBUTE_PTR e, CK_ULONG f, CK_OBJECT_HANDLE_PTR g, CK_OBJECT_HANDLE_PTR h))
+UNSUPPORTED(WrapKey, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_OBJECT_HANDLE d, CK_BYTE_PTR e,
+                      CK_ULONG_PTR f))
+UNSUPPORTED(UnwrapKey, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_BYTE_PTR d, CK_ULONG e,
+                        CK_ATTRIBUTE_PTR f, CK_ULONG g, CK_OBJECT_HANDLE_PTR h))
+UNSUPPORTED(DeriveKey, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_ATTRIBUTE_PTR d, CK_ULONG e,
+                        CK_OBJECT_HANDLE_PTR f))
+UNSUPPORTED(WaitForSlotEvent, (CK_FLAGS a, CK_SLOT_ID_PTR b, CK_VOID_PTR c))
+
+#undef UNSUPPORTED
+#pragma GCC diagnostic pop
+
+// MARK: the function list, and the one export
+
+static CK_RV nh_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list);
+
+static CK_FUNCTION_LIST function_list = {
+    .version = {2, 40},
+#define F(name) .C_##name = nh_##name
+    F(Initialize), F(Finalize), F(GetInfo), F(GetFunctionList), F(GetSlotList), F(GetSlotInfo), F(GetTokenInfo),
+    F(GetMechanismList), F(GetMechanismInfo), F(InitToken), F(InitPIN), F(SetPIN), F(OpenSession), F(CloseSession),
+    F(CloseAllSessions), F(GetSessionInfo), F(GetOperationState), F(SetOperationState), F(Login), F(Logout),
+    F(CreateObject), F(CopyObject), F(DestroyObject), F(GetObjectSize), F(GetAttributeValue), F(SetAttributeValue),
+    F(FindObjectsInit), F(FindObjects), F(FindObjectsFinal), F(EncryptInit), F(Encrypt), F(EncryptUpdate),
+    F(EncryptFinal), F(DecryptInit), F(Decrypt), F(DecryptUpdate), F(DecryptFinal), F(DigestInit), F(Digest),
+    F(DigestUpdate), F(DigestKey), F(DigestFinal), F(SignInit), F(Sign), F(SignUpdate), F(SignFinal),
+    F(SignRecoverInit), F(SignRecover), F(VerifyInit), F(Verify), F(VerifyUpdate), F(VerifyFinal),
+    F(VerifyRecoverInit), F(VerifyRecover), F(DigestEncryptUpdate), F(DecryptDigestUpdate), F(SignEncryptUpdate),
+    F(DecryptVerifyUpdate), F(GenerateKey), F(GenerateKeyPair), F(WrapKey), F(UnwrapKey), F(DeriveKey),
+    F(SeedRandom), F(GenerateRandom), F(GetFunctionStatus), F(CancelFunction), F(WaitForSlotEvent),
+#undef F
+};
+
+static CK_RV nh_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
+    if (list == NULL) return CKR_ARGUMENTS_BAD;
+    *list = &function_list;
+    return CKR_OK;
+}
+
+__attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
+    return nh_GetFunctionList(list);
+}
