@@ -92,4 +92,70 @@ import Testing
         #expect(outcome.trace.contains("answered CKR_PIN_INCORRECT; the kept PIN is wiped and will not be tried again"), "\(outcome.report)")
         #expect(!outcome.trace.contains(token.pin) && !outcome.trace.contains(newPin), "a PIN appeared in the trace")
     }
+
+    @Test(arguments: variants)
+    func threadsOfAChildRecoverOnceAndAllSign(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        try expectSuccess(check, "child-threads", children: 2)
+        _ = token
+    }
+
+    /// The fork system call runs no pthread_atfork handlers: the MADV_WIPEONFORK page still tells.
+    @Test(arguments: variants.filter(\.strict))
+    func forkWithoutAtforkHandlersIsDetected(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        let direct = try check.run("inherited", throughP11Fork: false, extra: ["--raw-fork"])
+        #expect(!direct.succeeded, "directly: \(direct.report)")
+        let outcome = try check.run("inherited", throughP11Fork: true, children: 2, extra: ["--raw-fork"])
+        #expect(outcome.succeeded, "\(outcome.report)")
+        #expect(outcome.trace.contains("fork detected"), "\(outcome.report)")
+        _ = token
+    }
+
+    /// Two keys with the same label and the same ID: the child must sign with the one the parent
+    /// had (its signature equals the parent's), not with the look-alike.
+    @Test(arguments: variants.filter { $0.mechanism == "rsa" })
+    func lookAlikeKeysAreNotConfused(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        try token.generateKeyPair(label: "fork-key", type: "rsa:2048", id: "01")
+        try token.generateKeyPair(label: "fork-key", type: "rsa:2048", id: "01")
+        let outcome = try check.run("inherited", throughP11Fork: true, children: 2, extra: ["--twins"])
+        #expect(outcome.succeeded, "\(outcome.report)")
+        #expect(outcome.trace.contains("candidate(s)"), "\(outcome.report)")
+    }
+
+    /// With login replay off nothing is kept, and a child that relies on the parent's login
+    /// cannot use its private key; one that logs in itself works.
+    @Test(arguments: variants.filter(\.strict))
+    func loginReplayCanBeSwitchedOff(_ variant: Variant) throws {
+        let (token, plain) = try setUp(variant)
+        var check = plain
+        check.extraEnvironment = ["P11FORK_LOGIN_REPLAY": "off"]
+        let inherited = try check.run("inherited", throughP11Fork: true)
+        #expect(!inherited.succeeded, "\(inherited.report)")
+        #expect(inherited.trace.contains("login replay is off"), "\(inherited.report)")
+        #expect(!inherited.trace.contains("login replayed"), "\(inherited.report)")
+        try expectSuccess(check, "child-initializes")
+        _ = token
+    }
+
+    /// The Python example: a multiprocessing pool signs with the parent's session and key.
+    @Test(arguments: variants.filter { $0.mechanism == "rsa" })
+    func pythonWorkerPoolSignsWithTheParentsKey(_ variant: Variant) throws {
+        let (token, _) = try setUp(variant)
+        let arguments = [Products.example("fork_workers.py"), "", token.label, "fork-key", "3", "9"]
+        var environment = token.environment
+        environment["PIN"] = token.pin
+        if variant.strict {
+            var direct = arguments
+            direct[1] = RealModules.softHSM
+            let result = try runProgram("/usr/bin/python3", direct, environment: environment)
+            #expect(result.status != 0 && result.stdout.contains("CKR_CRYPTOKI_NOT_INITIALIZED"), "directly: \(result.output)")
+        }
+        var through = arguments
+        through[1] = Products.module
+        environment["P11FORK_MODULE"] = RealModules.softHSM
+        let result = try runProgram("/usr/bin/python3", through, environment: environment)
+        #expect(result.status == 0 && result.stdout.contains("9 of 9 signatures made by forked workers verified"), "\(result.output)")
+    }
 }
