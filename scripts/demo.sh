@@ -14,7 +14,8 @@ softhsm=/usr/lib/softhsm/libsofthsm2.so
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/tokens"
-printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$work/softhsm2.conf"
+# reset_on_fork: SoftHSM then refuses inherited state in a child, as strict vendor modules do.
+printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\nlibrary.reset_on_fork = true\n' "$work" > "$work/softhsm2.conf"
 export SOFTHSM2_CONF="$work/softhsm2.conf"   # a throw-away token, never the system's
 pin=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 softhsm2-util --init-token --free --label p11fork-demo --pin "$pin" --so-pin "$pin$pin" >/dev/null
@@ -35,4 +36,11 @@ P11FORK_TRACE=stderr tool --login --pin "$pin" --sign --mechanism SHA256-RSA-PKC
 echo "== verifying the signature with openssl"
 openssl rsa -pubin -inform DER -in "$work/pub.der" -out "$work/pub.pem" 2>/dev/null
 openssl dgst -sha256 -verify "$work/pub.pem" -signature "$work/sig.bin" "$work/data.txt"
+echo
+echo "== the main job: a parent logs in once, then forked workers sign with its session and key"
+echo "-- directly on SoftHSM:"
+PIN=$pin python3 examples/fork_workers.py "$softhsm" p11fork-demo demo-key 2 4 || true
+echo "-- through p11fork (recovery steps traced):"
+PIN=$pin P11FORK_TRACE=stderr P11FORK_TRACE_LEVEL=fork \
+  python3 examples/fork_workers.py "$module" p11fork-demo demo-key 2 4 2>&1 | sed 's/^[^ ]* p11fork/  p11fork/'
 echo "== done: libp11fork.so is at $module"

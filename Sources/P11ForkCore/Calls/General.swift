@@ -24,7 +24,6 @@ enum Custom {
             if rv == CKR_OK {
                 Core.appInitialized = true
                 ModuleRecovery.keepInitArguments(pInitArgs)
-                if let module = Core.module { ModuleRecovery.prepareSpare(for: module) }
             }
         } else {
             rv = Core.unusable ?? CK_RV(CKR_GENERAL_ERROR)

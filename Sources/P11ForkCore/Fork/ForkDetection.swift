@@ -19,8 +19,12 @@ enum ForkDetection {
     static func install() {
         pid = getpid()
         ProcessMark.install()
-        pthread_atfork(nil, nil, {
-            // Only marks; anything more is done lazily on the child's first call.
+        pthread_atfork({
+            // In the parent, just before a fork: have a copy of the module ready for the child
+            // (loading it in the child could not give the child's threads its libc).
+            ModuleRecovery.prepareSpareBeforeFork()
+        }, nil, {
+            // In the child: only marks; anything more is done lazily on the child's first call.
             if !ProcessMark.wipedByKernel { ProcessMark.clearInChild() }
         })
     }

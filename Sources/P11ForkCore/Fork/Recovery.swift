@@ -47,8 +47,6 @@ enum Recovery {
             Core.slotEpoch &+= 1
             initializationUnclaimed = true
             Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy, \(milliseconds(since: started)))")
-            // This child's own children will want a copy too.
-            ModuleRecovery.prepareSpare(for: module)
         case .failure(let why):
             Core.functions = nil
             Core.unusable = CK_RV(CKR_DEVICE_ERROR)

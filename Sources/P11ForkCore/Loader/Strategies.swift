@@ -91,8 +91,16 @@ enum ModuleRecovery {
         strategy == .freshCopy || (strategy == .auto && !module.loadsGLib)
     }
 
+    /// Called by the pthread_atfork prepare handler: a process that uses its module gets a spare
+    /// just before its first fork, so a process that never forks never loads one. A fork that
+    /// skips atfork handlers leaves the child to load a copy itself.
+    static func prepareSpareBeforeFork() {
+        guard Core.appInitialized, !Recovery.moduleInherited, let module = Core.module else { return }
+        prepareSpare(for: module)
+    }
+
     /// Loads the spare copy for this process's future children, if the strategy wants one and
-    /// there is none: after the application's C_Initialize, and in a child after its recovery.
+    /// there is none.
     static func prepareSpare(for module: RealModule) {
         guard spare == nil, usesCopies(module) else { return }
         let started = Clock.monotonicNanoseconds()

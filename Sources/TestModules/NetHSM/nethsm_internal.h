@@ -96,6 +96,7 @@ struct nh_object {
     uint64_t key_type;      // CKK_GENERIC_SECRET for keys
     uint8_t token, private_, modifiable;
     uint8_t sensitive, extractable, sign, verify, always_authenticate;
+    uint8_t encrypt, decrypt, wrap, unwrap, derive;  // stored and reported; no mechanism uses them
     uint8_t local, always_sensitive, never_extractable;
     uint32_t label_len, ckaid_len, application_len, value_len;
     uint8_t label[NH_MAX_SHORT];

@@ -4,7 +4,10 @@
 // Secret keys (CKO_SECRET_KEY, CKK_GENERIC_SECRET): CKA_CLASS, CKA_KEY_TYPE, CKA_TOKEN,
 // CKA_PRIVATE, CKA_MODIFIABLE, CKA_LABEL, CKA_ID, CKA_VALUE, CKA_VALUE_LEN, CKA_SENSITIVE,
 // CKA_EXTRACTABLE, CKA_SIGN, CKA_VERIFY, CKA_ALWAYS_AUTHENTICATE, CKA_LOCAL,
-// CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_CHECK_VALUE.
+// CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_CHECK_VALUE, and the usage flags CKA_ENCRYPT,
+// CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP, CKA_DERIVE (default false; stored and reported only, since
+// no mechanism of this module uses them — accepted because consumers such as pkcs11-tool put
+// them in their secret-key templates).
 // Data objects (CKO_DATA): CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_MODIFIABLE, CKA_LABEL,
 // CKA_APPLICATION, CKA_VALUE.
 // Anything else is CKR_ATTRIBUTE_TYPE_INVALID (in particular there is no CKA_UNIQUE_ID).
@@ -27,6 +30,7 @@ static int defined_for(const struct nh_object *o, CK_ATTRIBUTE_TYPE type) {
     case CKA_KEY_TYPE: case CKA_ID: case CKA_VALUE_LEN: case CKA_SENSITIVE: case CKA_EXTRACTABLE:
     case CKA_SIGN: case CKA_VERIFY: case CKA_ALWAYS_AUTHENTICATE: case CKA_LOCAL:
     case CKA_ALWAYS_SENSITIVE: case CKA_NEVER_EXTRACTABLE: case CKA_CHECK_VALUE:
+    case CKA_ENCRYPT: case CKA_DECRYPT: case CKA_WRAP: case CKA_UNWRAP: case CKA_DERIVE:
         return is_key(o);
     default:
         return 0;
@@ -38,6 +42,7 @@ static int is_bool_attribute(CK_ATTRIBUTE_TYPE type) {
     case CKA_TOKEN: case CKA_PRIVATE: case CKA_MODIFIABLE: case CKA_SENSITIVE: case CKA_EXTRACTABLE:
     case CKA_SIGN: case CKA_VERIFY: case CKA_ALWAYS_AUTHENTICATE: case CKA_LOCAL:
     case CKA_ALWAYS_SENSITIVE: case CKA_NEVER_EXTRACTABLE:
+    case CKA_ENCRYPT: case CKA_DECRYPT: case CKA_WRAP: case CKA_UNWRAP: case CKA_DERIVE:
         return 1;
     default:
         return 0;
@@ -57,6 +62,11 @@ static uint8_t *bool_field(struct nh_object *o, CK_ATTRIBUTE_TYPE type) {
     case CKA_LOCAL: return &o->local;
     case CKA_ALWAYS_SENSITIVE: return &o->always_sensitive;
     case CKA_NEVER_EXTRACTABLE: return &o->never_extractable;
+    case CKA_ENCRYPT: return &o->encrypt;
+    case CKA_DECRYPT: return &o->decrypt;
+    case CKA_WRAP: return &o->wrap;
+    case CKA_UNWRAP: return &o->unwrap;
+    case CKA_DERIVE: return &o->derive;
     default: return NULL;
     }
 }
@@ -204,6 +214,7 @@ CK_RV nh_template_apply(struct nh_object *o, CK_ATTRIBUTE_PTR tmpl, CK_ULONG cou
             o->extractable = (uint8_t)on;
             break;
         case CKA_SIGN: case CKA_VERIFY: case CKA_ALWAYS_AUTHENTICATE:
+        case CKA_ENCRYPT: case CKA_DECRYPT: case CKA_WRAP: case CKA_UNWRAP: case CKA_DERIVE:
             if (mode == NH_COPY) {
                 if (!same_as_current(o, a)) return CKR_ATTRIBUTE_READ_ONLY;
             } else {

@@ -25,7 +25,7 @@ fi
 export NETHSM_DIR="$work/server" NETHSM_LOG="$work/nethsm.log"
 status=0
 if [ "${1:-}" = "--valgrind" ]; then
-  valgrind -q --error-exitcode=99 --leak-check=no --track-origins=yes \
+  valgrind ${VALGRIND_FLAGS:--q} --error-exitcode=99 --leak-check=no --track-origins=yes \
     "$work/nethsm_selftest" "$work/libnethsm.so" $expected || status=$?
 else
   "$work/nethsm_selftest" "$work/libnethsm.so" $expected || status=$?
