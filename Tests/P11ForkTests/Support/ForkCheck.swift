@@ -9,6 +9,8 @@ struct ForkCheck {
     var mechanism = "rsa"
     var realModule = RealModules.softHSM
     var extraEnvironment: [String: String] = [:]
+    /// A command the driver runs under (e.g. a private mount namespace for p11-kit's proxy).
+    var launcher: [String] = []
 
     struct Outcome {
         let result: ProcessResult
@@ -29,7 +31,8 @@ struct ForkCheck {
         let arguments = ["--module", throughP11Fork ? Products.module : realModule, "--token", token.label,
                          "--pin", token.pin, "--key", keyLabel, "--mechanism", mechanism,
                          "--children", String(children), "--signatures", String(signatures), "--stagger", "100"] + extra + [scenario]
-        let result = try runProgram(Products.forkcheck, arguments, environment: environment, timeout: 180)
+        let command = launcher + [Products.forkcheck] + arguments
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: 180)
         let trace = (try? String(contentsOf: traceFile, encoding: .utf8)) ?? ""
         return Outcome(result: result, trace: trace)
     }

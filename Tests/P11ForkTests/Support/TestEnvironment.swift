@@ -13,9 +13,21 @@ enum Products {
     static func example(_ name: String) -> String { packageRoot.appendingPathComponent("examples/\(name)").path }
 }
 
-/// The real module the tests put behind p11fork (TEST_PKCS11_MODULE overrides it).
+/// The real modules the tests put behind p11fork (TEST_PKCS11_MODULE overrides SoftHSM's path).
 enum RealModules {
     static var softHSM: String { ProcessInfo.processInfo.environment["TEST_PKCS11_MODULE"] ?? "/usr/lib/softhsm/libsofthsm2.so" }
+    static let p11KitProxy = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
+
+    /// p11-kit ignores per-user configuration for root, so the proxy is made to load only
+    /// SoftHSM by mounting, in a private mount namespace, a folder holding only SoftHSM's module
+    /// file over the system's module folder (nothing outside the namespace changes).
+    static func p11KitLauncher(in directory: URL) throws -> [String] {
+        let modules = directory.appendingPathComponent("p11-kit-modules")
+        try FileManager.default.createDirectory(at: modules, withIntermediateDirectories: true)
+        try "module: \(softHSM)\n".write(to: modules.appendingPathComponent("softhsm2.module"), atomically: true, encoding: .utf8)
+        return ["/usr/bin/unshare", "-m", "/bin/sh", "-c",
+                "mount --bind \"$0\" /usr/share/p11-kit/modules && exec \"$@\"", modules.path]
+    }
 }
 
 struct ProcessResult {
