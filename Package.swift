@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "p11fork", type: .dynamic, targets: ["P11Fork"]),
         .executable(name: "p11fork-conformance", targets: ["p11fork-conformance"]),
         .executable(name: "p11fork-forkcheck", targets: ["p11fork-forkcheck"]),
+        .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
         // Modules built only for the tests.
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
     ],
@@ -42,6 +43,12 @@ let package = Package(
             name: "p11fork-forkcheck",
             path: "Sources/TestTools/ForkCheck",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
+        ),
+        // A forking program signing through OpenSSL's pkcs11 engine (libp11), like nginx workers.
+        .executableTarget(
+            name: "p11fork-enginefork",
+            path: "Sources/TestTools/EngineFork",
+            linkerSettings: [.linkedLibrary("crypto")]
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         .testTarget(name: "P11ForkCoreTests", dependencies: ["P11ForkCore"]),

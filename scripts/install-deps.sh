@@ -9,6 +9,7 @@ packages=(
   opensc                    # pkcs11-tool
   openssl
   libengine-pkcs11-openssl  # OpenSSL's pkcs11 engine (tests)
+  libssl-dev                # OpenSSL headers, for the test program that forks with the engine
   python3
 )
 

@@ -51,3 +51,40 @@ final class ConsumerTests: XCTestCase {
         XCTAssertTrue(result.stdout.contains("Signature Verified Successfully"), result.output)
     }
 }
+
+/// A forking program signing through OpenSSL's pkcs11 engine (Sources/TestTools/EngineFork):
+/// libp11 follows the old rule in each child (C_Initialize, new session, login, find the key
+/// again). p11fork must cope with such a consumer: the child's C_Initialize answers CKR_OK and
+/// the key it finds again has the handle the parent had.
+final class EngineForkTests: XCTestCase {
+    private func run(_ token: SoftHSMToken, through: Bool, trace: URL? = nil) throws -> ProcessResult {
+        var environment = token.environment
+        environment["OPENSSL_CONF"] = Products.example("openssl-engine.cnf")
+        environment["LIBP11FORK"] = through ? Products.module : RealModules.softHSM
+        if through { environment["P11FORK_MODULE"] = RealModules.softHSM }
+        if let trace {
+            environment["P11FORK_TRACE"] = trace.path
+            environment["P11FORK_TRACE_LEVEL"] = "calls"
+        }
+        return try runProgram(Products.path("p11fork-enginefork"), ["pkcs11:token=\(token.label);object=engine-key", token.pin, "3"],
+                              environment: environment, timeout: 120)
+    }
+
+    private func check(strict: Bool) throws {
+        let token = try SoftHSMToken(strict: strict)
+        try token.generateKeyPair(label: "engine-key")
+        // libp11 copes with SoftHSM by itself: the baseline p11fork must not spoil.
+        let direct = try run(token, through: false)
+        XCTAssertTrue(direct.stdout.contains("result: ok 3 signature(s)"), "directly: \(direct.output)")
+        let trace = token.directory.appendingPathComponent("engine.log")
+        let through = try run(token, through: true, trace: trace)
+        XCTAssertEqual(through.status, 0, through.output)
+        XCTAssertTrue(through.stdout.contains("result: ok 3 signature(s) from children verified; the parent still signs"), through.output)
+        let text = try String(contentsOf: trace, encoding: .utf8)
+        XCTAssertEqual(text.components(separatedBy: "C_Initialize in the child: the module was already made ready for this process: answered CKR_OK").count - 1, 3, text)
+        XCTAssertFalse(text.contains(token.pin))
+    }
+
+    func testEngineWorkersOverSoftHSMDefaultMode() throws { try check(strict: false) }
+    func testEngineWorkersOverStrictSoftHSM() throws { try check(strict: true) }
+}
