@@ -150,6 +150,10 @@ static CK_SLOT_ID slot_steps(void) {
     line("C_GetTokenInfo(NULL)", p->C_GetTokenInfo(slot, NULL), "%s", "");
 
     CK_ULONG mechanisms = 0;
+    CK_MECHANISM_TYPE three[3];
+    CK_ULONG three_room = 3;
+    rv = p->C_GetMechanismList(slot, three, &three_room);
+    line("C_GetMechanismList(3 room)", rv, "count=%lu", three_room);
     rv = p->C_GetMechanismList(slot, NULL, &mechanisms);
     CK_MECHANISM_TYPE types[512];
     CK_ULONG room = 512;
@@ -251,6 +255,11 @@ static void object_steps(CK_SESSION_HANDLE rw) {
     line("C_FindObjectsInit(NULL template)", rv, "%s", "");
     if (rv == CKR_OK) p->C_FindObjectsFinal(rw);
     line("C_FindObjects(not initialised)", p->C_FindObjects(rw, found, 8, &count), "%s", "");
+    if (p->C_FindObjectsInit(rw, NULL, 0) == CKR_OK) {
+        line("C_FindObjects(NULL handles)", p->C_FindObjects(rw, NULL, 8, &count), "%s", "");
+        line("C_FindObjects(NULL count)", p->C_FindObjects(rw, found, 8, NULL), "%s", "");
+        p->C_FindObjectsFinal(rw);
+    }
 
     CK_MECHANISM sha256_rsa = { CKM_SHA256_RSA_PKCS, NULL, 0 };
     sign_verify("RSA-SHA256", rw, &sha256_rsa, rsa_priv, rsa_pub, plaintext, sizeof plaintext - 1);
@@ -421,6 +430,15 @@ static void object_steps(CK_SESSION_HANDLE rw) {
     // Random.
     unsigned char random[32];
     line("C_GenerateRandom", p->C_GenerateRandom(rw, random, 32), "len=32");
+    line("C_GenerateRandom(NULL)", p->C_GenerateRandom(rw, NULL, 32), "%s", "");
+    CK_OBJECT_CLASS data_class = CKO_DATA;
+    CK_ATTRIBUTE set_class[] = { { CKA_CLASS, &data_class, sizeof data_class } };
+    line("C_SetAttributeValue(CKA_CLASS)", p->C_SetAttributeValue(rw, aes_key, set_class, 1), "%s", "");
+    CK_MECHANISM sha256_rsa_again = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+    p->C_SignInit(rw, &sha256_rsa_again, rsa_priv);
+    line("C_SignInit(while active)", p->C_SignInit(rw, &sha256_rsa_again, rsa_priv), "%s", "");
+    length = sizeof signature;
+    p->C_Sign(rw, (CK_BYTE_PTR)plaintext, 4, signature, &length);
     line("C_SeedRandom", p->C_SeedRandom(rw, (CK_BYTE_PTR)"seed", 4), "%s", "");
     CK_ULONG state_len = 0;
     line("C_GetOperationState", p->C_GetOperationState(rw, NULL, &state_len), "%s", "");
@@ -453,6 +471,8 @@ int main(int argc, char **argv) {
     line("C_Finalize(before C_Initialize)", p->C_Finalize(NULL), "%s", "");
     CK_C_INITIALIZE_ARGS reserved = { .flags = CKF_OS_LOCKING_OK, .pReserved = (void *)"x" };
     line("C_Initialize(pReserved set)", p->C_Initialize(&reserved), "%s", "");
+    CK_C_INITIALIZE_ARGS half = { .CreateMutex = (CK_CREATEMUTEX)(void *)1 };
+    line("C_Initialize(one mutex callback only)", p->C_Initialize(&half), "%s", "");
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
     line("C_Initialize(CKF_OS_LOCKING_OK)", p->C_Initialize(&args), "%s", "");
     line("C_Initialize(again)", p->C_Initialize(NULL), "%s", "");
@@ -478,6 +498,10 @@ int main(int argc, char **argv) {
     session_info("C_GetSessionInfo(RO, logged in)", ro);
     session_info("C_GetSessionInfo(RW, logged in)", rw);
     line("C_Login(unknown session)", p->C_Login(0x7777, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin)), "%s", "");
+    CK_OBJECT_CLASS data = CKO_DATA;
+    CK_ATTRIBUTE token_object[] = { { CKA_CLASS, &data, sizeof data }, { CKA_TOKEN, &yes, 1 } };
+    CK_OBJECT_HANDLE not_made = 0;
+    line("C_CreateObject(token object, RO session)", p->C_CreateObject(ro, token_object, 2, &not_made), "%s", "");
 
     object_steps(rw);
 
@@ -495,6 +519,13 @@ int main(int argc, char **argv) {
     session_info("C_GetSessionInfo(after C_Finalize)", rw);
     line("C_Finalize(again)", p->C_Finalize(NULL), "%s", "");
     line("C_Initialize(once more)", p->C_Initialize(NULL), "%s", "");
+    // A module may number sessions and objects from 1 again, p11fork does not: labels restart.
+    seen_count[SESSION] = seen_count[OBJECT] = 0;
+    CK_SESSION_HANDLE fresh = 0;
+    rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &fresh);
+    line("C_OpenSession(after re-initialising)", rv, "%s", ordinal(SESSION, fresh));
+    // (A handle from before C_Finalize is not tried here: the module may have given its number
+    // to the new session, while p11fork's stays invalid. docs/FORK.md and README say so.)
     n = 8;
     rv = p->C_GetSlotList(CK_TRUE, slots, &n);
     line("C_GetSlotList(after re-initialising)", rv, "count=%lu %s", n, n ? ordinal(SLOT, slots[0]) : "");
