@@ -18,6 +18,7 @@ let package = Package(
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
         // Modules built only for the tests.
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
+        .library(name: "p11fork-test-nethsm", type: .dynamic, targets: ["NetHSMModule"]),
     ],
     targets: [
         // The C edge: PKCS#11 2.40 (p11-kit's header) + 3.0 declarations, and tiny syscall helpers.
@@ -51,6 +52,8 @@ let package = Package(
             linkerSettings: [.linkedLibrary("crypto")]
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
+        // Behaves like a network-HSM client that knows nothing about fork (its README says how).
+        .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"]),
         .testTarget(name: "P11ForkCoreTests", dependencies: ["P11ForkCore"]),
         .testTarget(name: "P11ForkTests"),
     ]

@@ -50,7 +50,11 @@ static const char *rv_name(CK_RV rv) {
     case CKR_USER_NOT_LOGGED_IN: return "CKR_USER_NOT_LOGGED_IN";
     case CKR_CRYPTOKI_ALREADY_INITIALIZED: return "CKR_CRYPTOKI_ALREADY_INITIALIZED";
     case CKR_ARGUMENTS_BAD: return "CKR_ARGUMENTS_BAD";
-    default: return "CKR_other";
+    default: {
+        static char other[24];  // only used under the client lock
+        snprintf(other, sizeof other, "0x%lx", rv);
+        return other;
+    }
     }
 }
 
@@ -487,9 +491,12 @@ static CK_RV nh_CloseSession(CK_SESSION_HANDLE session) {
         rv = CKR_SESSION_HANDLE_INVALID;
     else
         nh_session_close(client.srv, se);
-    if (inherited)
-        nh_log(client.log_path, "pid=%d inherited C_CloseSession: closed session %u of connection %u of pid %d -> %s",
-               (int)getpid(), id, client.conn_id, (int)client.pid, rv_name(rv));
+    if (inherited && rv == CKR_OK)
+        nh_log(client.log_path, "pid=%d inherited C_CloseSession: closed session %u of connection %u of pid %d -> CKR_OK",
+               (int)getpid(), id, client.conn_id, (int)client.pid);
+    else if (inherited)
+        nh_log(client.log_path, "pid=%d inherited C_CloseSession: 0x%lx is no session of connection %u of pid %d -> %s",
+               (int)getpid(), session, client.conn_id, (int)client.pid, rv_name(rv));
     return end(rv);
 }
 
@@ -502,10 +509,13 @@ static CK_RV nh_CloseAllSessions(CK_SLOT_ID slot) {
         rv = CKR_SLOT_ID_INVALID;
     else
         closed = nh_connection_reset(client.srv, conn);  // the last session closed ends the login too
-    if (inherited)
+    if (inherited && rv == CKR_OK)
         nh_log(client.log_path,
-               "pid=%d inherited C_CloseAllSessions: closed %u sessions of connection %u of pid %d (logout) -> %s",
-               (int)getpid(), closed, client.conn_id, (int)client.pid, rv_name(rv));
+               "pid=%d inherited C_CloseAllSessions: closed %u sessions of connection %u of pid %d (logout) -> CKR_OK",
+               (int)getpid(), closed, client.conn_id, (int)client.pid);
+    else if (inherited)
+        nh_log(client.log_path, "pid=%d inherited C_CloseAllSessions: slot %lu is not the slot of connection %u of pid %d -> %s",
+               (int)getpid(), slot, client.conn_id, (int)client.pid, rv_name(rv));
     return end(rv);
 }
 
@@ -569,8 +579,11 @@ static CK_RV nh_Logout(CK_SESSION_HANDLE session) {
         rv = CKR_USER_NOT_LOGGED_IN;
     else
         conn->login = NH_LOGIN_NONE;
-    if (inherited)
-        nh_log(client.log_path, "pid=%d inherited C_Logout: logged out connection %u of pid %d -> %s", (int)getpid(),
+    if (inherited && rv == CKR_OK)
+        nh_log(client.log_path, "pid=%d inherited C_Logout: logged out connection %u of pid %d -> CKR_OK", (int)getpid(),
+               client.conn_id, (int)client.pid);
+    else if (inherited)
+        nh_log(client.log_path, "pid=%d inherited C_Logout: connection %u of pid %d unchanged -> %s", (int)getpid(),
                client.conn_id, (int)client.pid, rv_name(rv));
     return end(rv);
 }

@@ -4,7 +4,7 @@ import XCTest
 /// Runs p11fork-forkcheck (Sources/TestTools/ForkCheck) for one scenario, against the real
 /// module directly or through libp11fork.so, and returns what it printed.
 struct ForkCheck {
-    let token: SoftHSMToken
+    let token: any TestToken
     var keyLabel = "fork-key"
     var mechanism = "rsa"
     var realModule = RealModules.softHSM

@@ -81,8 +81,21 @@ func runProgram(_ executable: String, _ arguments: [String], environment: [Strin
                          stderr: String(decoding: collected.stderr, as: UTF8.self), timedOut: timedOut)
 }
 
+/// A throw-away token a test makes for itself.
+protocol TestToken: AnyObject {
+    var directory: URL { get }
+    var label: String { get }
+    var pin: String { get }
+    /// The environment a process needs to see this token.
+    var environment: [String: String] { get }
+}
+
+/// Letters no hex number, time or length in a trace can contain: a test that finds the PIN in a
+/// trace has found the PIN, not a coincidence.
+func makeSecret() -> String { "PIN-" + String((0..<8).map { _ in "ghjkmnpqrstuvwxyz".randomElement()! }) }
+
 /// A throw-away SoftHSM token in a temporary directory (never the system token directory).
-final class SoftHSMToken {
+final class SoftHSMToken: TestToken {
     let directory: URL
     let label: String
     let pin: String
@@ -99,11 +112,8 @@ final class SoftHSMToken {
         try FileManager.default.createDirectory(at: tokens, withIntermediateDirectories: true)
         self.label = label
         self.strict = strict
-        // Letters no hex number, time or length in a trace can contain: a test that finds the
-        // PIN in a trace has found the PIN, not a coincidence.
-        func secret() -> String { "PIN-" + String((0..<8).map { _ in "ghjkmnpqrstuvwxyz".randomElement()! }) }
-        pin = secret()
-        soPin = secret()
+        pin = makeSecret()
+        soPin = makeSecret()
         var config = "directories.tokendir = \(tokens.path)\nobjectstore.backend = file\nlog.level = ERROR\n"
         if strict { config += "library.reset_on_fork = true\n" }
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
@@ -119,6 +129,39 @@ final class SoftHSMToken {
         let result = try runProgram("/usr/bin/pkcs11-tool", ["--module", RealModules.softHSM, "--token-label", label, "--login",
                                                       "--pin", pin, "--keypairgen", "--key-type", type, "--label", keyLabel, "--id", id],
                              environment: environment)
+        guard result.status == 0 else { throw TestFailure("key generation failed: \(result.output)") }
+    }
+}
+
+/// A throw-away token on the network-HSM-like test module (Sources/TestModules/NetHSM): its
+/// "server" state lives in a temporary directory shared by every process and module copy.
+final class NetHSMToken: TestToken {
+    let directory: URL
+    let label = "nethsm-test"
+    let pin = makeSecret()
+    static var module: String { Products.path("libp11fork-test-nethsm.so") }
+    var environment: [String: String] {
+        ["NETHSM_DIR": directory.path, "NETHSM_LABEL": label, "NETHSM_PIN": pin,
+         "NETHSM_LOG": directory.appendingPathComponent("nethsm.log").path]
+    }
+    var log: String { (try? String(contentsOf: directory.appendingPathComponent("nethsm.log"), encoding: .utf8)) ?? "" }
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("p11fork-nethsm-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(at: directory) }
+
+    /// pkcs11-tool on the module directly, as the token's user.
+    func tool(_ arguments: [String], login: Bool = true) throws -> ProcessResult {
+        try runProgram("/usr/bin/pkcs11-tool", ["--module", Self.module, "--token-label", label]
+                       + (login ? ["--login", "--pin", pin] : []) + arguments, environment: environment)
+    }
+
+    /// An HMAC key on the token.
+    func generateSecretKey(label keyLabel: String) throws {
+        let result = try tool(["--keygen", "--key-type", "GENERIC:32", "--label", keyLabel, "--id", "07"])
         guard result.status == 0 else { throw TestFailure("key generation failed: \(result.output)") }
     }
 }

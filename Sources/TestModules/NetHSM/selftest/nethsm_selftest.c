@@ -417,6 +417,10 @@ static void test_objects_and_crypto(const char *openssl_hmac) {
     CK_ATTRIBUTE data_value = {CKA_VALUE, value, sizeof value};
     EXPECT(p11->C_GetAttributeValue(session, data_object, &data_value, 1), CKR_OK);
     EXPECT_TRUE(data_value.ulValueLen == 7 && memcmp(value, "payload", 7) == 0);
+    CK_BBOOL encrypt = CK_TRUE;
+    CK_ATTRIBUTE usage = {CKA_ENCRYPT, &encrypt, sizeof encrypt};  // accepted, stored, unused: default false
+    EXPECT(p11->C_GetAttributeValue(session, key, &usage, 1), CKR_OK);
+    EXPECT_TRUE(encrypt == CK_FALSE);
     CK_ATTRIBUTE rename = {CKA_ID, "k2", 2}, forbidden = {CKA_SIGN, &yes, sizeof yes};
     EXPECT(p11->C_SetAttributeValue(session, key, &forbidden, 1), CKR_ATTRIBUTE_READ_ONLY);
     EXPECT(p11->C_SetAttributeValue(session, key, &rename, 1), CKR_OK);
