@@ -10,6 +10,7 @@ packages=(
   openssl
   libengine-pkcs11-openssl  # OpenSSL's pkcs11 engine (tests)
   libssl-dev                # OpenSSL headers, for the test program that forks with the engine
+  opencryptoki              # openCryptoki's soft token and pkcsslotd (fork tests)
   python3
 )
 

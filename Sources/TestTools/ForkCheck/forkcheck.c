@@ -5,7 +5,7 @@
 // can blur what a forked child sees. Every child arms alarm() and _exit()s with a status; the
 // parent checks every status, so a hang is a failure, never a stuck run.
 //
-//   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|ec|hmac]
+//   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|rsa-pkcs|ec|hmac]
 //                     [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins]
 //                     [--run-before-fork CMD] SCENARIO
 //
@@ -92,6 +92,8 @@ static CK_MECHANISM mechanism(void) {
     // Raw ECDSA over a 32-byte value: SoftHSM 2.6 has no CKM_ECDSA_SHA256.
     if (!strcmp(mechanism_name, "ec")) m.mechanism = CKM_ECDSA;
     if (!strcmp(mechanism_name, "hmac")) m.mechanism = CKM_SHA256_HMAC;
+    // Plain PKCS#1 v1.5 over the 32 bytes, for modules without hash-and-sign (openCryptoki 3.8).
+    if (!strcmp(mechanism_name, "rsa-pkcs")) m.mechanism = CKM_RSA_PKCS;
     return m;
 }
 
@@ -442,7 +444,7 @@ static int scenario_child_threads(void) {
 
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forkcheck: %s\nusage: p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL "
-                    "[--mechanism rsa|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] SCENARIO\n"
+                    "[--mechanism rsa|rsa-pkcs|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] SCENARIO\n"
                     "scenarios: inherited generations child-initializes child-teardown threads child-threads pin-changed\n", problem);
     return 2;
 }
@@ -468,7 +470,8 @@ int main(int argc, char **argv) {
     }
     if (!module || !token_label || !pin || !key_label || !scenario) return usage("missing argument");
     if (children < 1 || children > 64 || signatures < 1) return usage("--children is 1..64, --signatures at least 1");
-    if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "ec") && strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
+    if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "rsa-pkcs") && strcmp(mechanism_name, "ec") &&
+        strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
 
     void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
     if (!library) return fail("cannot load %s: %s", module, dlerror());

@@ -166,6 +166,31 @@ final class NetHSMToken: TestToken {
     }
 }
 
+/// openCryptoki's soft token (slot 3), private to each run: scripts/with-opencryptoki.sh mounts
+/// temporary folders over openCryptoki's state in a mount namespace of its own, starts
+/// pkcsslotd, initialises the token and makes an RSA key, then runs the command.
+final class OpenCryptokiToken: TestToken {
+    let directory: URL
+    let label = "ocktest"
+    // The soft token takes PINs of at most 8 characters.
+    let pin = String((0..<8).map { _ in "ghjkmnpqrstuvwxyz".randomElement()! })
+    let soPin = String((0..<8).map { _ in "ghjkmnpqrstuvwxyz".randomElement()! })
+    var environment: [String: String] { [:] }
+    static let module = "/usr/lib/x86_64-linux-gnu/opencryptoki/libopencryptoki.so.0"
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("p11fork-ock-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(at: directory) }
+
+    /// Runs the command under the private openCryptoki, with an RSA key labelled `keyLabel`.
+    func launcher(keyLabel: String) -> [String] {
+        [Products.packageRoot.appendingPathComponent("scripts/with-opencryptoki.sh").path, directory.path, label, soPin, pin, keyLabel, "--"]
+    }
+}
+
 struct TestFailure: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }

@@ -1,0 +1,38 @@
+import Foundation
+import Testing
+
+/// Fork tolerance over openCryptoki's soft token (pkcsslotd). openCryptoki notices a fork
+/// itself (a child gets CKR_CRYPTOKI_NOT_INITIALIZED) and re-initialises cleanly, but a private
+/// copy of it cannot be initialised in one process next to the first (it loads its token
+/// library with RTLD_GLOBAL, which glibc 2.36 does not support in a dlmopen namespace), so these
+/// tests use P11FORK_STRATEGY=reinitialize, as docs/FORK.md tells its users to.
+@Suite(.serialized) struct OpenCryptokiForkTests {
+    static let available = FileManager.default.fileExists(atPath: "/usr/sbin/pkcsslotd")
+
+    private func setUp() throws -> (OpenCryptokiToken, ForkCheck) {
+        let token = try OpenCryptokiToken()
+        var check = ForkCheck(token: token, keyLabel: "ock-key", mechanism: "rsa-pkcs")
+        check.realModule = OpenCryptokiToken.module
+        check.launcher = token.launcher(keyLabel: "ock-key")
+        check.extraEnvironment = ["P11FORK_STRATEGY": "reinitialize"]
+        return (token, check)
+    }
+
+    @Test(.enabled(if: available), arguments: ["inherited", "generations", "threads", "child-threads"])
+    func childSignsWithInheritedHandles(_ scenario: String) throws {
+        let (token, check) = try setUp()
+        let direct = try check.run(scenario, throughP11Fork: false, children: 2)
+        #expect(!direct.succeeded && direct.result.output.contains("CKR_CRYPTOKI_NOT_INITIALIZED"), "directly: \(direct.report)")
+        let outcome = try check.run(scenario, throughP11Fork: true, children: 2, signatures: 3)
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        _ = token
+    }
+
+    @Test(.enabled(if: available), arguments: ["child-initializes", "child-teardown"])
+    func oldRuleChildrenAndTeardownWork(_ scenario: String) throws {
+        let (token, check) = try setUp()
+        let outcome = try check.run(scenario, throughP11Fork: true, children: 2)
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        _ = token
+    }
+}

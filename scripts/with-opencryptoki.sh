@@ -1,0 +1,36 @@
+#!/bin/sh
+# For the tests. Runs a command next to a private openCryptoki: in a mount namespace of its own
+# (unshare -m), temporary folders are mounted over openCryptoki's state (/var/lib/opencryptoki,
+# /var/log/opencryptoki) and over /run (pkcsslotd's socket and pid file, /var/lock), pkcsslotd
+# is started, and on first use the soft token (slot 3) is initialised with the PINs given and
+# given an RSA key; then the command runs, and pkcsslotd is stopped. Nothing outside the
+# namespace is touched, and WORKDIR keeps the token for the next run.
+#   with-opencryptoki.sh WORKDIR TOKEN_LABEL SO_PIN USER_PIN KEY_LABEL -- COMMAND...
+set -eu
+if [ "${P11FORK_OCK_INSIDE:-}" != 1 ]; then
+  export P11FORK_OCK_INSIDE=1
+  exec unshare -m "$0" "$@"
+fi
+work=$1 label=$2 so_pin=$3 pin=$4 key=$5
+shift 6
+module=/usr/lib/x86_64-linux-gnu/opencryptoki/libopencryptoki.so.0
+mkdir -p "$work/ock-lib" "$work/ock-log" "$work/ock-run"
+mount --bind "$work/ock-run" /run
+mount --bind "$work/ock-lib" /var/lib/opencryptoki
+mkdir -p /var/log/opencryptoki
+mount --bind "$work/ock-log" /var/log/opencryptoki
+mkdir -p /var/lib/opencryptoki/swtok/TOK_OBJ /run/lock/opencryptoki/swtok
+chgrp -R pkcs11 /var/lib/opencryptoki /run/lock/opencryptoki /var/log/opencryptoki
+chmod -R 0770 /var/lib/opencryptoki /run/lock/opencryptoki /var/log/opencryptoki
+setsid pkcsslotd >"$work/pkcsslotd.log" 2>&1 &
+trap 'pkill -x pkcsslotd 2>/dev/null || true' EXIT
+for i in $(seq 100); do [ -S /run/pkcsslotd.socket ] && break; sleep 0.05; done
+if [ ! -f "$work/initialised" ]; then
+  printf '%s\n' "$label" | pkcsconf -I -c 3 -S 87654321 >/dev/null
+  pkcsconf -P -c 3 -S 87654321 -n "$so_pin" >/dev/null
+  pkcsconf -u -c 3 -S "$so_pin" -n "$pin" >/dev/null
+  pkcs11-tool --module "$module" --slot 3 --login --pin "$pin" --keypairgen --key-type rsa:2048 \
+    --label "$key" --id 01 >/dev/null
+  touch "$work/initialised"
+fi
+"$@"
