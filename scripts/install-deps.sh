@@ -11,6 +11,9 @@ packages=(
   libengine-pkcs11-openssl  # OpenSSL's pkcs11 engine (tests)
   libssl-dev                # OpenSSL headers, for the test program that forks with the engine
   opencryptoki              # openCryptoki's soft token and pkcsslotd (fork tests)
+  # tpm2-pkcs11 on a software TPM (fork tests)
+  libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools tpm2-tools swtpm swtpm-tools
+  libtss2-tcti-swtpm0 tpm2-abrmd libtss2-tcti-tabrmd0 dbus
   python3
 )
 

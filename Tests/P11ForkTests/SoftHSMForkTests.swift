@@ -172,4 +172,16 @@ import Testing
         let result = try runProgram("/usr/bin/python3", through, environment: environment)
         #expect(result.status == 0 && result.stdout.contains("9 of 9 signatures made by forked workers verified"), "\(result.output)")
     }
+
+    /// Each strategy, chosen explicitly, serves a child over SoftHSM's strict mode.
+    @Test(arguments: ["reinitialize", "fresh-copy", "out-of-process"])
+    func everyStrategyServesAChild(_ strategy: String) throws {
+        let (token, plain) = try setUp(Self.variants[1])
+        var check = plain
+        check.extraEnvironment = ["P11FORK_STRATEGY": strategy]
+        let outcome = try check.run("generations", throughP11Fork: true, children: 2, signatures: 2)
+        #expect(outcome.succeeded, "\(outcome.report)")
+        #expect(outcome.trace.contains("(\(strategy) strategy"), "\(outcome.report)")
+        _ = token
+    }
 }

@@ -50,7 +50,7 @@ enum Recovery {
         case .failure(let why):
             Core.functions = nil
             Core.unusable = CK_RV(CKR_DEVICE_ERROR)
-            Trace.event(.error, "no working module in this child: \(why.message); every call answers CKR_DEVICE_ERROR. Choose another strategy with P11FORK_STRATEGY (reinitialize, fresh-copy)")
+            Trace.event(.error, "no working module in this child: \(why.message); every call answers CKR_DEVICE_ERROR. Choose another strategy with P11FORK_STRATEGY (fresh-copy, out-of-process, reinitialize)")
         }
     }
 

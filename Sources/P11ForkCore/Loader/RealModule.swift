@@ -11,11 +11,17 @@ struct RealModule {
     let functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>
     /// True when the module offered the "PKCS 11" 3.0 interface through C_GetInterface.
     let offers30: Bool
-    /// True when loading the module brought GLib into the process: such a stack cannot be
-    /// loaded a second time in one process (GObject crashes; MODULES-AFTER-FORK.md).
-    let loadsGLib: Bool
+    /// How many GLib images were loaded before this module. A module whose stack brings GLib in
+    /// (when loaded, or later, as tpm2-pkcs11's TCTI does in C_Initialize) cannot be loaded a
+    /// second time in one process: GObject crashes (MODULES-AFTER-FORK.md).
+    let glibBaseline: Int32
+    var loadsGLib: Bool { CPKCS11_loaded_count("libglib-2.0") > glibBaseline }
     /// True for a private copy loaded in a child (dlmopen, a new link-map namespace).
     let isPrivateCopy: Bool
+    /// The path of the module this one stands for: itself, or, for p11-kit's RPC client talking
+    /// to a helper (the out-of-process strategy), the real module the helper runs.
+    var servedModulePath: String?
+    var isHelperClient: Bool { servedModulePath != nil }
 
     /// Loads `path`; `source` names where the path came from, for messages. With `privateCopy`,
     /// loads a fresh copy in a new link-map namespace, sharing nothing with the loaded one.
@@ -60,9 +66,8 @@ struct RealModule {
             }
             UnsafeMutableRawPointer(functions).copyMemory(from: list, byteCount: MemoryLayout<CK_FUNCTION_LIST>.size)
         }
-        let loadsGLib = CPKCS11_loaded_count("libglib-2.0") > glibBefore
         return .success(RealModule(path: path, handle: handle, functions: functions, offers30: offers30,
-                                   loadsGLib: loadsGLib, isPrivateCopy: privateCopy))
+                                   glibBaseline: glibBefore, isPrivateCopy: privateCopy))
     }
 
     /// The module's "PKCS 11" 3.x function list, if it has one.

@@ -18,6 +18,10 @@ enum ModuleStrategy: String, CaseIterable, Sendable {
     /// the inherited copy is left alone. For modules that keep their state across fork
     /// (SoftHSM's default mode, network-HSM clients).
     case freshCopy = "fresh-copy"
+    /// Run the module in a helper process that inherited nothing (`p11-kit server`) and talk to
+    /// it through p11-kit's RPC client (OutOfProcess.swift). For module stacks that can neither be
+    /// loaded twice in one process nor re-initialised in a child (tpm2-pkcs11: GLib and D-Bus).
+    case outOfProcess = "out-of-process"
 }
 
 struct RecoveryFailure: Error {
@@ -52,21 +56,40 @@ enum ModuleRecovery {
     /// Makes a real module this child may use. The inherited copy is never finalized, closed or
     /// unloaded. Returns the module, or the trace message saying why there is none.
     static func recover(_ inherited: RealModule) -> Result<RealModule, RecoveryFailure> {
+        // A child of a child that talks to a helper gets a helper of its own.
+        if inherited.isHelperClient { return outOfProcess(inherited) }
         switch strategy {
         case .reinitialize:
             return reinitialize(inherited)
         case .freshCopy:
             return freshCopy(of: inherited)
+        case .outOfProcess:
+            return outOfProcess(inherited)
         case .auto:
             if inherited.loadsGLib {
-                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: re-initialising in place")
-                return reinitialize(inherited)
+                guard OutOfProcess.isAvailable else {
+                    Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process, and p11-kit's server is not installed: re-initialising in place")
+                    return reinitialize(inherited)
+                }
+                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: running it in a helper process")
+                return outOfProcess(inherited)
             }
             let copy = freshCopy(of: inherited)
             guard case .failure(let why) = copy else { return copy }
             Trace.event(.fork, "\(why.message): re-initialising the inherited module in place instead")
             return reinitialize(inherited)
         }
+    }
+
+    private static func outOfProcess(_ module: RealModule) -> Result<RealModule, RecoveryFailure> {
+        let started = Clock.monotonicNanoseconds()
+        let result = OutOfProcess.start(serving: module.servedModulePath ?? module.path, environment: loadEnvironment,
+                                        initArguments: initArguments)
+        if case .success = result {
+            let pid = OutOfProcess.helper.map { String($0.pid) } ?? "?"
+            Trace.event(.fork, "module running in a helper process (p11-kit server, pid \(pid)) (\(Recovery.milliseconds(since: started)))")
+        }
+        return result
     }
 
     private static func reinitialize(_ module: RealModule) -> Result<RealModule, RecoveryFailure> {
@@ -88,7 +111,7 @@ enum ModuleRecovery {
 
     /// Whether this configuration wants copies (so that a spare is worth loading).
     static func usesCopies(_ module: RealModule) -> Bool {
-        strategy == .freshCopy || (strategy == .auto && !module.loadsGLib)
+        !module.isHelperClient && (strategy == .freshCopy || (strategy == .auto && !module.loadsGLib))
     }
 
     /// Called by the pthread_atfork prepare handler: a process that uses its module gets a spare

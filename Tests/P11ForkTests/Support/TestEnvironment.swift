@@ -191,6 +191,29 @@ final class OpenCryptokiToken: TestToken {
     }
 }
 
+/// A tpm2-pkcs11 token on a software TPM (swtpm + tpm2-abrmd on a private D-Bus bus), private to
+/// each test: scripts/with-tpm2.sh starts it all around the command and stops it afterwards.
+final class TPM2Token: TestToken {
+    let directory: URL
+    let label = "tpmtest"
+    let pin = makeSecret()
+    let soPin = makeSecret()
+    var environment: [String: String] { [:] }
+    static let module = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
+    static var available: Bool { FileManager.default.fileExists(atPath: module) && FileManager.default.fileExists(atPath: "/usr/bin/swtpm") }
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("p11fork-tpm2-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(at: directory) }
+
+    func launcher(keyLabel: String) -> [String] {
+        [Products.packageRoot.appendingPathComponent("scripts/with-tpm2.sh").path, directory.path, label, soPin, pin, keyLabel, "--"]
+    }
+}
+
 struct TestFailure: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }

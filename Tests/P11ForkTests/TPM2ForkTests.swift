@@ -1,0 +1,45 @@
+import Foundation
+import Testing
+
+/// Fork tolerance over tpm2-pkcs11 on a software TPM: a module whose stack (GLib, D-Bus to
+/// tpm2-abrmd) can neither be loaded twice in one process nor re-initialised in a child, and
+/// whose children break their parent: a child signing with inherited state advances the shared
+/// TPM session, after which the parent's signatures fail with CKR_GENERAL_ERROR. Through
+/// p11fork (auto strategy: the module runs in a helper for each child) the children sign and the
+/// parent keeps signing.
+@Suite(.serialized) struct TPM2ForkTests {
+    private func setUp() throws -> (TPM2Token, ForkCheck) {
+        let token = try TPM2Token()
+        var check = ForkCheck(token: token, keyLabel: "tpm-key", mechanism: "rsa")
+        check.realModule = TPM2Token.module
+        check.launcher = token.launcher(keyLabel: "tpm-key")
+        return (token, check)
+    }
+
+    @Test(.enabled(if: TPM2Token.available))
+    func childrenSignAndTheParentIsNotBroken() throws {
+        let (token, check) = try setUp()
+        let direct = try check.run("inherited", throughP11Fork: false, children: 2)
+        #expect(!direct.succeeded, "directly: \(direct.report)")
+        let outcome = try check.run("inherited", throughP11Fork: true, children: 2, signatures: 2)
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        #expect(outcome.trace.contains("running it in a helper process"), "\(outcome.report)")
+        _ = token
+    }
+
+    @Test(.enabled(if: TPM2Token.available), arguments: ["generations", "child-initializes", "child-teardown", "child-threads"])
+    func scenariosWorkThroughP11Fork(_ scenario: String) throws {
+        let (token, check) = try setUp()
+        let outcome = try check.run(scenario, throughP11Fork: true, children: 2)
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        _ = token
+    }
+
+    @Test(.enabled(if: TPM2Token.available))
+    func workerPoolOfFourChildrenSignsTenTimesEach() throws {
+        let (token, check) = try setUp()
+        let outcome = try check.run("inherited", throughP11Fork: true, children: 4, signatures: 10)
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        _ = token
+    }
+}
