@@ -35,4 +35,12 @@ import Testing
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
         _ = token
     }
+
+    @Test(.enabled(if: available))
+    func workerPoolOfFourChildrenSignsTenTimesEach() throws {
+        let (token, check) = try setUp()
+        let outcome = try check.run("inherited", throughP11Fork: true, children: 4, signatures: 10)
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        _ = token
+    }
 }
