@@ -5,7 +5,9 @@ set -euo pipefail
 packages=(
   softhsm2                  # the real module the demo and tests put behind p11fork
   libp11-kit-dev            # <p11-kit/pkcs11.h>, the PKCS#11 2.40 header p11fork builds with
-  p11-kit-modules           # p11-kit's proxy module (tests)
+  p11-kit-modules           # p11-kit's proxy module and RPC client (tests; the out-of-process strategy)
+  p11-kit                   # p11-kit server, which runs a module in a helper (out-of-process strategy)
+  binutils procps util-linux  # nm, pkill, unshare (tests)
   opensc                    # pkcs11-tool
   openssl
   libengine-pkcs11-openssl  # OpenSSL's pkcs11 engine (tests)
