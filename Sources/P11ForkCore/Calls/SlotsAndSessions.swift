@@ -158,10 +158,10 @@ extension Custom {
         let call = Call(.C_GetSessionInfo)
         guard let function = Core.functions?.pointee.C_GetSessionInfo else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pInfo)
+        let session = Sessions.resolve(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(session?.real ?? CK_SESSION_HANDLE(CK_INVALID_HANDLE), pInfo)
         // The module reports its own slot ID; the application knows the virtual one.
-        if rv == CKR_OK, let pInfo, let session = Sessions.lookup(hSession) { pInfo.pointee.slotID = session.slot }
+        if rv == CKR_OK, let pInfo, let session { pInfo.pointee.slotID = session.slot }
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)

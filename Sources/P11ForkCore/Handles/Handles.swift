@@ -44,6 +44,14 @@ enum Sessions {
         view.real(session, epoch: Core.epoch) ?? Recovery.session(session, &failure)
     }
 
+    /// The real handle and virtual slot of a session, recovering an inherited one first.
+    @inline(__always)
+    static func resolve(_ session: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> (real: CK_SESSION_HANDLE, slot: CK_SLOT_ID)? {
+        if let bound = view.lookup(session, epoch: Core.epoch) { return (bound.real, bound.aux) }
+        _ = Recovery.session(session, &failure)
+        return lookup(session)
+    }
+
     /// True for a handle issued before this process's module (a fork) and not yet recovered.
     static func isStale(_ session: CK_SESSION_HANDLE) -> Bool {
         guard let bound = view.lookupAnyEpoch(session) else { return false }
