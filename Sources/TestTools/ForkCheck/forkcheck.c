@@ -350,9 +350,25 @@ static int scenario_child_teardown(void) {
     return parent_still_signs("child-teardown", problems, 0);
 }
 
-// Two threads sign continuously, each on its own session, while the parent forks children.
+// Two threads sign continuously, each on its own session, and a third opens and closes sessions,
+// while the parent forks children.
 static volatile int stop_signing;
 static int thread_failures;
+
+// Opens and closes sessions and finds the key in a loop: the calls that take p11fork's own locks
+// (issuing and releasing handles, recording objects), so that forks happen while they are held.
+static void *session_churn_thread(void *unused) {
+    (void)unused;
+    while (!stop_signing) {
+        CK_SESSION_HANDLE s;
+        CK_OBJECT_HANDLE key;
+        if (p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s) != CKR_OK) { __sync_fetch_and_add(&thread_failures, 1); continue; }
+        if (find_object(s, !strcmp(mechanism_name, "hmac") ? CKO_SECRET_KEY : CKO_PRIVATE_KEY, key_label, &key) != CKR_OK)
+            __sync_fetch_and_add(&thread_failures, 1);
+        p11->C_CloseSession(s);
+    }
+    return NULL;
+}
 
 static void *signing_thread(void *unused) {
     (void)unused;
@@ -368,8 +384,10 @@ static void *signing_thread(void *unused) {
 }
 
 static int scenario_threads(void) {
-    pthread_t threads[2];
-    for (int i = 0; i < 2; i++) pthread_create(&threads[i], NULL, signing_thread, NULL);
+    pthread_t threads[3];
+    pthread_create(&threads[0], NULL, signing_thread, NULL);
+    pthread_create(&threads[1], NULL, signing_thread, NULL);
+    pthread_create(&threads[2], NULL, session_churn_thread, NULL);
     usleep(20000);
     int problems = 0, verified = 0;
     for (int round = 0; round < children; round++) {
@@ -378,7 +396,7 @@ static int scenario_threads(void) {
         verified += v;
     }
     stop_signing = 1;
-    for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+    for (int i = 0; i < 3; i++) pthread_join(threads[i], NULL);
     if (thread_failures) return fail("threads: %d signature(s) failed in the parent's signing threads", thread_failures);
     return parent_still_signs("threads", problems, verified);
 }
