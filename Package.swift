@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "p11fork-conformance", targets: ["p11fork-conformance"]),
         .executable(name: "p11fork-forkcheck", targets: ["p11fork-forkcheck"]),
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
+        .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
         // Modules built only for the tests.
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
         .library(name: "p11fork-test-nethsm", type: .dynamic, targets: ["NetHSMModule"]),
@@ -50,6 +51,13 @@ let package = Package(
             name: "p11fork-enginefork",
             path: "Sources/TestTools/EngineFork",
             linkerSettings: [.linkedLibrary("crypto")]
+        ),
+        // The 3.0 interface calls and 3.0 functions through a 3.0 list, as a comparable transcript.
+        .executableTarget(
+            name: "p11fork-interfaces",
+            dependencies: ["CPKCS11"],
+            path: "Sources/TestTools/Interfaces",
+            linkerSettings: [.linkedLibrary("dl")]
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         // Behaves like a network-HSM client that knows nothing about fork (its README says how).
