@@ -97,6 +97,20 @@ static const char *ordinal(int kind, CK_ULONG value) {
     return out;
 }
 
+// Application mutex callbacks (CK_C_INITIALIZE_ARGS), counting their use.
+#include <pthread.h>
+static int mutex_calls;
+static CK_RV create_mutex(CK_VOID_PTR_PTR mutex) {
+    pthread_mutex_t *m = malloc(sizeof *m);
+    pthread_mutex_init(m, NULL);
+    *mutex = m;
+    __sync_fetch_and_add(&mutex_calls, 1);
+    return CKR_OK;
+}
+static CK_RV destroy_mutex(CK_VOID_PTR mutex) { pthread_mutex_destroy(mutex); free(mutex); return CKR_OK; }
+static CK_RV lock_mutex(CK_VOID_PTR mutex) { pthread_mutex_lock(mutex); __sync_fetch_and_add(&mutex_calls, 1); return CKR_OK; }
+static CK_RV unlock_mutex(CK_VOID_PTR mutex) { pthread_mutex_unlock(mutex); return CKR_OK; }
+
 // MARK: the sequence
 
 static const unsigned char aes_value[32] = { 0x60, 0x3d, 0xeb, 0x10, 0x15, 0xca, 0x71, 0xbe, 0x2b, 0x73, 0xae, 0xf0, 0x85, 0x7d,
@@ -530,5 +544,12 @@ int main(int argc, char **argv) {
     rv = p->C_GetSlotList(CK_TRUE, slots, &n);
     line("C_GetSlotList(after re-initialising)", rv, "count=%lu %s", n, n ? ordinal(SLOT, slots[0]) : "");
     line("C_Finalize(last)", p->C_Finalize(NULL), "%s", "");
+    CK_C_INITIALIZE_ARGS callbacks = { .CreateMutex = create_mutex, .DestroyMutex = destroy_mutex,
+                                       .LockMutex = lock_mutex, .UnlockMutex = unlock_mutex };
+    line("C_Initialize(mutex callbacks)", p->C_Initialize(&callbacks), "%s", "");
+    n = 8;
+    rv = p->C_GetSlotList(CK_TRUE, slots, &n);
+    line("C_GetSlotList(with callbacks)", rv, "count=%lu callbacks used=%s", n, mutex_calls > 0 ? "yes" : "no");
+    line("C_Finalize(after callbacks)", p->C_Finalize(NULL), "%s", "");
     return 0;
 }
