@@ -2,10 +2,11 @@ import Foundation
 import Testing
 
 /// Fork tolerance over openCryptoki's soft token (pkcsslotd). openCryptoki notices a fork
-/// itself (a child gets CKR_CRYPTOKI_NOT_INITIALIZED) and re-initialises cleanly, but a private
-/// copy of it cannot be initialised in one process next to the first (it loads its token
-/// library with RTLD_GLOBAL, which glibc 2.36 does not support in a dlmopen namespace), so these
-/// tests use P11FORK_STRATEGY=reinitialize, as docs/FORK.md tells its users to.
+/// itself (a child gets CKR_CRYPTOKI_NOT_INITIALIZED), but a private copy of it cannot be
+/// initialised in one process next to the first (it loads its token library with RTLD_GLOBAL,
+/// which glibc 2.36 does not support in a dlmopen namespace), and re-initialising it in place
+/// hung a child whose parent had threads inside it at the fork (seen in CI). These tests use
+/// P11FORK_STRATEGY=out-of-process, as docs/FORK.md tells its users to.
 @Suite(.serialized) struct OpenCryptokiForkTests {
     static let available = FileManager.default.fileExists(atPath: "/usr/sbin/pkcsslotd")
 
@@ -14,7 +15,7 @@ import Testing
         var check = ForkCheck(token: token, keyLabel: "ock-key", mechanism: "rsa-pkcs")
         check.realModule = OpenCryptokiToken.module
         check.launcher = token.launcher(keyLabel: "ock-key")
-        check.extraEnvironment = ["P11FORK_STRATEGY": "reinitialize"]
+        check.extraEnvironment = ["P11FORK_STRATEGY": "out-of-process"]
         return (token, check)
     }
 
