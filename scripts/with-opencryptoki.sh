@@ -24,13 +24,18 @@ chgrp -R pkcs11 /var/lib/opencryptoki /run/lock/opencryptoki /var/log/opencrypto
 chmod -R 0770 /var/lib/opencryptoki /run/lock/opencryptoki /var/log/opencryptoki
 setsid pkcsslotd >"$work/pkcsslotd.log" 2>&1 &
 trap 'pkill -x pkcsslotd 2>/dev/null || true' EXIT
-for i in $(seq 100); do [ -S /run/pkcsslotd.socket ] && break; sleep 0.05; done
+for i in $(seq 200); do [ -S /run/pkcsslotd.socket ] && break; sleep 0.05; done
+# The slot daemon may take a moment to serve once its socket exists: the first step is retried.
+step() { "$@" >>"$work/setup.log" 2>&1 || { echo "with-opencryptoki.sh: '$1' failed (see $work/setup.log)" >&2; exit 1; }; }
 if [ ! -f "$work/initialised" ]; then
-  printf '%s\n' "$label" | pkcsconf -I -c 3 -S 87654321 >/dev/null
-  pkcsconf -P -c 3 -S 87654321 -n "$so_pin" >/dev/null
-  pkcsconf -u -c 3 -S "$so_pin" -n "$pin" >/dev/null
-  pkcs11-tool --module "$module" --slot 3 --login --pin "$pin" --keypairgen --key-type rsa:2048 \
-    --label "$key" --id 01 >/dev/null
+  for try in $(seq 10); do
+    printf '%s\n' "$label" | pkcsconf -I -c 3 -S 87654321 >>"$work/setup.log" 2>&1 && break
+    [ "$try" = 10 ] && { echo "with-opencryptoki.sh: pkcsconf -I failed (see $work/setup.log)" >&2; exit 1; }
+    sleep 0.3
+  done
+  step pkcsconf -P -c 3 -S 87654321 -n "$so_pin"
+  step pkcsconf -u -c 3 -S "$so_pin" -n "$pin"
+  step pkcs11-tool --module "$module" --slot 3 --login --pin "$pin" --keypairgen --key-type rsa:2048 --label "$key" --id 01
   touch "$work/initialised"
 fi
 "$@"
