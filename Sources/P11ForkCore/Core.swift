@@ -38,10 +38,12 @@ enum Core {
 
     private static func load(environment: [String: String]) {
         ForkDetection.install()
-        installHandleTables()
-        SessionNotifications.install()
-        Records.install()
+        // Locks are made outermost first: the fork handlers take them in this order (Recovery's
+        // lock is held while Records' and the tables' are taken, never the other way round).
         Recovery.install()
+        Records.install()
+        SessionNotifications.install()
+        installHandleTables()
         ModuleRecovery.snapshotEnvironment()
 
         switch Configuration.load(environment: environment) {

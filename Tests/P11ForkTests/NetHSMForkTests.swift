@@ -55,7 +55,7 @@ import Testing
 
     @Test func forkWhileTwoThreadsSignNeverHangsTheChild() throws {
         let (token, check) = try setUp()
-        let outcome = try check.run("threads", throughP11Fork: true, children: 10)
+        let outcome = try check.run("threads", throughP11Fork: true, children: 30)
         #expect(outcome.succeeded, "\(outcome.report)")
         _ = token
     }

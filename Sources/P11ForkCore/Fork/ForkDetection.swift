@@ -5,8 +5,9 @@ import Synchronization
 ///
 /// The check on every call is one load (`ProcessMark.isCurrentProcess`). The first call in a
 /// child adopts the process exactly once, while the child's other threads wait: locks are made
-/// afresh, the pid is read, the trace file re-opened when its name holds `%p`, kept PINs locked
-/// again, and the real module replaced (Recovery) unless the call leaves it alone.
+/// afresh (a fork that skipped the atfork handlers may have copied one held), the pid is read,
+/// the trace file re-opened when its name holds `%p`, kept PINs locked again, and the real
+/// module replaced (Recovery) unless the call leaves it alone.
 enum ForkDetection {
     /// Locks a child must re-create; registered when they are made (all at load time).
     nonisolated(unsafe) static var locks: [ForkSafeLock] = []
@@ -21,14 +22,22 @@ enum ForkDetection {
         ProcessMark.install()
         pthread_atfork({
             // In the parent, just before a fork: have a copy of the module ready for the child
-            // (loading it in the child could not give the child's threads its libc).
+            // (loading it in the child could not give the child's threads its libc), then take
+            // every p11fork lock, so that no other thread is half-way through changing a table
+            // or a record when the process is copied.
             ModuleRecovery.prepareSpareBeforeFork()
-        }, nil, {
-            // In the child: only marks; anything more is done lazily on the child's first call.
+            for lock in ForkDetection.locks { lock.lock() }
+        }, {
+            for lock in ForkDetection.locks.reversed() { lock.unlock() }
+        }, {
+            // In the child: release the locks (this thread took them), and mark; anything more is
+            // done lazily on the child's first call.
+            for lock in ForkDetection.locks.reversed() { lock.unlock() }
             if !ProcessMark.wipedByKernel { ProcessMark.clearInChild() }
         })
     }
 
+    /// Registers a lock the fork handlers take and release; outer locks must be registered first.
     static func register(_ lock: ForkSafeLock) -> ForkSafeLock {
         locks.append(lock)
         return lock

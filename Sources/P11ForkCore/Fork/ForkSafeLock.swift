@@ -3,10 +3,11 @@ import Glibc
 /// A mutex that a forked child can always take.
 ///
 /// Swift's `Synchronization.Mutex` held by another thread at the moment of fork traps in the
-/// child on its next acquire (measured: SWIFT-MODULE-NOTES.md). This lock keeps its
-/// `pthread_mutex_t` behind a pointer so the child's fork handling can initialise it afresh:
-/// in the child only the forking thread exists, so no one can legitimately hold it.
-/// Never held across a call into the real module.
+/// child on its next acquire (measured: SWIFT-MODULE-NOTES.md). The fork handlers take every
+/// such lock before a fork and release it after, in parent and child, so that what a lock
+/// guards is never copied half-changed; and the lock keeps its `pthread_mutex_t` behind a
+/// pointer so that a child made without the handlers can initialise it afresh.
+/// Never held across a call into the real module, except by recovery in a child.
 final class ForkSafeLock: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
 
@@ -26,6 +27,10 @@ final class ForkSafeLock: @unchecked Sendable {
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
+
+    /// For the fork handlers only (taken before a fork, released after it in parent and child).
+    func lock() { pthread_mutex_lock(mutex) }
+    func unlock() { pthread_mutex_unlock(mutex) }
 
     /// Only in a freshly forked child, before any other thread of the child can use the lock.
     func reinitializeAfterFork() {
