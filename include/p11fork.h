@@ -15,6 +15,8 @@
  *                           trace        = stderr | /path/to/file (%p = process id)
  *                           trace_level  = error | fork | calls | full
  *                           trace_format = text | json
+ *                           strategy     = auto | fresh-copy | out-of-process | reinitialize
+ *                           login_replay = on | off
  *                         '#' starts a comment; a value may be in double quotes. A variable
  *                         that is set wins over the same key in the file.
  *   P11FORK_TRACE         Where trace lines go: "stderr", or a file path (opened for appending;
@@ -23,6 +25,11 @@
  *                         steps), calls (+ every call: arguments, return code, duration; the
  *                         default), full (+ templates, mechanism parameter lengths, real handles).
  *   P11FORK_TRACE_FORMAT  text (default) or json (one object per line).
+ *   P11FORK_STRATEGY      How a forked child gets a working module: auto (default: a fresh
+ *                         private copy, or the module in a helper process for stacks that
+ *                         cannot be loaded twice), fresh-copy, out-of-process, reinitialize.
+ *   P11FORK_LOGIN_REPLAY  on (default): a child replays the parent's login with the kept PIN
+ *                         (locked, non-dumpable memory); off: no PIN is kept.
  *
  * A configuration problem (variable unset, file missing, not a PKCS#11 module, unknown key,
  * bad value) makes C_Initialize write one line on stderr, naming the problem and the fix, and
@@ -30,7 +37,9 @@
  *
  * Handles: slot IDs, session handles and object handles seen by the application are p11fork's
  * own values (slots from 0x51000001, sessions from 0x5e000001, objects from 0x0b000001), stable
- * for the life of the process. Traces never contain PINs, secret attribute values or data.
+ * for the life of the process and across fork: a forked child keeps using the sessions, login
+ * and token keys its parent had (docs/FORK.md). Traces never contain PINs, secret attribute
+ * values or data.
  *
  * This header declares the three symbols libp11fork.so exports; the PKCS#11 types come from a
  * standard PKCS#11 header (for example p11-kit's <p11-kit/pkcs11.h>) included before it. The
