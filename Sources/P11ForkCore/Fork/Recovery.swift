@@ -54,9 +54,37 @@ enum Recovery {
         }
     }
 
-    // MARK: slots
+    /// What resolving an inherited handle gave: the real handle and the failure so far. Returned
+    /// by value, so that the forwarders' `failure` never has its address taken (the fast path then
+    /// keeps it in a register, with no stack protector).
+    struct Resolution {
+        let real: UInt
+        let failure: CK_RV
+    }
 
     @inline(never)
+    static func resolveSlot(_ virtual: CK_SLOT_ID, after failure: CK_RV) -> Resolution {
+        var failure = failure
+        let real = slot(virtual, &failure)
+        return Resolution(real: real, failure: failure)
+    }
+
+    @inline(never)
+    static func resolveSession(_ virtual: CK_SESSION_HANDLE, after failure: CK_RV) -> Resolution {
+        var failure = failure
+        let real = session(virtual, &failure)
+        return Resolution(real: real, failure: failure)
+    }
+
+    @inline(never)
+    static func resolveObject(_ virtual: CK_OBJECT_HANDLE, after failure: CK_RV) -> Resolution {
+        var failure = failure
+        let real = object(virtual, &failure)
+        return Resolution(real: real, failure: failure)
+    }
+
+    // MARK: slots
+
     static func slot(_ virtual: CK_SLOT_ID, _ failure: inout CK_RV) -> CK_SLOT_ID {
         guard failure == CKR_OK, Slots.view.lookupAnyEpoch(virtual) != nil else { return Slots.invalidReal }
         return lock.withLock { slotLocked(virtual) }
@@ -141,7 +169,6 @@ enum Recovery {
 
     // MARK: sessions
 
-    @inline(never)
     static func session(_ virtual: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
         let invalid = CK_SESSION_HANDLE(CK_INVALID_HANDLE)
         guard failure == CKR_OK, Sessions.view.lookupAnyEpoch(virtual) != nil else { return invalid }
@@ -168,7 +195,6 @@ enum Recovery {
 
     // MARK: objects
 
-    @inline(never)
     static func object(_ virtual: CK_OBJECT_HANDLE, _ failure: inout CK_RV) -> CK_OBJECT_HANDLE {
         let invalid = CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
         guard failure == CKR_OK, let bound = Objects.view.lookupAnyEpoch(virtual) else { return invalid }

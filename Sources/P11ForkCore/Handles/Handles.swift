@@ -16,7 +16,10 @@ enum Slots {
     /// The real slot ID; in a forked child, an inherited slot is first matched by its token.
     @inline(__always)
     static func real(_ slot: CK_SLOT_ID, _ failure: inout CK_RV) -> CK_SLOT_ID {
-        view.real(slot, epoch: Core.slotEpoch) ?? Recovery.slot(slot, &failure)
+        if let real = view.real(slot, epoch: Core.slotEpoch) { return real }
+        let resolved = Recovery.resolveSlot(slot, after: failure)
+        failure = resolved.failure
+        return resolved.real
     }
 
     @inline(__always)
@@ -41,14 +44,17 @@ enum Sessions {
     /// The real session handle; in a forked child, an inherited session is first re-opened.
     @inline(__always)
     static func real(_ session: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
-        view.real(session, epoch: Core.epoch) ?? Recovery.session(session, &failure)
+        if let real = view.real(session, epoch: Core.epoch) { return real }
+        let resolved = Recovery.resolveSession(session, after: failure)
+        failure = resolved.failure
+        return resolved.real
     }
 
     /// The real handle and virtual slot of a session, recovering an inherited one first.
     @inline(__always)
     static func resolve(_ session: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> (real: CK_SESSION_HANDLE, slot: CK_SLOT_ID)? {
         if let bound = view.lookup(session, epoch: Core.epoch) { return (bound.real, bound.aux) }
-        _ = Recovery.session(session, &failure)
+        failure = Recovery.resolveSession(session, after: failure).failure
         return lookup(session)
     }
 
@@ -74,7 +80,10 @@ enum Objects {
     /// The real object handle; in a forked child, an inherited object is first re-found.
     @inline(__always)
     static func real(_ object: CK_OBJECT_HANDLE, _ failure: inout CK_RV) -> CK_OBJECT_HANDLE {
-        view.real(object, epoch: Core.epoch) ?? Recovery.object(object, &failure)
+        if let real = view.real(object, epoch: Core.epoch) { return real }
+        let resolved = Recovery.resolveObject(object, after: failure)
+        failure = resolved.failure
+        return resolved.real
     }
 
     /// The virtual handle for an object handle the real module returned on `session`. An object
