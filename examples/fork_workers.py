@@ -104,14 +104,17 @@ module = session = private_key = None
 def sign(job):
     """Runs in a worker: sign with the session and key handles the parent had."""
     signal.alarm(20)  # a hung worker is a failure, not a stuck example
-    mechanism = Mechanism(CKM_SHA256_RSA_PKCS, None, 0)
-    rv = module.SignInit(session, ctypes.byref(mechanism), private_key)
-    if rv == 0:
-        out, length = ctypes.create_string_buffer(1024), CK_ULONG(1024)
-        rv = module.Sign(session, MESSAGE, len(MESSAGE), out, ctypes.byref(length))
+    try:
+        mechanism = Mechanism(CKM_SHA256_RSA_PKCS, None, 0)
+        rv = module.SignInit(session, ctypes.byref(mechanism), private_key)
         if rv == 0:
-            return job, os.getpid(), 0, out.raw[:length.value]
-    return job, os.getpid(), rv, b""
+            out, length = ctypes.create_string_buffer(1024), CK_ULONG(1024)
+            rv = module.Sign(session, MESSAGE, len(MESSAGE), out, ctypes.byref(length))
+            if rv == 0:
+                return job, os.getpid(), 0, out.raw[:length.value]
+        return job, os.getpid(), rv, b""
+    finally:
+        signal.alarm(0)
 
 
 def main():
@@ -144,7 +147,14 @@ def main():
 
     good = 0
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for job, pid, rv, signature in pool.imap_unordered(sign, range(jobs)):
+        results = pool.imap_unordered(sign, range(jobs))
+        for _ in range(jobs):
+            try:
+                job, pid, rv, signature = results.next(timeout=30)
+            except multiprocessing.TimeoutError:
+                # A worker that hung (or was killed by its alarm) never reports: say so and stop.
+                print("a worker did not answer within 30 s (hung or killed)")
+                break
             if rv == 0:
                 mechanism = Mechanism(CKM_SHA256_RSA_PKCS, None, 0)
                 verify = module.VerifyInit(session, ctypes.byref(mechanism), public_key)

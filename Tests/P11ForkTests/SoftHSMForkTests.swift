@@ -163,7 +163,7 @@ import Testing
         if variant.strict {
             var direct = arguments
             direct[1] = RealModules.softHSM
-            let result = try runProgram("/usr/bin/python3", direct, environment: environment)
+            let result = try runProgram("/usr/bin/python3", direct, environment: environment, timeout: 60)
             #expect(result.status != 0 && result.stdout.contains("CKR_CRYPTOKI_NOT_INITIALIZED"), "directly: \(result.output)")
         }
         var through = arguments
