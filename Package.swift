@@ -17,6 +17,7 @@ let package = Package(
         .executable(name: "p11fork-forkcheck", targets: ["p11fork-forkcheck"]),
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
         .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
+        .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
         // Modules built only for the tests.
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
         .library(name: "p11fork-test-nethsm", type: .dynamic, targets: ["NetHSMModule"]),
@@ -58,6 +59,12 @@ let package = Package(
             dependencies: ["CPKCS11"],
             path: "Sources/TestTools/Interfaces",
             linkerSettings: [.linkedLibrary("dl")]
+        ),
+        // Measurements for scripts/bench.sh (direct and through p11fork, side by side).
+        .executableTarget(
+            name: "p11fork-bench",
+            path: "Sources/TestTools/Bench",
+            linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         // Behaves like a network-HSM client that knows nothing about fork (its README says how).
