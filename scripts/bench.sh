@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/swift-env.sh
 command -v valgrind >/dev/null || { echo "bench.sh: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
-swift build -c release --product p11fork --product p11fork-bench 2>&1 | tail -1
+swift build -c release --product p11fork 2>&1 | tail -1
+swift build -c release --product p11fork-bench 2>&1 | tail -1
 bench=$PWD/.build/release/p11fork-bench
 module=$PWD/.build/release/libp11fork.so
 softhsm=/usr/lib/softhsm/libsofthsm2.so

@@ -113,3 +113,39 @@ import Testing
         #expect(text.hasSuffix("…) = CKR_OK 0.0us\n"))
     }
 }
+
+@Suite struct TraceTimeTests {
+    @Test func civilDatesAgreeWithGmtimeAcrossYearsAndLeapDays() {
+        // Every 997,331 s (about 11.5 days) from 1970 to 2100, and some edges.
+        var samples = Array(stride(from: 0, to: 4_102_444_800, by: 997_331))
+        samples += [951_782_400, 951_868_799, 1_709_251_199, 4_102_444_799, 1_234_567_890]
+        for sample in samples {
+            var t = time_t(sample)
+            var parts = tm()
+            gmtime_r(&t, &parts)
+            let civil = TraceLine.civil(sample)
+            #expect(civil.year == Int(parts.tm_year) + 1900 && civil.month == Int(parts.tm_mon) + 1 && civil.day == Int(parts.tm_mday)
+                    && civil.secondOfDay == Int(parts.tm_hour) * 3600 + Int(parts.tm_min) * 60 + Int(parts.tm_sec), "\(sample)")
+        }
+    }
+
+    /// The time stamp is computed, not formatted by strftime: it must agree with gmtime/strftime.
+    @Test func timeStampMatchesTheCLibrary() {
+        var line = TraceLine(json: false)
+        line.header()
+        let text = line.text
+        var now = time(nil)
+        var parts = tm()
+        gmtime_r(&now, &parts)
+        var stamp = [CChar](repeating: 0, count: 32)
+        _ = strftime(&stamp, 32, "%Y-%m-%dT%H:%M", &parts)
+        let expected = String(cString: stamp)
+        // The same minute (a test running across a minute boundary is retried by reading again).
+        if !text.hasPrefix(expected) {
+            var later = time(nil)
+            gmtime_r(&later, &parts)
+            _ = strftime(&stamp, 32, "%Y-%m-%dT%H:%M", &parts)
+            #expect(text.hasPrefix(String(cString: stamp)) || text.hasPrefix(expected), "\(text) vs \(expected)")
+        }
+    }
+}

@@ -32,7 +32,23 @@ struct TraceLine: ~Copyable {
     }
 
     mutating func append(_ text: StaticString) {
-        text.withUTF8Buffer { for byte in $0 { append(byte) } }
+        let length = text.utf8CodeUnitCount
+        guard count + length <= limit else {
+            text.withUTF8Buffer { for byte in $0 { append(byte) } }
+            return
+        }
+        (buffer + count).update(from: text.utf8Start, count: length)
+        count += length
+    }
+
+    /// `value` in decimal, zero-padded to `width` digits.
+    mutating func appendPadded(_ value: Int, width: Int) {
+        var divisor = 1
+        for _ in 1..<width { divisor *= 10 }
+        while divisor > 0 {
+            append(UInt8(ascii: "0") + UInt8((value / divisor) % 10))
+            divisor /= 10
+        }
     }
 
     mutating func append(_ text: String) {
@@ -119,21 +135,17 @@ struct TraceLine: ~Copyable {
     /// `time pid tid` part shared by calls and events.
     mutating func header() {
         let now = Clock.wallClock()
-        var seconds = now.tv_sec
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
-        var stamp = [CChar](repeating: 0, count: 32)
-        _ = strftime(&stamp, 32, "%Y-%m-%dT%H:%M:%S", &parts)
-        let micros = UInt(now.tv_nsec / 1000)
         if json {
             append("{\"time\":\"")
         }
-        stamp.withUnsafeBytes { raw in
-            for byte in raw where byte != 0 { append(byte) }
-        }
-        append(UInt8(ascii: "."))
-        var divisor: UInt = 100_000
-        while divisor > 0 { append(UInt8(ascii: "0") + UInt8((micros / divisor) % 10)); divisor /= 10 }
+        let (year, month, day, secondOfDay) = Self.civil(Int(now.tv_sec))
+        appendPadded(year, width: 4); append(UInt8(ascii: "-"))
+        appendPadded(month, width: 2); append(UInt8(ascii: "-"))
+        appendPadded(day, width: 2); append(UInt8(ascii: "T"))
+        appendPadded(secondOfDay / 3600, width: 2); append(UInt8(ascii: ":"))
+        appendPadded(secondOfDay / 60 % 60, width: 2); append(UInt8(ascii: ":"))
+        appendPadded(secondOfDay % 60, width: 2); append(UInt8(ascii: "."))
+        appendPadded(Int(now.tv_nsec / 1000), width: 6)
         append(UInt8(ascii: "Z"))
         if json {
             append("\",\"pid\":"); appendDecimal(UInt(ForkDetection.pid))
@@ -142,6 +154,22 @@ struct TraceLine: ~Copyable {
             append(" p11fork["); appendDecimal(UInt(ForkDetection.pid))
             append(UInt8(ascii: "/")); appendDecimal(UInt(CPKCS11_gettid())); append("] ")
         }
+    }
+
+    /// UTC date and second of the day for epoch seconds (the days-to-civil-date algorithm
+    /// published by H. Hinnant); strftime cost a thousand instructions a line.
+    static func civil(_ seconds: Int) -> (year: Int, month: Int, day: Int, secondOfDay: Int) {
+        let days = seconds >= 0 ? seconds / 86_400 : (seconds - 86_399) / 86_400
+        let secondOfDay = seconds - days * 86_400
+        let shifted = days + 719_468
+        let era = (shifted >= 0 ? shifted : shifted - 146_096) / 146_097
+        let dayOfEra = shifted - era * 146_097
+        let yearOfEra = (dayOfEra - dayOfEra / 1460 + dayOfEra / 36_524 - dayOfEra / 146_096) / 365
+        let dayOfYear = dayOfEra - (365 * yearOfEra + yearOfEra / 4 - yearOfEra / 100)
+        let monthIndex = (5 * dayOfYear + 2) / 153
+        let day = dayOfYear - (153 * monthIndex + 2) / 5 + 1
+        let month = monthIndex < 10 ? monthIndex + 3 : monthIndex - 9
+        return (yearOfEra + era * 400 + (month <= 2 ? 1 : 0), month, day, secondOfDay)
     }
 
     mutating func beginCall(_ function: Function) {
