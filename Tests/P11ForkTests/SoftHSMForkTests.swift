@@ -163,8 +163,12 @@ import Testing
         if variant.strict {
             var direct = arguments
             direct[1] = RealModules.softHSM
-            let result = try runProgram("/usr/bin/python3", direct, environment: environment, timeout: 60)
-            #expect(result.status != 0 && result.stdout.contains("CKR_CRYPTOKI_NOT_INITIALIZED"), "directly: \(result.output)")
+            // Directly the workers fail: CKR_CRYPTOKI_NOT_INITIALIZED, or now and then a worker
+            // that hangs in SoftHSM's own fork reset (the example gives up on it after 30 s).
+            let result = try runProgram("/usr/bin/python3", direct, environment: environment, timeout: 45)
+            let failedVisibly = result.stdout.contains("CKR_CRYPTOKI_NOT_INITIALIZED") || result.stdout.contains("did not answer")
+                || result.timedOut
+            #expect(result.status != 0 && failedVisibly, "directly: \(result.output)")
         }
         var through = arguments
         through[1] = Products.module
