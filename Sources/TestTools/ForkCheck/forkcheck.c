@@ -438,7 +438,6 @@ static void *child_thread(void *arg) {
 
 static int threaded_child(int fd, int index) {
     (void)fd;
-    if (getenv("FORKCHECK_WARM")) { CK_SESSION_INFO info; p11->C_GetSessionInfo(session, &info); }
     pthread_t threads[CHILD_THREADS];
     for (long i = 0; i < CHILD_THREADS; i++) pthread_create(&threads[i], NULL, child_thread, (void *)i);
     int status = 0;
