@@ -33,21 +33,6 @@ typedef CK_INTERFACE **CK_INTERFACE_PTR_PTR;
 // User types and return values added in 3.0.
 #ifndef CKR_ACTION_PROHIBITED
 #define CKR_ACTION_PROHIBITED 0x0000001BUL
-/// A module copy loaded with dlmopen runs on its own libc, whose per-thread state (the ctype
-/// tables behind isspace() and friends) is set up only in the thread that loaded it: a thread
-/// started by the main libc has none, and the copy crashed in isspace(). Before a thread calls
-/// into a copy, it runs the copy libc's __ctype_init once. When no copy is in use the check is
-/// two loads that compare equal.
-extern __thread unsigned long CPKCS11_thread_copy_generation __attribute__((tls_model("initial-exec")));
-extern unsigned long CPKCS11_copy_generation;
-extern void (*CPKCS11_copy_ctype_init)(void);
-void CPKCS11_enter_copy_slow(void);
-/// Makes a copy current: `ctype_init` is its libc's __ctype_init (or NULL).
-void CPKCS11_use_copy(void *ctype_init);
-static inline void CPKCS11_enter_copy(void) {
-    if (__builtin_expect(CPKCS11_thread_copy_generation != CPKCS11_copy_generation, 0)) CPKCS11_enter_copy_slow();
-}
-
 #endif
 #define CKR_OPERATION_CANCEL_FAILED 0x00000202UL
 #define CKR_TOKEN_RESOURCE_EXCEEDED 0x00000201UL

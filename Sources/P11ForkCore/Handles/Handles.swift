@@ -22,12 +22,6 @@ enum Slots {
         return resolved.real
     }
 
-    @inline(__always)
-    static func real(_ slot: CK_SLOT_ID) -> CK_SLOT_ID {
-        var failure = CK_RV(CKR_OK)
-        return real(slot, &failure)
-    }
-
     /// The virtual ID for a real slot ID the module reported.
     static func expose(real: CK_SLOT_ID) -> CK_SLOT_ID {
         Recovery.matchSlots()
