@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "p11fork", type: .dynamic, targets: ["P11Fork"]),
         .executable(name: "p11fork-conformance", targets: ["p11fork-conformance"]),
         .executable(name: "p11fork-forkcheck", targets: ["p11fork-forkcheck"]),
+        .executable(name: "p11fork-forksafe", targets: ["p11fork-forksafe"]),
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
         .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
@@ -46,6 +47,12 @@ let package = Package(
             name: "p11fork-forkcheck",
             path: "Sources/TestTools/ForkCheck",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
+        ),
+        // The fork-safe scenarios: session objects and operations in progress in a forked child.
+        .executableTarget(
+            name: "p11fork-forksafe",
+            path: "Sources/TestTools/ForkSafe",
+            linkerSettings: [.linkedLibrary("dl")]
         ),
         // A forking program signing through OpenSSL's pkcs11 engine (libp11), like nginx workers.
         .executableTarget(

@@ -38,6 +38,9 @@ def parse_description():
                 continue
             parsed = []
             for p in params:
+                if p.startswith("@"):
+                    parsed.append(("hook", p[1:].split(":")))
+                    continue
                 kind, names = p.split(":", 1)
                 parsed.append((kind, names.split(",")))
             functions.append((name, parsed))
@@ -62,8 +65,42 @@ def trace_key(cname):
 def closure_params(params):
     names = []
     for kind, ns in params:
-        names.extend(ns)
+        if kind != "hook":
+            names.extend(ns)
     return names
+
+
+def operation_hook(name, params, hook):
+    """The call that tells Replay/Operations.swift what this call did to an operation."""
+    what, *rest = hook
+    key = next((ns[0] for k, ns in params if k == "object" and ns[0] == "hKey"), None)
+    if what == "init":
+        return f"Operations.started(.{rest[0]}, hSession, pMechanism, key: {key or '0'}, rv)"
+    if what == "end":
+        query = f"{rest[1]} == nil" if len(rest) > 1 else "false"
+        return f"Operations.finished(.{rest[0]}, hSession, rv, lengthQuery: {query})"
+    if what == "update":
+        data, length = rest[1].split(",")
+        query = f"{rest[2]} == nil" if len(rest) > 2 else "false"
+        return f"Operations.fed(.{rest[0]}, hSession, rv, {data}, {length}, lengthQuery: {query})"
+    if what == "output":
+        data, length = rest[1].split(",")
+        return f"Operations.fed(.{rest[0]}, hSession, rv, {data}, {length}?.pointee ?? 0, lengthQuery: {data} == nil)"
+    if what == "digestkey":
+        return "Operations.fedKey(hSession, hKey, rv)"
+    if what == "message":
+        if rest[1] == "open":
+            open_ = "true"
+        elif rest[1].startswith("last="):
+            open_ = f"{rest[1][5:]} == nil"
+        else:
+            open_ = f"{rest[1]} & CK_FLAGS(CKF_END_OF_MESSAGE) == 0"
+        return f"Operations.message(.{rest[0]}, hSession, open: {open_}, rv)"
+    if what == "cancel":
+        return "Operations.cancelled(hSession, flags, rv)"
+    if what == "setstate":
+        return "Operations.stateSet(hSession, rv)"
+    raise SystemExit(f"{name}: unknown hook @{':'.join(hook)}")
 
 
 def forwarder(name, params):
@@ -71,7 +108,9 @@ def forwarder(name, params):
     pre, call_args, post, trace = [], [], [], []
     for kind, ns in params:
         key = trace_key(ns[0])
-        if kind == "session":
+        if kind == "hook":
+            post.append(operation_hook(name, params, ns))
+        elif kind == "session":
             call_args.append(f"Sessions.real({ns[0]}, &failure)")
             trace.append(f'line.session("{key}", {ns[0]})')
         elif kind == "slot":

@@ -44,6 +44,7 @@ enum Core {
         Records.install()
         SessionNotifications.install()
         installHandleTables()
+        ProtectedMemory.install()
         ModuleRecovery.snapshotEnvironment()
 
         switch Configuration.load(environment: environment) {
@@ -53,6 +54,7 @@ enum Core {
             self.configuration = configuration
             ModuleRecovery.strategy = configuration.strategy
             Logins.replayEnabled = configuration.loginReplay
+            ReplayBudget.limit = configuration.replayLimit
             if let problem = Trace.configure(configuration.trace, level: configuration.traceLevel,
                                              format: configuration.traceFormat) {
                 loadProblem = ConfigurationProblem(problem)
@@ -68,10 +70,10 @@ enum Core {
             }
         }
         if let loadProblem { Trace.event(.error, loadProblem.message) }
-        buildLists(offers30: module?.offers30 ?? false)
+        buildLists()
     }
 
-    private static func buildLists(offers30: Bool) {
+    private static func buildLists() {
         list30 = .allocate(capacity: 1)
         UnsafeMutableRawPointer(list30).initializeMemory(as: UInt8.self, repeating: 0,
                                                          count: MemoryLayout<CK_FUNCTION_LIST_3_0>.size)
@@ -84,13 +86,14 @@ enum Core {
         let name = strdup("PKCS 11")!.withMemoryRebound(to: CK_UTF8CHAR.self, capacity: 8) { $0 }
         interfaces = .allocate(capacity: 2)
         interfaceCount = 0
-        // The 3.0 interface only when the real module has one to forward to. It will carry
-        // CKF_INTERFACE_FORK_SAFE once p11fork keeps the whole promise (DESIGN.md "Interface").
-        if offers30 {
-            interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: UnsafeMutableRawPointer(list30), flags: 0)
-            interfaceCount += 1
-        }
-        interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: UnsafeMutableRawPointer(list240), flags: 0)
+        // p11fork keeps the fork-safe promise (PKCS#11 3.0 section 5.4; README "What a child
+        // gets") whatever the real module is, so both interfaces carry CKF_INTERFACE_FORK_SAFE.
+        // The 3.0 one is offered over a 2.x module too: its 3.0-only functions then answer
+        // CKR_FUNCTION_NOT_SUPPORTED, as a module may.
+        let forkSafe = CK_FLAGS(CKF_INTERFACE_FORK_SAFE)
+        interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: UnsafeMutableRawPointer(list30), flags: forkSafe)
+        interfaceCount += 1
+        interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: UnsafeMutableRawPointer(list240), flags: forkSafe)
         interfaceCount += 1
     }
 }

@@ -58,7 +58,7 @@ import Testing
 
     @Test func unknownKeyNamesTheLineAndTheKnownKeys() {
         let message = problem(load(["P11FORK_CONFIG": "/c"], file: "module = /m.so\nmodul = /x.so\n"))
-        #expect(message == "/c line 2: unknown key 'modul': the keys are module, trace, trace_level, trace_format, strategy, login_replay")
+        #expect(message == "/c line 2: unknown key 'modul': the keys are module, trace, trace_level, trace_format, strategy, login_replay, replay_limit")
     }
 
     @Test func badValuesAreRefusedWithTheChoices() {

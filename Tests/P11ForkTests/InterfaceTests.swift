@@ -2,7 +2,7 @@ import XCTest
 
 /// The PKCS#11 3.0 interfaces (Sources/TestTools/Interfaces): over a 3.0 module (NSS's softoken)
 /// p11fork offers its 3.0 list and the 3.0 functions behave as the module's own; over a 2.40
-/// module (SoftHSM) it offers the 2.40 interface only; the fork-safe flag is not claimed yet.
+/// module (SoftHSM) it offers both, and every interface it offers is fork safe.
 final class InterfaceTests: XCTestCase {
     static let nss = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so"
 
@@ -22,14 +22,15 @@ final class InterfaceTests: XCTestCase {
         XCTAssertEqual(direct, through)
     }
 
-    func testTwoPointFortyModuleGetsOnlyThe240Interface() throws {
+    /// Over a 2.40 module p11fork offers its 3.0 list too (3.0-only functions answer
+    /// CKR_FUNCTION_NOT_SUPPORTED), and both interfaces carry CKF_INTERFACE_FORK_SAFE.
+    func testTwoPointFortyModuleGetsBothInterfacesForkSafe() throws {
         let token = try SoftHSMToken()
         let lines = try transcript(Products.module, environment: token.environment.merging(["P11FORK_MODULE": RealModules.softHSM]) { $1 },
                                    nss: false)
-        XCTAssertEqual(lines.filter { $0.contains(" interface ") }, ["04 interface rv=0x0 'PKCS 11' 2.40"])
-        XCTAssertTrue(lines.contains("05 C_GetInterface('PKCS 11', 3.0) rv=0x7"), lines.joined(separator: "\n"))
-        XCTAssertTrue(lines.contains("03 C_GetInterfaceList(NULL count) rv=0x7"), lines.joined(separator: "\n"))
-        // Not before session objects and operations are carried into a child too (DESIGN.md).
-        XCTAssertTrue(lines.contains("09 C_GetInterface(fork safe) rv=0x7"), lines.joined(separator: "\n"))
+        XCTAssertEqual(lines.filter { $0.contains(" interface ") }, ["04 interface rv=0x0 'PKCS 11' 3.0", "05 interface rv=0x0 'PKCS 11' 2.40"])
+        XCTAssertTrue(lines.contains("06 C_GetInterface('PKCS 11', 3.0) rv=0x0"), lines.joined(separator: "\n"))
+        XCTAssertTrue(lines.contains("10 C_GetInterface(fork safe) rv=0x0"), lines.joined(separator: "\n"))
+        XCTAssertTrue(lines.contains { $0.hasSuffix("C_MessageEncryptInit rv=0x54") }, lines.joined(separator: "\n"))
     }
 }

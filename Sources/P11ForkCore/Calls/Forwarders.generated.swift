@@ -119,48 +119,13 @@ enum Forwarders {
         let realEncryptionKey = Objects.real(hEncryptionKey, &failure)
         let realAuthenticationKey = Objects.real(hAuthenticationKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pOperationState, ulOperationStateLen, realEncryptionKey, realAuthenticationKey)
+        Operations.stateSet(hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
             line.length("operationState", pOperationState, ulOperationStateLen)
             line.object("encryptionKey", hEncryptionKey)
             line.object("authenticationKey", hAuthenticationKey)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_CreateObject: CK_C_CreateObject = { hSession, pTemplate, ulCount, phObject in
-        let call = Call(.C_CreateObject)
-        guard let function = Core.functions?.pointee.C_CreateObject else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount, phObject)
-        if rv == CKR_OK, let out = phObject { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            line.newObject("object", phObject, rv)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_CopyObject: CK_C_CopyObject = { hSession, hObject, pTemplate, ulCount, phNewObject in
-        let call = Call(.C_CopyObject)
-        guard let function = Core.functions?.pointee.C_CopyObject else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount, phNewObject)
-        if rv == CKR_OK, let out = phNewObject { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.object("object", hObject)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            line.newObject("newObject", phNewObject, rv)
             call.finish(rv, &line)
         }
         return rv
@@ -200,52 +165,6 @@ enum Forwarders {
         return rv
     }
 
-    static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
-        let call = Call(.C_SetAttributeValue)
-        guard let function = Core.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.object("object", hObject)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_FindObjectsInit: CK_C_FindObjectsInit = { hSession, pTemplate, ulCount in
-        let call = Call(.C_FindObjectsInit)
-        guard let function = Core.functions?.pointee.C_FindObjectsInit else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount)
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_FindObjectsFinal: CK_C_FindObjectsFinal = { hSession in
-        let call = Call(.C_FindObjectsFinal)
-        guard let function = Core.functions?.pointee.C_FindObjectsFinal else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession)
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
     static let C_EncryptInit: CK_C_EncryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_EncryptInit)
         guard let function = Core.functions?.pointee.C_EncryptInit else { return call.unavailable() }
@@ -253,6 +172,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.encrypt, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -270,6 +190,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen)
+        Operations.finished(.encrypt, hSession, rv, lengthQuery: pEncryptedData == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -287,6 +208,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
+        Operations.fed(.encrypt, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -304,6 +226,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pLastEncryptedPart, pulLastEncryptedPartLen)
+        Operations.finished(.encrypt, hSession, rv, lengthQuery: pLastEncryptedPart == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -320,6 +243,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.decrypt, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -337,6 +261,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedData, ulEncryptedDataLen, pData, pulDataLen)
+        Operations.finished(.decrypt, hSession, rv, lengthQuery: pData == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -354,6 +279,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
+        Operations.fed(.decrypt, hSession, rv, pEncryptedPart, ulEncryptedPartLen, lengthQuery: pPart == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -371,6 +297,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pLastPart, pulLastPartLen)
+        Operations.finished(.decrypt, hSession, rv, lengthQuery: pLastPart == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -386,6 +313,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism)
+        Operations.started(.digest, hSession, pMechanism, key: 0, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -402,6 +330,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pDigest, pulDigestLen)
+        Operations.finished(.digest, hSession, rv, lengthQuery: pDigest == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -418,6 +347,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
+        Operations.fed(.digest, hSession, rv, pPart, ulPartLen, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -434,6 +364,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, realKey)
+        Operations.fedKey(hSession, hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -450,6 +381,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pDigest, pulDigestLen)
+        Operations.finished(.digest, hSession, rv, lengthQuery: pDigest == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -466,6 +398,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.sign, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -483,6 +416,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, pulSignatureLen)
+        Operations.finished(.sign, hSession, rv, lengthQuery: pSignature == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -499,6 +433,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
+        Operations.fed(.sign, hSession, rv, pPart, ulPartLen, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -515,6 +450,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, pulSignatureLen)
+        Operations.finished(.sign, hSession, rv, lengthQuery: pSignature == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -531,6 +467,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.signRecover, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -548,6 +485,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, pulSignatureLen)
+        Operations.finished(.signRecover, hSession, rv, lengthQuery: pSignature == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -565,6 +503,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.verify, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -581,6 +520,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, ulSignatureLen)
+        Operations.finished(.verify, hSession, rv, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -597,6 +537,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
+        Operations.fed(.verify, hSession, rv, pPart, ulPartLen, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -612,6 +553,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, ulSignatureLen)
+        Operations.finished(.verify, hSession, rv, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -628,6 +570,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.verifyRecover, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -645,6 +588,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, ulSignatureLen, pData, pulDataLen)
+        Operations.finished(.verifyRecover, hSession, rv, lengthQuery: pData == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -662,6 +606,8 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
+        Operations.fed(.digest, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
+        Operations.fed(.encrypt, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -679,6 +625,8 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
+        Operations.fed(.decrypt, hSession, rv, pEncryptedPart, ulEncryptedPartLen, lengthQuery: pPart == nil)
+        Operations.fed(.digest, hSession, rv, pPart, pulPartLen?.pointee ?? 0, lengthQuery: pPart == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -696,6 +644,8 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
+        Operations.fed(.sign, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
+        Operations.fed(.encrypt, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -713,50 +663,13 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
+        Operations.fed(.decrypt, hSession, rv, pEncryptedPart, ulEncryptedPartLen, lengthQuery: pPart == nil)
+        Operations.fed(.verify, hSession, rv, pPart, pulPartLen?.pointee ?? 0, lengthQuery: pPart == nil)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
             line.length("encryptedPart", pEncryptedPart, ulEncryptedPartLen)
             line.output("part", pPart, in: pulPartLenIn, out: pulPartLen, rv)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_GenerateKey: CK_C_GenerateKey = { hSession, pMechanism, pTemplate, ulCount, phKey in
-        let call = Call(.C_GenerateKey)
-        guard let function = Core.functions?.pointee.C_GenerateKey else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, pTemplate, ulCount, phKey)
-        if rv == CKR_OK, let out = phKey { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.mechanism("mechanism", pMechanism)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            line.newObject("key", phKey, rv)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_GenerateKeyPair: CK_C_GenerateKeyPair = { hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount, pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey in
-        let call = Call(.C_GenerateKeyPair)
-        guard let function = Core.functions?.pointee.C_GenerateKeyPair else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount, pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey)
-        if rv == CKR_OK, let out = phPublicKey { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
-        if rv == CKR_OK, let out = phPrivateKey { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.mechanism("mechanism", pMechanism)
-            line.template("publicKeyTemplate", pPublicKeyTemplate, ulPublicKeyAttributeCount, valuesShown: true)
-            line.template("privateKeyTemplate", pPrivateKeyTemplate, ulPrivateKeyAttributeCount, valuesShown: true)
-            line.newObject("publicKey", phPublicKey, rv)
-            line.newObject("privateKey", phPrivateKey, rv)
             call.finish(rv, &line)
         }
         return rv
@@ -778,27 +691,6 @@ enum Forwarders {
             line.object("wrappingKey", hWrappingKey)
             line.object("key", hKey)
             line.output("wrappedKey", pWrappedKey, in: pulWrappedKeyLenIn, out: pulWrappedKeyLen, rv)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_UnwrapKey: CK_C_UnwrapKey = { hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey in
-        let call = Call(.C_UnwrapKey)
-        guard let function = Core.functions?.pointee.C_UnwrapKey else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey)
-        if rv == CKR_OK, let out = phKey { out.pointee = Objects.expose(real: out.pointee, session: hSession) }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.mechanism("mechanism", pMechanism)
-            line.object("unwrappingKey", hUnwrappingKey)
-            line.length("wrappedKey", pWrappedKey, ulWrappedKeyLen)
-            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
-            line.newObject("key", phKey, rv)
             call.finish(rv, &line)
         }
         return rv
@@ -868,6 +760,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, flags)
+        Operations.cancelled(hSession, flags, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -884,6 +777,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.messageEncrypt, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -919,6 +813,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
+        Operations.message(.messageEncrypt, hSession, open: true, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -936,6 +831,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pPlaintextPart, ulPlaintextPartLen, pCiphertextPart, pulCiphertextPartLen, flags)
+        Operations.message(.messageEncrypt, hSession, open: flags & CK_FLAGS(CKF_END_OF_MESSAGE) == 0, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -954,6 +850,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
+        Operations.finished(.messageEncrypt, hSession, rv, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -969,6 +866,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.messageDecrypt, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1004,6 +902,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
+        Operations.message(.messageDecrypt, hSession, open: true, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1021,6 +920,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pCiphertextPart, ulCiphertextPartLen, pPlaintextPart, pulPlaintextPartLen, flags)
+        Operations.message(.messageDecrypt, hSession, open: flags & CK_FLAGS(CKF_END_OF_MESSAGE) == 0, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1039,6 +939,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
+        Operations.finished(.messageDecrypt, hSession, rv, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1054,6 +955,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.messageSign, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1088,6 +990,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen)
+        Operations.message(.messageSign, hSession, open: true, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1104,6 +1007,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
+        Operations.message(.messageSign, hSession, open: pSignature == nil, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1121,6 +1025,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
+        Operations.finished(.messageSign, hSession, rv, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1136,6 +1041,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
+        Operations.started(.messageVerify, hSession, pMechanism, key: hKey, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1169,6 +1075,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen)
+        Operations.message(.messageVerify, hSession, open: true, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1184,6 +1091,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
+        Operations.message(.messageVerify, hSession, open: pSignature == nil, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1201,6 +1109,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
+        Operations.finished(.messageVerify, hSession, rv, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)

@@ -14,6 +14,10 @@ extension Custom {
                 Logins.keep(slot: slot, userType: userType, pin: pPin, pinLength: ulPinLen)
             }
         }
+        // A context-specific login belongs to the operation in progress: replayed with it.
+        if rv == CKR_OK && userType == CKU_CONTEXT_SPECIFIC && Logins.replayEnabled {
+            Operations.contextLogin(hSession, pin: pPin, length: ulPinLen)
+        }
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)

@@ -1,18 +1,131 @@
 import CPKCS11
 
-// Object calls that hand out or take back object handles in ways a forwarder cannot express
-// (PKCS#11 2.40 sections 5.7 and 5.14).
+// Object calls that hand out or take back object handles, or make session objects a child must
+// be able to make again (PKCS#11 2.40 sections 5.7 and 5.14; Replay/SessionObjects.swift).
 extension Custom {
+    static let C_CreateObject: CK_C_CreateObject = { hSession, pTemplate, ulCount, phObject in
+        let call = Call(.C_CreateObject)
+        guard let function = Core.functions?.pointee.C_CreateObject else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount, phObject)
+        if rv == CKR_OK, let phObject {
+            phObject.pointee = Objects.expose(real: phObject.pointee, session: hSession)
+            SessionObjects.created(phObject.pointee, session: hSession, pTemplate, ulCount)
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
+            line.newObject("object", phObject, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_CopyObject: CK_C_CopyObject = { hSession, hObject, pTemplate, ulCount, phNewObject in
+        let call = Call(.C_CopyObject)
+        guard let function = Core.functions?.pointee.C_CopyObject else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount, phNewObject)
+        if rv == CKR_OK, let phNewObject {
+            phNewObject.pointee = Objects.expose(real: phNewObject.pointee, session: hSession)
+            SessionObjects.copied(phNewObject.pointee, from: hObject, session: hSession, pTemplate, ulCount)
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.object("object", hObject)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
+            line.newObject("newObject", phNewObject, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
+        let call = Call(.C_SetAttributeValue)
+        guard let function = Core.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
+        if rv == CKR_OK { SessionObjects.changed(hObject, session: hSession, pTemplate, ulCount) }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.object("object", hObject)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_DestroyObject: CK_C_DestroyObject = { hSession, hObject in
+        let call = Call(.C_DestroyObject)
+        guard let function = Core.functions?.pointee.C_DestroyObject else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject)
+        if rv == CKR_OK {
+            Objects.table.release(hObject)
+            Records.forgetObject(hObject)
+            SessionObjects.forget(hObject)
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.object("object", hObject)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    // MARK: searching (a search the parent began is continued in a child: Replay/Operations.swift)
+
+    static let C_FindObjectsInit: CK_C_FindObjectsInit = { hSession, pTemplate, ulCount in
+        let call = Call(.C_FindObjectsInit)
+        guard let function = Core.functions?.pointee.C_FindObjectsInit else { return call.unavailable() }
+        SessionObjects.remakeAll()
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure
+            : Operations.searchQueued(hSession) ? CK_RV(CKR_OPERATION_ACTIVE) : function(realSession, pTemplate, ulCount)
+        Operations.searchStarted(hSession, pTemplate, ulCount, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_FindObjects: CK_C_FindObjects = { hSession, phObject, ulMaxObjectCount, pulObjectCount in
         let call = Call(.C_FindObjects)
         guard let function = Core.functions?.pointee.C_FindObjects else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, phObject, ulMaxObjectCount, pulObjectCount)
-        if rv == CKR_OK, let phObject, let pulObjectCount {
-            for i in 0..<Int(min(pulObjectCount.pointee, ulMaxObjectCount)) {
-                phObject[i] = Objects.expose(real: phObject[i], session: hSession)
+        var rv: CK_RV
+        if failure != CKR_OK {
+            rv = failure
+        } else if let carried = Operations.nextFound(hSession, into: phObject, max: ulMaxObjectCount, count: pulObjectCount) {
+            rv = carried
+        } else {
+            rv = function(realSession, phObject, ulMaxObjectCount, pulObjectCount)
+            if rv == CKR_OK, let phObject, let pulObjectCount {
+                for i in 0..<Int(min(pulObjectCount.pointee, ulMaxObjectCount)) {
+                    phObject[i] = Objects.expose(real: phObject[i], session: hSession)
+                }
             }
+        }
+        if rv == CKR_OK, let phObject, let pulObjectCount {
+            Operations.noteFound(hSession, phObject, Int(min(pulObjectCount.pointee, ulMaxObjectCount)))
+        } else if rv != CKR_OK {
+            Operations.end(.find, hSession)
         }
         if call.isTraced {
             var line = call.line()
@@ -35,74 +148,18 @@ extension Custom {
         return rv
     }
 
-    static let C_DestroyObject: CK_C_DestroyObject = { hSession, hObject in
-        let call = Call(.C_DestroyObject)
-        guard let function = Core.functions?.pointee.C_DestroyObject else { return call.unavailable() }
+    static let C_FindObjectsFinal: CK_C_FindObjectsFinal = { hSession in
+        let call = Call(.C_FindObjectsFinal)
+        guard let function = Core.functions?.pointee.C_FindObjectsFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject)
-        if rv == CKR_OK {
-            Objects.table.release(hObject)
-            Records.forgetObject(hObject)
-        }
+        let rv = failure != CKR_OK ? failure : Operations.finishFound(hSession) ?? function(realSession)
+        Operations.finished(.find, hSession, rv, lengthQuery: false)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
-            line.object("object", hObject)
             call.finish(rv, &line)
         }
         return rv
-    }
-
-    static let C_DeriveKey: CK_C_DeriveKey = { hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey in
-        let call = Call(.C_DeriveKey)
-        guard let function = Core.functions?.pointee.C_DeriveKey else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realBaseKey = Objects.real(hBaseKey, &failure)
-        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
-            function(realSession, mechanism, realBaseKey, pTemplate, ulAttributeCount, phKey)
-        }
-        if rv == CKR_OK, let phKey { phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession) }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.mechanism("mechanism", pMechanism)
-            line.object("baseKey", hBaseKey)
-            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
-            line.newObject("key", phKey, rv)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-}
-
-/// Mechanism parameters that carry object handles must reach the real module with real ones.
-enum MechanismHandles {
-    static func withRealHandles(_ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
-                                _ body: (UnsafeMutablePointer<CK_MECHANISM>?) -> CK_RV) -> CK_RV {
-        guard let mechanism else { return body(nil) }
-        switch mechanism.pointee.mechanism {
-        case CK_MECHANISM_TYPE(CKM_CONCATENATE_BASE_AND_KEY):
-            // The parameter is the handle of the key to append (PKCS#11 2.40 current mechanisms 2.43.2).
-            guard let parameter = mechanism.pointee.pParameter,
-                  mechanism.pointee.ulParameterLen == CK_ULONG(MemoryLayout<CK_OBJECT_HANDLE>.size)
-            else { return body(mechanism) }
-            var failure = CK_RV(CKR_OK)
-            var realKey = Objects.real(parameter.loadUnaligned(as: CK_OBJECT_HANDLE.self), &failure)
-            return withUnsafeMutableBytes(of: &realKey) { bytes in
-                var copy = mechanism.pointee
-                copy.pParameter = bytes.baseAddress
-                return body(&copy)
-            }
-        case CK_MECHANISM_TYPE(CKM_ECMQV_DERIVE), CK_MECHANISM_TYPE(CKM_X9_42_DH_HYBRID_DERIVE),
-             CK_MECHANISM_TYPE(CKM_X9_42_MQV_DERIVE), CK_MECHANISM_TYPE(CKM_SSL3_KEY_AND_MAC_DERIVE),
-             CK_MECHANISM_TYPE(CKM_TLS_KEY_AND_MAC_DERIVE):
-            Trace.event(.error, "\(mechanismName(mechanism.pointee.mechanism).map { "\($0)" } ?? "mechanism") carries object handles in its parameter, which p11fork does not translate yet: the module will see p11fork's virtual handles")
-            return body(mechanism)
-        default:
-            return body(mechanism)
-        }
     }
 }

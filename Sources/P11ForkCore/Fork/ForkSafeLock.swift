@@ -10,10 +10,26 @@ import Glibc
 /// Never held across a call into the real module, except by recovery in a child.
 final class ForkSafeLock: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    /// A recursive lock may be taken again by the thread holding it (recovery, which resolves
+    /// one handle while resolving another).
+    private let recursive: Bool
 
-    init() {
+    init(recursive: Bool = false) {
         mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
+        self.recursive = recursive
+        initialize()
+    }
+
+    private func initialize() {
+        guard recursive else {
+            pthread_mutex_init(mutex, nil)
+            return
+        }
+        var attributes = pthread_mutexattr_t()
+        pthread_mutexattr_init(&attributes)
+        pthread_mutexattr_settype(&attributes, Int32(PTHREAD_MUTEX_RECURSIVE))
+        pthread_mutex_init(mutex, &attributes)
+        pthread_mutexattr_destroy(&attributes)
     }
 
     deinit {
@@ -34,6 +50,6 @@ final class ForkSafeLock: @unchecked Sendable {
 
     /// Only in a freshly forked child, before any other thread of the child can use the lock.
     func reinitializeAfterFork() {
-        pthread_mutex_init(mutex, nil)
+        initialize()
     }
 }

@@ -31,15 +31,23 @@ enum Records {
         lock.withLock { sessions[session] = Session(slot: slot, flags: flags) }
     }
 
-    /// Forgets closed sessions; returns the slots left with no open session (their login is gone).
+    /// Forgets closed sessions, what was kept of their operations and of the session objects
+    /// they made (the module destroyed those, and their handles are released); returns the
+    /// slots left with no open session (their login is gone).
     @discardableResult
     static func forgetSessions(_ closed: [CK_SESSION_HANDLE]) -> Set<CK_SLOT_ID> {
-        lock.withLock {
+        let (slots, objectsGone) = lock.withLock { () -> (Set<CK_SLOT_ID>, [CK_OBJECT_HANDLE]) in
             var slots = Set<CK_SLOT_ID>()
             for session in closed { if let record = sessions.removeValue(forKey: session) { slots.insert(record.slot) } }
             for record in sessions.values { slots.remove(record.slot) }
-            return slots
+            Operations.forgetLocked(closed)
+            return (slots, SessionObjects.forgetLocked(sessions: Set(closed)))
         }
+        for object in objectsGone {
+            Objects.table.release(object)
+            forgetObject(object)
+        }
+        return slots
     }
 
     static func session(_ session: CK_SESSION_HANDLE) -> Session? {
@@ -75,6 +83,8 @@ enum Records {
             sessions.removeAll()
             objects.removeAll()
             objectsByIdentity.removeAll()
+            Operations.forgetAllLocked()
+            SessionObjects.forgetAllLocked()
         }
     }
 

@@ -22,11 +22,12 @@ enum Recovery {
     nonisolated(unsafe) static var searchSessions: [CK_SLOT_ID: CK_SESSION_HANDLE] = [:]
     nonisolated(unsafe) static var lost: Set<CK_OBJECT_HANDLE> = []
 
-    static func install() { lock = ForkDetection.register(ForkSafeLock()) }
+    static func install() { lock = ForkDetection.register(ForkSafeLock(recursive: true)) }
 
     /// In a new process, once (called by ForkDetection with the other threads waiting).
     static func enterChild() {
         Logins.enterChild()
+        ProtectedMemory.enterChild()
         searchSessions = [:]
         lost = []
         initializationUnclaimed = false
@@ -189,6 +190,8 @@ enum Recovery {
             Trace.event(.fork, "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))")
             let login = Logins.ensure(slot: record.slot, session: real, functions: functions)
             if login != CKR_OK { failure = login }
+            // The operations the parent had in progress on it (step 6).
+            if login == CKR_OK { Operations.replay(virtual, real: real, functions) }
             return real
         }
     }
@@ -209,7 +212,18 @@ enum Recovery {
             }
             guard let identity = Records.object(virtual) else { return lose("nothing was recorded about it") }
             guard identity.isTokenObject else {
-                return lose("it is a session object of the parent (\(identity.summary)), which cannot be re-created in a child")
+                // A session object of the parent: made again from how it was made (step 5).
+                guard let recipe = SessionObjects.recipe(virtual) else {
+                    return lose("it is a session object of the parent (\(identity.summary)) and nothing was kept to make it again")
+                }
+                switch SessionObjects.remake(virtual, recipe, functions, &failure) {
+                case .lost(let why):
+                    return lose("it is a session object of the parent (\(identity.summary)): \(why)")
+                case .remade(let real, let how):
+                    Objects.table.rebind(virtual, real: real, epoch: Core.epoch)
+                    Trace.event(.fork, "object 0x\(hex(virtual)) made again (\(identity.summary); \(how); real object 0x\(hex(real)), \(milliseconds(since: started)))")
+                    return real
+                }
             }
             let session = searchSessionLocked(bound.aux, functions, &failure)
             guard failure == CKR_OK, session != invalid else { return invalid }
@@ -228,7 +242,8 @@ enum Recovery {
     /// The inherited handle of an object this child just came across by itself (C_FindObjects,
     /// ...), so that it keeps the handle the parent had: the same identity, on the same slot.
     static func inheritedHandle(for identity: ObjectIdentity, slot: CK_SLOT_ID) -> CK_OBJECT_HANDLE? {
-        Records.objects(with: identity).first { virtual in
+        guard identity.isTokenObject else { return nil }
+        return Records.objects(with: identity).first { virtual in
             guard let bound = Objects.view.lookupAnyEpoch(virtual) else { return false }
             return bound.aux == slot && bound.epoch != Core.epoch
         }

@@ -16,6 +16,9 @@ final class HandleTable: @unchecked Sendable {
         let real: Atomic<UInt>
         let epoch: Atomic<UInt>
         let aux: Atomic<UInt>
+        /// Flags of the owner's choosing, cleared when the handle is issued (sessions: which
+        /// operations are in progress and recorded, Replay/Operations.swift).
+        let state: Atomic<UInt>
     }
 
     let base: UInt
@@ -124,7 +127,7 @@ final class HandleTable: @unchecked Sendable {
         if chunk == nil {
             let fresh = UnsafeMutablePointer<Entry>.allocate(capacity: Self.chunkSize)
             for i in 0..<Self.chunkSize {
-                (fresh + i).initialize(to: Entry(virtual: Atomic(0), real: Atomic(0), epoch: Atomic(0), aux: Atomic(0)))
+                (fresh + i).initialize(to: Entry(virtual: Atomic(0), real: Atomic(0), epoch: Atomic(0), aux: Atomic(0), state: Atomic(0)))
             }
             chunks[chunkIndex].store(fresh, ordering: .releasing)
             chunk = fresh
@@ -134,6 +137,7 @@ final class HandleTable: @unchecked Sendable {
         entry.pointee.real.store(real, ordering: .relaxed)
         entry.pointee.epoch.store(epoch, ordering: .relaxed)
         entry.pointee.aux.store(aux, ordering: .relaxed)
+        entry.pointee.state.store(0, ordering: .relaxed)
         entry.pointee.virtual.store(virtual, ordering: .releasing)
         return virtual
     }
@@ -149,6 +153,7 @@ final class HandleTable: @unchecked Sendable {
         let key = RealKey(real: entry.pointee.real.load(ordering: .relaxed), aux: entry.pointee.aux.load(ordering: .relaxed))
         if exposed[key] == virtual { exposed[key] = nil }
         entry.pointee.virtual.store(0, ordering: .releasing)
+        entry.pointee.state.store(0, ordering: .relaxed)
         let index = Int(UInt(truncatingIfNeeded: UInt32(truncatingIfNeeded: virtual)) - base)
         generations[index, default: 0] += 1
         freeIndices.append(index)

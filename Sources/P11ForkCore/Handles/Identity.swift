@@ -134,8 +134,8 @@ struct ObjectIdentity: Hashable {
     var summary: String {
         var parts: [String] = []
         if let objectClass { parts.append(objectClassName(objectClass).map { "\($0)" } ?? "class 0x\(String(objectClass, radix: 16))") }
-        if let label { parts.append("label \"\(String(decoding: label, as: UTF8.self))\"") }
-        if let id { parts.append("id \(id.map { String($0, radix: 16) }.joined())") }
+        if let label, !label.isEmpty { parts.append("label \"\(String(decoding: label, as: UTF8.self))\"") }
+        if let id, !id.isEmpty { parts.append("id \(id.map { String($0, radix: 16) }.joined())") }
         parts.append(isTokenObject ? "token object" : "session object")
         return parts.joined(separator: ", ")
     }

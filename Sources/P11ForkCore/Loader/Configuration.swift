@@ -15,12 +15,15 @@ struct Configuration: Equatable, Sendable {
     var strategy: ModuleStrategy = .auto
     /// Whether a child replays the parent's login with the kept PIN.
     var loginReplay = true
+    /// Bytes kept for replaying session objects and operations in a child (ReplayBudget).
+    var replayLimit = ReplayBudget.defaultLimit
 
     /// The keys a configuration file may hold, and the variable each mirrors.
     static let keys: [(key: String, variable: String)] = [
         ("module", "P11FORK_MODULE"), ("trace", "P11FORK_TRACE"),
         ("trace_level", "P11FORK_TRACE_LEVEL"), ("trace_format", "P11FORK_TRACE_FORMAT"),
         ("strategy", "P11FORK_STRATEGY"), ("login_replay", "P11FORK_LOGIN_REPLAY"),
+        ("replay_limit", "P11FORK_REPLAY_LIMIT"),
     ]
 
     /// Reads the configuration; on a problem, the one-line message that names it and the fix.
@@ -84,7 +87,25 @@ struct Configuration: Equatable, Sendable {
                 return .failure(ConfigurationProblem("\(replay.source): '\(replay.value)' is not on or off"))
             }
         }
+        if let limit = settings["replay_limit"] {
+            guard let bytes = parseByteCount(limit.value) else {
+                return .failure(ConfigurationProblem(
+                    "\(limit.source): '\(limit.value)' is not a number of bytes: use for example 1048576, 1024k or 1m (0 keeps nothing for replay)"))
+            }
+            configuration.replayLimit = bytes
+        }
         return .success(configuration)
+    }
+
+    /// "65536", "64k", "1m" (binary units), at most 1 GiB.
+    static func parseByteCount(_ text: String) -> Int? {
+        var digits = Substring(text.lowercased())
+        var unit = 1
+        if digits.hasSuffix("k") { unit = 1 << 10; digits = digits.dropLast() }
+        else if digits.hasSuffix("m") { unit = 1 << 20; digits = digits.dropLast() }
+        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), digits.count <= 10,
+              let number = Int(digits), number * unit <= 1 << 30 else { return nil }
+        return number * unit
     }
 
     /// Parses `key = value` lines; `#` starts a comment; a value may be in double quotes.

@@ -1,0 +1,107 @@
+import CPKCS11
+
+// Key management calls (PKCS#11 2.40 section 5.14): they make new objects, which a child can
+// make again when they are session objects made by a replayable call (Replay/SessionObjects.swift).
+extension Custom {
+    static let C_GenerateKey: CK_C_GenerateKey = { hSession, pMechanism, pTemplate, ulCount, phKey in
+        let call = Call(.C_GenerateKey)
+        guard let function = Core.functions?.pointee.C_GenerateKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, pTemplate, ulCount, phKey)
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.generated(phKey.pointee, session: hSession, by: "C_GenerateKey")
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
+            line.newObject("key", phKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_GenerateKeyPair: CK_C_GenerateKeyPair = { hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount,
+                                                          pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey in
+        let call = Call(.C_GenerateKeyPair)
+        guard let function = Core.functions?.pointee.C_GenerateKeyPair else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure
+            : function(realSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount, pPrivateKeyTemplate,
+                       ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey)
+        if rv == CKR_OK {
+            for out in [phPublicKey, phPrivateKey] {
+                guard let out else { continue }
+                out.pointee = Objects.expose(real: out.pointee, session: hSession)
+                SessionObjects.generated(out.pointee, session: hSession, by: "C_GenerateKeyPair")
+            }
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.template("publicKeyTemplate", pPublicKeyTemplate, ulPublicKeyAttributeCount, valuesShown: true)
+            line.template("privateKeyTemplate", pPrivateKeyTemplate, ulPrivateKeyAttributeCount, valuesShown: true)
+            line.newObject("publicKey", phPublicKey, rv)
+            line.newObject("privateKey", phPrivateKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_UnwrapKey: CK_C_UnwrapKey = { hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey in
+        let call = Call(.C_UnwrapKey)
+        guard let function = Core.functions?.pointee.C_UnwrapKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
+        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
+            function(realSession, mechanism, realUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey)
+        }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.unwrapped(phKey.pointee, session: hSession, pMechanism, key: hUnwrappingKey, wrapped: pWrappedKey,
+                                     ulWrappedKeyLen, pTemplate, ulAttributeCount)
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("unwrappingKey", hUnwrappingKey)
+            line.length("wrappedKey", pWrappedKey, ulWrappedKeyLen)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.newObject("key", phKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_DeriveKey: CK_C_DeriveKey = { hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey in
+        let call = Call(.C_DeriveKey)
+        guard let function = Core.functions?.pointee.C_DeriveKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realBaseKey = Objects.real(hBaseKey, &failure)
+        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
+            function(realSession, mechanism, realBaseKey, pTemplate, ulAttributeCount, phKey)
+        }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.derived(phKey.pointee, session: hSession, pMechanism, base: hBaseKey, pTemplate, ulAttributeCount)
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("baseKey", hBaseKey)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.newObject("key", phKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+}

@@ -1,0 +1,526 @@
+// p11fork-forksafe: the "fork safe" scenarios of PKCS#11 3.0 (session objects, session states
+// and operations in progress carried into a forked child), run against a module directly (to
+// show what is lost) and through libp11fork.so (to show it kept).
+//
+//   p11fork-forksafe --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|hmac]
+//                    [--fork-safe] SCENARIO
+//
+// --fork-safe takes the function list from C_GetInterface(NULL, NULL, &i, CKF_INTERFACE_FORK_SAFE)
+// (and fails if the module has no such interface); the child then never calls C_Initialize.
+// Scenarios: create-object, unwrap-derive, ecdh, generated-lost, sign-update, decrypt-update,
+// digest-update, find. In each, the parent computes the expected result, forks one child under
+// alarm(); the child does the same work with the inherited handles and exits 0 when its result
+// equals the parent's, else with a status saying what failed; for operations in progress the
+// parent then finishes its own operation and checks it too. Last line: "result: ok ..." (exit 0)
+// or "result: fail ..." (exit 1); usage errors exit 2.
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <p11-kit-1/p11-kit/pkcs11.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef CKF_INTERFACE_FORK_SAFE
+#define CKF_INTERFACE_FORK_SAFE 0x00000001UL
+#endif
+typedef struct { CK_UTF8CHAR *name; void *list; CK_FLAGS flags; } interface_t;
+typedef CK_RV (*get_interface_t)(CK_UTF8CHAR *, CK_VERSION *, interface_t **, CK_FLAGS);
+
+#define CHILD_TIMEOUT 20
+
+static CK_FUNCTION_LIST_PTR p11;
+static const char *token_label, *pin, *key_label, *mechanism_name = "rsa";
+static CK_SESSION_HANDLE session;
+
+// Child exit statuses.
+enum { CHILD_OK = 0, CHILD_CALL_FAILED = 3, CHILD_DIFFERENT = 4, CHILD_WRONG_ERROR = 5 };
+
+static void say(const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    vprintf(format, args);
+    va_end(args);
+    printf("\n");
+    fflush(stdout);
+}
+
+static int fail(const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    printf("result: fail ");
+    vprintf(format, args);
+    va_end(args);
+    printf("\n");
+    fflush(stdout);
+    return 1;
+}
+
+// A call that must succeed; in a child its failure is reported and becomes the exit status.
+#define CHECK(call)                                                                              \
+    do {                                                                                         \
+        CK_RV rv_ = (call);                                                                      \
+        if (rv_ != CKR_OK) {                                                                     \
+            say("%s (pid %d): %s -> 0x%lx", in_child ? "child" : "parent", getpid(), #call, rv_); \
+            if (in_child) _exit(CHILD_CALL_FAILED);                                              \
+            return 1;                                                                            \
+        }                                                                                        \
+    } while (0)
+
+static int in_child;
+
+// Forks one child running `body`, which returns its exit status; the parent checks it.
+static int run_child(const char *scenario, int (*body)(void)) {
+    pid_t pid = fork();
+    if (pid < 0) return fail("%s: fork: %s", scenario, strerror(errno));
+    if (pid == 0) {
+        in_child = 1;
+        alarm(CHILD_TIMEOUT);
+        _exit(body());
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (WIFSIGNALED(status))
+        return fail("%s: child killed by signal %d%s", scenario, WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung)" : "");
+    if (WEXITSTATUS(status) != 0) return fail("%s: child exit status %d", scenario, WEXITSTATUS(status));
+    return 0;
+}
+
+// MARK: helpers
+
+static CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+static CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
+static CK_KEY_TYPE aes_type = CKK_AES;
+static unsigned char iv[16] = "p11fork-iv-16by";
+static const unsigned char plaintext[64] = "p11fork fork-safe scenario: sixty-four bytes of plaintext.....";
+
+static CK_RV has_mechanism(CK_MECHANISM_TYPE type) {
+    CK_MECHANISM_INFO info;
+    CK_SESSION_INFO s;
+    CK_RV rv = p11->C_GetSessionInfo(session, &s);
+    if (rv != CKR_OK) return rv;
+    return p11->C_GetMechanismInfo(s.slotID, type, &info);
+}
+
+static CK_RV find_one(CK_OBJECT_CLASS class, const char *label, CK_OBJECT_HANDLE *out) {
+    CK_ATTRIBUTE t[] = { { CKA_CLASS, &class, sizeof class }, { CKA_LABEL, (void *)label, strlen(label) } };
+    CK_ULONG n = 0;
+    CK_RV rv = p11->C_FindObjectsInit(session, t, 2);
+    if (rv != CKR_OK) return rv;
+    rv = p11->C_FindObjects(session, out, 1, &n);
+    p11->C_FindObjectsFinal(session);
+    return rv != CKR_OK ? rv : n == 1 ? CKR_OK : CKR_OBJECT_HANDLE_INVALID;
+}
+
+// AES-CBC over `plaintext` with `key`: 64 bytes out.
+static CK_RV encrypt_with(CK_OBJECT_HANDLE key, unsigned char out[64]) {
+    CK_MECHANISM cbc = { CKM_AES_CBC, iv, 16 };
+    CK_ULONG n = 64;
+    CK_RV rv = p11->C_EncryptInit(session, &cbc, key);
+    if (rv == CKR_OK) rv = p11->C_Encrypt(session, (CK_BYTE_PTR)plaintext, 64, out, &n);
+    return rv == CKR_OK && n != 64 ? CKR_GENERAL_ERROR : rv;
+}
+
+static CK_RV create_aes(const unsigned char *value, CK_BBOOL token, const char *label, CK_OBJECT_HANDLE *out) {
+    CK_ATTRIBUTE t[] = { { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes_type, sizeof aes_type },
+                         { CKA_TOKEN, &token, 1 }, { CKA_VALUE, (void *)value, 16 }, { CKA_ENCRYPT, &yes, 1 },
+                         { CKA_DECRYPT, &yes, 1 }, { CKA_WRAP, &yes, 1 }, { CKA_UNWRAP, &yes, 1 },
+                         { CKA_EXTRACTABLE, &yes, 1 }, { CKA_SENSITIVE, &no, 1 }, { CKA_DERIVE, &yes, 1 },
+                         { CKA_LABEL, (void *)label, strlen(label) } };
+    return p11->C_CreateObject(session, t, sizeof t / sizeof t[0], out);
+}
+
+// MARK: session objects
+
+static CK_OBJECT_HANDLE key_a, key_b, key_c;
+static unsigned char expected_a[64], expected_b[64], expected_c[64];
+
+static int encrypts_alike(void) {
+    unsigned char out[64];
+    CHECK(encrypt_with(key_a, out));
+    if (memcmp(out, expected_a, 64)) return CHILD_DIFFERENT;
+    if (key_b) {
+        CHECK(encrypt_with(key_b, out));
+        if (memcmp(out, expected_b, 64)) return CHILD_DIFFERENT;
+    }
+    if (key_c) {
+        CHECK(encrypt_with(key_c, out));
+        if (memcmp(out, expected_c, 64)) return CHILD_DIFFERENT;
+    }
+    return CHILD_OK;
+}
+
+// An AES key made by C_CreateObject (session object), with a later C_SetAttributeValue.
+static int scenario_create_object(void) {
+    static const unsigned char value[16] = "0123456789abcdef";
+    CHECK(create_aes(value, CK_FALSE, "p11fork session AES", &key_a));
+    CK_ATTRIBUTE relabel = { CKA_LABEL, "p11fork relabelled", 18 };
+    CHECK(p11->C_SetAttributeValue(session, key_a, &relabel, 1));
+    CHECK(encrypt_with(key_a, expected_a));
+    if (run_child("create-object", encrypts_alike)) return 1;
+    // The child also sees the changed label: it finds the object by it.
+    say("result: ok create-object: the child's AES-CBC ciphertext with the parent's session key equals the parent's");
+    return 0;
+}
+
+// A session key unwrapped with a token key, then a key derived from the unwrapped one (a chain).
+static int scenario_unwrap_derive(void) {
+    static const unsigned char wrapping_value[16] = "wrapping-key-16b", inner_value[16] = "inner-key-value!";
+    char label[64];
+    snprintf(label, sizeof label, "p11fork wrapping %d", getpid());
+    CK_OBJECT_HANDLE wrapping, inner;
+    CHECK(create_aes(wrapping_value, CK_TRUE, label, &wrapping));
+    CHECK(create_aes(inner_value, CK_FALSE, "p11fork inner", &inner));
+    unsigned char wrapped[64];
+    CK_ULONG wrapped_length = sizeof wrapped;
+    CK_MECHANISM wrap = { CKM_AES_KEY_WRAP, NULL, 0 };
+    CHECK(p11->C_WrapKey(session, &wrap, wrapping, inner, wrapped, &wrapped_length));
+    CHECK(p11->C_DestroyObject(session, inner));
+    CK_ATTRIBUTE t[] = { { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes_type, sizeof aes_type },
+                         { CKA_TOKEN, &no, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DERIVE, &yes, 1 },
+                         { CKA_LABEL, "p11fork unwrapped", 17 } };
+    CHECK(p11->C_UnwrapKey(session, &wrap, wrapping, wrapped, wrapped_length, t, 6, &key_a));
+    CHECK(encrypt_with(key_a, expected_a));
+
+    unsigned char data[16] = "derivation-data!";
+    CK_KEY_DERIVATION_STRING_DATA string = { data, 16 };
+    CK_MECHANISM derive = { CKM_AES_ECB_ENCRYPT_DATA, &string, sizeof string };
+    if (has_mechanism(CKM_AES_ECB_ENCRYPT_DATA) != CKR_OK) derive.mechanism = CKM_CONCATENATE_BASE_AND_DATA;
+    CK_ULONG derived_length = derive.mechanism == CKM_AES_ECB_ENCRYPT_DATA ? 16 : 32;
+    CK_ATTRIBUTE d[] = { { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes_type, sizeof aes_type },
+                         { CKA_TOKEN, &no, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_VALUE_LEN, &derived_length, sizeof derived_length } };
+    CHECK(p11->C_DeriveKey(session, &derive, key_a, d, 5, &key_b));
+    memset(data, 0, sizeof data);  // the application reuses its buffers: p11fork must have copied them
+    CHECK(encrypt_with(key_b, expected_b));
+    int failed = run_child("unwrap-derive", encrypts_alike);
+    p11->C_DestroyObject(session, wrapping);
+    if (failed) return 1;
+    say("result: ok unwrap-derive: the unwrapped key and the key derived from it encrypt alike in the child");
+    return 0;
+}
+
+// An ECDH-derived session key from a token EC key and a peer's public point.
+static int scenario_ecdh(void) {
+    static const unsigned char p256[] = { 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07 };
+    char label[64];
+    snprintf(label, sizeof label, "p11fork ecdh %d", getpid());
+    CK_MECHANISM generate = { CKM_EC_KEY_PAIR_GEN, NULL, 0 };
+    CK_ATTRIBUTE pub[] = { { CKA_EC_PARAMS, (void *)p256, sizeof p256 }, { CKA_TOKEN, &yes, 1 }, { CKA_LABEL, label, strlen(label) } };
+    CK_ATTRIBUTE priv[] = { { CKA_TOKEN, &yes, 1 }, { CKA_DERIVE, &yes, 1 }, { CKA_PRIVATE, &yes, 1 },
+                            { CKA_SENSITIVE, &yes, 1 }, { CKA_LABEL, label, strlen(label) } };
+    CK_ATTRIBUTE peer_pub[] = { { CKA_EC_PARAMS, (void *)p256, sizeof p256 }, { CKA_TOKEN, &no, 1 } };
+    CK_ATTRIBUTE peer_priv[] = { { CKA_TOKEN, &no, 1 }, { CKA_DERIVE, &yes, 1 } };
+    CK_OBJECT_HANDLE token_public, token_private, peer_public, peer_private;
+    CHECK(p11->C_GenerateKeyPair(session, &generate, pub, 3, priv, 5, &token_public, &token_private));
+    CHECK(p11->C_GenerateKeyPair(session, &generate, peer_pub, 2, peer_priv, 2, &peer_public, &peer_private));
+    unsigned char point[128];
+    CK_ATTRIBUTE get = { CKA_EC_POINT, point, sizeof point };
+    CHECK(p11->C_GetAttributeValue(session, peer_public, &get, 1));
+    // CKA_EC_POINT is a DER OCTET STRING (04 41 04 x y): ECDH takes the raw point.
+    unsigned char *raw = point;
+    CK_ULONG raw_length = get.ulValueLen;
+    if (raw_length == 67 && point[0] == 0x04 && point[1] == 0x41) { raw += 2; raw_length -= 2; }
+    CK_ECDH1_DERIVE_PARAMS params = { CKD_NULL, 0, NULL, raw_length, raw };
+    CK_MECHANISM ecdh = { CKM_ECDH1_DERIVE, &params, sizeof params };
+    CK_ULONG length = 16;
+    CK_ATTRIBUTE t[] = { { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes_type, sizeof aes_type },
+                         { CKA_TOKEN, &no, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_VALUE_LEN, &length, sizeof length } };
+    CHECK(p11->C_DeriveKey(session, &ecdh, token_private, t, 5, &key_a));
+    memset(point, 0, sizeof point);
+    CHECK(encrypt_with(key_a, expected_a));
+    int failed = run_child("ecdh", encrypts_alike);
+    p11->C_DestroyObject(session, token_private);
+    p11->C_DestroyObject(session, token_public);
+    if (failed) return 1;
+    say("result: ok ecdh: the ECDH-derived session key encrypts alike in the child");
+    return 0;
+}
+
+// A session key from C_GenerateKey cannot be made again: the child gets CKR_KEY_HANDLE_INVALID.
+static CK_OBJECT_HANDLE generated;
+static int generated_child(void) {
+    unsigned char out[64];
+    CK_RV rv = encrypt_with(generated, out);
+    say("child: encrypting with the generated session key -> 0x%lx", rv);
+    // The other session objects are not affected.
+    if (rv != CKR_KEY_HANDLE_INVALID && rv != CKR_OBJECT_HANDLE_INVALID) return CHILD_WRONG_ERROR;
+    return encrypts_alike();
+}
+
+static int scenario_generated_lost(void) {
+    static const unsigned char value[16] = "0123456789abcdef";
+    CK_MECHANISM generate = { CKM_AES_KEY_GEN, NULL, 0 };
+    CK_ULONG length = 16;
+    CK_ATTRIBUTE t[] = { { CKA_TOKEN, &no, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_VALUE_LEN, &length, sizeof length } };
+    CHECK(p11->C_GenerateKey(session, &generate, t, 3, &generated));
+    CHECK(create_aes(value, CK_FALSE, "p11fork session AES", &key_a));
+    CHECK(encrypt_with(key_a, expected_a));
+    if (run_child("generated-lost", generated_child)) return 1;
+    say("result: ok generated-lost: the generated key is reported lost (the module's answer for an invalid key handle), the created one works");
+    return 0;
+}
+
+// MARK: operations in progress
+
+static CK_OBJECT_HANDLE sign_key;
+static unsigned char child_result[512];
+static CK_ULONG child_result_length;
+static int result_pipe[2];
+
+static CK_MECHANISM sign_mechanism(void) {
+    CK_MECHANISM m = { !strcmp(mechanism_name, "hmac") ? CKM_SHA256_HMAC : CKM_SHA256_RSA_PKCS, NULL, 0 };
+    return m;
+}
+
+// What the child sends back: its result bytes.
+static void send_result(const unsigned char *bytes, CK_ULONG length) {
+    (void)!write(result_pipe[1], &length, sizeof length);
+    (void)!write(result_pipe[1], bytes, length);
+}
+
+static int receive_result(void) {
+    child_result_length = 0;
+    if (read(result_pipe[0], &child_result_length, sizeof child_result_length) != sizeof child_result_length) return 0;
+    if (child_result_length > sizeof child_result) return 0;
+    return read(result_pipe[0], child_result, child_result_length) == (ssize_t)child_result_length;
+}
+
+static int run_child_with_result(const char *scenario, int (*body)(void)) {
+    if (pipe(result_pipe) != 0) return fail("pipe: %s", strerror(errno));
+    int failed = run_child(scenario, body);
+    close(result_pipe[1]);
+    int received = receive_result();
+    close(result_pipe[0]);
+    if (failed) return 1;
+    if (!received) return fail("%s: the child sent no result", scenario);
+    return 0;
+}
+
+static int sign_update_child(void) {
+    unsigned char signature[512];
+    CK_ULONG length = sizeof signature;
+    CHECK(p11->C_SignUpdate(session, (CK_BYTE_PTR)plaintext + 32, 32));
+    CHECK(p11->C_SignFinal(session, signature, &length));
+    send_result(signature, length);
+    return CHILD_OK;
+}
+
+static int scenario_sign_update(void) {
+    CK_MECHANISM m = sign_mechanism();
+    CHECK(find_one(!strcmp(mechanism_name, "hmac") ? CKO_SECRET_KEY : CKO_PRIVATE_KEY, key_label, &sign_key));
+    // The whole data signed in one go, for reference.
+    unsigned char whole[512];
+    CK_ULONG whole_length = sizeof whole;
+    CHECK(p11->C_SignInit(session, &m, sign_key));
+    CHECK(p11->C_Sign(session, (CK_BYTE_PTR)plaintext, 64, whole, &whole_length));
+    // Half of it fed before the fork.
+    CHECK(p11->C_SignInit(session, &m, sign_key));
+    CHECK(p11->C_SignUpdate(session, (CK_BYTE_PTR)plaintext, 32));
+    if (run_child_with_result("sign-update", sign_update_child)) return 1;
+    // The parent finishes its own operation.
+    unsigned char mine[512];
+    CK_ULONG mine_length = sizeof mine;
+    CHECK(p11->C_SignUpdate(session, (CK_BYTE_PTR)plaintext + 32, 32));
+    CHECK(p11->C_SignFinal(session, mine, &mine_length));
+    if (mine_length != whole_length || memcmp(mine, whole, whole_length))
+        return fail("sign-update: the parent's own signature is not the signature of the whole data");
+    if (child_result_length != whole_length || memcmp(child_result, whole, whole_length))
+        return fail("sign-update: the child's signature is not the signature of the whole data");
+    say("result: ok sign-update: the child finished the parent's signature (%lu bytes), equal to the whole data's; so did the parent", whole_length);
+    return 0;
+}
+
+static unsigned char ciphertext[64];
+
+static int decrypt_update_child(void) {
+    unsigned char out[80];
+    CK_ULONG n = sizeof out, last = 0;
+    CHECK(p11->C_DecryptUpdate(session, ciphertext + 32, 32, out, &n));
+    last = sizeof out - n;
+    CHECK(p11->C_DecryptFinal(session, out + n, &last));
+    send_result(out, n + last);
+    return CHILD_OK;
+}
+
+static int scenario_decrypt_update(void) {
+    static const unsigned char value[16] = "decrypt-key-16by";
+    CHECK(create_aes(value, CK_FALSE, "p11fork decrypt", &key_a));
+    CHECK(encrypt_with(key_a, ciphertext));
+    CK_MECHANISM cbc = { CKM_AES_CBC, iv, 16 };
+    unsigned char first[64];
+    CK_ULONG n = sizeof first;
+    CHECK(p11->C_DecryptInit(session, &cbc, key_a));
+    memset(iv, 0, sizeof iv);  // the IV buffer is reused by the application
+    CHECK(p11->C_DecryptUpdate(session, ciphertext, 32, first, &n));
+    if (n != 32 || memcmp(first, plaintext, 32)) return fail("decrypt-update: the first half does not decrypt in the parent");
+    if (run_child_with_result("decrypt-update", decrypt_update_child)) return 1;
+    unsigned char mine[80];
+    CK_ULONG m = sizeof mine, last;
+    CHECK(p11->C_DecryptUpdate(session, ciphertext + 32, 32, mine, &m));
+    last = sizeof mine - m;
+    CHECK(p11->C_DecryptFinal(session, mine + m, &last));
+    if (m + last != 32 || memcmp(mine, plaintext + 32, 32)) return fail("decrypt-update: the parent's second half is wrong");
+    if (child_result_length != 32 || memcmp(child_result, plaintext + 32, 32))
+        return fail("decrypt-update: the child's second half is wrong (%lu bytes)", child_result_length);
+    say("result: ok decrypt-update: the child decrypted the second half of the parent's AES-CBC operation; so did the parent");
+    return 0;
+}
+
+static int digest_update_child(void) {
+    unsigned char digest[64];
+    CK_ULONG n = sizeof digest;
+    CHECK(p11->C_DigestUpdate(session, (CK_BYTE_PTR)plaintext + 32, 32));
+    CHECK(p11->C_DigestFinal(session, digest, &n));
+    send_result(digest, n);
+    return CHILD_OK;
+}
+
+static int scenario_digest_update(void) {
+    CK_MECHANISM sha = { CKM_SHA256, NULL, 0 };
+    unsigned char whole[64];
+    CK_ULONG whole_length = sizeof whole;
+    CHECK(p11->C_DigestInit(session, &sha));
+    CHECK(p11->C_Digest(session, (CK_BYTE_PTR)plaintext, 64, whole, &whole_length));
+    CHECK(p11->C_DigestInit(session, &sha));
+    CHECK(p11->C_DigestUpdate(session, (CK_BYTE_PTR)plaintext, 32));
+    if (run_child_with_result("digest-update", digest_update_child)) return 1;
+    unsigned char mine[64];
+    CK_ULONG n = sizeof mine;
+    CHECK(p11->C_DigestUpdate(session, (CK_BYTE_PTR)plaintext + 32, 32));
+    CHECK(p11->C_DigestFinal(session, mine, &n));
+    if (n != whole_length || memcmp(mine, whole, n)) return fail("digest-update: the parent's digest is wrong");
+    if (child_result_length != whole_length || memcmp(child_result, whole, whole_length)) return fail("digest-update: the child's digest is wrong");
+    say("result: ok digest-update: the child finished the parent's SHA-256 digest; so did the parent");
+    return 0;
+}
+
+// A search begun in the parent over five session data objects, two returned before the fork.
+#define FOUND_TOTAL 5
+static CK_OBJECT_HANDLE all_found[FOUND_TOTAL], first_found[2];
+
+static int collect_rest(CK_OBJECT_HANDLE *rest, CK_ULONG *count) {
+    *count = 0;
+    for (;;) {
+        CK_ULONG n = 0;
+        CHECK(p11->C_FindObjects(session, rest + *count, 1, &n));
+        if (n == 0) break;
+        if (++*count > FOUND_TOTAL) break;
+    }
+    CHECK(p11->C_FindObjectsFinal(session));
+    return 0;
+}
+
+static int find_child(void) {
+    CK_OBJECT_HANDLE rest[FOUND_TOTAL + 1];
+    CK_ULONG count;
+    if (collect_rest(rest, &count)) return CHILD_CALL_FAILED;
+    send_result((unsigned char *)rest, count * sizeof rest[0]);
+    return CHILD_OK;
+}
+
+static int is_exactly_the_rest(const CK_OBJECT_HANDLE *rest, CK_ULONG count) {
+    if (count != FOUND_TOTAL - 2) return 0;
+    for (CK_ULONG i = 0; i < count; i++) {
+        if (rest[i] == first_found[0] || rest[i] == first_found[1]) return 0;
+        int known = 0;
+        for (int k = 0; k < FOUND_TOTAL; k++) known |= all_found[k] == rest[i];
+        for (CK_ULONG j = 0; j < i; j++) if (rest[j] == rest[i]) return 0;
+        if (!known) return 0;
+    }
+    return 1;
+}
+
+static int scenario_find(void) {
+    CK_OBJECT_CLASS data = CKO_DATA;
+    const char *label = "p11fork search";
+    for (int i = 0; i < FOUND_TOTAL; i++) {
+        unsigned char value[8] = { 'v', 'a', 'l', 'u', 'e', (unsigned char)('0' + i), 0, 0 };
+        CK_ATTRIBUTE t[] = { { CKA_CLASS, &data, sizeof data }, { CKA_TOKEN, &no, 1 },
+                             { CKA_LABEL, (void *)label, strlen(label) }, { CKA_VALUE, value, 6 } };
+        CHECK(p11->C_CreateObject(session, t, 4, &all_found[i]));
+    }
+    CK_ATTRIBUTE search[] = { { CKA_CLASS, &data, sizeof data }, { CKA_LABEL, (void *)label, strlen(label) } };
+    CK_ULONG n = 0;
+    CHECK(p11->C_FindObjectsInit(session, search, 2));
+    CHECK(p11->C_FindObjects(session, first_found, 2, &n));
+    if (n != 2) return fail("find: the parent's first C_FindObjects returned %lu objects", n);
+    if (run_child_with_result("find", find_child)) return 1;
+    CK_OBJECT_HANDLE mine[FOUND_TOTAL + 1];
+    CK_ULONG count;
+    if (collect_rest(mine, &count)) return 1;
+    if (!is_exactly_the_rest(mine, count)) return fail("find: the parent's search went wrong after the fork (%lu more)", count);
+    if (!is_exactly_the_rest((CK_OBJECT_HANDLE *)child_result, child_result_length / sizeof(CK_OBJECT_HANDLE)))
+        return fail("find: the child's search repeated or skipped objects (%lu more)", child_result_length / sizeof(CK_OBJECT_HANDLE));
+    say("result: ok find: the child continued the parent's search: the %d objects not yet returned, no repeat, none skipped", FOUND_TOTAL - 2);
+    return 0;
+}
+
+// MARK: main
+
+static int usage(const char *problem) {
+    fprintf(stderr, "p11fork-forksafe: %s\nusage: p11fork-forksafe --module PATH --token LABEL --pin PIN --key LABEL "
+                    "[--mechanism rsa|hmac] [--fork-safe] SCENARIO\nscenarios: create-object unwrap-derive ecdh "
+                    "generated-lost sign-update decrypt-update digest-update find\n", problem);
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    const char *module = NULL, *scenario = NULL;
+    int fork_safe = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--module") && v) { module = v; i++; }
+        else if (!strcmp(a, "--token") && v) { token_label = v; i++; }
+        else if (!strcmp(a, "--pin") && v) { pin = v; i++; }
+        else if (!strcmp(a, "--key") && v) { key_label = v; i++; }
+        else if (!strcmp(a, "--mechanism") && v) { mechanism_name = v; i++; }
+        else if (!strcmp(a, "--fork-safe")) fork_safe = 1;
+        else if (a[0] != '-' && !scenario) scenario = a;
+        else return usage("unknown argument");
+    }
+    if (!module || !token_label || !pin || !key_label || !scenario) return usage("missing argument");
+    if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
+    alarm(120);
+    void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
+    if (!library) return fail("dlopen: %s", dlerror());
+    if (fork_safe) {
+        get_interface_t get = (get_interface_t)dlsym(library, "C_GetInterface");
+        interface_t *chosen = NULL;
+        if (!get) return fail("the module has no C_GetInterface");
+        CK_RV rv = get(NULL, NULL, &chosen, CKF_INTERFACE_FORK_SAFE);
+        if (rv != CKR_OK || !chosen) return fail("C_GetInterface(CKF_INTERFACE_FORK_SAFE): 0x%lx", rv);
+        p11 = chosen->list;
+        say("fork-safe interface: '%s' %d.%d", (char *)chosen->name, ((CK_VERSION *)p11)->major, ((CK_VERSION *)p11)->minor);
+    } else {
+        CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
+        if (!get || get(&p11) != CKR_OK) return fail("C_GetFunctionList");
+    }
+    CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
+    CHECK(p11->C_Initialize(&args));
+    CK_SLOT_ID slots[16];
+    CK_ULONG count = 16;
+    CHECK(p11->C_GetSlotList(CK_TRUE, slots, &count));
+    CK_SLOT_ID slot = (CK_SLOT_ID)-1;
+    for (CK_ULONG i = 0; i < count; i++) {
+        CK_TOKEN_INFO info;
+        if (p11->C_GetTokenInfo(slots[i], &info) != CKR_OK) continue;
+        size_t n = strlen(token_label);
+        if (n <= 32 && !memcmp(info.label, token_label, n) && (n == 32 || info.label[n] == ' ')) { slot = slots[i]; break; }
+    }
+    if (slot == (CK_SLOT_ID)-1) return fail("no token labelled '%s'", token_label);
+    CHECK(p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &session));
+    CHECK(p11->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin)));
+    if (!strcmp(scenario, "create-object")) return scenario_create_object();
+    if (!strcmp(scenario, "unwrap-derive")) return scenario_unwrap_derive();
+    if (!strcmp(scenario, "ecdh")) return scenario_ecdh();
+    if (!strcmp(scenario, "generated-lost")) return scenario_generated_lost();
+    if (!strcmp(scenario, "sign-update")) return scenario_sign_update();
+    if (!strcmp(scenario, "decrypt-update")) return scenario_decrypt_update();
+    if (!strcmp(scenario, "digest-update")) return scenario_digest_update();
+    if (!strcmp(scenario, "find")) return scenario_find();
+    return usage("unknown scenario");
+}
