@@ -75,7 +75,7 @@ let package = Package(
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         // Behaves like a network-HSM client that knows nothing about fork (its README says how).
-        .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"]),
+        .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"], linkerSettings: [.linkedLibrary("crypto")]),
         .testTarget(name: "P11ForkCoreTests", dependencies: ["P11ForkCore"]),
         .testTarget(name: "P11ForkTests"),
     ]

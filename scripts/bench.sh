@@ -39,6 +39,24 @@ printf '%-58s %s\n' "C_GetSessionInfo, instructions/call: SoftHSM alone" "$direc
 printf '%-58s %s (+%s)\n' "  through p11fork" "$through" "$((through - direct))"
 printf '%-58s %s (+%s)\n' "  through p11fork, tracing calls to a file" "$traced" "$((traced - direct))"
 
+# What keeping operations for a child costs a process that never forks: instructions added per
+# signature (C_SignInit + C_Sign) and per multi-part one (init, 2 updates, final), with replay
+# on (default) and off (P11FORK_REPLAY_LIMIT=0).
+sign_instructions() {  # module, extra bench argument or "", extra environment...
+  local m=$1 x=$2; shift 2
+  local a b
+  a=$(env "$@" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bench" signs --module "$m" --token bench --pin "$pin" --key ec --mechanism ec $x 100 2>&1 | sed -n 's/.*Collected : //p')
+  b=$(env "$@" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bench" signs --module "$m" --token bench --pin "$pin" --key ec --mechanism ec $x 600 2>&1 | sed -n 's/.*Collected : //p')
+  echo $(( (b - a) / 500 ))
+}
+for x in "" --multipart; do
+  alone=$(sign_instructions "$softhsm" "$x")
+  kept=$(sign_instructions "$module" "$x")
+  off=$(sign_instructions "$module" "$x" P11FORK_REPLAY_LIMIT=0)
+  label="${x:+SHA-256 digest, 2 updates}${x:-EC signature}, instructions: alone / through / replay off"
+  printf '%-58s %s / %s (+%s) / %s (+%s)\n' "$label" "$alone" "$kept" "$((kept - alone))" "$off" "$((off - alone))"
+done
+
 ns() { "$bench" calls --module "$1" --token bench 300000 | awk '{print $4}'; }
 printf '%-58s %s / %s\n' "C_GetSessionInfo, ns/call: alone / through p11fork" "$(ns "$softhsm")" "$(ns "$module")"
 

@@ -64,6 +64,8 @@ import Testing
                     && through.trace.contains("it was made by C_GenerateKey, and a random key cannot be made again"), "\(through.report)")
         case "sign-update", "decrypt-update", "digest-update":
             #expect(through.trace.contains("carried into the child") && through.trace.contains("1 update(s) of 32 bytes replayed"), "\(through.report)")
+        case "context-login":
+            #expect(through.trace.contains("context-specific login replayed"), "\(through.report)")
         case "find":
             #expect(through.trace.contains("2 already returned to the parent, 3 left"), "\(through.report)")
         case "unwrap-derive":
@@ -73,8 +75,13 @@ import Testing
         }
     }
 
-    @Test(arguments: scenarios) func softHSMWithResetOnFork(_ scenario: String) throws {
+    /// SoftHSM only: the network-HSM test module has no CKA_ALWAYS_AUTHENTICATE keys.
+    @Test(arguments: scenarios + ["context-login"]) func softHSMWithResetOnFork(_ scenario: String) throws {
         try Self.directLosesThenP11ForkKeeps(try Self.softHSM(), scenario)
+    }
+
+    @Test(arguments: scenarios) func networkHSMTestModule(_ scenario: String) throws {
+        try Self.directLosesThenP11ForkKeeps(try Self.netHSM(), scenario)
     }
 
     /// Past P11FORK_REPLAY_LIMIT the data fed to an operation is not kept: the child gets

@@ -219,6 +219,8 @@ enum Recovery {
                 switch SessionObjects.remake(virtual, recipe, functions, &failure) {
                 case .lost(let why):
                     return lose("it is a session object of the parent (\(identity.summary)): \(why)")
+                case .already(let real):
+                    return real
                 case .remade(let real, let how):
                     Objects.table.rebind(virtual, real: real, epoch: Core.epoch)
                     Trace.event(.fork, "object 0x\(hex(virtual)) made again (\(identity.summary); \(how); real object 0x\(hex(real)), \(milliseconds(since: started)))")

@@ -209,6 +209,16 @@ final class KeptMechanism: @unchecked Sendable {
         return body(&mechanism)
     }
 
+    /// True when `mechanism` is this one again: the same type and no parameter, or the same flat
+    /// parameter bytes (structures with pointers are never taken as the same).
+    func isSame(as mechanism: UnsafePointer<CK_MECHANISM>) -> Bool {
+        guard mechanism.pointee.mechanism == type, mechanism.pointee.ulParameterLen == parameterLength,
+              buffers.isEmpty, handleOffsets.isEmpty else { return false }
+        guard let parameter else { return mechanism.pointee.pParameter == nil || parameterLength == 0 }
+        guard let other = mechanism.pointee.pParameter else { return false }
+        return memcmp(parameter.start, other, Int(parameterLength)) == 0
+    }
+
     /// The virtual object handles the parameter refers to (keys a replay depends on).
     var referencedHandles: [CK_OBJECT_HANDLE] {
         guard let parameter else { return [] }

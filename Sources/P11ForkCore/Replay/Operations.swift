@@ -99,12 +99,21 @@ final class OperationRecord {
 /// a single-part C_Sign only clears a bit in the session's state word; updates copy their data.
 /// A child replays the operations of a session when it re-opens the session.
 enum Operations {
+    /// What is recorded for one session (changed in place, under Records.lock).
+    final class SessionOperations {
+        var list = [OperationRecord?](repeating: nil, count: OperationKind.allCases.count)
+        /// The operation that most recently took a key (for C_Login(CKU_CONTEXT_SPECIFIC)).
+        var lastKeyed: OperationKind?
+        /// In a child: search results still to hand out.
+        var foundQueue: [CK_OBJECT_HANDLE]?
+    }
+
     // Guarded by Records.lock.
-    nonisolated(unsafe) static var records: [CK_SESSION_HANDLE: [OperationRecord?]] = [:]
-    /// The operation of each session that most recently took a key (for C_Login(CKU_CONTEXT_SPECIFIC)).
-    nonisolated(unsafe) static var lastKeyed: [CK_SESSION_HANDLE: OperationKind] = [:]
-    /// In a child: search results still to hand out, per session.
-    nonisolated(unsafe) static var foundQueues: [CK_SESSION_HANDLE: [CK_OBJECT_HANDLE]] = [:]
+    nonisolated(unsafe) static var records: [CK_SESSION_HANDLE: SessionOperations] = [:]
+
+    private static func recordLocked(_ session: CK_SESSION_HANDLE, _ kind: OperationKind) -> OperationRecord? {
+        records[session]?.list[kind.rawValue]
+    }
 
     // MARK: recording (in every process; the fast paths are inlined into the forwarders)
 
@@ -167,6 +176,17 @@ enum Operations {
     private static func begin(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
                               key: CK_OBJECT_HANDLE, template: UnsafeMutablePointer<CK_ATTRIBUTE>?, count: CK_ULONG) {
         guard let entry = Sessions.view.entry(session), !ReplayBudget.isOff else { return }
+        // The common case on a signing path: the same init again on a session whose last one of
+        // this kind was never fed anything. The record is kept as it is.
+        if kind != .find, let mechanism, Records.lock.withLock({ () -> Bool in
+            guard let old = recordLocked(session, kind), old.notReplayable == nil, old.key == key, old.parts.isEmpty,
+                  old.contextPIN == nil, !old.inMessage, old.mechanism?.isSame(as: mechanism) == true else { return false }
+            records[session]?.lastKeyed = key != 0 ? kind : records[session]?.lastKeyed
+            return true
+        }) {
+            entry.pointee.state.bitwiseOr(kind.active | kind.recording, ordering: .relaxed)
+            return
+        }
         var why: String?
         var kept: KeptMechanism?
         var keptTemplate: KeptTemplate?
@@ -183,8 +203,9 @@ enum Operations {
         record.notReplayable = why
         let size = (kept?.byteCount ?? 0) + (keptTemplate?.byteCount ?? 0)
         let replayable = Records.lock.withLock { () -> Bool in
-            var list = records[session] ?? [OperationRecord?](repeating: nil, count: OperationKind.allCases.count)
-            if let old = list[kind.rawValue] { drop(old) }
+            let operations = records[session] ?? SessionOperations()
+            if records[session] == nil { records[session] = operations }
+            if let old = operations.list[kind.rawValue] { drop(old) }
             if why == nil {
                 if ReplayBudget.reserveLocked(size) {
                     record.reserved = size
@@ -192,9 +213,8 @@ enum Operations {
                     record.notReplayable = overLimit
                 }
             }
-            list[kind.rawValue] = record
-            records[session] = list
-            if key != 0 { lastKeyed[session] = kind }
+            operations.list[kind.rawValue] = record
+            if key != 0 { operations.lastKeyed = kind }
             return record.notReplayable == nil
         }
         if !replayable { record.discard() }
@@ -204,7 +224,7 @@ enum Operations {
     @inline(never)
     private static func keep(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ part: OperationRecord.Part, _ bytes: UnsafeRawPointer?) {
         let keeping = Records.lock.withLock { () -> Bool in
-            guard let record = records[session]?[kind.rawValue], record.notReplayable == nil else { return false }
+            guard let record = recordLocked(session, kind), record.notReplayable == nil else { return false }
             if case .data(let count) = part, count > 0 {
                 guard let bytes, ReplayBudget.reserveLocked(count) else {
                     record.notReplayable = overLimit
@@ -242,7 +262,7 @@ enum Operations {
         guard count > 0, let entry = Sessions.view.entry(session),
               entry.pointee.state.load(ordering: .relaxed) & OperationKind.find.recording != 0 else { return }
         let keeping = Records.lock.withLock { () -> Bool in
-            guard let record = records[session]?[OperationKind.find.rawValue], record.notReplayable == nil else { return false }
+            guard let record = recordLocked(session, .find), record.notReplayable == nil else { return false }
             guard ReplayBudget.reserveLocked(count * 8) else {
                 record.notReplayable = overLimit
                 return false
@@ -260,8 +280,8 @@ enum Operations {
         let state = entry.pointee.state.load(ordering: .relaxed)
         let secret = pin.flatMap { Secret(copying: $0, count: Int(length)) }
         let previous = Records.lock.withLock { () -> Secret? in
-            guard let kind = lastKeyed[session], state & kind.active != 0,
-                  let record = records[session]?[kind.rawValue] else { return secret }
+            guard let kind = records[session]?.lastKeyed, state & kind.active != 0,
+                  let record = recordLocked(session, kind) else { return secret }
             let previous = record.contextPIN
             record.contextPIN = secret
             return previous
@@ -273,7 +293,7 @@ enum Operations {
     static func message(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, open: Bool, _ rv: CK_RV) {
         guard rv == CKR_OK, let entry = Sessions.view.entry(session),
               entry.pointee.state.load(ordering: .relaxed) & kind.active != 0 else { return }
-        Records.lock.withLock { records[session]?[kind.rawValue]?.inMessage = open }
+        Records.lock.withLock { recordLocked(session, kind)?.inMessage = open }
     }
 
     /// After C_SessionCancel (3.0).
@@ -286,7 +306,7 @@ enum Operations {
     static func stateSet(_ session: CK_SESSION_HANDLE, _ rv: CK_RV) {
         guard rv == CKR_OK, let entry = Sessions.view.entry(session) else { return }
         Records.lock.withLock {
-            for record in records[session] ?? [] {
+            for record in records[session]?.list ?? [] {
                 guard let record else { continue }
                 record.notReplayable = "its state was replaced by C_SetOperationState, which p11fork cannot replay"
                 record.discard()
@@ -300,9 +320,7 @@ enum Operations {
     /// Sessions closed (or C_Finalize): their records go. Under Records.lock.
     static func forgetLocked(_ sessions: some Sequence<CK_SESSION_HANDLE>) {
         for session in sessions {
-            for record in records.removeValue(forKey: session) ?? [] { if let record { drop(record) } }
-            lastKeyed[session] = nil
-            foundQueues[session] = nil
+            for record in records.removeValue(forKey: session)?.list ?? [] { if let record { drop(record) } }
         }
     }
 
@@ -316,17 +334,13 @@ enum Operations {
 
     /// Gives back what records of operations that have ended still hold. Under Records.lock.
     static func collectEndedLocked() {
-        for (session, list) in records {
+        for (session, operations) in records {
             let state = Sessions.view.entry(session)?.pointee.state.load(ordering: .relaxed) ?? 0
-            var list = list
-            var changed = false
-            for (index, record) in list.enumerated() {
+            for (index, record) in operations.list.enumerated() {
                 guard let record, state & OperationKind.allCases[index].active == 0 else { continue }
                 drop(record)
-                list[index] = nil
-                changed = true
+                operations.list[index] = nil
             }
-            if changed { records[session] = list }
         }
     }
 
@@ -340,7 +354,7 @@ enum Operations {
         var carried: UInt = 0
         for kind in OperationKind.allCases where state & kind.active != 0 {
             let started = Clock.monotonicNanoseconds()
-            let record = Records.lock.withLock { records[virtual]?[kind.rawValue] }
+            let record = Records.lock.withLock { recordLocked(virtual, kind) }
             let outcome = record.map { replay($0, virtual, real, functions) } ?? .failure("nothing was recorded about it")
             switch outcome {
             case .success(let summary):
@@ -478,7 +492,7 @@ enum Operations {
             let exposed = Objects.expose(real: object, session: virtual)
             if !given.contains(exposed) { rest.append(exposed) }
         }
-        Records.lock.withLock { foundQueues[virtual] = rest }
+        Records.lock.withLock { records[virtual]?.foundQueue = rest }
         return .success("C_FindObjectsInit replayed; \(reals.count) match(es), \(reals.count - rest.count) already returned to the parent, \(rest.count) left")
     }
 
@@ -489,10 +503,10 @@ enum Operations {
               entry.pointee.state.load(ordering: .relaxed) & OperationKind.findQueued != 0 else { return nil }
         guard let handles, let count else { return CK_RV(CKR_ARGUMENTS_BAD) }
         let taken = Records.lock.withLock { () -> [CK_OBJECT_HANDLE] in
-            guard var queue = foundQueues[session] else { return [] }
+            guard let operations = records[session], var queue = operations.foundQueue else { return [] }
             let taken = Array(queue.prefix(Int(max)))
             queue.removeFirst(taken.count)
-            foundQueues[session] = queue
+            operations.foundQueue = queue
             return taken
         }
         for (i, handle) in taken.enumerated() { handles[i] = handle }
@@ -505,7 +519,7 @@ enum Operations {
     static func finishFound(_ session: CK_SESSION_HANDLE) -> CK_RV? {
         guard let entry = Sessions.view.entry(session),
               entry.pointee.state.load(ordering: .relaxed) & OperationKind.findQueued != 0 else { return nil }
-        Records.lock.withLock { foundQueues[session] = nil }
+        Records.lock.withLock { records[session]?.foundQueue = nil }
         entry.pointee.state.bitwiseAnd(~(OperationKind.findQueued | OperationKind.find.active | OperationKind.find.recording), ordering: .relaxed)
         return CK_RV(CKR_OK)
     }

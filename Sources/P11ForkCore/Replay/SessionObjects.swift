@@ -86,7 +86,7 @@ enum SessionObjects {
         let known = Records.lock.withLock { recipes[object] != nil }
         if known {
             let copy = KeptTemplate.copy(template, count)
-            let evicted = Records.lock.withLock { () -> ObjectRecipe? in
+            let replaced = Records.lock.withLock { () -> ObjectRecipe? in
                 guard let recipe = recipes[object] else { return nil }
                 if let copy, ReplayBudget.reserveLocked(copy.byteCount) {
                     recipe.changes.append(copy)
@@ -97,7 +97,7 @@ enum SessionObjects {
                 recipes[object] = ObjectRecipe(session: recipe.session, origin: .lost("a change made to it by C_SetAttributeValue could not be kept (\(copy == nil ? "no memory" : "P11FORK_REPLAY_LIMIT reached"))"), reserved: 0)
                 return recipe
             }
-            _ = evicted
+            _ = replaced  // its kept values are wiped here, outside the lock
         }
         if let bound = Sessions.lookup(session), let functions = Core.functions,
            let identity = ObjectIdentity.read(functions, session: bound.real, object: Objects.view.real(object, epoch: Core.epoch) ?? 0),
@@ -171,6 +171,7 @@ enum SessionObjects {
 
     enum Remade {
         case remade(CK_OBJECT_HANDLE, String)
+        case already(CK_OBJECT_HANDLE)
         case lost(String)
     }
 
@@ -183,6 +184,9 @@ enum SessionObjects {
         guard failure == CKR_OK, session != CK_SESSION_HANDLE(CK_INVALID_HANDLE) else {
             return .lost("the session 0x\(Recovery.hex(recipe.session)) that made it could not be re-opened")
         }
+        // Re-opening the session replays its operations, which may have needed this very
+        // object (a key of an operation in progress): then it exists already.
+        if let real = Objects.view.real(virtual, epoch: Core.epoch) { return .already(real) }
         func resolve(_ object: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE? {
             var failure = CK_RV(CKR_OK)
             let real = Recovery.object(object, &failure)

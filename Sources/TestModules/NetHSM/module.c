@@ -144,6 +144,10 @@ static CK_RV may_use(const struct nh_object *o) {
     return o->private_ && !user_logged_in() ? CKR_USER_NOT_LOGGED_IN : CKR_OK;
 }
 
+static int is_key_object(const struct nh_object *o) {
+    return o->klass == CKO_SECRET_KEY || o->klass == CKO_PRIVATE_KEY || o->klass == CKO_PUBLIC_KEY;
+}
+
 static CK_RV may_write(const struct nh_session *se, const struct nh_object *o) {
     CK_RV rv = may_use(o);
     if (rv == CKR_OK && o->token && !se->rw) rv = CKR_SESSION_READ_ONLY;
@@ -172,8 +176,9 @@ static void end_operation(struct nh_session *se) {
     se->op_key = 0;
     se->op_key_private = 0;
     se->op_needs_context_login = 0;
-    memset(&se->hmac, 0, sizeof se->hmac);
+    explicit_bzero(&se->hmac, sizeof se->hmac);
     memset(&se->digest, 0, sizeof se->digest);
+    explicit_bzero(&se->cipher, sizeof se->cipher);
     se->find_count = se->find_next = 0;
 }
 
@@ -384,9 +389,19 @@ static const struct {
     CK_ULONG min, max;
     CK_FLAGS flags;
 } mechanisms[] = {
+    // Key sizes in bytes, except for EC (bits), as PKCS#11 says.
     {CKM_SHA256, 0, 0, CKF_DIGEST},
-    {CKM_SHA256_HMAC, 1, NH_MAX_VALUE, CKF_SIGN | CKF_VERIFY},             // key sizes in bytes
-    {CKM_GENERIC_SECRET_KEY_GEN, 1, NH_MAX_VALUE, CKF_GENERATE},          // key sizes in bytes
+    {CKM_SHA256_HMAC, 1, NH_MAX_VALUE, CKF_SIGN | CKF_VERIFY},
+    {CKM_GENERIC_SECRET_KEY_GEN, 1, NH_MAX_VALUE, CKF_GENERATE},
+    {CKM_AES_KEY_GEN, 16, 32, CKF_GENERATE},
+    {CKM_AES_ECB, 16, 32, CKF_ENCRYPT | CKF_DECRYPT},
+    {CKM_AES_CBC, 16, 32, CKF_ENCRYPT | CKF_DECRYPT},
+    {CKM_AES_CBC_PAD, 16, 32, CKF_ENCRYPT | CKF_DECRYPT},
+    {CKM_AES_KEY_WRAP, 16, 32, CKF_WRAP | CKF_UNWRAP},
+    {CKM_EC_KEY_PAIR_GEN, 256, 256, CKF_GENERATE_KEY_PAIR | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS},
+    {CKM_ECDH1_DERIVE, 256, 256, CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS},
+    {CKM_CONCATENATE_BASE_AND_DATA, 1, NH_MAX_VALUE, CKF_DERIVE},
+    {CKM_SHA256_KEY_DERIVATION, 1, NH_MAX_VALUE, CKF_DERIVE},
 };
 #define MECHANISM_COUNT (sizeof mechanisms / sizeof mechanisms[0])
 
@@ -546,7 +561,8 @@ static CK_RV nh_Login(CK_SESSION_HANDLE session, CK_USER_TYPE user, CK_UTF8CHAR_
     if (pin == NULL) return end(CKR_ARGUMENTS_BAD);  // no protected authentication path
     switch (user) {
     case CKU_CONTEXT_SPECIFIC:
-        if (se->op != NH_OP_SIGN || !se->op_needs_context_login) return end(CKR_OPERATION_NOT_INITIALIZED);
+        if ((se->op != NH_OP_SIGN && se->op != NH_OP_DECRYPT) || !se->op_needs_context_login)
+            return end(CKR_OPERATION_NOT_INITIALIZED);
         rv = check_pin(0, pin, len);
         if (rv == CKR_OK) se->op_needs_context_login = 0;
         return end(rv);
@@ -598,7 +614,7 @@ static CK_RV nh_CreateObject(CK_SESSION_HANDLE session, CK_ATTRIBUTE_PTR tmpl, C
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
     if (object == NULL || (tmpl == NULL && count > 0)) return end(CKR_ARGUMENTS_BAD);
     struct nh_object o;
-    rv = nh_template_apply(&o, tmpl, count, NH_CREATE);
+    rv = nh_template_apply(&o, tmpl, count, NH_CREATE, NH_FROM_TEMPLATE, NH_FROM_TEMPLATE);
     if (rv == CKR_OK) rv = may_write(se, &o);
     if (rv == CKR_OK) rv = store_object(se, &o, object);
     explicit_bzero(&o, sizeof o);
@@ -616,7 +632,7 @@ static CK_RV nh_CopyObject(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE source, C
     if (from == NULL) return end(CKR_OBJECT_HANDLE_INVALID);
     if ((rv = may_use(from)) != CKR_OK) return end(rv);
     struct nh_object o = *from;
-    rv = nh_template_apply(&o, tmpl, count, NH_COPY);
+    rv = nh_template_apply(&o, tmpl, count, NH_COPY, NH_FROM_TEMPLATE, NH_FROM_TEMPLATE);
     if (rv == CKR_OK) rv = may_write(se, &o);
     if (rv == CKR_OK) rv = store_object(se, &o, object);
     explicit_bzero(&o, sizeof o);
@@ -843,9 +859,9 @@ static CK_RV mac_init(struct nh_session *se, CK_MECHANISM_PTR mechanism, CK_OBJE
     CK_RV rv = mechanism_check(mechanism, CKM_SHA256_HMAC);
     if (rv != CKR_OK) return rv;
     struct nh_object *o = object_of(key);
-    if (o == NULL || o->klass != CKO_SECRET_KEY) return CKR_KEY_HANDLE_INVALID;
+    if (o == NULL || !is_key_object(o)) return CKR_KEY_HANDLE_INVALID;
     if ((rv = may_use(o)) != CKR_OK) return rv;
-    if (o->key_type != CKK_GENERIC_SECRET) return CKR_KEY_TYPE_INCONSISTENT;
+    if (o->klass != CKO_SECRET_KEY || o->key_type != CKK_GENERIC_SECRET) return CKR_KEY_TYPE_INCONSISTENT;
     if (!(sign ? o->sign : o->verify)) return CKR_KEY_FUNCTION_NOT_PERMITTED;
     end_operation(se);
     nh_hmac_init(&se->hmac, o->value, o->value_len);
@@ -858,7 +874,7 @@ static CK_RV mac_init(struct nh_session *se, CK_MECHANISM_PTR mechanism, CK_OBJE
 
 // Checks that the session has the operation and may still use its key. A key that became
 // unusable (logout, e.g. by a child on a shared connection) ends the operation.
-static CK_RV mac_continue(struct nh_session *se, enum nh_op op) {
+static CK_RV op_continue(struct nh_session *se, enum nh_op op) {
     if (se->op != op) return CKR_OPERATION_NOT_INITIALIZED;
     if (se->op_key_private && !user_logged_in()) {
         end_operation(se);
@@ -882,7 +898,7 @@ static CK_RV nh_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = mac_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
+    if ((rv = op_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
     if (se->op_parts) return end(CKR_OPERATION_ACTIVE);  // a multi-part signature is under way
     if (signature_len == NULL || (data == NULL && data_len > 0)) {
         end_operation(se);
@@ -901,7 +917,7 @@ static CK_RV nh_SignUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = mac_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
+    if ((rv = op_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
     if (part == NULL && part_len > 0) {
         end_operation(se);
         return end(CKR_ARGUMENTS_BAD);
@@ -916,7 +932,7 @@ static CK_RV nh_SignFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR signature, CK_U
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = mac_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
+    if ((rv = op_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
     if (signature_len == NULL) {
         end_operation(se);
         return end(CKR_ARGUMENTS_BAD);
@@ -958,7 +974,7 @@ static CK_RV nh_Verify(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG dat
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = mac_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
+    if ((rv = op_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
     if (se->op_parts) return end(CKR_OPERATION_ACTIVE);
     if (signature == NULL || (data == NULL && data_len > 0)) {
         end_operation(se);
@@ -973,7 +989,7 @@ static CK_RV nh_VerifyUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULO
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = mac_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
+    if ((rv = op_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
     if (part == NULL && part_len > 0) {
         end_operation(se);
         return end(CKR_ARGUMENTS_BAD);
@@ -988,12 +1004,227 @@ static CK_RV nh_VerifyFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR signature, CK
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = mac_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
+    if ((rv = op_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
     if (signature == NULL) {
         end_operation(se);
         return end(CKR_ARGUMENTS_BAD);
     }
     return end(verify_finish(se, signature, signature_len));
+}
+
+// MARK: encrypt and decrypt (CKM_AES_ECB, CKM_AES_CBC, CKM_AES_CBC_PAD)
+//
+// The state between calls (mechanism, a copy of the key, the CBC chaining value, the input not
+// yet processed) is se->cipher, on the server. Every call first computes its whole output and the
+// state after it, and changes the session only when the output is delivered: a length query
+// (NULL output) or CKR_BUFFER_TOO_SMALL leaves the operation exactly as it was, any other error
+// ends it, and so does a successful C_Encrypt/C_Decrypt/C_*Final.
+
+#define NH_MAX_CRYPT_INPUT ((CK_ULONG)1 << 30)  // bytes per call
+
+static CK_RV cipher_init(struct nh_session *se, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key, int encrypt) {
+    if (mechanism == NULL) return CKR_ARGUMENTS_BAD;
+    if (se->op != NH_OP_NONE) return CKR_OPERATION_ACTIVE;
+    CK_MECHANISM_TYPE type = mechanism->mechanism;
+    if (type != CKM_AES_ECB && type != CKM_AES_CBC && type != CKM_AES_CBC_PAD) return CKR_MECHANISM_INVALID;
+    CK_RV rv = type == CKM_AES_ECB ? mechanism_check(mechanism, type)
+               : mechanism->pParameter == NULL || mechanism->ulParameterLen != NH_AES_BLOCK ? CKR_MECHANISM_PARAM_INVALID
+                                                                                           : CKR_OK;
+    if (rv != CKR_OK) return rv;
+    struct nh_object *o = object_of(key);
+    if (o == NULL || !is_key_object(o)) return CKR_KEY_HANDLE_INVALID;
+    if ((rv = may_use(o)) != CKR_OK) return rv;
+    if (o->klass != CKO_SECRET_KEY || o->key_type != CKK_AES) return CKR_KEY_TYPE_INCONSISTENT;
+    if (!(encrypt ? o->encrypt : o->decrypt)) return CKR_KEY_FUNCTION_NOT_PERMITTED;
+    end_operation(se);
+    se->cipher.mechanism = type;
+    se->cipher.key_len = o->value_len;
+    memcpy(se->cipher.key, o->value, o->value_len);
+    if (type != CKM_AES_ECB) memcpy(se->cipher.iv, mechanism->pParameter, NH_AES_BLOCK);
+    se->op = encrypt ? NH_OP_ENCRYPT : NH_OP_DECRYPT;
+    se->op_key = o->id;
+    se->op_key_private = o->private_;
+    se->op_needs_context_login = !encrypt && o->always_authenticate;  // PKCS#11: sign or decrypt
+    return CKR_OK;
+}
+
+// The output of one call, in memory of this process until it is handed over.
+struct cipher_output {
+    uint8_t *data;
+    size_t len, size;
+};
+
+static void cipher_output_free(struct cipher_output *out) {
+    if (out->data != NULL) {
+        explicit_bzero(out->data, out->size);
+        free(out->data);
+    }
+    out->data = NULL;
+}
+
+// Runs the cipher over the buffered input plus in[0, in_len); final: also over what is left
+// (ECB/CBC: must be whole blocks; CBC_PAD: padding added or checked and removed). *next gets the
+// state after the call (unused after a final step), *out the output.
+static CK_RV cipher_step(const struct nh_cipher *c, int encrypt, const uint8_t *in, CK_ULONG in_len, int final,
+                         struct nh_cipher *next, struct cipher_output *out) {
+    CK_RV length_error = encrypt ? CKR_DATA_LEN_RANGE : CKR_ENCRYPTED_DATA_LEN_RANGE;
+    *next = *c;
+    memset(out, 0, sizeof *out);
+    if (in_len > NH_MAX_CRYPT_INPUT) return length_error;
+    int pad = c->mechanism == CKM_AES_CBC_PAD;
+    size_t total = c->buffered + (size_t)in_len, process;
+    if (!final)
+        // CBC_PAD decryption holds back the last block, which may be the padding.
+        process = !encrypt && pad ? (total == 0 ? 0 : (total - 1) / NH_AES_BLOCK * NH_AES_BLOCK)
+                                  : total / NH_AES_BLOCK * NH_AES_BLOCK;
+    else if (encrypt)
+        process = pad ? total / NH_AES_BLOCK * NH_AES_BLOCK + NH_AES_BLOCK : total;
+    else
+        process = total;
+    if (final && (process % NH_AES_BLOCK != 0 || (!encrypt && pad && process == 0))) return length_error;
+
+    out->size = (total > process ? total : process) + 1;
+    out->data = malloc(out->size);
+    if (out->data == NULL) return CKR_HOST_MEMORY;
+    uint8_t *work = out->data;
+    memcpy(work, c->buffer, c->buffered);
+    if (in_len > 0) memcpy(work + c->buffered, in, in_len);
+    if (final && encrypt && pad) memset(work + total, (int)(process - total), process - total);  // PKCS#7 padding
+
+    // What stays for the next call, and the chaining value after this one.
+    next->buffered = (uint32_t)(total > process ? total - process : 0);
+    memcpy(next->buffer, work + process, next->buffered);
+    uint8_t last_input[NH_AES_BLOCK];
+    if (process > 0) memcpy(last_input, work + process - NH_AES_BLOCK, NH_AES_BLOCK);
+
+    const uint8_t *iv = c->mechanism == CKM_AES_ECB ? NULL : c->iv;
+    if (nh_aes_blocks(encrypt, c->key, c->key_len, iv, work, process, work) != 0) return CKR_DEVICE_ERROR;
+    if (process > 0 && iv != NULL) memcpy(next->iv, encrypt ? work + process - NH_AES_BLOCK : last_input, NH_AES_BLOCK);
+    out->len = process;
+
+    if (final && !encrypt && pad) {
+        uint8_t n = work[process - 1];
+        uint8_t bad = n == 0 || n > NH_AES_BLOCK;
+        for (size_t i = 1; !bad && i <= n; i++) bad |= work[process - i] != n;
+        if (bad) return CKR_ENCRYPTED_DATA_INVALID;
+        out->len = process - n;
+    }
+    return CKR_OK;
+}
+
+// One output-producing call: single-part (C_Encrypt, C_Decrypt), an update or a final.
+static CK_RV cipher_call(struct nh_session *se, int encrypt, int single, const uint8_t *in, CK_ULONG in_len, int final,
+                         CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
+    struct nh_cipher next;
+    struct cipher_output result;
+    CK_RV rv = cipher_step(&se->cipher, encrypt, in, in_len, final, &next, &result);
+    if (rv != CKR_OK) {
+        end_operation(se);
+    } else if (out == NULL) {
+        *out_len = result.len;  // length query: the operation stays as it was
+    } else if (*out_len < result.len) {
+        *out_len = result.len;
+        rv = CKR_BUFFER_TOO_SMALL;  // the operation stays as it was
+    } else {
+        if (result.len > 0) memcpy(out, result.data, result.len);
+        *out_len = result.len;
+        if (final) {
+            end_operation(se);
+        } else {
+            se->cipher = next;
+            if (!single) se->op_parts = 1;
+        }
+    }
+    explicit_bzero(&next, sizeof next);
+    cipher_output_free(&result);
+    return rv;
+}
+
+static CK_RV nh_EncryptInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key) {
+    CK_RV rv = begin("C_EncryptInit");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    return end(cipher_init(se, mechanism, key, 1));
+}
+
+static CK_RV single_part(const char *function, CK_SESSION_HANDLE session, int encrypt, CK_BYTE_PTR in,
+                         CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
+    CK_RV rv = begin(function);
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = op_continue(se, encrypt ? NH_OP_ENCRYPT : NH_OP_DECRYPT)) != CKR_OK) return end(rv);
+    if (se->op_parts) return end(CKR_OPERATION_ACTIVE);  // a multi-part operation is under way
+    if (out_len == NULL || (in == NULL && in_len > 0)) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    return end(cipher_call(se, encrypt, 1, in, in_len, 1, out, out_len));
+}
+
+static CK_RV update_part(const char *function, CK_SESSION_HANDLE session, int encrypt, CK_BYTE_PTR in,
+                         CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
+    CK_RV rv = begin(function);
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = op_continue(se, encrypt ? NH_OP_ENCRYPT : NH_OP_DECRYPT)) != CKR_OK) return end(rv);
+    if (out_len == NULL || (in == NULL && in_len > 0)) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    return end(cipher_call(se, encrypt, 0, in, in_len, 0, out, out_len));
+}
+
+static CK_RV final_part(const char *function, CK_SESSION_HANDLE session, int encrypt, CK_BYTE_PTR out,
+                        CK_ULONG_PTR out_len) {
+    CK_RV rv = begin(function);
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = op_continue(se, encrypt ? NH_OP_ENCRYPT : NH_OP_DECRYPT)) != CKR_OK) return end(rv);
+    if (out_len == NULL) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    return end(cipher_call(se, encrypt, 0, NULL, 0, 1, out, out_len));
+}
+
+static CK_RV nh_Encrypt(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR encrypted,
+                        CK_ULONG_PTR encrypted_len) {
+    return single_part("C_Encrypt", session, 1, data, data_len, encrypted, encrypted_len);
+}
+
+static CK_RV nh_EncryptUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len,
+                              CK_BYTE_PTR encrypted, CK_ULONG_PTR encrypted_len) {
+    return update_part("C_EncryptUpdate", session, 1, part, part_len, encrypted, encrypted_len);
+}
+
+static CK_RV nh_EncryptFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR last, CK_ULONG_PTR last_len) {
+    return final_part("C_EncryptFinal", session, 1, last, last_len);
+}
+
+static CK_RV nh_DecryptInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key) {
+    CK_RV rv = begin("C_DecryptInit");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    return end(cipher_init(se, mechanism, key, 0));
+}
+
+static CK_RV nh_Decrypt(CK_SESSION_HANDLE session, CK_BYTE_PTR encrypted, CK_ULONG encrypted_len, CK_BYTE_PTR data,
+                        CK_ULONG_PTR data_len) {
+    return single_part("C_Decrypt", session, 0, encrypted, encrypted_len, data, data_len);
+}
+
+static CK_RV nh_DecryptUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR encrypted, CK_ULONG encrypted_len,
+                              CK_BYTE_PTR part, CK_ULONG_PTR part_len) {
+    return update_part("C_DecryptUpdate", session, 0, encrypted, encrypted_len, part, part_len);
+}
+
+static CK_RV nh_DecryptFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR last, CK_ULONG_PTR last_len) {
+    return final_part("C_DecryptFinal", session, 0, last, last_len);
 }
 
 // MARK: keys and random numbers
@@ -1005,12 +1236,240 @@ static CK_RV nh_GenerateKey(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanis
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
     if (mechanism == NULL || key == NULL || (tmpl == NULL && count > 0)) return end(CKR_ARGUMENTS_BAD);
-    if ((rv = mechanism_check(mechanism, CKM_GENERIC_SECRET_KEY_GEN)) != CKR_OK) return end(rv);
+    CK_ULONG key_type = mechanism->mechanism == CKM_AES_KEY_GEN              ? CKK_AES
+                        : mechanism->mechanism == CKM_GENERIC_SECRET_KEY_GEN ? CKK_GENERIC_SECRET
+                                                                             : NH_FROM_TEMPLATE;
+    if (key_type == NH_FROM_TEMPLATE) return end(CKR_MECHANISM_INVALID);
+    if ((rv = mechanism_check(mechanism, mechanism->mechanism)) != CKR_OK) return end(rv);
     struct nh_object o;
-    rv = nh_template_apply(&o, tmpl, count, NH_GENERATE);
+    rv = nh_template_apply(&o, tmpl, count, NH_GENERATE, CKO_SECRET_KEY, key_type);
     if (rv == CKR_OK) rv = may_write(se, &o);
     if (rv == CKR_OK && nh_random(o.value, o.value_len) != 0) rv = CKR_DEVICE_ERROR;
     if (rv == CKR_OK) rv = store_object(se, &o, key);
+    explicit_bzero(&o, sizeof o);
+    return end(rv);
+}
+
+// CKM_EC_KEY_PAIR_GEN on P-256: the public template needs CKA_EC_PARAMS (the private one may
+// repeat it); the public key gets CKA_EC_POINT, the private key the scalar as CKA_VALUE.
+static CK_RV nh_GenerateKeyPair(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_ATTRIBUTE_PTR public_tmpl,
+                                CK_ULONG public_count, CK_ATTRIBUTE_PTR private_tmpl, CK_ULONG private_count,
+                                CK_OBJECT_HANDLE_PTR public_key, CK_OBJECT_HANDLE_PTR private_key) {
+    CK_RV rv = begin("C_GenerateKeyPair");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL || public_key == NULL || private_key == NULL || (public_tmpl == NULL && public_count > 0) ||
+        (private_tmpl == NULL && private_count > 0))
+        return end(CKR_ARGUMENTS_BAD);
+    if ((rv = mechanism_check(mechanism, CKM_EC_KEY_PAIR_GEN)) != CKR_OK) return end(rv);
+    struct nh_object pub, priv;
+    rv = nh_template_apply(&pub, public_tmpl, public_count, NH_GENERATE, CKO_PUBLIC_KEY, CKK_EC);
+    if (rv == CKR_OK) rv = nh_template_apply(&priv, private_tmpl, private_count, NH_GENERATE, CKO_PRIVATE_KEY, CKK_EC);
+    if (rv == CKR_OK && priv.ec_params_len != 0 &&
+        (priv.ec_params_len != pub.ec_params_len || memcmp(priv.ec_params, pub.ec_params, pub.ec_params_len) != 0))
+        rv = CKR_TEMPLATE_INCONSISTENT;
+    if (rv == CKR_OK) rv = may_write(se, &pub);
+    if (rv == CKR_OK) rv = may_write(se, &priv);
+    uint8_t point[NH_EC_POINT];
+    if (rv == CKR_OK && nh_ec_generate(priv.value, point) != 0) rv = CKR_DEVICE_ERROR;
+    if (rv == CKR_OK) {
+        memcpy(priv.ec_params, pub.ec_params, pub.ec_params_len);
+        priv.ec_params_len = pub.ec_params_len;
+        priv.value_len = NH_EC_SCALAR;
+        pub.ec_point[0] = 0x04;  // DER OCTET STRING
+        pub.ec_point[1] = NH_EC_POINT;
+        memcpy(pub.ec_point + 2, point, NH_EC_POINT);
+        pub.ec_point_len = NH_EC_POINT_DER;
+        rv = store_object(se, &pub, public_key);
+        if (rv == CKR_OK && (rv = store_object(se, &priv, private_key)) != CKR_OK) {
+            struct nh_object *stored = object_of(*public_key);  // both or neither
+            if (stored != NULL) nh_object_free(stored);
+            *public_key = CK_INVALID_HANDLE;
+        }
+    }
+    explicit_bzero(&priv, sizeof priv);
+    return end(rv);
+}
+
+// The parameter of CKM_AES_KEY_WRAP: none (the RFC 3394 default IV) or an 8-byte IV.
+static CK_RV key_wrap_iv(CK_MECHANISM_PTR mechanism, const uint8_t **iv) {
+    if (mechanism->mechanism != CKM_AES_KEY_WRAP) return CKR_MECHANISM_INVALID;
+    *iv = NULL;
+    if (mechanism->pParameter == NULL && mechanism->ulParameterLen == 0) return CKR_OK;
+    if (mechanism->pParameter == NULL || mechanism->ulParameterLen != 8) return CKR_MECHANISM_PARAM_INVALID;
+    *iv = mechanism->pParameter;
+    return CKR_OK;
+}
+
+// CKM_AES_KEY_WRAP of a secret key (AES or generic, a multiple of 8 bytes, at least 16).
+static CK_RV nh_WrapKey(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE wrapping_key,
+                        CK_OBJECT_HANDLE key, CK_BYTE_PTR wrapped, CK_ULONG_PTR wrapped_len) {
+    CK_RV rv = begin("C_WrapKey");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL || wrapped_len == NULL) return end(CKR_ARGUMENTS_BAD);
+    const uint8_t *iv;
+    if ((rv = key_wrap_iv(mechanism, &iv)) != CKR_OK) return end(rv);
+    struct nh_object *kek = object_of(wrapping_key);
+    if (kek == NULL || !is_key_object(kek)) return end(CKR_WRAPPING_KEY_HANDLE_INVALID);
+    if ((rv = may_use(kek)) != CKR_OK) return end(rv);
+    if (kek->klass != CKO_SECRET_KEY || kek->key_type != CKK_AES) return end(CKR_WRAPPING_KEY_TYPE_INCONSISTENT);
+    if (!kek->wrap) return end(CKR_KEY_FUNCTION_NOT_PERMITTED);
+    struct nh_object *k = object_of(key);
+    if (k == NULL || !is_key_object(k)) return end(CKR_KEY_HANDLE_INVALID);
+    if ((rv = may_use(k)) != CKR_OK) return end(rv);
+    if (k->klass != CKO_SECRET_KEY) return end(CKR_KEY_NOT_WRAPPABLE);
+    if (!k->extractable) return end(CKR_KEY_UNEXTRACTABLE);
+    if (k->value_len % 8 != 0 || k->value_len < 16) return end(CKR_KEY_SIZE_RANGE);
+    CK_ULONG need = k->value_len + 8;
+    if (wrapped == NULL) {
+        *wrapped_len = need;
+        return end(CKR_OK);
+    }
+    if (*wrapped_len < need) {
+        *wrapped_len = need;
+        return end(CKR_BUFFER_TOO_SMALL);
+    }
+    if (nh_aes_wrap(kek->value, kek->value_len, iv, k->value, k->value_len, wrapped) != 0) return end(CKR_DEVICE_ERROR);
+    *wrapped_len = need;
+    return end(CKR_OK);
+}
+
+// CKM_AES_KEY_WRAP back to a secret key; class, key type (generic unless CKK_AES) and the other
+// attributes from the template. CKA_VALUE_LEN, if given, must be the unwrapped length.
+static CK_RV nh_UnwrapKey(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE unwrapping_key,
+                          CK_BYTE_PTR wrapped, CK_ULONG wrapped_len, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
+                          CK_OBJECT_HANDLE_PTR key) {
+    CK_RV rv = begin("C_UnwrapKey");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL || key == NULL || (wrapped == NULL && wrapped_len > 0) || (tmpl == NULL && count > 0))
+        return end(CKR_ARGUMENTS_BAD);
+    const uint8_t *iv;
+    if ((rv = key_wrap_iv(mechanism, &iv)) != CKR_OK) return end(rv);
+    struct nh_object *kek = object_of(unwrapping_key);
+    if (kek == NULL || !is_key_object(kek)) return end(CKR_UNWRAPPING_KEY_HANDLE_INVALID);
+    if ((rv = may_use(kek)) != CKR_OK) return end(rv);
+    if (kek->klass != CKO_SECRET_KEY || kek->key_type != CKK_AES) return end(CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT);
+    if (!kek->unwrap) return end(CKR_KEY_FUNCTION_NOT_PERMITTED);
+    struct nh_object o;
+    rv = nh_template_apply(&o, tmpl, count, NH_UNWRAP, CKO_SECRET_KEY, NH_FROM_TEMPLATE);
+    CK_ULONG len = wrapped_len >= 8 ? wrapped_len - 8 : 0;
+    if (rv == CKR_OK && (wrapped_len % 8 != 0 || wrapped_len < 24 || len > NH_MAX_VALUE ||
+                         !nh_secret_length_ok(o.key_type, len)))
+        rv = CKR_WRAPPED_KEY_LEN_RANGE;
+    if (rv == CKR_OK && o.value_len != 0 && o.value_len != len) rv = CKR_TEMPLATE_INCONSISTENT;
+    if (rv == CKR_OK) rv = may_write(se, &o);
+    if (rv == CKR_OK) {
+        int result = nh_aes_unwrap(kek->value, kek->value_len, iv, wrapped, wrapped_len, o.value);
+        rv = result == 0 ? CKR_OK : result == 1 ? CKR_WRAPPED_KEY_INVALID : CKR_DEVICE_ERROR;
+    }
+    if (rv == CKR_OK) {
+        o.value_len = (uint32_t)len;
+        rv = store_object(se, &o, key);
+    }
+    explicit_bzero(&o, sizeof o);
+    return end(rv);
+}
+
+// The peer's point of CKM_ECDH1_DERIVE: the raw uncompressed point, or it in a DER OCTET STRING.
+static const uint8_t *ecdh_peer(const CK_ECDH1_DERIVE_PARAMS *p) {
+    const uint8_t *data = p->pPublicData;
+    if (data == NULL) return NULL;
+    if (p->ulPublicDataLen == NH_EC_POINT && data[0] == 0x04) return data;
+    if (p->ulPublicDataLen == NH_EC_POINT_DER && data[0] == 0x04 && data[1] == NH_EC_POINT && data[2] == 0x04)
+        return data + 2;
+    return NULL;
+}
+
+// C_DeriveKey: CKM_ECDH1_DERIVE (CKD_NULL; the key is the trailing CKA_VALUE_LEN bytes of the
+// shared x coordinate, all 32 by default, as SoftHSM does), CKM_CONCATENATE_BASE_AND_DATA and
+// CKM_SHA256_KEY_DERIVATION (the leading CKA_VALUE_LEN bytes of base value || data, or of
+// SHA-256(base value); without CKA_VALUE_LEN a generic secret key takes them all, an AES key is
+// CKR_TEMPLATE_INCOMPLETE, as PKCS#11 says for key types without a fixed length).
+static CK_RV nh_DeriveKey(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE base_key,
+                          CK_ATTRIBUTE_PTR tmpl, CK_ULONG count, CK_OBJECT_HANDLE_PTR key) {
+    CK_RV rv = begin("C_DeriveKey");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL || key == NULL || (tmpl == NULL && count > 0)) return end(CKR_ARGUMENTS_BAD);
+
+    // The mechanism and its parameter.
+    CK_MECHANISM_TYPE type = mechanism->mechanism;
+    const uint8_t *peer = NULL;
+    const CK_KEY_DERIVATION_STRING_DATA *string = NULL;
+    CK_OBJECT_CLASS base_class = CKO_SECRET_KEY;
+    switch (type) {
+    case CKM_ECDH1_DERIVE: {
+        const CK_ECDH1_DERIVE_PARAMS *p = mechanism->pParameter;
+        if (p == NULL || mechanism->ulParameterLen != sizeof *p || p->kdf != CKD_NULL || p->pSharedData != NULL ||
+            p->ulSharedDataLen != 0 || (peer = ecdh_peer(p)) == NULL)
+            return end(CKR_MECHANISM_PARAM_INVALID);
+        base_class = CKO_PRIVATE_KEY;
+        break;
+    }
+    case CKM_CONCATENATE_BASE_AND_DATA:
+        string = mechanism->pParameter;
+        if (string == NULL || mechanism->ulParameterLen != sizeof *string ||
+            (string->pData == NULL && string->ulLen > 0) || string->ulLen > NH_MAX_VALUE)
+            return end(CKR_MECHANISM_PARAM_INVALID);
+        break;
+    case CKM_SHA256_KEY_DERIVATION:
+        if ((rv = mechanism_check(mechanism, type)) != CKR_OK) return end(rv);
+        break;
+    default:
+        return end(CKR_MECHANISM_INVALID);
+    }
+
+    // The base key.
+    struct nh_object *base = object_of(base_key);
+    if (base == NULL || !is_key_object(base)) return end(CKR_KEY_HANDLE_INVALID);
+    if ((rv = may_use(base)) != CKR_OK) return end(rv);
+    if (base->klass != base_class) return end(CKR_KEY_TYPE_INCONSISTENT);
+    if (!base->derive) return end(CKR_KEY_FUNCTION_NOT_PERMITTED);
+
+    struct nh_object o;
+    uint8_t material[2 * NH_MAX_VALUE];  // base value || data at most
+    size_t available = 0;
+    int take_trailing = 0;
+    rv = nh_template_apply(&o, tmpl, count, NH_DERIVE, CKO_SECRET_KEY, NH_FROM_TEMPLATE);
+    if (rv == CKR_OK) rv = may_write(se, &o);
+    if (rv == CKR_OK && type == CKM_ECDH1_DERIVE) {
+        int result = nh_ecdh(base->value, peer, material);
+        rv = result == 0 ? CKR_OK : result == 1 ? CKR_MECHANISM_PARAM_INVALID : CKR_DEVICE_ERROR;
+        available = NH_EC_SCALAR;
+        take_trailing = 1;
+        if (o.value_len == 0) o.value_len = NH_EC_SCALAR;  // generic or AES-256, as SoftHSM
+    } else if (rv == CKR_OK && type == CKM_CONCATENATE_BASE_AND_DATA) {
+        memcpy(material, base->value, base->value_len);
+        if (string->ulLen > 0) memcpy(material + base->value_len, string->pData, string->ulLen);
+        available = base->value_len + string->ulLen;
+    } else if (rv == CKR_OK) {
+        nh_sha256(base->value, base->value_len, material);
+        available = NH_HMAC_LEN;
+    }
+    if (rv == CKR_OK && o.value_len == 0) {
+        if (o.key_type == CKK_AES)
+            rv = CKR_TEMPLATE_INCOMPLETE;
+        else if (available > NH_MAX_VALUE)
+            rv = CKR_TEMPLATE_INCONSISTENT;
+        else
+            o.value_len = (uint32_t)available;
+    }
+    if (rv == CKR_OK && (o.value_len > available || !nh_secret_length_ok(o.key_type, o.value_len)))
+        rv = CKR_TEMPLATE_INCONSISTENT;  // more than the mechanism yields
+    if (rv == CKR_OK) {
+        memcpy(o.value, material + (take_trailing ? available - o.value_len : 0), o.value_len);
+        // PKCS#11: "always sensitive" and "never extractable" only if the base key was too.
+        o.always_sensitive = base->always_sensitive && o.sensitive;
+        o.never_extractable = base->never_extractable && !o.extractable;
+        rv = store_object(se, &o, key);
+    }
+    explicit_bzero(material, sizeof material);
     explicit_bzero(&o, sizeof o);
     return end(rv);
 }
@@ -1055,14 +1514,6 @@ UNSUPPORTED(InitToken, (CK_SLOT_ID a, CK_UTF8CHAR_PTR b, CK_ULONG c, CK_UTF8CHAR
 UNSUPPORTED(GetOperationState, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c))
 UNSUPPORTED(SetOperationState, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_OBJECT_HANDLE d, CK_OBJECT_HANDLE e))
 UNSUPPORTED(GetObjectSize, (CK_SESSION_HANDLE a, CK_OBJECT_HANDLE b, CK_ULONG_PTR c))
-UNSUPPORTED(EncryptInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c))
-UNSUPPORTED(Encrypt, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
-UNSUPPORTED(EncryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
-UNSUPPORTED(EncryptFinal, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c))
-UNSUPPORTED(DecryptInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c))
-UNSUPPORTED(Decrypt, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
-UNSUPPORTED(DecryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
-UNSUPPORTED(DecryptFinal, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG_PTR c))
 UNSUPPORTED(DigestKey, (CK_SESSION_HANDLE a, CK_OBJECT_HANDLE b))
 UNSUPPORTED(SignRecoverInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c))
 UNSUPPORTED(SignRecover, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
@@ -1072,14 +1523,6 @@ UNSUPPORTED(DigestEncryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c
 UNSUPPORTED(DecryptDigestUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
 UNSUPPORTED(SignEncryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
 UNSUPPORTED(DecryptVerifyUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
-UNSUPPORTED(GenerateKeyPair, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_ATTRIBUTE_PTR c, CK_ULONG d,
-                              CK_ATTRIBUTE_PTR e, CK_ULONG f, CK_OBJECT_HANDLE_PTR g, CK_OBJECT_HANDLE_PTR h))
-UNSUPPORTED(WrapKey, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_OBJECT_HANDLE d, CK_BYTE_PTR e,
-                      CK_ULONG_PTR f))
-UNSUPPORTED(UnwrapKey, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_BYTE_PTR d, CK_ULONG e,
-                        CK_ATTRIBUTE_PTR f, CK_ULONG g, CK_OBJECT_HANDLE_PTR h))
-UNSUPPORTED(DeriveKey, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_ATTRIBUTE_PTR d, CK_ULONG e,
-                        CK_OBJECT_HANDLE_PTR f))
 UNSUPPORTED(WaitForSlotEvent, (CK_FLAGS a, CK_SLOT_ID_PTR b, CK_VOID_PTR c))
 
 #undef UNSUPPORTED

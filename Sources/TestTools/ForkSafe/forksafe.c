@@ -8,7 +8,7 @@
 // --fork-safe takes the function list from C_GetInterface(NULL, NULL, &i, CKF_INTERFACE_FORK_SAFE)
 // (and fails if the module has no such interface); the child then never calls C_Initialize.
 // Scenarios: create-object, unwrap-derive, ecdh, generated-lost, sign-update, decrypt-update,
-// digest-update, find. In each, the parent computes the expected result, forks one child under
+// digest-update, find, context-login. In each, the parent computes the expected result, forks one child under
 // alarm(); the child does the same work with the inherited handles and exits 0 when its result
 // equals the parent's, else with a status saying what failed; for operations in progress the
 // parent then finishes its own operation and checks it too. Last line: "result: ok ..." (exit 0)
@@ -459,12 +459,59 @@ static int scenario_find(void) {
     return 0;
 }
 
+// A CKA_ALWAYS_AUTHENTICATE key: C_SignInit and the context-specific login in the parent, the
+// signature in the child (the login is replayed with the init).
+static unsigned char expected_signature[512];
+static CK_ULONG expected_signature_length;
+static CK_OBJECT_HANDLE always_key;
+
+static int context_login_child(void) {
+    unsigned char signature[512];
+    CK_ULONG length = sizeof signature;
+    CHECK(p11->C_Sign(session, (CK_BYTE_PTR)plaintext, 64, signature, &length));
+    send_result(signature, length);
+    return CHILD_OK;
+}
+
+static int scenario_context_login(void) {
+    char label[64];
+    snprintf(label, sizeof label, "p11fork always-authenticate %d", getpid());
+    CK_MECHANISM generate = { CKM_RSA_PKCS_KEY_PAIR_GEN, NULL, 0 };
+    CK_ULONG bits = 2048;
+    CK_BYTE exponent[] = { 1, 0, 1 };
+    CK_ATTRIBUTE pub[] = { { CKA_MODULUS_BITS, &bits, sizeof bits }, { CKA_PUBLIC_EXPONENT, exponent, 3 },
+                           { CKA_TOKEN, &yes, 1 }, { CKA_VERIFY, &yes, 1 }, { CKA_LABEL, label, strlen(label) } };
+    CK_ATTRIBUTE priv[] = { { CKA_TOKEN, &yes, 1 }, { CKA_SIGN, &yes, 1 }, { CKA_PRIVATE, &yes, 1 }, { CKA_SENSITIVE, &yes, 1 },
+                            { CKA_ALWAYS_AUTHENTICATE, &yes, 1 }, { CKA_LABEL, label, strlen(label) } };
+    CK_OBJECT_HANDLE public_key;
+    CHECK(p11->C_GenerateKeyPair(session, &generate, pub, 5, priv, 6, &public_key, &always_key));
+    CK_MECHANISM m = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+    // Without the context-specific login the module refuses the signature: the key is what the scenario says.
+    CHECK(p11->C_SignInit(session, &m, always_key));
+    expected_signature_length = sizeof expected_signature;
+    CK_RV refused = p11->C_Sign(session, (CK_BYTE_PTR)plaintext, 64, expected_signature, &expected_signature_length);
+    if (refused == CKR_OK) return fail("context-login: the module signs without a context-specific login");
+    CHECK(p11->C_SignInit(session, &m, always_key));
+    CHECK(p11->C_Login(session, CKU_CONTEXT_SPECIFIC, (CK_UTF8CHAR_PTR)pin, strlen(pin)));
+    int failed = run_child_with_result("context-login", context_login_child);
+    expected_signature_length = sizeof expected_signature;
+    CK_RV mine = p11->C_Sign(session, (CK_BYTE_PTR)plaintext, 64, expected_signature, &expected_signature_length);
+    p11->C_DestroyObject(session, always_key);
+    p11->C_DestroyObject(session, public_key);
+    if (failed) return 1;
+    if (mine != CKR_OK) return fail("context-login: the parent's own signature failed: 0x%lx", mine);
+    if (child_result_length != expected_signature_length || memcmp(child_result, expected_signature, expected_signature_length))
+        return fail("context-login: the child's signature differs from the parent's");
+    say("result: ok context-login: the child signed with the parent's CKA_ALWAYS_AUTHENTICATE operation; so did the parent");
+    return 0;
+}
+
 // MARK: main
 
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forksafe: %s\nusage: p11fork-forksafe --module PATH --token LABEL --pin PIN --key LABEL "
                     "[--mechanism rsa|hmac] [--fork-safe] SCENARIO\nscenarios: create-object unwrap-derive ecdh "
-                    "generated-lost sign-update decrypt-update digest-update find\n", problem);
+                    "generated-lost sign-update decrypt-update digest-update find context-login\n", problem);
     return 2;
 }
 
@@ -522,5 +569,6 @@ int main(int argc, char **argv) {
     if (!strcmp(scenario, "decrypt-update")) return scenario_decrypt_update();
     if (!strcmp(scenario, "digest-update")) return scenario_digest_update();
     if (!strcmp(scenario, "find")) return scenario_find();
+    if (!strcmp(scenario, "context-login")) return scenario_context_login();
     return usage("unknown scenario");
 }

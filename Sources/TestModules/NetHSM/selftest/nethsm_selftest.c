@@ -43,7 +43,13 @@ static const char *rv_name(CK_RV rv) {
         N(CKR_SESSION_PARALLEL_NOT_SUPPORTED) N(CKR_SESSION_READ_ONLY) N(CKR_SIGNATURE_INVALID)
         N(CKR_SIGNATURE_LEN_RANGE) N(CKR_SLOT_ID_INVALID) N(CKR_TEMPLATE_INCOMPLETE) N(CKR_TEMPLATE_INCONSISTENT)
         N(CKR_USER_ALREADY_LOGGED_IN) N(CKR_USER_NOT_LOGGED_IN) N(CKR_USER_TYPE_INVALID)
-        N(CKR_SESSION_READ_ONLY_EXISTS) N(CKR_USER_ANOTHER_ALREADY_LOGGED_IN)
+        N(CKR_SESSION_READ_ONLY_EXISTS) N(CKR_USER_ANOTHER_ALREADY_LOGGED_IN) N(CKR_DATA_LEN_RANGE)
+        N(CKR_ENCRYPTED_DATA_LEN_RANGE) N(CKR_ENCRYPTED_DATA_INVALID) N(CKR_KEY_TYPE_INCONSISTENT)
+        N(CKR_MECHANISM_PARAM_INVALID) N(CKR_WRAPPED_KEY_INVALID) N(CKR_WRAPPED_KEY_LEN_RANGE)
+        N(CKR_KEY_UNEXTRACTABLE) N(CKR_KEY_NOT_WRAPPABLE) N(CKR_KEY_SIZE_RANGE) N(CKR_CURVE_NOT_SUPPORTED)
+        N(CKR_WRAPPING_KEY_TYPE_INCONSISTENT) N(CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT)
+        N(CKR_WRAPPING_KEY_HANDLE_INVALID) N(CKR_UNWRAPPING_KEY_HANDLE_INVALID) N(CKR_HOST_MEMORY)
+        N(CKR_DEVICE_MEMORY)
 #undef N
     }
     static char hex[32];
@@ -172,6 +178,7 @@ static CK_SLOT_ID slot;
 static CK_SESSION_HANDLE session;
 static CK_OBJECT_HANDLE key;
 static CK_TOKEN_INFO parent_token;
+static CK_SESSION_HANDLE encrypt_session;  // a multi-part encryption is under way on it at fork time
 static char expected_hmac[65] = HELLO_HMAC;
 
 // MARK: children
@@ -188,6 +195,10 @@ static int child_inherited(void *arg) {
     EXPECT(p11->C_Sign(session, (CK_BYTE_PTR) "hello", 5, mac, &len), CKR_DEVICE_ERROR);
     EXPECT(p11->C_Initialize(NULL), CKR_CRYPTOKI_ALREADY_INITIALIZED);
     EXPECT(p11->C_Sign(session, (CK_BYTE_PTR) "hello", 5, mac, &len), CKR_DEVICE_ERROR);  // stays broken
+    unsigned char out[64];
+    CK_ULONG out_len = sizeof out;
+    EXPECT(p11->C_EncryptUpdate(encrypt_session, (CK_BYTE_PTR) "0123456789abcdef", 16, out, &out_len), CKR_DEVICE_ERROR);
+    EXPECT(p11->C_EncryptFinal(encrypt_session, out, &out_len), CKR_DEVICE_ERROR);
     EXPECT(p11->C_GetInfo(&info), CKR_DEVICE_ERROR);
     EXPECT(p11->C_GetSlotList(CK_TRUE, slots, &n), CKR_DEVICE_ERROR);
     EXPECT(p11->C_GetSlotInfo(slot, &(CK_SLOT_INFO){0}), CKR_DEVICE_ERROR);
@@ -347,10 +358,37 @@ static void test_basics(void) {
     EXPECT_TRUE((parent_token.flags & CKF_PROTECTED_AUTHENTICATION_PATH) == 0);
     EXPECT_TRUE((parent_token.flags & (CKF_USER_PIN_COUNT_LOW | CKF_USER_PIN_LOCKED)) == 0);
 
-    CK_MECHANISM_TYPE mechs[8];
-    n = 8;
+    CK_MECHANISM_TYPE mechs[16];
+    static const CK_MECHANISM_TYPE expected_mechs[] = {
+        CKM_SHA256,      CKM_SHA256_HMAC,  CKM_GENERIC_SECRET_KEY_GEN, CKM_AES_KEY_GEN,
+        CKM_AES_ECB,     CKM_AES_CBC,      CKM_AES_CBC_PAD,            CKM_AES_KEY_WRAP,
+        CKM_EC_KEY_PAIR_GEN, CKM_ECDH1_DERIVE, CKM_CONCATENATE_BASE_AND_DATA, CKM_SHA256_KEY_DERIVATION,
+    };
+    n = 0;
+    EXPECT(p11->C_GetMechanismList(slot, NULL, &n), CKR_OK);
+    EXPECT_TRUE(n == 12);
+    n = 3;
+    EXPECT(p11->C_GetMechanismList(slot, mechs, &n), CKR_BUFFER_TOO_SMALL);
+    EXPECT_TRUE(n == 12);
+    n = 16;
     EXPECT(p11->C_GetMechanismList(slot, mechs, &n), CKR_OK);
-    EXPECT_TRUE(n == 3);
+    EXPECT_TRUE(n == 12);
+    for (size_t i = 0; i < 12; i++) EXPECT_TRUE(n == 12 && mechs[i] == expected_mechs[i]);
+    CK_MECHANISM_INFO mi;
+    EXPECT(p11->C_GetMechanismInfo(slot, CKM_AES_CBC_PAD, &mi), CKR_OK);
+    EXPECT_TRUE(mi.ulMinKeySize == 16 && mi.ulMaxKeySize == 32 && mi.flags == (CKF_ENCRYPT | CKF_DECRYPT));
+    EXPECT(p11->C_GetMechanismInfo(slot, CKM_AES_KEY_WRAP, &mi), CKR_OK);
+    EXPECT_TRUE(mi.flags == (CKF_WRAP | CKF_UNWRAP));
+    EXPECT(p11->C_GetMechanismInfo(slot, CKM_AES_KEY_GEN, &mi), CKR_OK);
+    EXPECT_TRUE(mi.ulMinKeySize == 16 && mi.ulMaxKeySize == 32 && mi.flags == CKF_GENERATE);
+    EXPECT(p11->C_GetMechanismInfo(slot, CKM_EC_KEY_PAIR_GEN, &mi), CKR_OK);
+    EXPECT_TRUE(mi.ulMinKeySize == 256 && mi.ulMaxKeySize == 256 && (mi.flags & CKF_GENERATE_KEY_PAIR) &&
+                (mi.flags & CKF_EC_NAMEDCURVE) && (mi.flags & CKF_EC_UNCOMPRESS));
+    EXPECT(p11->C_GetMechanismInfo(slot, CKM_ECDH1_DERIVE, &mi), CKR_OK);
+    EXPECT_TRUE(mi.ulMinKeySize == 256 && (mi.flags & CKF_DERIVE));
+    EXPECT(p11->C_GetMechanismInfo(slot, CKM_SHA256_KEY_DERIVATION, &mi), CKR_OK);
+    EXPECT_TRUE(mi.flags == CKF_DERIVE);
+    EXPECT(p11->C_GetMechanismInfo(slot, CKM_AES_CTR, &mi), CKR_MECHANISM_INVALID);
 
     CK_SESSION_HANDLE s;
     EXPECT(p11->C_OpenSession(slot, 0, NULL, NULL, &s), CKR_SESSION_PARALLEL_NOT_SUPPORTED);
@@ -369,7 +407,8 @@ static void test_basics(void) {
     unsigned char random[64];
     EXPECT(p11->C_GenerateRandom(session, random, sizeof random), CKR_OK);
     EXPECT(p11->C_SeedRandom(session, random, 8), CKR_RANDOM_SEED_NOT_SUPPORTED);
-    EXPECT(p11->C_EncryptInit(session, NULL, 0), CKR_FUNCTION_NOT_SUPPORTED);
+    EXPECT(p11->C_EncryptInit(session, NULL, 0), CKR_ARGUMENTS_BAD);
+    EXPECT(p11->C_SignRecoverInit(session, NULL, 0), CKR_FUNCTION_NOT_SUPPORTED);
     EXPECT(p11->C_WaitForSlotEvent(0, NULL, NULL), CKR_FUNCTION_NOT_SUPPORTED);
 }
 
@@ -554,6 +593,687 @@ static void test_objects_and_crypto(const char *openssl_hmac) {
     EXPECT(p11->C_GetAttributeValue(session, ~(CK_ULONG)0, get, 1), CKR_OBJECT_HANDLE_INVALID);
 }
 
+// MARK: AES, key wrap, EC and derivation
+
+static size_t unhex(const char *text, unsigned char *out) {
+    size_t n = strlen(text) / 2;
+    for (size_t i = 0; i < n; i++) sscanf(text + 2 * i, "%2hhx", &out[i]);
+    return n;
+}
+
+static int bytes_are(const unsigned char *bytes, size_t len, const char *want_hex) {
+    char got[2 * 4096 + 1];
+    if (2 * len != strlen(want_hex) || len > 4096) return 0;
+    hex(bytes, len, got);
+    return strcmp(got, want_hex) == 0;
+}
+
+// A session secret key from a value, with extra attributes.
+static CK_OBJECT_HANDLE make_secret(CK_KEY_TYPE type, const unsigned char *value, CK_ULONG len,
+                                    const CK_ATTRIBUTE *extra, CK_ULONG extra_count) {
+    CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+    CK_ATTRIBUTE tmpl[16] = {
+        {CKA_CLASS, &secret, sizeof secret}, {CKA_KEY_TYPE, &type, sizeof type}, {CKA_VALUE, (void *)value, len},
+    };
+    for (CK_ULONG i = 0; i < extra_count && i < 13; i++) tmpl[3 + i] = extra[i];
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    EXPECT(p11->C_CreateObject(session, tmpl, 3 + extra_count, &h), CKR_OK);
+    return h;
+}
+
+// Reads CKA_VALUE (or another byte attribute); returns its length, or (CK_ULONG)-1.
+static CK_ULONG read_bytes(CK_OBJECT_HANDLE h, CK_ATTRIBUTE_TYPE type, unsigned char *out, CK_ULONG size) {
+    CK_ATTRIBUTE a = {type, out, size};
+    if (p11->C_GetAttributeValue(session, h, &a, 1) != CKR_OK) return (CK_ULONG)-1;
+    return a.ulValueLen;
+}
+
+static CK_BBOOL read_bool(CK_OBJECT_HANDLE h, CK_ATTRIBUTE_TYPE type) {
+    CK_BBOOL v = 0xee;
+    CK_ATTRIBUTE a = {type, &v, sizeof v};
+    if (p11->C_GetAttributeValue(session, h, &a, 1) != CKR_OK) return 0xee;
+    return v;
+}
+
+static CK_ULONG read_ulong(CK_OBJECT_HANDLE h, CK_ATTRIBUTE_TYPE type) {
+    CK_ULONG v = (CK_ULONG)-1;
+    CK_ATTRIBUTE a = {type, &v, sizeof v};
+    if (p11->C_GetAttributeValue(session, h, &a, 1) != CKR_OK) return (CK_ULONG)-1;
+    return v;
+}
+
+// Single-part encryption or decryption.
+static CK_RV crypt_once(int encrypt, CK_MECHANISM *m, CK_OBJECT_HANDLE k, const unsigned char *in, CK_ULONG in_len,
+                        unsigned char *out, CK_ULONG *out_len) {
+    CK_RV rv = encrypt ? p11->C_EncryptInit(session, m, k) : p11->C_DecryptInit(session, m, k);
+    if (rv != CKR_OK) return rv;
+    return encrypt ? p11->C_Encrypt(session, (CK_BYTE_PTR)in, in_len, out, out_len)
+                   : p11->C_Decrypt(session, (CK_BYTE_PTR)in, in_len, out, out_len);
+}
+
+// Multi-part: updates of the sizes in chunks (cycled; 0 included), each given exactly the room
+// left, then the final call.
+static CK_RV crypt_parts(int encrypt, CK_MECHANISM *m, CK_OBJECT_HANDLE k, const unsigned char *in, CK_ULONG in_len,
+                         unsigned char *out, CK_ULONG *out_len) {
+    static const CK_ULONG chunks[] = {1, 0, 5, 16, 3, 31, 7, 64, 15};
+    CK_RV rv = encrypt ? p11->C_EncryptInit(session, m, k) : p11->C_DecryptInit(session, m, k);
+    if (rv != CKR_OK) return rv;
+    CK_ULONG at = 0, done = 0;
+    for (size_t c = 0; at < in_len; c++) {
+        CK_ULONG n = chunks[c % (sizeof chunks / sizeof chunks[0])];
+        if (n > in_len - at) n = in_len - at;
+        CK_ULONG room = *out_len - done;
+        rv = encrypt ? p11->C_EncryptUpdate(session, (CK_BYTE_PTR)in + at, n, out + done, &room)
+                     : p11->C_DecryptUpdate(session, (CK_BYTE_PTR)in + at, n, out + done, &room);
+        if (rv != CKR_OK) return rv;
+        at += n;
+        done += room;
+    }
+    CK_ULONG room = *out_len - done;
+    rv = encrypt ? p11->C_EncryptFinal(session, out + done, &room) : p11->C_DecryptFinal(session, out + done, &room);
+    if (rv != CKR_OK) return rv;
+    *out_len = done + room;
+    return CKR_OK;
+}
+
+static const unsigned char iv0[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+static void test_aes(void) {
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char kv[32], in[512], out[600], back[600];
+    CK_ULONG len, len2;
+    for (int i = 0; i < 32; i++) kv[i] = (unsigned char)i;  // FIPS-197 appendix C keys: 00 01 02 ...
+
+    // Created AES keys: defaults, check value, bad sizes.
+    CK_OBJECT_HANDLE k128 = make_secret(CKK_AES, kv, 16, NULL, 0);
+    CK_OBJECT_HANDLE k192 = make_secret(CKK_AES, kv, 24, NULL, 0);
+    CK_OBJECT_HANDLE k256 = make_secret(CKK_AES, kv, 32, NULL, 0);
+    EXPECT_TRUE(read_bool(k128, CKA_ENCRYPT) == CK_TRUE && read_bool(k128, CKA_DECRYPT) == CK_TRUE);
+    EXPECT_TRUE(read_bool(k128, CKA_WRAP) == CK_TRUE && read_bool(k128, CKA_UNWRAP) == CK_TRUE);
+    EXPECT_TRUE(read_bool(k128, CKA_SIGN) == CK_FALSE && read_bool(k128, CKA_DERIVE) == CK_FALSE);
+    EXPECT_TRUE(read_ulong(k128, CKA_KEY_TYPE) == CKK_AES && read_ulong(k256, CKA_VALUE_LEN) == 32);
+    unsigned char check[3];
+    EXPECT_TRUE(read_bytes(k128, CKA_CHECK_VALUE, check, 3) == 3 && bytes_are(check, 3, "c6a13b"));  // E(0^128)
+    CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+    CK_KEY_TYPE aes = CKK_AES, generic = CKK_GENERIC_SECRET;
+    CK_OBJECT_HANDLE h;
+    CK_ATTRIBUTE bad_aes[] = {{CKA_CLASS, &secret, sizeof secret}, {CKA_KEY_TYPE, &aes, sizeof aes}, {CKA_VALUE, kv, 15}};
+    EXPECT(p11->C_CreateObject(session, bad_aes, 3, &h), CKR_ATTRIBUTE_VALUE_INVALID);
+    bad_aes[2].ulValueLen = 16;
+    CK_ATTRIBUTE checked[] = {bad_aes[0], bad_aes[1], bad_aes[2], {CKA_CHECK_VALUE, "\xc6\xa1\x3c", 3}};
+    EXPECT(p11->C_CreateObject(session, checked, 4, &h), CKR_ATTRIBUTE_VALUE_INVALID);
+    checked[3].pValue = "\xc6\xa1\x3b";
+    EXPECT(p11->C_CreateObject(session, checked, 4, &h), CKR_OK);
+    EXPECT(p11->C_DestroyObject(session, h), CKR_OK);
+
+    // Known answers: FIPS-197 appendix C.1-C.3 and appendix B (ECB), SP 800-38A F.2.1 (CBC).
+    CK_MECHANISM ecb = {CKM_AES_ECB, NULL, 0};
+    CK_MECHANISM cbc = {CKM_AES_CBC, (void *)iv0, 16};
+    CK_MECHANISM cbc_pad = {CKM_AES_CBC_PAD, (void *)iv0, 16};
+    unhex("00112233445566778899aabbccddeeff", in);
+    const struct {
+        CK_OBJECT_HANDLE key;
+        const char *cipher;
+    } fips197[] = {
+        {k128, "69c4e0d86a7b0430d8cdb78070b4c55a"},
+        {k192, "dda97ca4864cdfe06eaf70a0ec0d7191"},
+        {k256, "8ea2b7ca516745bfeafc49904b496089"},
+    };
+    for (size_t i = 0; i < 3; i++) {
+        len = sizeof out;
+        EXPECT(crypt_once(1, &ecb, fips197[i].key, in, 16, out, &len), CKR_OK);
+        EXPECT_TRUE(len == 16 && bytes_are(out, 16, fips197[i].cipher));
+        len2 = sizeof back;
+        EXPECT(crypt_once(0, &ecb, fips197[i].key, out, 16, back, &len2), CKR_OK);
+        EXPECT_TRUE(len2 == 16 && memcmp(back, in, 16) == 0);
+    }
+    unsigned char kb[16];
+    unhex("2b7e151628aed2a6abf7158809cf4f3c", kb);
+    CK_OBJECT_HANDLE k_sp = make_secret(CKK_AES, kb, 16, NULL, 0);
+    unhex("3243f6a8885a308d313198a2e0370734", in);
+    len = sizeof out;
+    EXPECT(crypt_once(1, &ecb, k_sp, in, 16, out, &len), CKR_OK);
+    EXPECT_TRUE(len == 16 && bytes_are(out, 16, "3925841d02dc09fbdc118597196a0b32"));
+    unhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51", in);
+    len = sizeof out;
+    EXPECT(crypt_parts(1, &cbc, k_sp, in, 32, out, &len), CKR_OK);
+    EXPECT_TRUE(len == 32 && bytes_are(out, 32, "7649abac8119b246cee98e9b12e9197d5086cb9b507219ee95db113a917678b2"));
+    len = sizeof out;  // from `openssl enc -aes-128-cbc` (PKCS#7 padding)
+    EXPECT(crypt_once(1, &cbc_pad, k_sp, (const unsigned char *)"hello", 5, out, &len), CKR_OK);
+    EXPECT_TRUE(len == 16 && bytes_are(out, 16, "d8666ea8aad65cc08354b4bc43d4ff56"));
+    printf("AES: FIPS-197 C.1-C.3 and B, SP 800-38A CBC, CBC_PAD(\"hello\") known answers checked\n");
+
+    // Multi-part (updates of 0, 1, 3, 5, 7, 15, 16, 31, 64 bytes) == single-part, both ways, for
+    // every mechanism and key size.
+    for (size_t i = 0; i < sizeof in; i++) in[i] = (unsigned char)(i * 7 + 3);
+    CK_MECHANISM *mechanisms[] = {&ecb, &cbc, &cbc_pad};
+    CK_OBJECT_HANDLE keys[] = {k128, k192, k256};
+    static const CK_ULONG lengths[] = {0, 1, 15, 16, 17, 31, 32, 33, 100, 256, 511};
+    int mismatches = 0, runs = 0;
+    for (size_t m = 0; m < 3; m++)
+        for (size_t k = 0; k < 3; k++)
+            for (size_t l = 0; l < sizeof lengths / sizeof lengths[0]; l++) {
+                CK_ULONG n = lengths[l];
+                if (mechanisms[m] != &cbc_pad && n % 16 != 0) continue;
+                unsigned char one[600], parts[600];
+                CK_ULONG one_len = sizeof one, parts_len = sizeof parts, back_len = sizeof back;
+                runs++;
+                if (crypt_once(1, mechanisms[m], keys[k], in, n, one, &one_len) != CKR_OK ||
+                    crypt_parts(1, mechanisms[m], keys[k], in, n, parts, &parts_len) != CKR_OK ||
+                    one_len != parts_len || memcmp(one, parts, one_len) != 0 ||
+                    one_len != (mechanisms[m] == &cbc_pad ? (n / 16 + 1) * 16 : n)) {
+                    mismatches++;
+                    continue;
+                }
+                if (crypt_parts(0, mechanisms[m], keys[k], one, one_len, back, &back_len) != CKR_OK || back_len != n ||
+                    memcmp(back, in, n) != 0)
+                    mismatches++;
+                back_len = sizeof back;
+                if (crypt_once(0, mechanisms[m], keys[k], one, one_len, back, &back_len) != CKR_OK || back_len != n ||
+                    memcmp(back, in, n) != 0)
+                    mismatches++;
+            }
+    EXPECT_TRUE(mismatches == 0);
+    printf("AES: %d multi-part/single-part round trips agree\n", runs);
+
+    // Output conventions, CBC_PAD, 20 bytes of data -> 32 bytes.
+    unsigned char reference[32];
+    len = sizeof reference;
+    EXPECT(crypt_once(1, &cbc_pad, k128, in, 20, reference, &len), CKR_OK);
+    EXPECT(p11->C_Encrypt(session, in, 20, out, &len), CKR_OPERATION_NOT_INITIALIZED);  // that one ended it
+    EXPECT(p11->C_EncryptInit(session, &cbc_pad, k128), CKR_OK);
+    EXPECT(p11->C_EncryptInit(session, &cbc_pad, k128), CKR_OPERATION_ACTIVE);
+    EXPECT(p11->C_DecryptInit(session, &cbc_pad, k128), CKR_OPERATION_ACTIVE);
+    EXPECT(p11->C_DigestInit(session, &(CK_MECHANISM){CKM_SHA256, NULL, 0}), CKR_OPERATION_ACTIVE);
+    EXPECT(p11->C_DecryptUpdate(session, in, 16, out, &len), CKR_OPERATION_NOT_INITIALIZED);
+    len = 0;
+    EXPECT(p11->C_Encrypt(session, in, 20, NULL, &len), CKR_OK);  // length query: stays
+    EXPECT_TRUE(len == 32);
+    len = 31;
+    EXPECT(p11->C_Encrypt(session, in, 20, out, &len), CKR_BUFFER_TOO_SMALL);  // stays
+    EXPECT_TRUE(len == 32);
+    EXPECT(p11->C_Encrypt(session, in, 20, out, &len), CKR_OK);
+    EXPECT_TRUE(len == 32 && memcmp(out, reference, 32) == 0);
+    EXPECT(p11->C_Encrypt(session, in, 20, out, &len), CKR_OPERATION_NOT_INITIALIZED);
+    // Multi-part with queries and short buffers in between: nothing is lost.
+    EXPECT(p11->C_EncryptInit(session, &cbc_pad, k128), CKR_OK);
+    len = 0;
+    EXPECT(p11->C_EncryptUpdate(session, in, 20, NULL, &len), CKR_OK);
+    EXPECT_TRUE(len == 16);
+    len = 15;
+    EXPECT(p11->C_EncryptUpdate(session, in, 20, out, &len), CKR_BUFFER_TOO_SMALL);
+    EXPECT_TRUE(len == 16);
+    EXPECT(p11->C_EncryptUpdate(session, in, 20, out, &len), CKR_OK);
+    EXPECT_TRUE(len == 16);
+    EXPECT(p11->C_Encrypt(session, in, 20, out + 16, &len), CKR_OPERATION_ACTIVE);  // multi-part under way
+    len = 0;
+    EXPECT(p11->C_EncryptFinal(session, NULL, &len), CKR_OK);
+    EXPECT_TRUE(len == 16);
+    len = 8;
+    EXPECT(p11->C_EncryptFinal(session, out + 16, &len), CKR_BUFFER_TOO_SMALL);
+    EXPECT_TRUE(len == 16);
+    EXPECT(p11->C_EncryptFinal(session, out + 16, &len), CKR_OK);
+    EXPECT_TRUE(len == 16 && memcmp(out, reference, 32) == 0);
+    EXPECT(p11->C_EncryptFinal(session, out, &len), CKR_OPERATION_NOT_INITIALIZED);
+    // Decryption reports the exact length (the padding removed), even for a length query.
+    EXPECT(p11->C_DecryptInit(session, &cbc_pad, k128), CKR_OK);
+    len = 0;
+    EXPECT(p11->C_Decrypt(session, reference, 32, NULL, &len), CKR_OK);
+    EXPECT_TRUE(len == 20);
+    len = 19;
+    EXPECT(p11->C_Decrypt(session, reference, 32, back, &len), CKR_BUFFER_TOO_SMALL);
+    EXPECT_TRUE(len == 20);
+    EXPECT(p11->C_Decrypt(session, reference, 32, back, &len), CKR_OK);  // a 20-byte buffer is enough
+    EXPECT_TRUE(len == 20 && memcmp(back, in, 20) == 0);
+    EXPECT(p11->C_DecryptInit(session, &cbc_pad, k128), CKR_OK);
+    len = 0;
+    EXPECT(p11->C_DecryptUpdate(session, reference, 32, NULL, &len), CKR_OK);
+    EXPECT_TRUE(len == 16);  // the last block is held back: it holds the padding
+    len = 16;
+    EXPECT(p11->C_DecryptUpdate(session, reference, 32, back, &len), CKR_OK);
+    EXPECT(p11->C_Decrypt(session, reference, 32, back, &len), CKR_OPERATION_ACTIVE);
+    len2 = 0;
+    EXPECT(p11->C_DecryptFinal(session, NULL, &len2), CKR_OK);
+    EXPECT_TRUE(len2 == 4);
+    len2 = 3;
+    EXPECT(p11->C_DecryptFinal(session, back + 16, &len2), CKR_BUFFER_TOO_SMALL);
+    EXPECT_TRUE(len2 == 4);
+    EXPECT(p11->C_DecryptFinal(session, back + 16, &len2), CKR_OK);
+    EXPECT_TRUE(len == 16 && len2 == 4 && memcmp(back, in, 20) == 0);
+    // In place (input and output the same buffer).
+    memcpy(back, in, 48);
+    len = 48;
+    EXPECT(crypt_once(1, &cbc, k256, back, 48, back, &len), CKR_OK);
+    len2 = sizeof out;
+    EXPECT(crypt_once(1, &cbc, k256, in, 48, out, &len2), CKR_OK);
+    EXPECT_TRUE(len == 48 && len2 == 48 && memcmp(back, out, 48) == 0);
+
+    // Errors end the operation.
+    len = sizeof out;
+    EXPECT(crypt_once(1, &ecb, k128, in, 15, out, &len), CKR_DATA_LEN_RANGE);
+    EXPECT(p11->C_Encrypt(session, in, 16, out, &len), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(p11->C_EncryptInit(session, &cbc, k128), CKR_OK);
+    len = sizeof out;
+    EXPECT(p11->C_EncryptUpdate(session, in, 17, out, &len), CKR_OK);
+    EXPECT_TRUE(len == 16);
+    len = sizeof out;
+    EXPECT(p11->C_EncryptFinal(session, out, &len), CKR_DATA_LEN_RANGE);  // a partial block is left
+    EXPECT(p11->C_EncryptFinal(session, out, &len), CKR_OPERATION_NOT_INITIALIZED);
+    len = sizeof out;
+    EXPECT(crypt_once(0, &ecb, k128, in, 15, out, &len), CKR_ENCRYPTED_DATA_LEN_RANGE);
+    len = sizeof out;
+    EXPECT(crypt_once(0, &cbc_pad, k128, in, 0, out, &len), CKR_ENCRYPTED_DATA_LEN_RANGE);
+    memset(back, 0, 16);  // CBC of a zero block, decrypted with CBC_PAD: pad byte 0 is invalid
+    len = sizeof out;
+    EXPECT(crypt_once(1, &cbc, k128, back, 16, out, &len), CKR_OK);
+    len = sizeof back;
+    EXPECT(crypt_once(0, &cbc_pad, k128, out, 16, back, &len), CKR_ENCRYPTED_DATA_INVALID);
+    EXPECT(p11->C_Decrypt(session, out, 16, back, &len), CKR_OPERATION_NOT_INITIALIZED);
+    memset(back, 0x11, 16);  // pad byte 17
+    len = sizeof out;
+    EXPECT(crypt_once(1, &cbc, k128, back, 16, out, &len), CKR_OK);
+    EXPECT(p11->C_DecryptInit(session, &cbc_pad, k128), CKR_OK);
+    len = 0;
+    EXPECT(p11->C_DecryptUpdate(session, out, 16, NULL, &len), CKR_OK);
+    EXPECT_TRUE(len == 0);
+    EXPECT(p11->C_DecryptUpdate(session, out, 16, back, &len), CKR_OK);
+    len = 0;
+    EXPECT(p11->C_DecryptFinal(session, NULL, &len), CKR_ENCRYPTED_DATA_INVALID);  // found on the query: ends it
+    EXPECT(p11->C_DecryptFinal(session, back, &len), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(p11->C_EncryptInit(session, &ecb, k128), CKR_OK);
+    EXPECT(p11->C_Encrypt(session, in, 16, out, NULL), CKR_ARGUMENTS_BAD);
+    EXPECT(p11->C_Encrypt(session, in, 16, out, &len), CKR_OPERATION_NOT_INITIALIZED);
+
+    // Keys and mechanisms that do not fit.
+    CK_ATTRIBUTE no_encrypt[] = {{CKA_ENCRYPT, &no, sizeof no}, {CKA_LABEL, "aes-no-encrypt", 14}};
+    CK_OBJECT_HANDLE k_decrypt_only = make_secret(CKK_AES, kv, 16, no_encrypt, 2);
+    EXPECT(p11->C_EncryptInit(session, &ecb, k_decrypt_only), CKR_KEY_FUNCTION_NOT_PERMITTED);
+    EXPECT(p11->C_DecryptInit(session, &ecb, k_decrypt_only), CKR_OK);
+    len = sizeof back;
+    EXPECT(p11->C_Decrypt(session, reference, 16, back, &len), CKR_OK);
+    EXPECT(p11->C_EncryptInit(session, &ecb, key), CKR_KEY_TYPE_INCONSISTENT);
+    EXPECT(p11->C_EncryptInit(session, &ecb, 0), CKR_KEY_HANDLE_INVALID);
+    EXPECT(p11->C_EncryptInit(session, &(CK_MECHANISM){CKM_AES_CBC, (void *)iv0, 8}, k128), CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(p11->C_EncryptInit(session, &(CK_MECHANISM){CKM_AES_CBC_PAD, NULL, 16}, k128), CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(p11->C_EncryptInit(session, &(CK_MECHANISM){CKM_AES_ECB, (void *)iv0, 16}, k128), CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(p11->C_EncryptInit(session, &(CK_MECHANISM){CKM_AES_CTR, (void *)iv0, 16}, k128), CKR_MECHANISM_INVALID);
+    EXPECT(p11->C_SignInit(session, &(CK_MECHANISM){CKM_SHA256_HMAC, NULL, 0}, k128), CKR_KEY_TYPE_INCONSISTENT);
+
+    // CKA_ALWAYS_AUTHENTICATE applies to decryption too.
+    CK_ATTRIBUTE always[] = {{CKA_ALWAYS_AUTHENTICATE, &yes, sizeof yes}};
+    CK_OBJECT_HANDLE k_always = make_secret(CKK_AES, kv, 16, always, 1);
+    EXPECT(p11->C_EncryptInit(session, &ecb, k_always), CKR_OK);  // no PIN needed to encrypt
+    len = sizeof out;
+    EXPECT(p11->C_Encrypt(session, in, 16, out, &len), CKR_OK);
+    EXPECT(p11->C_DecryptInit(session, &ecb, k_always), CKR_OK);
+    len2 = sizeof back;
+    EXPECT(p11->C_Decrypt(session, out, 16, back, &len2), CKR_USER_NOT_LOGGED_IN);
+    EXPECT(p11->C_Login(session, CKU_CONTEXT_SPECIFIC, (CK_UTF8CHAR_PTR)PIN, 4), CKR_OK);
+    EXPECT(p11->C_Decrypt(session, out, 16, back, &len2), CKR_OK);
+    EXPECT_TRUE(len2 == 16 && memcmp(back, in, 16) == 0);
+
+    // A logout ends an operation with a private key (the server checks on every call).
+    EXPECT(p11->C_EncryptInit(session, &cbc, k128), CKR_OK);
+    len = sizeof out;
+    EXPECT(p11->C_EncryptUpdate(session, in, 32, out, &len), CKR_OK);
+    EXPECT(p11->C_Logout(session), CKR_OK);
+    EXPECT(p11->C_EncryptUpdate(session, in, 32, out, &len), CKR_USER_NOT_LOGGED_IN);
+    EXPECT(p11->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)PIN, 4), CKR_OK);
+    EXPECT(p11->C_EncryptFinal(session, out, &len), CKR_OPERATION_NOT_INITIALIZED);
+
+    // CKM_AES_KEY_GEN.
+    CK_MECHANISM aes_gen = {CKM_AES_KEY_GEN, NULL, 0};
+    CK_ULONG bytes = 32;
+    CK_ATTRIBUTE gen[] = {{CKA_VALUE_LEN, &bytes, sizeof bytes}, {CKA_LABEL, "aes-generated", 13},
+                          {CKA_KEY_TYPE, &aes, sizeof aes}};
+    CK_OBJECT_HANDLE generated;
+    EXPECT(p11->C_GenerateKey(session, &aes_gen, gen + 1, 1, &generated), CKR_TEMPLATE_INCOMPLETE);
+    bytes = 20;
+    EXPECT(p11->C_GenerateKey(session, &aes_gen, gen, 2, &generated), CKR_ATTRIBUTE_VALUE_INVALID);
+    bytes = 32;
+    gen[2].pValue = &generic;
+    EXPECT(p11->C_GenerateKey(session, &aes_gen, gen, 3, &generated), CKR_TEMPLATE_INCONSISTENT);
+    gen[2].pValue = &aes;
+    EXPECT(p11->C_GenerateKey(session, &(CK_MECHANISM){CKM_AES_KEY_GEN, (void *)iv0, 16}, gen, 3, &generated),
+           CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(p11->C_GenerateKey(session, &aes_gen, gen, 3, &generated), CKR_OK);
+    EXPECT_TRUE(read_ulong(generated, CKA_KEY_TYPE) == CKK_AES && read_ulong(generated, CKA_VALUE_LEN) == 32);
+    EXPECT_TRUE(read_bool(generated, CKA_LOCAL) == CK_TRUE && read_bool(generated, CKA_ENCRYPT) == CK_TRUE);
+    len = sizeof out;
+    EXPECT(crypt_parts(1, &cbc_pad, generated, in, 77, out, &len), CKR_OK);
+    len2 = sizeof back;
+    EXPECT(crypt_once(0, &cbc_pad, generated, out, len, back, &len2), CKR_OK);
+    EXPECT_TRUE(len == 80 && len2 == 77 && memcmp(back, in, 77) == 0);
+}
+
+static void test_key_wrap(void) {
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char kek_value[16], key_value[16], wrapped[64], value[64];
+    unhex("000102030405060708090A0B0C0D0E0F", kek_value);
+    unhex("00112233445566778899AABBCCDDEEFF", key_value);
+    CK_ATTRIBUTE label_kek[] = {{CKA_LABEL, "kek", 3}};
+    CK_OBJECT_HANDLE kek = make_secret(CKK_AES, kek_value, 16, label_kek, 1);
+    CK_ATTRIBUTE sensitive[] = {{CKA_SENSITIVE, &yes, sizeof yes}};
+    CK_OBJECT_HANDLE target = make_secret(CKK_AES, key_value, 16, sensitive, 1);  // wrapping needs no readable value
+    CK_MECHANISM kw = {CKM_AES_KEY_WRAP, NULL, 0};
+
+    // RFC 3394 section 4.1, with the length query and a short buffer first.
+    CK_ULONG len = 0;
+    EXPECT(p11->C_WrapKey(session, &kw, kek, target, NULL, &len), CKR_OK);
+    EXPECT_TRUE(len == 24);
+    len = 23;
+    EXPECT(p11->C_WrapKey(session, &kw, kek, target, wrapped, &len), CKR_BUFFER_TOO_SMALL);
+    EXPECT_TRUE(len == 24);
+    EXPECT(p11->C_WrapKey(session, &kw, kek, target, wrapped, &len), CKR_OK);
+    EXPECT_TRUE(len == 24 && bytes_are(wrapped, 24, "1fa68b0a8112b447aef34bd8fb5a7b829d3e862371d2cfe5"));
+    unsigned char default_iv[8];
+    memset(default_iv, 0xa6, 8);
+    CK_MECHANISM kw_iv = {CKM_AES_KEY_WRAP, default_iv, 8};
+    unsigned char again[64];
+    CK_ULONG again_len = sizeof again;
+    EXPECT(p11->C_WrapKey(session, &kw_iv, kek, target, again, &again_len), CKR_OK);  // the default IV, explicitly
+    EXPECT_TRUE(again_len == 24 && memcmp(again, wrapped, 24) == 0);
+    char wrapped_hex[2 * 24 + 1];
+    hex(wrapped, 24, wrapped_hex);
+    printf("RFC 3394 4.1: AES-KW(KEK, 00112233445566778899aabbccddeeff) = %s\n", wrapped_hex);
+
+    // Unwrap: the template gives the attributes.
+    CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+    CK_KEY_TYPE aes = CKK_AES, generic = CKK_GENERIC_SECRET;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &secret, sizeof secret}, {CKA_KEY_TYPE, &aes, sizeof aes}, {CKA_LABEL, "unwrapped", 9},
+        {CKA_ID, "u1", 2}, {CKA_SENSITIVE, &no, sizeof no}, {CKA_TOKEN, &no, sizeof no},
+    };
+    CK_OBJECT_HANDLE unwrapped;
+    EXPECT(p11->C_UnwrapKey(session, &kw, kek, wrapped, 24, tmpl, 6, &unwrapped), CKR_OK);
+    EXPECT_TRUE(read_bytes(unwrapped, CKA_VALUE, value, sizeof value) == 16 && memcmp(value, key_value, 16) == 0);
+    EXPECT_TRUE(read_ulong(unwrapped, CKA_KEY_TYPE) == CKK_AES && read_ulong(unwrapped, CKA_CLASS) == CKO_SECRET_KEY);
+    EXPECT_TRUE(read_bytes(unwrapped, CKA_LABEL, value, sizeof value) == 9 && memcmp(value, "unwrapped", 9) == 0);
+    EXPECT_TRUE(read_bytes(unwrapped, CKA_ID, value, sizeof value) == 2 && memcmp(value, "u1", 2) == 0);
+    EXPECT_TRUE(read_bool(unwrapped, CKA_LOCAL) == CK_FALSE && read_bool(unwrapped, CKA_NEVER_EXTRACTABLE) == CK_FALSE);
+    EXPECT_TRUE(read_bool(unwrapped, CKA_ENCRYPT) == CK_TRUE);  // AES defaults
+    CK_ULONG n;
+    EXPECT_TRUE(find_one(p11, session, CKO_SECRET_KEY, "unwrapped", &n) == unwrapped && n == 1);
+
+    // unwrap(wrap(k)) == k for a generated generic secret key (48 bytes), with an IV of our own.
+    CK_MECHANISM gen = {CKM_GENERIC_SECRET_KEY_GEN, NULL, 0};
+    CK_ULONG bytes = 48;
+    CK_ATTRIBUTE gen_tmpl[] = {{CKA_VALUE_LEN, &bytes, sizeof bytes}};
+    CK_OBJECT_HANDLE g;
+    EXPECT(p11->C_GenerateKey(session, &gen, gen_tmpl, 1, &g), CKR_OK);
+    unsigned char original[48];
+    EXPECT_TRUE(read_bytes(g, CKA_VALUE, original, sizeof original) == 48);
+    unsigned char my_iv[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    CK_MECHANISM kw_mine = {CKM_AES_KEY_WRAP, my_iv, 8};
+    len = sizeof wrapped;
+    EXPECT(p11->C_WrapKey(session, &kw_mine, kek, g, wrapped, &len), CKR_OK);
+    EXPECT_TRUE(len == 56);
+    CK_ATTRIBUTE generic_tmpl[] = {{CKA_LABEL, "unwrapped-generic", 17}, {CKA_VALUE_LEN, &bytes, sizeof bytes}};
+    EXPECT(p11->C_UnwrapKey(session, &kw_mine, kek, wrapped, len, generic_tmpl, 2, &unwrapped), CKR_OK);
+    EXPECT_TRUE(read_ulong(unwrapped, CKA_KEY_TYPE) == CKK_GENERIC_SECRET);  // the default without CKA_KEY_TYPE
+    EXPECT_TRUE(read_bytes(unwrapped, CKA_VALUE, value, sizeof value) == 48 && memcmp(value, original, 48) == 0);
+    EXPECT_TRUE(read_bool(unwrapped, CKA_SIGN) == CK_TRUE);  // generic defaults: usable for HMAC at once
+    EXPECT(p11->C_UnwrapKey(session, &kw, kek, wrapped, len, generic_tmpl, 1, &unwrapped), CKR_WRAPPED_KEY_INVALID);
+    wrapped[20] ^= 1;
+    EXPECT(p11->C_UnwrapKey(session, &kw_mine, kek, wrapped, len, generic_tmpl, 1, &unwrapped), CKR_WRAPPED_KEY_INVALID);
+    wrapped[20] ^= 1;
+    EXPECT(p11->C_UnwrapKey(session, &kw_mine, kek, wrapped, len - 4, generic_tmpl, 1, &unwrapped),
+           CKR_WRAPPED_KEY_LEN_RANGE);
+    EXPECT(p11->C_UnwrapKey(session, &kw_mine, kek, wrapped, 16, generic_tmpl, 1, &unwrapped), CKR_WRAPPED_KEY_LEN_RANGE);
+    EXPECT(p11->C_UnwrapKey(session, &kw_mine, kek, wrapped, len, tmpl, 2, &unwrapped),
+           CKR_WRAPPED_KEY_LEN_RANGE);  // 48 bytes cannot be an AES key
+    bytes = 32;
+    EXPECT(p11->C_UnwrapKey(session, &kw_mine, kek, wrapped, len, generic_tmpl, 2, &unwrapped), CKR_TEMPLATE_INCONSISTENT);
+    CK_ATTRIBUTE with_value[] = {{CKA_VALUE, original, 48}};
+    EXPECT(p11->C_UnwrapKey(session, &kw_mine, kek, wrapped, len, with_value, 1, &unwrapped), CKR_TEMPLATE_INCONSISTENT);
+    CK_OBJECT_CLASS data = CKO_DATA;
+    CK_ATTRIBUTE as_data[] = {{CKA_CLASS, &data, sizeof data}};
+    EXPECT(p11->C_UnwrapKey(session, &kw_mine, kek, wrapped, len, as_data, 1, &unwrapped), CKR_TEMPLATE_INCONSISTENT);
+
+    // What may not be wrapped, and what may not wrap.
+    CK_ATTRIBUTE unextractable[] = {{CKA_EXTRACTABLE, &no, sizeof no}};
+    CK_OBJECT_HANDLE locked = make_secret(CKK_AES, key_value, 16, unextractable, 1);
+    EXPECT(p11->C_WrapKey(session, &kw, kek, locked, wrapped, &len), CKR_KEY_UNEXTRACTABLE);
+    CK_OBJECT_HANDLE odd = make_secret(CKK_GENERIC_SECRET, (const unsigned char *)"twenty bytes long!!!", 20, NULL, 0);
+    len = sizeof wrapped;
+    EXPECT(p11->C_WrapKey(session, &kw, kek, odd, wrapped, &len), CKR_KEY_SIZE_RANGE);
+    CK_ATTRIBUTE no_wrap[] = {{CKA_WRAP, &no, sizeof no}, {CKA_UNWRAP, &no, sizeof no}};
+    CK_OBJECT_HANDLE kek2 = make_secret(CKK_AES, kek_value, 16, no_wrap, 2);
+    EXPECT(p11->C_WrapKey(session, &kw, kek2, target, wrapped, &len), CKR_KEY_FUNCTION_NOT_PERMITTED);
+    EXPECT(p11->C_UnwrapKey(session, &kw, kek2, wrapped, 24, tmpl, 6, &unwrapped), CKR_KEY_FUNCTION_NOT_PERMITTED);
+    EXPECT(p11->C_WrapKey(session, &kw, key, target, wrapped, &len), CKR_WRAPPING_KEY_TYPE_INCONSISTENT);
+    EXPECT(p11->C_UnwrapKey(session, &kw, key, wrapped, 24, tmpl, 6, &unwrapped),
+           CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT);
+    EXPECT(p11->C_WrapKey(session, &kw, 0, target, wrapped, &len), CKR_WRAPPING_KEY_HANDLE_INVALID);
+    EXPECT(p11->C_UnwrapKey(session, &kw, 0, wrapped, 24, tmpl, 6, &unwrapped), CKR_UNWRAPPING_KEY_HANDLE_INVALID);
+    EXPECT(p11->C_WrapKey(session, &kw, kek, 0, wrapped, &len), CKR_KEY_HANDLE_INVALID);
+    EXPECT(p11->C_WrapKey(session, &(CK_MECHANISM){CKM_AES_KEY_WRAP, my_iv, 4}, kek, target, wrapped, &len),
+           CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(p11->C_WrapKey(session, &(CK_MECHANISM){CKM_AES_ECB, NULL, 0}, kek, target, wrapped, &len),
+           CKR_MECHANISM_INVALID);
+    EXPECT(p11->C_WrapKey(session, &kw, kek, target, wrapped, NULL), CKR_ARGUMENTS_BAD);
+    (void)generic;
+}
+
+// P-256 test vector: NIST CAVS "KAS ECC CDH primitive" P-256, count 0.
+#define CAVS_PEER "04700c48f77f56584c5cc632ca65640db91b6bacce3a4df6b42ce7cc838833d287" \
+                  "db71e509e3fd9b060ddb20ba5c51dcc5948d46fbf640dfe0441782cab85fa4ac"
+#define CAVS_D "7d7dc5f71eb29ddaf80d6214632eeae03d9058af1fb6d22ed80badb62bc1a534"
+#define CAVS_Q "04ead218590119e8876b29146ff89ca61770c4edbbf97d38ce385ed281d8a6b230" \
+               "28af61281fd35e2fa7002523acc85a429cb06ee6648325389f59edfce1405141"
+#define CAVS_Z "46fc62106420ff012e54a434fbdd2d25ccc5852060561e68040dd7778997bd7b"
+
+static const unsigned char p256_oid[] = {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
+static const unsigned char p384_oid[] = {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22};
+
+static CK_RV ecdh(CK_OBJECT_HANDLE base, const unsigned char *peer, CK_ULONG peer_len, CK_KEY_TYPE type,
+                  CK_ULONG value_len, CK_OBJECT_HANDLE *out) {
+    CK_ECDH1_DERIVE_PARAMS params = {CKD_NULL, 0, NULL, peer_len, (CK_BYTE_PTR)peer};
+    CK_MECHANISM m = {CKM_ECDH1_DERIVE, &params, sizeof params};
+    CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &secret, sizeof secret}, {CKA_KEY_TYPE, &type, sizeof type},
+                           {CKA_DERIVE, &yes, sizeof yes}, {CKA_VALUE_LEN, &value_len, sizeof value_len}};
+    return p11->C_DeriveKey(session, &m, base, tmpl, value_len ? 4 : 3, out);
+}
+
+static CK_RV derive_plain(CK_MECHANISM_TYPE type, void *param, CK_ULONG param_len, CK_OBJECT_HANDLE base,
+                          CK_KEY_TYPE key_type, CK_ULONG value_len, CK_OBJECT_HANDLE *out) {
+    CK_MECHANISM m = {type, param, param_len};
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE tmpl[] = {{CKA_KEY_TYPE, &key_type, sizeof key_type}, {CKA_DERIVE, &yes, sizeof yes},
+                           {CKA_VALUE_LEN, &value_len, sizeof value_len}};
+    return p11->C_DeriveKey(session, &m, base, tmpl, value_len ? 3 : 2, out);
+}
+
+static void test_ec_and_derive(void) {
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_OBJECT_CLASS priv_class = CKO_PRIVATE_KEY, pub_class = CKO_PUBLIC_KEY;
+    CK_KEY_TYPE ec = CKK_EC, aes = CKK_AES, generic = CKK_GENERIC_SECRET;
+    unsigned char value[128], point[80], peer[80], d[32];
+    CK_ULONG len;
+
+    // Key pairs.
+    CK_MECHANISM gen = {CKM_EC_KEY_PAIR_GEN, NULL, 0};
+    CK_ATTRIBUTE pub_tmpl[] = {{CKA_EC_PARAMS, (void *)p256_oid, sizeof p256_oid}, {CKA_LABEL, "ec-a", 4},
+                               {CKA_TOKEN, &no, sizeof no}};
+    CK_ATTRIBUTE priv_tmpl[] = {{CKA_DERIVE, &yes, sizeof yes}, {CKA_LABEL, "ec-a", 4}, {CKA_ID, "ec", 2}};
+    CK_OBJECT_HANDLE pub_a, priv_a, pub_b, priv_b;
+    EXPECT(p11->C_GenerateKeyPair(session, &gen, pub_tmpl, 3, priv_tmpl, 3, &pub_a, &priv_a), CKR_OK);
+    EXPECT(p11->C_GenerateKeyPair(session, &gen, pub_tmpl, 1, priv_tmpl, 1, &pub_b, &priv_b), CKR_OK);
+    len = read_bytes(pub_a, CKA_EC_POINT, point, sizeof point);
+    EXPECT_TRUE(len == 67 && point[0] == 0x04 && point[1] == 0x41 && point[2] == 0x04);  // DER OCTET STRING
+    EXPECT_TRUE(read_ulong(pub_a, CKA_CLASS) == CKO_PUBLIC_KEY && read_ulong(pub_a, CKA_KEY_TYPE) == CKK_EC);
+    EXPECT_TRUE(read_ulong(priv_a, CKA_CLASS) == CKO_PRIVATE_KEY && read_ulong(priv_a, CKA_KEY_TYPE) == CKK_EC);
+    EXPECT_TRUE(read_bytes(priv_a, CKA_EC_PARAMS, value, sizeof value) == sizeof p256_oid &&
+                memcmp(value, p256_oid, sizeof p256_oid) == 0);
+    EXPECT(p11->C_GetAttributeValue(session, priv_a, &(CK_ATTRIBUTE){CKA_VALUE, value, sizeof value}, 1),
+           CKR_ATTRIBUTE_SENSITIVE);
+    EXPECT(p11->C_GetAttributeValue(session, pub_a, &(CK_ATTRIBUTE){CKA_VALUE, value, sizeof value}, 1),
+           CKR_ATTRIBUTE_TYPE_INVALID);
+    EXPECT_TRUE(read_bool(priv_a, CKA_LOCAL) == CK_TRUE && read_bool(pub_a, CKA_LOCAL) == CK_TRUE);
+    EXPECT_TRUE(read_bool(priv_a, CKA_ALWAYS_SENSITIVE) == CK_TRUE && read_bool(priv_a, CKA_PRIVATE) == CK_TRUE);
+    EXPECT_TRUE(read_bool(pub_a, CKA_PRIVATE) == CK_FALSE && read_bool(priv_b, CKA_DERIVE) == CK_TRUE);
+    EXPECT_TRUE(read_bytes(pub_b, CKA_EC_POINT, peer, sizeof peer) == 67 && memcmp(peer, point, 67) != 0);
+    CK_ULONG n;
+    EXPECT_TRUE(find_one(p11, session, CKO_PRIVATE_KEY, "ec-a", &n) == priv_a && n == 1);
+    EXPECT_TRUE(find_one(p11, session, CKO_PUBLIC_KEY, "ec-a", &n) == pub_a && n == 1);  // pair B has no label
+
+    CK_OBJECT_HANDLE h1, h2;
+    CK_ATTRIBUTE p384[] = {{CKA_EC_PARAMS, (void *)p384_oid, sizeof p384_oid}};
+    EXPECT(p11->C_GenerateKeyPair(session, &gen, p384, 1, priv_tmpl, 1, &h1, &h2), CKR_CURVE_NOT_SUPPORTED);
+    EXPECT(p11->C_GenerateKeyPair(session, &gen, pub_tmpl + 1, 1, priv_tmpl, 1, &h1, &h2), CKR_TEMPLATE_INCOMPLETE);
+    CK_ATTRIBUTE with_point[] = {pub_tmpl[0], {CKA_EC_POINT, point, 67}};
+    EXPECT(p11->C_GenerateKeyPair(session, &gen, with_point, 2, priv_tmpl, 1, &h1, &h2), CKR_TEMPLATE_INCONSISTENT);
+    CK_ATTRIBUTE with_value[] = {{CKA_VALUE, value, 32}};
+    EXPECT(p11->C_GenerateKeyPair(session, &gen, pub_tmpl, 1, with_value, 1, &h1, &h2), CKR_TEMPLATE_INCONSISTENT);
+    CK_ATTRIBUTE wrong_class[] = {{CKA_CLASS, &pub_class, sizeof pub_class}};
+    EXPECT(p11->C_GenerateKeyPair(session, &gen, pub_tmpl, 1, wrong_class, 1, &h1, &h2), CKR_TEMPLATE_INCONSISTENT);
+    EXPECT(p11->C_GenerateKeyPair(session, &gen, pub_tmpl, 1, priv_tmpl, 1, NULL, &h2), CKR_ARGUMENTS_BAD);
+
+    // ECDH from both sides: the same key, whichever form the peer's point takes.
+    CK_OBJECT_HANDLE ab, ba;
+    EXPECT(ecdh(priv_a, peer, 67, aes, 32, &ab), CKR_OK);           // DER OCTET STRING
+    EXPECT(ecdh(priv_b, point + 2, 65, aes, 32, &ba), CKR_OK);      // raw point
+    unsigned char key_ab[32], key_ba[32];
+    EXPECT_TRUE(read_bytes(ab, CKA_VALUE, key_ab, 32) == 32 && read_bytes(ba, CKA_VALUE, key_ba, 32) == 32);
+    EXPECT_TRUE(memcmp(key_ab, key_ba, 32) == 0);
+    EXPECT_TRUE(read_ulong(ab, CKA_KEY_TYPE) == CKK_AES && read_bool(ab, CKA_LOCAL) == CK_FALSE);
+    EXPECT_TRUE(read_bool(ab, CKA_ALWAYS_SENSITIVE) == CK_FALSE);  // the derived key is not sensitive
+    CK_MECHANISM cbc_pad = {CKM_AES_CBC_PAD, (void *)iv0, 16};
+    unsigned char msg[40], out[64], back[64];
+    memcpy(msg, "a message from A to B, through ECDH keys", 40);
+    CK_ULONG out_len = sizeof out, back_len = sizeof back;
+    EXPECT(crypt_once(1, &cbc_pad, ab, msg, 40, out, &out_len), CKR_OK);
+    EXPECT(crypt_once(0, &cbc_pad, ba, out, out_len, back, &back_len), CKR_OK);
+    EXPECT_TRUE(back_len == 40 && memcmp(back, msg, 40) == 0);
+
+    // Known answer (NIST CAVS), with created keys. The x coordinate is 32 bytes; a shorter key
+    // is its trailing part, as SoftHSM does.
+    CK_ATTRIBUTE priv_create[] = {
+        {CKA_CLASS, &priv_class, sizeof priv_class}, {CKA_KEY_TYPE, &ec, sizeof ec},
+        {CKA_EC_PARAMS, (void *)p256_oid, sizeof p256_oid}, {CKA_VALUE, d, unhex(CAVS_D, d)},
+        {CKA_DERIVE, &yes, sizeof yes}, {CKA_LABEL, "cavs", 4},
+    };
+    CK_OBJECT_HANDLE cavs;
+    EXPECT(p11->C_CreateObject(session, priv_create, 6, &cavs), CKR_OK);
+    EXPECT_TRUE(read_bool(cavs, CKA_SENSITIVE) == CK_TRUE && read_bool(cavs, CKA_LOCAL) == CK_FALSE);
+    unsigned char cavs_peer[65], der_peer[67];
+    unhex(CAVS_PEER, cavs_peer);
+    der_peer[0] = 0x04;
+    der_peer[1] = 0x41;
+    memcpy(der_peer + 2, cavs_peer, 65);
+    EXPECT(ecdh(cavs, cavs_peer, 65, generic, 0, &h1), CKR_OK);
+    EXPECT_TRUE(read_bytes(h1, CKA_VALUE, value, sizeof value) == 32 && bytes_are(value, 32, CAVS_Z));
+    EXPECT(ecdh(cavs, der_peer, 67, aes, 16, &h1), CKR_OK);
+    EXPECT_TRUE(read_bytes(h1, CKA_VALUE, value, sizeof value) == 16 && bytes_are(value, 16, CAVS_Z + 32));
+    EXPECT(ecdh(cavs, der_peer, 67, generic, 5, &h1), CKR_OK);
+    EXPECT_TRUE(read_bytes(h1, CKA_VALUE, value, sizeof value) == 5 && bytes_are(value, 5, CAVS_Z + 54));
+    EXPECT(ecdh(cavs, cavs_peer, 65, aes, 0, &h1), CKR_OK);  // AES without CKA_VALUE_LEN: 32 bytes
+    EXPECT_TRUE(read_ulong(h1, CKA_VALUE_LEN) == 32);
+    printf("ECDH P-256: NIST CAVS count 0 known answer checked; generated pairs agree from both sides\n");
+    EXPECT(ecdh(cavs, cavs_peer, 65, generic, 33, &h1), CKR_TEMPLATE_INCONSISTENT);
+    EXPECT(ecdh(cavs, cavs_peer, 65, aes, 20, &h1), CKR_ATTRIBUTE_VALUE_INVALID);
+    cavs_peer[40] ^= 1;  // no longer on the curve
+    EXPECT(ecdh(cavs, cavs_peer, 65, generic, 0, &h1), CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(ecdh(cavs, der_peer, 66, generic, 0, &h1), CKR_MECHANISM_PARAM_INVALID);
+    CK_ECDH1_DERIVE_PARAMS sha1_kdf = {CKD_SHA1_KDF, 0, NULL, 67, der_peer};
+    CK_MECHANISM m_kdf = {CKM_ECDH1_DERIVE, &sha1_kdf, sizeof sha1_kdf};
+    EXPECT(p11->C_DeriveKey(session, &m_kdf, cavs, NULL, 0, &h1), CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(p11->C_DeriveKey(session, &(CK_MECHANISM){CKM_ECDH1_DERIVE, NULL, 0}, cavs, NULL, 0, &h1),
+           CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(ecdh(priv_a, peer, 67, ec, 0, &h1), CKR_TEMPLATE_INCONSISTENT);
+    EXPECT(ecdh(pub_a, peer, 67, generic, 0, &h1), CKR_KEY_TYPE_INCONSISTENT);
+    EXPECT(ecdh(ab, peer, 67, generic, 0, &h1), CKR_KEY_TYPE_INCONSISTENT);
+
+    // Created EC keys: checks.
+    unsigned char q[67] = {0x04, 0x41};
+    unhex(CAVS_Q, q + 2);
+    CK_ATTRIBUTE pub_create[] = {
+        {CKA_CLASS, &pub_class, sizeof pub_class}, {CKA_KEY_TYPE, &ec, sizeof ec},
+        {CKA_EC_PARAMS, (void *)p256_oid, sizeof p256_oid}, {CKA_EC_POINT, q, 67}, {CKA_LABEL, "cavs", 4},
+    };
+    EXPECT(p11->C_CreateObject(session, pub_create, 5, &h1), CKR_OK);
+    EXPECT_TRUE(read_bytes(h1, CKA_EC_POINT, value, sizeof value) == 67 && memcmp(value, q, 67) == 0);
+    EXPECT(p11->C_CreateObject(session, pub_create, 3, &h1), CKR_TEMPLATE_INCOMPLETE);
+    pub_create[3].pValue = q + 2;
+    pub_create[3].ulValueLen = 65;
+    EXPECT(p11->C_CreateObject(session, pub_create, 5, &h1), CKR_ATTRIBUTE_VALUE_INVALID);  // raw: not DER
+    q[40] ^= 1;
+    pub_create[3].pValue = q;
+    pub_create[3].ulValueLen = 67;
+    EXPECT(p11->C_CreateObject(session, pub_create, 5, &h1), CKR_ATTRIBUTE_VALUE_INVALID);  // off the curve
+    pub_create[2].pValue = (void *)p384_oid;
+    pub_create[2].ulValueLen = sizeof p384_oid;
+    EXPECT(p11->C_CreateObject(session, pub_create, 5, &h1), CKR_CURVE_NOT_SUPPORTED);
+    pub_create[2].pValue = "garbage";
+    pub_create[2].ulValueLen = 7;
+    EXPECT(p11->C_CreateObject(session, pub_create, 5, &h1), CKR_ATTRIBUTE_VALUE_INVALID);
+    memset(d, 0, 32);
+    priv_create[3].ulValueLen = 32;
+    EXPECT(p11->C_CreateObject(session, priv_create, 6, &h1), CKR_ATTRIBUTE_VALUE_INVALID);  // scalar 0
+    unhex("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551", d);
+    EXPECT(p11->C_CreateObject(session, priv_create, 6, &h1), CKR_ATTRIBUTE_VALUE_INVALID);  // scalar n
+    CK_KEY_TYPE aes_on_private = CKK_AES;
+    priv_create[1].pValue = &aes_on_private;
+    EXPECT(p11->C_CreateObject(session, priv_create, 6, &h1), CKR_TEMPLATE_INCONSISTENT);
+    len = sizeof value;
+    EXPECT(p11->C_WrapKey(session, &(CK_MECHANISM){CKM_AES_KEY_WRAP, NULL, 0}, ab, cavs, value, &len),
+           CKR_KEY_NOT_WRAPPABLE);
+
+    // CKM_SHA256_KEY_DERIVATION and CKM_CONCATENATE_BASE_AND_DATA: known answers.
+    CK_ATTRIBUTE derive_on[] = {{CKA_DERIVE, &yes, sizeof yes}};
+    CK_OBJECT_HANDLE abc = make_secret(CKK_GENERIC_SECRET, (const unsigned char *)"abc", 3, derive_on, 1);
+    EXPECT(derive_plain(CKM_SHA256_KEY_DERIVATION, NULL, 0, abc, generic, 0, &h1), CKR_OK);
+    EXPECT_TRUE(read_bytes(h1, CKA_VALUE, value, sizeof value) == 32 &&
+                bytes_are(value, 32, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"));
+    EXPECT(derive_plain(CKM_SHA256_KEY_DERIVATION, NULL, 0, abc, aes, 16, &h1), CKR_OK);
+    EXPECT_TRUE(read_bytes(h1, CKA_VALUE, value, sizeof value) == 16 &&
+                bytes_are(value, 16, "ba7816bf8f01cfea414140de5dae2223"));  // the leading bytes
+    EXPECT(derive_plain(CKM_SHA256_KEY_DERIVATION, NULL, 0, abc, aes, 0, &h1), CKR_TEMPLATE_INCOMPLETE);
+    EXPECT(derive_plain(CKM_SHA256_KEY_DERIVATION, NULL, 0, abc, generic, 33, &h1), CKR_TEMPLATE_INCONSISTENT);
+    EXPECT(derive_plain(CKM_SHA256_KEY_DERIVATION, (void *)iv0, 16, abc, generic, 0, &h1), CKR_MECHANISM_PARAM_INVALID);
+    CK_KEY_DERIVATION_STRING_DATA defgh = {(CK_BYTE_PTR) "defgh", 5};
+    EXPECT(derive_plain(CKM_CONCATENATE_BASE_AND_DATA, &defgh, sizeof defgh, abc, generic, 0, &h1), CKR_OK);
+    EXPECT_TRUE(read_bytes(h1, CKA_VALUE, value, sizeof value) == 8 && memcmp(value, "abcdefgh", 8) == 0);
+    EXPECT(derive_plain(CKM_CONCATENATE_BASE_AND_DATA, &defgh, sizeof defgh, abc, generic, 4, &h1), CKR_OK);
+    EXPECT_TRUE(read_bytes(h1, CKA_VALUE, value, sizeof value) == 4 && memcmp(value, "abcd", 4) == 0);
+    EXPECT(derive_plain(CKM_CONCATENATE_BASE_AND_DATA, &defgh, sizeof defgh, abc, generic, 9, &h1),
+           CKR_TEMPLATE_INCONSISTENT);
+    EXPECT(derive_plain(CKM_CONCATENATE_BASE_AND_DATA, &defgh, sizeof defgh, abc, aes, 0, &h1), CKR_TEMPLATE_INCOMPLETE);
+    EXPECT(derive_plain(CKM_CONCATENATE_BASE_AND_DATA, NULL, 0, abc, generic, 0, &h1), CKR_MECHANISM_PARAM_INVALID);
+    EXPECT(derive_plain(CKM_CONCATENATE_BASE_AND_DATA, &defgh, sizeof defgh, cavs, generic, 0, &h1),
+           CKR_KEY_TYPE_INCONSISTENT);
+    EXPECT(derive_plain(CKM_CONCATENATE_BASE_AND_DATA, &defgh, sizeof defgh, key, generic, 0, &h1),
+           CKR_KEY_FUNCTION_NOT_PERMITTED);  // CKA_DERIVE is false by default
+    EXPECT(derive_plain(CKM_AES_ECB_ENCRYPT_DATA, &defgh, sizeof defgh, abc, generic, 0, &h1), CKR_MECHANISM_INVALID);
+    CK_ATTRIBUTE derive_value[] = {{CKA_VALUE, "x", 1}};
+    EXPECT(p11->C_DeriveKey(session, &(CK_MECHANISM){CKM_SHA256_KEY_DERIVATION, NULL, 0}, abc, derive_value, 1, &h1),
+           CKR_TEMPLATE_INCONSISTENT);
+
+    // A chain from both sides: ECDH (generic, 32) -> SHA-256 -> || "chain" -> AES-128; A encrypts,
+    // B decrypts.
+    CK_OBJECT_HANDLE chain[2];
+    const unsigned char *peers[2] = {peer, point};
+    CK_OBJECT_HANDLE privs[2] = {priv_a, priv_b};
+    CK_KEY_DERIVATION_STRING_DATA tag = {(CK_BYTE_PTR) "chain", 5};
+    for (int side = 0; side < 2; side++) {
+        CK_OBJECT_HANDLE shared, hashed;
+        EXPECT(ecdh(privs[side], peers[side], 67, generic, 0, &shared), CKR_OK);
+        EXPECT(derive_plain(CKM_SHA256_KEY_DERIVATION, NULL, 0, shared, generic, 0, &hashed), CKR_OK);
+        EXPECT(derive_plain(CKM_CONCATENATE_BASE_AND_DATA, &tag, sizeof tag, hashed, aes, 16, &chain[side]), CKR_OK);
+    }
+    unsigned char c0[16], c1[16];
+    EXPECT_TRUE(read_bytes(chain[0], CKA_VALUE, c0, 16) == 16 && read_bytes(chain[1], CKA_VALUE, c1, 16) == 16 &&
+                memcmp(c0, c1, 16) == 0);
+    out_len = sizeof out;
+    back_len = sizeof back;
+    EXPECT(crypt_once(1, &cbc_pad, chain[0], msg, 40, out, &out_len), CKR_OK);
+    EXPECT(crypt_once(0, &cbc_pad, chain[1], out, out_len, back, &back_len), CKR_OK);
+    EXPECT_TRUE(back_len == 40 && memcmp(back, msg, 40) == 0);
+    (void)no;
+}
+
 static void test_threads(void) {
     struct worker workers[4] = {{0}};
     pthread_t threads[4];
@@ -576,13 +1296,34 @@ static void test_fork(void) {
     char mac_hex[65];
     CK_ULONG len;
 
-    // 1. Inherited state is broken; the parent is unaffected (its pending C_Sign still works).
+    // 1. Inherited state is broken; the parent is unaffected (its pending C_Sign still works, and
+    // so does a multi-part encryption whose state, with 4 bytes buffered, is on the server).
+    unsigned char data[50], parts[64], whole[64];
+    CK_ULONG parts_len = 0, part_len, whole_len = sizeof whole;
+    for (int i = 0; i < 50; i++) data[i] = (unsigned char)(i < 16 ? i : 3 * i);
+    CK_OBJECT_HANDLE aes_key = make_secret(CKK_AES, data, 16, NULL, 0);
+    CK_MECHANISM cbc_pad = {CKM_AES_CBC_PAD, (void *)iv0, 16};
+    EXPECT(p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &encrypt_session), CKR_OK);
+    EXPECT(p11->C_EncryptInit(encrypt_session, &cbc_pad, aes_key), CKR_OK);
+    part_len = sizeof parts;
+    EXPECT(p11->C_EncryptUpdate(encrypt_session, data, 20, parts, &part_len), CKR_OK);
+    parts_len += part_len;
     EXPECT(p11->C_SignInit(session, &hmac, key), CKR_OK);
     in_child("inherited copy: CKR_DEVICE_ERROR, C_Initialize ALREADY_INITIALIZED", child_inherited, NULL);
     len = sizeof mac;
     EXPECT(p11->C_Sign(session, (CK_BYTE_PTR) "hello", 5, mac, &len), CKR_OK);
     hex(mac, 32, mac_hex);
     EXPECT_TRUE(strcmp(mac_hex, expected_hmac) == 0);
+    part_len = sizeof parts - parts_len;
+    EXPECT(p11->C_EncryptUpdate(encrypt_session, data + 20, 30, parts + parts_len, &part_len), CKR_OK);
+    parts_len += part_len;
+    part_len = sizeof parts - parts_len;
+    EXPECT(p11->C_EncryptFinal(encrypt_session, parts + parts_len, &part_len), CKR_OK);
+    parts_len += part_len;
+    EXPECT(p11->C_EncryptInit(encrypt_session, &cbc_pad, aes_key), CKR_OK);
+    EXPECT(p11->C_Encrypt(encrypt_session, data, 50, whole, &whole_len), CKR_OK);
+    EXPECT_TRUE(parts_len == 64 && whole_len == 64 && memcmp(parts, whole, 64) == 0);
+    EXPECT(p11->C_CloseSession(encrypt_session), CKR_OK);
     EXPECT_TRUE(log_contains("inherited C_Sign: connection"));
     EXPECT_TRUE(log_contains("inherited C_Initialize: connection"));
 
@@ -689,6 +1430,9 @@ int main(int argc, char **argv) {
 
     test_basics();
     test_objects_and_crypto(openssl_hmac);
+    test_aes();
+    test_key_wrap();
+    test_ec_and_derive();
     test_threads();
     test_always_authenticate();
     test_fork();

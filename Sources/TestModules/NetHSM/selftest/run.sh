@@ -8,7 +8,7 @@ module_dir=$(dirname "$here")
 work=$(mktemp -d "${TMPDIR:-/tmp}/nethsm-selftest.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-gcc -shared -fPIC -O2 -Wall -Wextra -I "$module_dir/include" -o "$work/libnethsm.so" "$module_dir"/*.c
+gcc -shared -fPIC -O2 -Wall -Wextra -I "$module_dir/include" -o "$work/libnethsm.so" "$module_dir"/*.c -lcrypto
 gcc -O1 -g -Wall -Wextra -DNETHSM_SELFTEST -o "$work/nethsm_selftest" "$here/nethsm_selftest.c" -ldl -pthread
 
 # Exactly one exported symbol.
