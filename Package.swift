@@ -27,7 +27,9 @@ let package = Package(
         // The C edge: PKCS#11 2.40 (p11-kit's header) + 3.0 declarations, and tiny syscall helpers.
         .target(name: "CPKCS11"),
         // The proxy: loading the real module, handle tables, fork handling, tracing, the calls.
-        .target(name: "P11ForkCore", dependencies: ["CPKCS11"]),
+        // Exclusivity is not checked at run time: every global p11fork changes is guarded by a lock
+        // or written once, and the checks cost a runtime call per access on the signing path.
+        .target(name: "P11ForkCore", dependencies: ["CPKCS11"], swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // The exported module: the three C entry points and nothing else.
         .target(
             name: "P11Fork",

@@ -53,7 +53,8 @@ for x in "" --multipart; do
   alone=$(sign_instructions "$softhsm" "$x")
   kept=$(sign_instructions "$module" "$x")
   off=$(sign_instructions "$module" "$x" P11FORK_REPLAY_LIMIT=0)
-  label="${x:+SHA-256 digest, 2 updates}${x:-EC signature}, instructions: alone / through / replay off"
+  label="EC signature, instructions: alone / through / replay off"
+  [ -n "$x" ] && label="SHA-256 digest in 2 updates, instructions: alone / through / off"
   printf '%-58s %s / %s (+%s) / %s (+%s)\n' "$label" "$alone" "$kept" "$((kept - alone))" "$off" "$((off - alone))"
 done
 

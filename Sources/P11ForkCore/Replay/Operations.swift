@@ -74,14 +74,33 @@ final class OperationRecord {
     var inMessage = false
     /// Why this operation cannot be carried into a child; nil while it can.
     var notReplayable: String?
-    /// Bytes taken from ReplayBudget.
+    /// Bytes taken from ReplayBudget, and the part of them taken by fed data and found handles.
     var reserved = 0
+    var fedBytes = 0
 
     init(kind: OperationKind, mechanism: KeptMechanism?, key: CK_OBJECT_HANDLE, template: KeptTemplate?) {
         self.kind = kind
         self.mechanism = mechanism
         self.key = key
         self.template = template
+    }
+
+    /// The same init again (under Records.lock): what was fed is wiped and given back to the
+    /// budget; the buffers stay for the next updates.
+    func restart() {
+        ReplayBudget.releaseLocked(fedBytes)
+        reserved -= fedBytes
+        fedBytes = 0
+        data?.clear()
+        parts.removeAll(keepingCapacity: true)
+        found.removeAll(keepingCapacity: true)
+        contextPIN?.wipe()
+        contextPIN = nil
+        inMessage = false
+        if notReplayable != nil {
+            // It stopped being kept (the bound, C_SetOperationState): its mechanism still is.
+            notReplayable = nil
+        }
     }
 
     func discard() {
@@ -178,10 +197,12 @@ enum Operations {
         guard let entry = Sessions.view.entry(session), !ReplayBudget.isOff else { return }
         // The common case on a signing path: the same init again on a session whose last one of
         // this kind was never fed anything. The record is kept as it is.
+        // Its fed data is wiped and its buffers are kept: no allocation in a steady state.
         if kind != .find, let mechanism, Records.lock.withLock({ () -> Bool in
-            guard let old = recordLocked(session, kind), old.notReplayable == nil, old.key == key, old.parts.isEmpty,
-                  old.contextPIN == nil, !old.inMessage, old.mechanism?.isSame(as: mechanism) == true else { return false }
-            records[session]?.lastKeyed = key != 0 ? kind : records[session]?.lastKeyed
+            guard let operations = records[session], let old = operations.list[kind.rawValue], old.key == key,
+                  old.mechanism?.isSame(as: mechanism) == true else { return false }
+            old.restart()
+            if key != 0 { operations.lastKeyed = kind }
             return true
         }) {
             entry.pointee.state.bitwiseOr(kind.active | kind.recording, ordering: .relaxed)
@@ -228,12 +249,17 @@ enum Operations {
             if case .data(let count) = part, count > 0 {
                 guard let bytes, ReplayBudget.reserveLocked(count) else {
                     record.notReplayable = overLimit
-                    ReplayBudget.releaseLocked(record.reserved)
-                    record.reserved = 0
-                    record.discard()
+                    ReplayBudget.releaseLocked(record.fedBytes)
+                    record.reserved -= record.fedBytes
+                    record.fedBytes = 0
+                    record.data?.clear()
+                    record.parts.removeAll()
+                    record.contextPIN?.wipe()
+                    record.contextPIN = nil
                     return false
                 }
                 record.reserved += count
+                record.fedBytes += count
                 let held = record.data?.count ?? 0
                 if record.data?.append(bytes, count: count) != true {
                     guard let grown = KeptBytes(copying: record.data?.start, count: held, capacity: max(256, 2 * (held + count))) else {
@@ -268,6 +294,7 @@ enum Operations {
                 return false
             }
             record.reserved += count * 8
+            record.fedBytes += count * 8
             record.found.append(contentsOf: UnsafeBufferPointer(start: handles, count: count))
             return true
         }

@@ -104,5 +104,11 @@ final class KeptBytes: @unchecked Sendable {
         return true
     }
 
+    /// Wipes what is held and starts again at 0 bytes (the capacity stays).
+    func clear() {
+        explicit_bzero(start, count)
+        count = 0
+    }
+
     var pointer: UnsafeMutablePointer<UInt8> { start.assumingMemoryBound(to: UInt8.self) }
 }

@@ -5,6 +5,9 @@
 //   p11fork-bench calls    --module M --token T N                 C_GetSessionInfo N times; ns/call
 //   p11fork-bench signs    --module M --token T --pin P --key K [--mechanism rsa|ec] [--multipart] N
 //                                                                  N signatures, for instruction counts
+//   p11fork-bench opstate  --module M --token T [--nss] [--save-state] N
+//                                                                  N SHA-256 digests (init, update, final),
+//                                                                  with C_GetOperationState after the update
 //   p11fork-bench sign     --module M --token T --pin P --key K [--mechanism rsa|ec]
 //                          --threads N --seconds S                 signatures per second
 //   p11fork-bench recovery --module M --token T --pin P --key K --sessions S --objects O
@@ -77,8 +80,12 @@ static CK_RV sign_once(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key) {
     return rv != CKR_OK ? rv : p->C_Sign(s, (CK_BYTE_PTR)data, 32, signature, &length);
 }
 
+static int nss, save_state;
+
 static CK_RV initialize(void) {
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
+    // NSS's softoken needs its configuration string; no database, read-only.
+    if (nss) args.pReserved = "configdir='' certPrefix='' keyPrefix='' secmod='' flags=readOnly,noCertDB,noModDB,forceOpen,optimizeSpace";
     CK_RV rv = p->C_Initialize(&args);
     return rv != CKR_OK ? rv : find_slot();
 }
@@ -129,6 +136,29 @@ static int bench_signs(void) {
         if (rv != CKR_OK) return fail("sign", rv);
     }
     printf("signs %ld\n", count);
+    p->C_Finalize(NULL);
+    return 0;
+}
+
+// MARK: opstate (is C_GetOperationState after each update an alternative to replay? what it costs)
+
+static int bench_opstate(void) {
+    CK_RV rv = initialize();
+    if (rv != CKR_OK) return fail("initialise", rv);
+    CK_SESSION_HANDLE s;
+    if ((rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s)) != CKR_OK) return fail("C_OpenSession", rv);
+    static const unsigned char data[32] = "p11fork benchmark: 32 bytes....";
+    CK_MECHANISM sha = { CKM_SHA256, NULL, 0 };
+    unsigned char state[4096], digest[64];
+    double start = now();
+    for (long i = 0; i < count; i++) {
+        CK_ULONG length = sizeof digest, state_length = sizeof state;
+        if ((rv = p->C_DigestInit(s, &sha)) != CKR_OK || (rv = p->C_DigestUpdate(s, (CK_BYTE_PTR)data, 32)) != CKR_OK)
+            return fail("digest", rv);
+        if (save_state && (rv = p->C_GetOperationState(s, state, &state_length)) != CKR_OK) return fail("C_GetOperationState", rv);
+        if ((rv = p->C_DigestFinal(s, digest, &length)) != CKR_OK) return fail("C_DigestFinal", rv);
+    }
+    printf("opstate %ld save %d ns_per_digest %.1f\n", count, save_state, (now() - start) * 1e9 / count);
     p->C_Finalize(NULL);
     return 0;
 }
@@ -243,6 +273,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--objects") && v) { objects = atoi(v); i++; }
         else if (!strcmp(a, "--fresh")) fresh = 1;
         else if (!strcmp(a, "--multipart")) multipart = 1;
+        else if (!strcmp(a, "--nss")) nss = 1;
+        else if (!strcmp(a, "--save-state")) save_state = 1;
         else if (a[0] != '-') count = atol(a);
         else { fprintf(stderr, "p11fork-bench: unknown argument %s\n", a); return 2; }
     }
@@ -253,6 +285,7 @@ int main(int argc, char **argv) {
     if (!strcmp(what, "calls")) return bench_calls();
     if (!strcmp(what, "sign") && pin && key_label) return bench_sign();
     if (!strcmp(what, "signs") && pin && key_label) return bench_signs();
+    if (!strcmp(what, "opstate")) return bench_opstate();
     if (!strcmp(what, "recovery") && pin && key_label) return bench_recovery();
     fprintf(stderr, "p11fork-bench: unknown measurement or missing --pin/--key\n");
     return 2;
