@@ -1,11 +1,47 @@
 #define _GNU_SOURCE
 #include "CPKCS11.h"
 #include <dlfcn.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 long CPKCS11_gettid(void) { return syscall(SYS_gettid); }
+
+static __thread long cached_tid, cached_tid_pid;
+
+long CPKCS11_cached_tid(long pid) {
+    if (cached_tid_pid != pid || cached_tid == 0) {
+        cached_tid = syscall(SYS_gettid);
+        cached_tid_pid = pid;
+    }
+    return cached_tid;
+}
+
+// A pointer per thread, not the buffer itself: this library's thread-local block must stay small
+// (it uses the initial-exec model, so it lives in the static TLS room every dlopen shares). The
+// buffer is allocated on a thread's first trace line and freed when the thread ends.
+static __thread unsigned char *trace_buffer;
+static __thread int trace_buffer_in_use;
+static pthread_key_t trace_buffer_key;
+static pthread_once_t trace_buffer_once = PTHREAD_ONCE_INIT;
+
+static void trace_buffer_key_make(void) { pthread_key_create(&trace_buffer_key, free); }
+
+void *CPKCS11_trace_buffer_take(void) {
+    if (trace_buffer_in_use) return 0;
+    if (!trace_buffer) {
+        pthread_once(&trace_buffer_once, trace_buffer_key_make);
+        trace_buffer = malloc(4096 + 256);  // the line, then the header cache (TraceLine.HeaderCache)
+        if (!trace_buffer) return 0;
+        pthread_setspecific(trace_buffer_key, trace_buffer);
+    }
+    trace_buffer_in_use = 1;
+    return trace_buffer;
+}
+
+void CPKCS11_trace_buffer_give_back(void) { trace_buffer_in_use = 0; }
 
 void *CPKCS11_dlmopen_new(const char *path, int flags) { return dlmopen(LM_ID_NEWLM, path, flags); }
 

@@ -206,6 +206,13 @@ typedef CK_FUNCTION_LIST_3_0 *CK_FUNCTION_LIST_3_0_PTR;
 
 /// The calling thread's kernel id (gettid), for trace lines.
 long CPKCS11_gettid(void);
+/// The same, asked of the kernel once per thread and process: `pid` is the process's current pid
+/// (a forked child's thread keeps its parent's thread-local copy, so the pair is checked).
+long CPKCS11_cached_tid(long pid);
+/// This thread's trace line buffer (4096 bytes, then 256 for TraceLine's header cache), or NULL
+/// while it is already in use.
+void *CPKCS11_trace_buffer_take(void);
+void CPKCS11_trace_buffer_give_back(void);
 /// dlmopen(LM_ID_NEWLM, ...): a private copy of a library in a new link-map namespace.
 void *CPKCS11_dlmopen_new(const char *path, int flags);
 /// madvise advice values that Swift's Glibc module may not import.
@@ -230,7 +237,9 @@ void CPKCS11_enter_copy_slow(void);
 /// Makes a copy current: `ctype_init` is its libc's __ctype_init (or NULL).
 void CPKCS11_use_copy(void *ctype_init);
 static inline void CPKCS11_enter_copy(void) {
-    if (__builtin_expect(CPKCS11_thread_copy_generation != CPKCS11_copy_generation, 0)) CPKCS11_enter_copy_slow();
+    // In a process that never used a copy (every parent) the generation is 0: one load, no TLS.
+    if (__builtin_expect(CPKCS11_copy_generation != 0, 0) &&
+        __builtin_expect(CPKCS11_thread_copy_generation != CPKCS11_copy_generation, 0)) CPKCS11_enter_copy_slow();
 }
 
 #endif

@@ -162,19 +162,23 @@ extension Custom {
         let rv = failure != CKR_OK ? failure : function(session?.real ?? CK_SESSION_HANDLE(CK_INVALID_HANDLE), pInfo)
         // The module reports its own slot ID; the application knows the virtual one.
         if rv == CKR_OK, let pInfo, let session { pInfo.pointee.slotID = session.slot }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            if rv == CKR_OK, let pInfo {
-                line.key("state")
-                line.name(sessionStateName(pInfo.pointee.state), orHex: pInfo.pointee.state)
-                line.flags("flags", pInfo.pointee.flags, names: CK_FLAGS.sessionFlagNames)
-            } else {
-                line.pointer("info", pInfo)
-            }
-            call.finish(rv, &line)
-        }
+        if call.isTraced { traceSessionInfo(call, hSession, pInfo, rv) }
         return rv
+    }
+
+    /// Out of line, so that the call's own frame stays small on the untraced path.
+    @inline(never)
+    private static func traceSessionInfo(_ call: Call, _ hSession: CK_SESSION_HANDLE, _ pInfo: UnsafeMutablePointer<CK_SESSION_INFO>?, _ rv: CK_RV) {
+        var line = call.line()
+        line.session("session", hSession)
+        if rv == CKR_OK, let pInfo {
+            line.key("state")
+            line.name(sessionStateName(pInfo.pointee.state), orHex: pInfo.pointee.state)
+            line.flags("flags", pInfo.pointee.flags, names: CK_FLAGS.sessionFlagNames)
+        } else {
+            line.pointer("info", pInfo)
+        }
+        call.finish(rv, &line)
     }
 }
 

@@ -18,7 +18,14 @@ enum ProcessMark {
     static func install() {
         let size = Int(sysconf(Int32(_SC_PAGESIZE)))
         let raw = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        guard let raw, raw != MAP_FAILED else { return }
+        guard let raw, raw != MAP_FAILED else {
+            // No page: a plain mark that the atfork child handler clears (page is never nil
+            // once installed, and every entry point but the three exports runs after install).
+            let mark = UnsafeMutablePointer<Atomic<Int>>.allocate(capacity: 1)
+            mark.initialize(to: Atomic(Int(getpid())))
+            page = mark
+            return
+        }
         wipedByKernel = madvise(raw, size, CPKCS11_madv_wipeonfork()) == 0
         let mark = raw.bindMemory(to: Atomic<Int>.self, capacity: 1)
         mark.initialize(to: Atomic(Int(getpid())))
@@ -29,8 +36,8 @@ enum ProcessMark {
     /// child being adopted by another of its threads: both must wait in ForkDetection.
     @inline(__always)
     static var isCurrentProcess: Bool {
-        guard let page else { return true }
-        return page.pointee.load(ordering: .acquiring) > 0
+        // Set by install(), which runs before any function list is handed out.
+        page.unsafelyUnwrapped.pointee.load(ordering: .acquiring) > 0
     }
 
     /// Called by the atfork child handler when the kernel does not wipe the page.

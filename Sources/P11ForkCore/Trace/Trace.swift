@@ -118,7 +118,8 @@ enum Trace {
 
 /// Time sources for trace lines.
 enum Clock {
-    @inline(__always)
+    /// Out of line: inlined, its `timespec` would give every entry point a stack protector.
+    @inline(never)
     static func monotonicNanoseconds() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)

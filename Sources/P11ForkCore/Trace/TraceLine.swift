@@ -1,5 +1,6 @@
 import CPKCS11
 import Glibc
+import Synchronization
 
 /// Builds one trace line in a fixed buffer, as text or as one JSON object, and writes it with a
 /// single write(2). Values are chosen by what they are: handles and flags by name, buffers by
@@ -15,13 +16,25 @@ struct TraceLine: ~Copyable {
     let json: Bool
     let full: Bool
 
+    /// Whether `buffer` is this thread's own line buffer (no allocation) or a heap one (a line
+    /// built while another is: never on the call path, but allowed).
+    private let borrowed: Bool
+
     init(json: Bool) {
-        buffer = .allocate(capacity: Self.capacity)
+        if let own = CPKCS11_trace_buffer_take() {
+            buffer = own.assumingMemoryBound(to: UInt8.self)
+            borrowed = true
+        } else {
+            buffer = .allocate(capacity: Self.capacity)
+            borrowed = false
+        }
         self.json = json
         full = Trace.level >= .full
     }
 
-    deinit { buffer.deallocate() }
+    deinit {
+        if borrowed { CPKCS11_trace_buffer_give_back() } else { buffer.deallocate() }
+    }
 
     // MARK: raw appending
 
@@ -29,6 +42,15 @@ struct TraceLine: ~Copyable {
         guard count < limit else { truncated = true; return }
         buffer[count] = byte
         count += 1
+    }
+
+    /// Two bytes with one bounds check (separators, "0x"): cheaper than a short StaticString.
+    @inline(__always)
+    mutating func append(_ first: UInt8, _ second: UInt8) {
+        guard count + 2 <= limit else { truncated = true; return }
+        buffer[count] = first
+        buffer[count + 1] = second
+        count += 2
     }
 
     mutating func append(_ text: StaticString) {
@@ -41,24 +63,48 @@ struct TraceLine: ~Copyable {
         count += length
     }
 
-    /// `value` in decimal, zero-padded to `width` digits.
+    private static let digitPairs: StaticString =
+        "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899"
+
+    /// `value` (0...99) as two digits.
+    @inline(__always)
+    mutating func appendTwoDigits(_ value: Int) {
+        guard count + 2 <= limit else { truncated = true; return }
+        let pair = Self.digitPairs.utf8Start + 2 * (value % 100)
+        buffer[count] = pair[0]
+        buffer[count + 1] = pair[1]
+        count += 2
+    }
+
+    /// `value` in decimal, zero-padded to `width` digits (an even width up to 8).
     mutating func appendPadded(_ value: Int, width: Int) {
         var divisor = 1
-        for _ in 1..<width { divisor *= 10 }
+        for _ in 0..<(width / 2 - 1) { divisor *= 100 }
         while divisor > 0 {
-            append(UInt8(ascii: "0") + UInt8((value / divisor) % 10))
-            divisor /= 10
+            appendTwoDigits(value / divisor % 100)
+            divisor /= 100
         }
     }
 
-    mutating func append(_ text: String) {
+    /// A Swift string (event messages); literals go to the StaticString overload.
+    mutating func appendString(_ text: String) {
         var text = text
         text.withUTF8 { for byte in $0 { append(byte) } }
     }
 
     mutating func appendDecimal(_ value: UInt) {
-        if value >= 10 { appendDecimal(value / 10) }
-        append(UInt8(ascii: "0") + UInt8(value % 10))
+        var digits = 1
+        var rest = value
+        while rest >= 10 { rest /= 10; digits += 1 }
+        guard count + digits <= limit else { truncated = true; return }
+        var value = value
+        var at = count + digits
+        repeat {
+            at -= 1
+            buffer[at] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value % 10)
+            value /= 10
+        } while value > 0
+        count += digits
     }
 
     mutating func appendSigned(_ value: Int) {
@@ -66,14 +112,12 @@ struct TraceLine: ~Copyable {
     }
 
     mutating func appendHex(_ value: UInt) {
-        append("0x")
-        var started = false
-        for shift in stride(from: 60, through: 0, by: -4) {
-            let nibble = UInt8((value >> UInt(shift)) & 0xF)
-            if nibble != 0 || started || shift == 0 {
-                started = true
-                append(nibble < 10 ? UInt8(ascii: "0") + nibble : UInt8(ascii: "a") + nibble - 10)
-            }
+        append(UInt8(ascii: "0"), UInt8(ascii: "x"))
+        let digits: StaticString = "0123456789abcdef"
+        var shift = value == 0 ? 0 : (UInt.bitWidth - 1 - value.leadingZeroBitCount) & ~3
+        while shift >= 0 {
+            append(digits.utf8Start[Int((value >> UInt(shift)) & 0xF)])
+            shift -= 4
         }
     }
 
@@ -112,7 +156,7 @@ struct TraceLine: ~Copyable {
 
     /// Starts a field: `, key=` in text, `,"key":` in JSON.
     mutating func key(_ name: StaticString) {
-        if fields > 0 { append(json ? "," : ", ") }
+        if fields > 0 { if json { append(UInt8(ascii: ",")) } else { append(UInt8(ascii: ","), UInt8(ascii: " ")) } }
         fields += 1
         if json { append(UInt8(ascii: "\"")); append(name); append("\":") } else { append(name); append(UInt8(ascii: "=")) }
     }
@@ -133,31 +177,94 @@ struct TraceLine: ~Copyable {
     // MARK: line structure
 
     /// `time pid tid` part shared by calls and events.
+    /// `time pid tid` part shared by calls and events. A thread's own line buffer keeps, after
+    /// the line, what the header of its last line was made of: the part up to the second and the
+    /// part after the microseconds are copied from there while the second, the pid and the
+    /// format stay the same (most lines of a busy thread).
     mutating func header() {
         let now = Clock.wallClock()
-        if json {
-            append("{\"time\":\"")
+        let second = Int(now.tv_sec)
+        let pid = Int(ForkDetection.pid)
+        let cache = borrowed ? UnsafeMutableRawPointer(buffer + Self.capacity) : nil
+        if let cache, cache.load(as: Int.self) == second, cache.load(fromByteOffset: 8, as: Int.self) == pid,
+           cache.load(fromByteOffset: 16, as: Int.self) == (json ? 1 : 0) {
+            copyCached(cache + HeaderCache.first, length: cache.load(fromByteOffset: 24, as: Int.self))
+            appendMicroseconds(now)
+            copyCached(cache + HeaderCache.second, length: cache.load(fromByteOffset: 32, as: Int.self))
+            return
         }
-        let (year, month, day, secondOfDay) = Self.civil(Int(now.tv_sec))
-        appendPadded(year, width: 4); append(UInt8(ascii: "-"))
-        appendPadded(month, width: 2); append(UInt8(ascii: "-"))
-        appendPadded(day, width: 2); append(UInt8(ascii: "T"))
-        appendPadded(secondOfDay / 3600, width: 2); append(UInt8(ascii: ":"))
-        appendPadded(secondOfDay / 60 % 60, width: 2); append(UInt8(ascii: ":"))
-        appendPadded(secondOfDay % 60, width: 2); append(UInt8(ascii: "."))
-        appendPadded(Int(now.tv_nsec / 1000), width: 6)
+        let start = count
+        if json { append("{\"time\":\"") }
+        let date = Self.date(second)
+        appendTwoDigits(date.year / 100); appendTwoDigits(date.year); append(UInt8(ascii: "-"))
+        appendTwoDigits(date.month); append(UInt8(ascii: "-"))
+        appendTwoDigits(date.day); append(UInt8(ascii: "T"))
+        appendTwoDigits(date.secondOfDay / 3600); append(UInt8(ascii: ":"))
+        appendTwoDigits(date.secondOfDay / 60 % 60); append(UInt8(ascii: ":"))
+        appendTwoDigits(date.secondOfDay % 60); append(UInt8(ascii: "."))
+        let firstLength = count - start
+        appendMicroseconds(now)
+        let secondStart = count
         append(UInt8(ascii: "Z"))
+        let tid = UInt(CPKCS11_cached_tid(pid))
         if json {
-            append("\",\"pid\":"); appendDecimal(UInt(ForkDetection.pid))
-            append(",\"tid\":"); appendDecimal(UInt(CPKCS11_gettid()))
+            append("\",\"pid\":"); appendDecimal(UInt(pid))
+            append(",\"tid\":"); appendDecimal(tid)
         } else {
-            append(" p11fork["); appendDecimal(UInt(ForkDetection.pid))
-            append(UInt8(ascii: "/")); appendDecimal(UInt(CPKCS11_gettid())); append("] ")
+            append(" p11fork["); appendDecimal(UInt(pid))
+            append(UInt8(ascii: "/")); appendDecimal(tid); append("] ")
         }
+        let secondLength = count - secondStart
+        guard let cache, !truncated, firstLength <= HeaderCache.room, secondLength <= HeaderCache.room else { return }
+        (cache + HeaderCache.first).copyMemory(from: buffer + start, byteCount: firstLength)
+        (cache + HeaderCache.second).copyMemory(from: buffer + secondStart, byteCount: secondLength)
+        cache.storeBytes(of: firstLength, toByteOffset: 24, as: Int.self)
+        cache.storeBytes(of: secondLength, toByteOffset: 32, as: Int.self)
+        cache.storeBytes(of: second, as: Int.self)
+        cache.storeBytes(of: pid, toByteOffset: 8, as: Int.self)
+        cache.storeBytes(of: json ? 1 : 0, toByteOffset: 16, as: Int.self)
+    }
+
+    /// Where the header cache keeps its parts, after the line (CPKCS11_trace_buffer_take gives
+    /// `capacity + HeaderCache.size` bytes): second, pid, format, the two lengths, the two parts.
+    enum HeaderCache {
+        static let first = 40
+        static let room = 104
+        static let second = first + room
+        static let size = second + room
+    }
+
+    private mutating func copyCached(_ from: UnsafeMutableRawPointer, length: Int) {
+        guard count + length <= limit else { truncated = true; return }
+        (buffer + count).update(from: from.assumingMemoryBound(to: UInt8.self), count: length)
+        count += length
+    }
+
+    private mutating func appendMicroseconds(_ now: timespec) {
+        let micro = Int(now.tv_nsec / 1000)
+        appendTwoDigits(micro / 10_000); appendTwoDigits(micro / 100); appendTwoDigits(micro)
     }
 
     /// UTC date and second of the day for epoch seconds (the days-to-civil-date algorithm
     /// published by H. Hinnant); strftime cost a thousand instructions a line.
+    /// The civil date of the last day asked for, packed in one word (day number << 24 | year
+    /// << 9 | month << 5 | day), so that threads share it without a lock: one division a line.
+    static let lastDay = Atomic<Int>(-1)
+
+    static func date(_ seconds: Int) -> (year: Int, month: Int, day: Int, secondOfDay: Int) {
+        let days = seconds >= 0 ? seconds / 86_400 : (seconds - 86_399) / 86_400
+        let secondOfDay = seconds - days * 86_400
+        let cached = lastDay.load(ordering: .relaxed)
+        if cached >= 0, cached >> 24 == days {
+            return ((cached >> 9) & 0x7FFF, (cached >> 5) & 0xF, cached & 0x1F, secondOfDay)
+        }
+        let civil = civil(seconds)
+        if days >= 0 && civil.year >= 0 && civil.year < 10_000 {
+            lastDay.store(days << 24 | civil.year << 9 | civil.month << 5 | civil.day, ordering: .relaxed)
+        }
+        return civil
+    }
+
     static func civil(_ seconds: Int) -> (year: Int, month: Int, day: Int, secondOfDay: Int) {
         let days = seconds >= 0 ? seconds / 86_400 : (seconds - 86_399) / 86_400
         let secondOfDay = seconds - days * 86_400
@@ -196,19 +303,19 @@ struct TraceLine: ~Copyable {
             append(",\"us\":"); appendDecimal(UInt(tenths / 10)); append(UInt8(ascii: "."))
             appendDecimal(UInt(tenths % 10)); append("}\n")
         } else {
-            append(") = ")
+            append(UInt8(ascii: ")"), UInt8(ascii: " ")); append(UInt8(ascii: "="), UInt8(ascii: " "))
             if let name { append(name) } else { appendHex(rv) }
             append(UInt8(ascii: " ")); appendDecimal(UInt(tenths / 10)); append(UInt8(ascii: "."))
-            appendDecimal(UInt(tenths % 10)); append("us\n")
+            appendDecimal(UInt(tenths % 10)); append(UInt8(ascii: "u"), UInt8(ascii: "s")); append(UInt8(ascii: "\n"))
         }
     }
 
     mutating func eventBody(kind: String, message: String) {
         limit = Self.capacity - 8
         if json {
-            append(",\"event\":\""); append(kind); append("\",\"message\":"); appendQuoted(message); append("}\n")
+            append(",\"event\":\"" as StaticString); appendString(kind); append("\",\"message\":" as StaticString); appendQuoted(message); append("}\n" as StaticString)
         } else {
-            append(kind); append(": "); append(message); append(UInt8(ascii: "\n"))
+            appendString(kind); append(": " as StaticString); appendString(message); append(UInt8(ascii: "\n"))
         }
     }
 
