@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# Measures p11fork against SoftHSM2 (reset_on_fork) side by side with the module alone, on a
-# throw-away token, and prints a table. Instruction counts come from callgrind (stable on a
-# busy machine); times are repeated and compared as ratios of runs made together.
-#   scripts/bench.sh            (a few minutes; needs valgrind)
+# p11fork's benchmarks: p11fork against SoftHSM2 (reset_on_fork) side by side with the module
+# alone, on a throw-away token, with a table of every target of BENCHMARKS.md. Instruction counts
+# come from callgrind (stable on a busy machine); times are taken in alternating rounds and
+# compared as ratios of medians, never as absolute figures alone.
+#   scripts/bench.sh            about 6 minutes; writes benchmarks/results.txt and benchmarks/recovery.png
+#   scripts/bench.sh --quick    fewer rounds and signatures (about 2 minutes)
+# Installs valgrind and gnuplot when missing (as root), like scripts/install-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/swift-env.sh
-command -v valgrind >/dev/null || { echo "bench.sh: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+missing=()
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v gnuplot >/dev/null || missing+=(gnuplot-nox)
+command -v softhsm2-util >/dev/null || missing+=(softhsm2)
+command -v pkcs11-tool >/dev/null || missing+=(opensc)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "bench.sh: needs ${missing[*]}: run it as root once, or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
 swift build -c release --product p11fork 2>&1 | tail -1
 swift build -c release --product p11fork-bench 2>&1 | tail -1
 bench=$PWD/.build/release/p11fork-bench
 module=$PWD/.build/release/libp11fork.so
 softhsm=/usr/lib/softhsm/libsofthsm2.so
+out=$PWD/benchmarks
+mkdir -p "$out"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -20,78 +39,118 @@ printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level 
 export SOFTHSM2_CONF="$work/softhsm2.conf" P11FORK_MODULE="$softhsm"
 pin=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 softhsm2-util --init-token --free --label bench --pin "$pin" --so-pin "$pin$pin" >/dev/null
-pkcs11-tool --module "$softhsm" --token-label bench --login --pin "$pin" --keypairgen --key-type rsa:2048 --label rsa --id 01 >/dev/null 2>&1
-pkcs11-tool --module "$softhsm" --token-label bench --login --pin "$pin" --keypairgen --key-type EC:prime256v1 --label ec --id 02 >/dev/null 2>&1
+tool() { pkcs11-tool --module "$softhsm" --token-label bench --login --pin "$pin" "$@" >/dev/null 2>&1; }
+tool --keypairgen --key-type rsa:2048 --label rsa --id 01
+tool --keypairgen --key-type EC:prime256v1 --label ec --id 02
+tool --keygen --key-type GENERIC:32 --label hmac --id 03
 
-# Instructions per C_GetSessionInfo: the difference between two loop lengths, so set-up cancels.
-instructions() {  # module, extra environment...
-  local m=$1; shift
+exec > >(tee "$out/results.txt")
+printf '%s\n' "p11fork benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)"
+printf '%s\n' "SoftHSM $(dpkg-query -W -f='${Version}' softhsm2 2>/dev/null) (library.reset_on_fork = true), release build of p11fork $(git describe --always --dirty 2>/dev/null || echo '')"
+printf '\n%-64s %s\n' "measure" "figure"
+row() { printf '%-64s %s\n' "$1" "$2"; }
+
+# Instructions per call: the difference between two loop lengths, so that set-up cancels out.
+callgrind() {  # loops-short loops-long divisor command...
+  local short=$1 long=$2; shift 2
   local a b
-  a=$(env "$@" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bench" calls --module "$m" --token bench 2000 2>&1 | sed -n 's/.*Collected : //p')
-  b=$(env "$@" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bench" calls --module "$m" --token bench 22000 2>&1 | sed -n 's/.*Collected : //p')
-  echo $(( (b - a) / 20000 ))
+  a=$("$@" "$short" 2>&1 | sed -n 's/.*Collected : //p')
+  b=$("$@" "$long" 2>&1 | sed -n 's/.*Collected : //p')
+  echo $(( (b - a) / (long - short) ))
 }
-direct=$(instructions "$softhsm")
-through=$(instructions "$module")
-traced=$(instructions "$module" P11FORK_TRACE="$work/trace.log" P11FORK_TRACE_LEVEL=calls)
-printf '\n%-58s %s\n' "measure" "figure"
-printf '%-58s %s\n' "C_GetSessionInfo, instructions/call: SoftHSM alone" "$direct"
-printf '%-58s %s (+%s)\n' "  through p11fork" "$through" "$((through - direct))"
-printf '%-58s %s (+%s)\n' "  through p11fork, tracing calls to a file" "$traced" "$((traced - direct))"
+vg="valgrind --tool=callgrind --callgrind-out-file=/dev/null"
 
-# What keeping operations for a child costs a process that never forks: instructions added per
-# signature (C_SignInit + C_Sign) and per multi-part one (init, 2 updates, final), with replay
-# on (default) and off (P11FORK_REPLAY_LIMIT=0).
-sign_instructions() {  # module, extra bench argument or "", extra environment...
+# 1. Forwarding overhead on a cheap call, and tracing (targets: +60, +1,500).
+direct=$(callgrind 2000 22000 $vg "$bench" calls --module "$softhsm" --token bench)
+through=$(callgrind 2000 22000 $vg "$bench" calls --module "$module" --token bench)
+traced=$(callgrind 2000 22000 env P11FORK_TRACE="$work/trace.log" P11FORK_TRACE_LEVEL=calls $vg "$bench" calls --module "$module" --token bench)
+row "C_GetSessionInfo, instructions/call: SoftHSM alone" "$direct"
+row "  through p11fork (target: at most +60)" "$through (+$((through - direct)))"
+row "  through p11fork, tracing calls to a file (target: at most +1,500)" "$traced (+$((traced - direct)))"
+ns() { "$bench" calls --module "$1" --token bench 300000 | awk '{print $4}'; }
+row "C_GetSessionInfo, ns/call: alone / through p11fork" "$(ns "$softhsm") / $(ns "$module")"
+
+# 2. What keeping operations for a child costs a process that never forks.
+signs() {  # module extra-argument environment...
   local m=$1 x=$2; shift 2
-  local a b
-  a=$(env "$@" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bench" signs --module "$m" --token bench --pin "$pin" --key ec --mechanism ec $x 100 2>&1 | sed -n 's/.*Collected : //p')
-  b=$(env "$@" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bench" signs --module "$m" --token bench --pin "$pin" --key ec --mechanism ec $x 600 2>&1 | sed -n 's/.*Collected : //p')
-  echo $(( (b - a) / 500 ))
+  callgrind 100 600 env "$@" $vg "$bench" signs --module "$m" --token bench --pin "$pin" --key ec --mechanism ec $x
 }
 for x in "" --multipart; do
-  alone=$(sign_instructions "$softhsm" "$x")
-  kept=$(sign_instructions "$module" "$x")
-  off=$(sign_instructions "$module" "$x" P11FORK_REPLAY_LIMIT=0)
-  label="EC signature, instructions: alone / through / replay off"
-  [ -n "$x" ] && label="SHA-256 digest in 2 updates, instructions: alone / through / off"
-  printf '%-58s %s / %s (+%s) / %s (+%s)\n' "$label" "$alone" "$kept" "$((kept - alone))" "$off" "$((off - alone))"
+  alone=$(signs "$softhsm" "$x")
+  kept=$(signs "$module" "$x")
+  off=$(signs "$module" "$x" P11FORK_REPLAY_LIMIT=0)
+  label="EC P-256 signature (init + sign), instructions: alone / through / replay off"
+  [ -n "$x" ] && label="SHA-256 digest in 2 updates, instructions: alone / through / replay off"
+  row "$label" "$alone / $kept (+$((kept - alone))) / $off (+$((off - alone)))"
 done
-
-# The alternative to replaying an operation: saving its state with C_GetOperationState after
-# each update. NSS's softoken implements it (SoftHSM does not): instructions per SHA-256 digest
-# (init, one update, final) alone, with the state saved, through p11fork, with replay off.
 nss=/usr/lib/x86_64-linux-gnu/libsoftokn3.so
 if [ -e "$nss" ]; then
-  opstate() {  # module, extra bench argument or "", extra environment...
+  # The alternative to replay: C_GetOperationState after each update (NSS's softoken has it).
+  opstate() {  # module extra-argument environment...
     local m=$1 x=$2; shift 2
-    local a b
-    a=$(env "$@" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bench" opstate --module "$m" --token "NSS Generic Crypto Services" --nss $x 1000 2>&1 | sed -n 's/.*Collected : //p')
-    b=$(env "$@" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bench" opstate --module "$m" --token "NSS Generic Crypto Services" --nss $x 6000 2>&1 | sed -n 's/.*Collected : //p')
-    echo $(( (b - a) / 5000 ))
+    callgrind 1000 6000 env "$@" $vg "$bench" opstate --module "$m" --token "NSS Generic Crypto Services" --nss $x
   }
   alone=$(opstate "$nss" "")
   saved=$(opstate "$nss" --save-state)
-  kept=$(P11FORK_MODULE="$nss" opstate "$module" "")
-  off=$(P11FORK_MODULE="$nss" P11FORK_REPLAY_LIMIT=0 opstate "$module" "")
-  printf '%-58s %s / %s (+%s)\n' "NSS digest, instructions: alone / C_GetOperationState saved" "$alone" "$saved" "$((saved - alone))"
-  printf '%-58s %s (+%s) / %s (+%s)\n' "  through p11fork: replay on / off" "$kept" "$((kept - alone))" "$off" "$((off - alone))"
+  kept=$(opstate "$module" "" P11FORK_MODULE="$nss")
+  off=$(opstate "$module" "" P11FORK_MODULE="$nss" P11FORK_REPLAY_LIMIT=0)
+  row "NSS SHA-256 digest, instructions: alone / with C_GetOperationState" "$alone / $saved (+$((saved - alone)))"
+  row "  through p11fork: replay on / off" "$kept (+$((kept - alone))) / $off (+$((off - alone)))"
 fi
 
-ns() { "$bench" calls --module "$1" --token bench 300000 | awk '{print $4}'; }
-printf '%-58s %s / %s\n' "C_GetSessionInfo, ns/call: alone / through p11fork" "$(ns "$softhsm")" "$(ns "$module")"
-
+# 3. Signing throughput, side by side: alternating rounds, ratio of medians (target: >= 0.99).
+rounds=5; seconds=2
+[ $quick = 1 ] && { rounds=3; seconds=1; }
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 for mech in rsa ec; do
   for t in 1 2; do
-    a=$("$bench" sign --module "$softhsm" --token bench --pin "$pin" --key "$mech" --mechanism "$mech" --threads $t --seconds 3 | awk '{print $5}')
-    b=$("$bench" sign --module "$module" --token bench --pin "$pin" --key "$mech" --mechanism "$mech" --threads $t --seconds 3 | awk '{print $5}')
-    printf '%-58s %s / %s (ratio %.3f)\n' "sign $mech, $t thread(s), signatures/s: alone / through" "$a" "$b" "$(awk "BEGIN{print $b / $a}")"
+    : > "$work/a"; : > "$work/b"
+    for _ in $(seq $rounds); do
+      "$bench" sign --module "$softhsm" --token bench --pin "$pin" --key "$mech" --mechanism "$mech" --threads $t --seconds $seconds | awk '{print $5}' >> "$work/a"
+      "$bench" sign --module "$module" --token bench --pin "$pin" --key "$mech" --mechanism "$mech" --threads $t --seconds $seconds | awk '{print $5}' >> "$work/b"
+    done
+    a=$(median < "$work/a"); b=$(median < "$work/b")
+    row "sign $mech, $t thread(s), signatures/s: alone / through (target >= 0.99)" "$a / $b (ratio $(awk "BEGIN{printf \"%.3f\", $b / $a}"))"
   done
 done
 
-fresh=$("$bench" recovery --module "$softhsm" --token bench --pin "$pin" --key rsa --fresh | awk '{print $3}')
-printf '%-58s %s\n' "a new process: initialise, open, log in, find, sign (ms)" "$fresh"
+# 4. Recovery in a child against the least the module needs in a new process (target: <= 1.10),
+# and its growth with what the parent had (it must follow what the child uses).
+repeats=7
+[ $quick = 1 ] && repeats=3
+fresh=$(for _ in $(seq $repeats); do "$bench" recovery --module "$softhsm" --token bench --pin "$pin" --key rsa --fresh | awk '{print $3}'; done | median)
+row "a new process: initialise, open, log in, find, sign (ms, median)" "$fresh"
+: > "$work/recovery.dat"
 for n in 1 10 100 1000; do
-  r=$("$bench" recovery --module "$module" --token bench --pin "$pin" --key rsa --sessions "$n" --objects "$n" | awk '{print $7}')
-  printf '%-58s %s (ratio %.2f)\n' "child's first signature, parent had $n sessions + $n objects (ms)" "$r" "$(awk "BEGIN{print $r / $fresh}")"
+  r=$(for _ in $(seq $repeats); do "$bench" recovery --module "$module" --token bench --pin "$pin" --key rsa --sessions "$n" --objects "$n" | awk '{print $7}'; done | median)
+  row "child's first signature, parent had $n sessions + $n objects (ms)" "$r (ratio $(awk "BEGIN{printf \"%.2f\", $r / $fresh}"))"
+  echo "$n $r $fresh" >> "$work/recovery.dat"
 done
+gnuplot <<EOF
+set terminal pngcairo size 800,480 font ",11"
+set output "$out/recovery.png"
+set title "A forked child's first signature through p11fork (SoftHSM2, RSA-2048)"
+set xlabel "sessions and session objects the parent had (each)"
+set ylabel "milliseconds (median of $repeats)"
+set logscale x
+set xrange [0.7:1500]
+set yrange [0:*]
+set key bottom right
+set grid
+plot "$work/recovery.dat" using 1:2 with linespoints lw 2 pt 7 title "child: module, session, login, key, signature", \
+     "$work/recovery.dat" using 1:3 with lines lw 2 dt 2 title "new process, module alone: initialise, open, log in, find, sign"
+EOF
+row "plot" "benchmarks/recovery.png"
+
+# 5. Memory: heap bytes p11fork keeps per session and per object handle, and a steady state.
+mem() { "$bench" memory --module "$1" --token bench --pin "$pin" --sessions 10000 --objects 10000; }
+a=$(mem "$softhsm"); b=$(mem "$module")
+ps=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", y[5] - x[5] }')
+po=$(awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", y[9] - x[9] }')
+row "heap bytes p11fork keeps per open session / per session object" "$ps / $po"
+n=1000000
+[ $quick = 1 ] && n=200000
+"$bench" steady --module "$module" --token bench --pin "$pin" --key hmac --mechanism hmac $n > "$work/steady"
+first=$(sed -n '1p' "$work/steady"); last=$(tail -1 "$work/steady")
+row "heap bytes after $(echo "$first" | awk '{print $3}') / $n HMAC signatures (no growth)" "$(echo "$first" | awk '{print $5}') / $(echo "$last" | awk '{print $5}')"
+row "resident KiB after $(echo "$first" | awk '{print $3}') / $n HMAC signatures" "$(echo "$first" | awk '{print $7}') / $(echo "$last" | awk '{print $7}')"

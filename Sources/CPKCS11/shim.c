@@ -86,8 +86,8 @@ char **CPKCS11_swap_environ(char **replacement) {
 }
 
 // Per-thread set-up of a module copy's own libc (see CPKCS11.h).
-__thread unsigned long CPKCS11_thread_copy_generation __attribute__((tls_model("initial-exec")));
-unsigned long CPKCS11_copy_generation;
+__thread unsigned long CPKCS11_thread_copy_generation __attribute__((tls_model("initial-exec"), visibility("hidden")));
+unsigned long CPKCS11_copy_generation __attribute__((visibility("hidden")));
 void (*CPKCS11_copy_ctype_init)(void);
 
 void CPKCS11_use_copy(void *ctype_init) {

@@ -71,6 +71,8 @@ enum Core {
         }
         if let loadProblem { Trace.event(.error, loadProblem.message) }
         buildLists()
+        // Tracing is set up now: calls may take the fast path unless they are to be timed.
+        ProcessMark.refresh()
     }
 
     private static func buildLists() {

@@ -230,12 +230,15 @@ char **CPKCS11_swap_environ(char **replacement);
 /// started by the main libc has none, and the copy crashed in isspace(). Before a thread calls
 /// into a copy, it runs the copy libc's __ctype_init once. When no copy is in use the check is
 /// two loads that compare equal.
-extern __thread unsigned long CPKCS11_thread_copy_generation __attribute__((tls_model("initial-exec")));
-extern unsigned long CPKCS11_copy_generation;
+extern __thread unsigned long CPKCS11_thread_copy_generation __attribute__((tls_model("initial-exec"), visibility("hidden")));
+// Hidden: read with one instruction relative to the code, not through the global offset table.
+extern unsigned long CPKCS11_copy_generation __attribute__((visibility("hidden")));
 extern void (*CPKCS11_copy_ctype_init)(void);
 void CPKCS11_enter_copy_slow(void);
 /// Makes a copy current: `ctype_init` is its libc's __ctype_init (or NULL).
 void CPKCS11_use_copy(void *ctype_init);
+/// True once this process uses a module copy (every thread must then be set up for it).
+static inline int CPKCS11_copy_in_use(void) { return CPKCS11_copy_generation != 0; }
 static inline void CPKCS11_enter_copy(void) {
     // In a process that never used a copy (every parent) the generation is 0: one load, no TLS.
     if (__builtin_expect(CPKCS11_copy_generation != 0, 0) &&

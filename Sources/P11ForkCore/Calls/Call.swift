@@ -10,10 +10,16 @@ struct Call {
 
     @inline(__always)
     init(_ function: Function) {
-        if _slowPath(!ProcessMark.isCurrentProcess) { ForkDetection.adoptChild(function) }
-        CPKCS11_enter_copy()
         self.function = function
-        started = Trace.level >= .calls ? Clock.monotonicNanoseconds() : 0
+        started = _fastPath(ProcessMark.isFast) ? 0 : Self.slowStart(function)
+    }
+
+    /// A new child to adopt, a thread to set up for a module copy, a call to time for the trace.
+    @inline(never)
+    static func slowStart(_ function: Function) -> UInt64 {
+        if !ProcessMark.isCurrentProcess { ForkDetection.adoptChild(function) }
+        CPKCS11_enter_copy()
+        return Trace.level >= .calls ? Clock.monotonicNanoseconds() : 0
     }
 
     @inline(__always)

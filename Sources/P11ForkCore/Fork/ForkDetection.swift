@@ -71,6 +71,6 @@ enum ForkDetection {
         }
         if Recovery.moduleInherited && !function.leavesModuleAlone { Recovery.recoverModule() }
         // While the inherited module is still in place, later calls come back here.
-        page.pointee.store(Recovery.moduleInherited ? 0 : Int(pid), ordering: .releasing)
+        page.pointee.store(Recovery.moduleInherited ? 0 : ProcessMark.adoptedMark, ordering: .releasing)
     }
 }

@@ -2,7 +2,9 @@ import CPKCS11
 import Glibc
 import Synchronization
 
-/// Tells, with one load, whether this is still the process that set the mark.
+/// Tells, with one load, whether this is still the process that set the mark — and whether the
+/// call may take the fast path at all (no trace line to time, no module copy whose libc a thread
+/// must be set up for), so that every entry point checks one word.
 ///
 /// The mark lives in a page marked `MADV_WIPEONFORK`: the kernel hands every child a zeroed copy,
 /// so a child sees 0 on its first call even when it was forked without running `pthread_atfork`
@@ -10,8 +12,24 @@ import Synchronization
 /// child handler zeroes the page instead, which covers every fork made through libc.
 /// (DESIGN.md "Fork detection": `getpid()` costs ~180 ns here, far too much for every call.)
 enum ProcessMark {
-    /// The pid of the process that owns the mark, or 0 in a child that has not yet adopted it.
+    /// `fast` or `adopted` in the process that owns the mark; 0 in a child that has not adopted
+    /// it yet, -1 while one of its threads does.
     nonisolated(unsafe) static var page: UnsafeMutablePointer<Atomic<Int>>?
+    /// This process is adopted, and calls need no tracing clock and no module-copy check.
+    static let fast = 1
+    /// This process is adopted; calls check the trace level and the module copy.
+    static let adopted = 2
+
+    /// The mark of an adopted process, as things stand (trace level, module copy in use).
+    static var adoptedMark: Int {
+        Trace.level < .calls && CPKCS11_copy_in_use() == 0 ? fast : adopted
+    }
+
+    /// After something the mark depends on changed (tracing configured, a copy in use).
+    static func refresh() {
+        guard let page, page.pointee.load(ordering: .relaxed) > 0 else { return }
+        page.pointee.store(adoptedMark, ordering: .releasing)
+    }
     /// True when the kernel accepted MADV_WIPEONFORK.
     nonisolated(unsafe) static var wipedByKernel = false
 
@@ -22,14 +40,21 @@ enum ProcessMark {
             // No page: a plain mark that the atfork child handler clears (page is never nil
             // once installed, and every entry point but the three exports runs after install).
             let mark = UnsafeMutablePointer<Atomic<Int>>.allocate(capacity: 1)
-            mark.initialize(to: Atomic(Int(getpid())))
+            mark.initialize(to: Atomic(adopted))
             page = mark
             return
         }
         wipedByKernel = madvise(raw, size, CPKCS11_madv_wipeonfork()) == 0
         let mark = raw.bindMemory(to: Atomic<Int>.self, capacity: 1)
-        mark.initialize(to: Atomic(Int(getpid())))
+        mark.initialize(to: Atomic(adopted))
         page = mark
+    }
+
+    /// The per-call check: true when nothing but the call itself is to be done.
+    @inline(__always)
+    static var isFast: Bool {
+        // Set by install(), which runs before any function list is handed out.
+        page.unsafelyUnwrapped.pointee.load(ordering: .acquiring) == fast
     }
 
     /// The per-call check: true once this process has been adopted. 0 means a new child, -1 a

@@ -204,10 +204,15 @@ final class HandleTable: @unchecked Sendable {
 /// The read side of a `HandleTable`: plain pointers, so looking a handle up costs no reference
 /// counting and no lock. A default view (no table yet) finds nothing.
 struct HandleView: @unchecked Sendable {
-    let chunks: UnsafeMutablePointer<Atomic<UnsafeMutablePointer<HandleTable.Entry>?>>?
+    let chunks: UnsafeMutablePointer<Atomic<UnsafeMutablePointer<HandleTable.Entry>?>>
     let base: UInt
 
-    init() { chunks = nil; base = 0 }
+    /// Finds nothing: every handle's index falls outside the table (so `chunks`, which points
+    /// nowhere, is never read) — one bounds check serves both cases on the hot path.
+    init() {
+        chunks = UnsafeMutablePointer(bitPattern: 0x10)!
+        base = 0x8000_0000_0000_0000
+    }
 
     init(chunks: UnsafeMutablePointer<Atomic<UnsafeMutablePointer<HandleTable.Entry>?>>, base: UInt) {
         self.chunks = chunks
@@ -217,7 +222,7 @@ struct HandleView: @unchecked Sendable {
     @inline(__always)
     func entry(_ virtual: UInt) -> UnsafeMutablePointer<HandleTable.Entry>? {
         let index = UInt(truncatingIfNeeded: UInt32(truncatingIfNeeded: virtual)) &- base
-        guard let chunks, index < UInt(HandleTable.capacity),
+        guard index < UInt(HandleTable.capacity),
               let chunk = chunks[Int(index) >> HandleTable.chunkBits].load(ordering: .acquiring) else { return nil }
         let entry = chunk + (Int(index) & (HandleTable.chunkSize - 1))
         guard entry.pointee.virtual.load(ordering: .acquiring) == virtual else { return nil }

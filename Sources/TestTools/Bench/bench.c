@@ -5,6 +5,10 @@
 //   p11fork-bench calls    --module M --token T N                 C_GetSessionInfo N times; ns/call
 //   p11fork-bench signs    --module M --token T --pin P --key K [--mechanism rsa|ec] [--multipart] N
 //                                                                  N signatures, for instruction counts
+//   p11fork-bench memory   --module M --token T --pin P --sessions S --objects O
+//                                                                  heap bytes per session and per object
+//   p11fork-bench steady   --module M --token T --pin P --key K [--mechanism rsa|ec|hmac] N
+//                                                                  N signatures; heap and RSS every N/10
 //   p11fork-bench opstate  --module M --token T [--nss] [--save-state] N
 //                                                                  N SHA-256 digests (init, update, final),
 //                                                                  with C_GetOperationState after the update
@@ -25,6 +29,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <malloc.h>
 
 static CK_FUNCTION_LIST_PTR p;
 static const char *token, *pin, *key_label, *mechanism_name = "rsa";
@@ -61,7 +66,7 @@ static CK_RV find_slot(void) {
 }
 
 static CK_RV find_key(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE *key) {
-    CK_OBJECT_CLASS class = CKO_PRIVATE_KEY;
+    CK_OBJECT_CLASS class = strcmp(mechanism_name, "hmac") ? CKO_PRIVATE_KEY : CKO_SECRET_KEY;
     CK_ATTRIBUTE t[] = { { CKA_CLASS, &class, sizeof class }, { CKA_LABEL, (void *)key_label, strlen(key_label) } };
     CK_ULONG n = 0;
     CK_RV rv = p->C_FindObjectsInit(s, t, 2);
@@ -73,7 +78,8 @@ static CK_RV find_key(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE *key) {
 
 static CK_RV sign_once(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key) {
     static const unsigned char data[32] = "p11fork benchmark: 32 bytes....";
-    CK_MECHANISM m = { strcmp(mechanism_name, "ec") ? CKM_SHA256_RSA_PKCS : CKM_ECDSA, NULL, 0 };
+    CK_MECHANISM m = { !strcmp(mechanism_name, "ec") ? CKM_ECDSA : !strcmp(mechanism_name, "hmac") ? CKM_SHA256_HMAC : CKM_SHA256_RSA_PKCS,
+                       NULL, 0 };
     unsigned char signature[1024];
     CK_ULONG length = sizeof signature;
     CK_RV rv = p->C_SignInit(s, &m, key);
@@ -195,6 +201,68 @@ static int bench_sign(void) {
     return 0;
 }
 
+// MARK: memory (bytes of heap per open session and per object handle, and in a steady state)
+
+static long heap_bytes(void) { return (long)mallinfo2().uordblks; }
+
+static long rss_kib(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kib = -1;
+    while (f && fgets(line, sizeof line, f)) if (sscanf(line, "VmRSS: %ld", &kib) == 1) break;
+    if (f) fclose(f);
+    return kib;
+}
+
+static int bench_memory(void) {
+    CK_RV rv = initialize();
+    if (rv != CKR_OK) return fail("initialise", rv);
+    CK_SESSION_HANDLE first, s;
+    if ((rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &first)) != CKR_OK) return fail("C_OpenSession", rv);
+    if ((rv = p->C_Login(first, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin))) != CKR_OK) return fail("C_Login", rv);
+    // Warm up what a first session or object allocates once.
+    if ((rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s)) != CKR_OK) return fail("C_OpenSession", rv);
+    long before = heap_bytes();
+    for (int i = 0; i < sessions; i++)
+        if ((rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s)) != CKR_OK) return fail("C_OpenSession", rv);
+    long after_sessions = heap_bytes();
+    for (int i = 0; i < objects; i++) {
+        CK_OBJECT_CLASS data = CKO_DATA;
+        CK_BBOOL no = CK_FALSE;
+        char label[32];
+        snprintf(label, sizeof label, "memory-%d", i);
+        CK_ATTRIBUTE t[] = { { CKA_CLASS, &data, sizeof data }, { CKA_TOKEN, &no, 1 },
+                             { CKA_LABEL, label, strlen(label) }, { CKA_VALUE, label, strlen(label) } };
+        CK_OBJECT_HANDLE h;
+        if ((rv = p->C_CreateObject(first, t, 4, &h)) != CKR_OK) return fail("C_CreateObject", rv);
+    }
+    long after_objects = heap_bytes();
+    printf("memory sessions %d bytes_per_session %.1f objects %d bytes_per_object %.1f\n", sessions,
+           sessions ? (double)(after_sessions - before) / sessions : 0.0, objects,
+           objects ? (double)(after_objects - after_sessions) / objects : 0.0);
+    p->C_Finalize(NULL);
+    return 0;
+}
+
+// N signatures (C_SignInit + C_Sign) on one session; heap and resident size at every tenth.
+static int bench_steady(void) {
+    CK_RV rv = initialize();
+    if (rv != CKR_OK) return fail("initialise", rv);
+    CK_SESSION_HANDLE s;
+    CK_OBJECT_HANDLE key;
+    if ((rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s)) != CKR_OK) return fail("C_OpenSession", rv);
+    if ((rv = p->C_Login(s, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin))) != CKR_OK) return fail("C_Login", rv);
+    if ((rv = find_key(s, &key)) != CKR_OK) return fail("find the key", rv);
+    double start = now();
+    for (long i = 1; i <= count; i++) {
+        if ((rv = sign_once(s, key)) != CKR_OK) return fail("sign", rv);
+        if (i % (count / 10 ? count / 10 : 1) == 0)
+            printf("steady signatures %ld heap_bytes %ld rss_kib %ld seconds %.1f\n", i, heap_bytes(), rss_kib(), now() - start);
+    }
+    p->C_Finalize(NULL);
+    return 0;
+}
+
 // MARK: recovery
 
 static int bench_recovery(void) {
@@ -286,6 +354,8 @@ int main(int argc, char **argv) {
     if (!strcmp(what, "sign") && pin && key_label) return bench_sign();
     if (!strcmp(what, "signs") && pin && key_label) return bench_signs();
     if (!strcmp(what, "opstate")) return bench_opstate();
+    if (!strcmp(what, "memory") && pin) return bench_memory();
+    if (!strcmp(what, "steady") && pin && key_label) return bench_steady();
     if (!strcmp(what, "recovery") && pin && key_label) return bench_recovery();
     fprintf(stderr, "p11fork-bench: unknown measurement or missing --pin/--key\n");
     return 2;
