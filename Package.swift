@@ -19,9 +19,16 @@ let package = Package(
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
         .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
+        // The command-line tool (`p11fork doctor`, `p11fork trace`). Its binary is p11fork-cli:
+        // the name p11fork is the module's product; install it as p11fork.
+        .executable(name: "p11fork-cli", targets: ["p11fork-cli"]),
         // Modules built only for the tests.
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
         .library(name: "p11fork-test-nethsm", type: .dynamic, targets: ["NetHSMModule"]),
+    ],
+    dependencies: [
+        // Only the command-line tool uses it; the module depends on Glibc and the standard library only.
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
         // The C edge: PKCS#11 2.40 (p11-kit's header) + 3.0 declarations, and tiny syscall helpers.
@@ -78,6 +85,20 @@ let package = Package(
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         // Behaves like a network-HSM client that knows nothing about fork (its README says how).
         .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"], linkerSettings: [.linkedLibrary("crypto")]),
+        // The command-line tool: the doctor and the trace reader.
+        .executableTarget(
+            name: "p11fork-cli",
+            dependencies: ["DoctorScenarios", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Sources/p11fork-cli",
+            exclude: ["DoctorScenarios"]
+        ),
+        // The doctor's fork scenarios, in C (run in a helper process the doctor starts and watches).
+        .target(
+            name: "DoctorScenarios",
+            dependencies: ["CPKCS11"],
+            path: "Sources/p11fork-cli/DoctorScenarios",
+            linkerSettings: [.linkedLibrary("dl")]
+        ),
         .testTarget(name: "P11ForkCoreTests", dependencies: ["P11ForkCore"]),
         .testTarget(name: "P11ForkTests"),
     ]
