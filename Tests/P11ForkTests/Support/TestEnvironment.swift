@@ -60,7 +60,15 @@ func runProgram(_ executable: String, _ arguments: [String], environment: [Strin
     DispatchQueue.global().async { collected.stdout = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
     group.enter()
     DispatchQueue.global().async { collected.stderr = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+    // The test runner's threads block most signals, and a spawned program inherits the mask of
+    // the thread that starts it: a Python pool's workers then never receive the SIGTERM its
+    // terminate() sends, and the program hangs (seen). Programs start with nothing blocked.
+    var everything = sigset_t(), previous = sigset_t()
+    sigemptyset(&everything)
+    pthread_sigmask(SIG_SETMASK, &everything, &previous)
+    defer { pthread_sigmask(SIG_SETMASK, &previous, nil) }
     try process.run()
+    pthread_sigmask(SIG_SETMASK, &previous, nil)
     if let input { inPipe.fileHandleForWriting.write(Data(input.utf8)) }
     try? inPipe.fileHandleForWriting.close()
     let deadline = Date().addingTimeInterval(timeout)
