@@ -7,10 +7,10 @@
 //
 //   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|rsa-pkcs|ec|hmac]
 //                     [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins]
-//                     [--run-before-fork CMD] SCENARIO
+//                     [--run-before-fork CMD] [--in-flight N] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
-// pin-changed. --raw-fork forks with the system call (no atfork handlers run); --twins picks the
+// pin-changed, storm. --raw-fork forks with the system call (no atfork handlers run); --twins picks the
 // last of several keys with the same label and checks children's signatures equal the parent's.
 // Last line: "result: ok ..." (exit 0) or "result: fail ..." (exit 1); usage errors exit 2.
 #define _GNU_SOURCE
@@ -457,12 +457,94 @@ static int scenario_child_threads(void) {
     return parent_still_signs("child-threads", problems, 0);
 }
 
+// A fork storm: two threads sign without pause while the parent forks `children` children, a
+// few at a time; every tenth child forks a grandchild of its own. Every child and grandchild
+// signs once with the inherited session and key under alarm(). Counted: children (and
+// grandchildren) that signed, that failed, that hung (their alarm fired), that crashed; the
+// parent's signatures made and failed meanwhile.
+// --in-flight N: children alive at once (default 1). SoftHSM's file store writes the token file
+// on every login, and a process reading it at that moment may lose the token or the PIN: with 3
+// at once, about 2 children in 1,000 hit that (SoftHSM's race, not p11fork's).
+static int storm_in_flight = 1;
+
+static int storm_child(int index) {
+    alarm(CHILD_TIMEOUT);
+    unsigned char signature[MAX_SIGNATURE];
+    CK_ULONG length;
+    CK_RV rv = sign_with(session, private_key, signature, &length);
+    if (rv == CKR_OK) rv = verify_in_child(session, signature, length);
+    if (rv != CKR_OK) { say("storm child %d (pid %d): %s", index, getpid(), rv_name(rv)); return 3; }
+    if (index % 10 == 0) {
+        pid_t grandchild = make_child();
+        if (grandchild == 0) {
+            alarm(CHILD_TIMEOUT);
+            CK_RV g = sign_with(session, private_key, signature, &length);
+            if (g == CKR_OK) g = verify_in_child(session, signature, length);
+            if (g != CKR_OK) say("storm grandchild of %d: %s", index, rv_name(g));
+            _exit(g == CKR_OK ? 0 : 3);
+        }
+        int status = 0;
+        if (grandchild < 0 || waitpid(grandchild, &status, 0) < 0) return 7;
+        if (WIFSIGNALED(status)) return WTERMSIG(status) == SIGALRM ? 8 : 9;  // the grandchild hung / crashed
+        if (WEXITSTATUS(status) != 0) return 10;
+    }
+    return 0;
+}
+
+static long storm_signatures;
+
+static void *storm_signing_thread(void *unused) {
+    (void)unused;
+    CK_SESSION_HANDLE s;
+    if (p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s) != CKR_OK) { __sync_fetch_and_add(&thread_failures, 1); return NULL; }
+    while (!stop_signing) {
+        unsigned char signature[MAX_SIGNATURE];
+        CK_ULONG length;
+        if (sign_with(s, private_key, signature, &length) != CKR_OK) __sync_fetch_and_add(&thread_failures, 1);
+        else __sync_fetch_and_add(&storm_signatures, 1);
+    }
+    p11->C_CloseSession(s);
+    return NULL;
+}
+
+static int scenario_storm(void) {
+    pthread_t threads[2];
+    for (int i = 0; i < 2; i++) pthread_create(&threads[i], NULL, storm_signing_thread, NULL);
+    usleep(20000);
+    int ok = 0, failed = 0, hung = 0, crashed = 0, grandchildren_bad = 0, in_flight = 0;
+    for (int i = 0; i < children || in_flight > 0; ) {
+        if (i < children && in_flight < storm_in_flight) {
+            pid_t pid = make_child();
+            if (pid == 0) _exit(storm_child(i));
+            if (pid < 0) { failed++; i++; continue; }
+            in_flight++;
+            i++;
+            continue;
+        }
+        int status = 0;
+        if (wait(&status) < 0) break;
+        in_flight--;
+        if (WIFSIGNALED(status)) { if (WTERMSIG(status) == SIGALRM) hung++; else crashed++; }
+        else if (WEXITSTATUS(status) == 0) ok++;
+        else if (WEXITSTATUS(status) >= 8) { ok++; grandchildren_bad++; }
+        else failed++;
+    }
+    stop_signing = 1;
+    for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+    say("storm: %d children (%d at a time): %d signed and verified, %d failed, %d hung, %d crashed; %d grandchild problem(s); "
+        "the parent's threads made %ld signatures, %d failed",
+        children, storm_in_flight, ok, failed, hung, crashed, grandchildren_bad, storm_signatures, thread_failures);
+    if (failed || hung || crashed || grandchildren_bad || thread_failures || ok != children)
+        return fail("storm: not every child signed, or the parent was harmed");
+    return parent_still_signs("storm", 0, ok);
+}
+
 // MARK: main
 
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forkcheck: %s\nusage: p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL "
                     "[--mechanism rsa|rsa-pkcs|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] SCENARIO\n"
-                    "scenarios: inherited generations child-initializes child-teardown threads child-threads pin-changed\n", problem);
+                    "scenarios: inherited generations child-initializes child-teardown threads child-threads pin-changed storm\n", problem);
     return 2;
 }
 
@@ -482,11 +564,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--stagger") && v) { stagger_ms = atoi(v); i++; }
         else if (!strcmp(a, "--raw-fork")) raw_fork = 1;
         else if (!strcmp(a, "--twins")) twins = 1;
+        else if (!strcmp(a, "--in-flight") && v) { storm_in_flight = atoi(v); i++; }
         else if (a[0] != '-' && !scenario) scenario = a;
         else return usage("unknown or incomplete argument");
     }
     if (!module || !token_label || !pin || !key_label || !scenario) return usage("missing argument");
-    if (children < 1 || children > 64 || signatures < 1) return usage("--children is 1..64, --signatures at least 1");
+    if (children < 1 || (children > 64 && strcmp(scenario, "storm") && strcmp(scenario, "threads")) || children > 100000 || signatures < 1)
+        return usage("--children is 1..64 (storm and threads: up to 100000), --signatures at least 1");
+    if (storm_in_flight < 1 || storm_in_flight > 64) return usage("--in-flight is 1..64");
     if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "rsa-pkcs") && strcmp(mechanism_name, "ec") &&
         strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
 
@@ -515,6 +600,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "child-initializes")) result = scenario_child_initializes();
     else if (!strcmp(scenario, "child-teardown")) result = scenario_child_teardown();
     else if (!strcmp(scenario, "threads")) result = scenario_threads();
+    else if (!strcmp(scenario, "storm")) result = scenario_storm();
     else if (!strcmp(scenario, "pin-changed")) result = scenario_pin_changed();
     else if (!strcmp(scenario, "child-threads")) result = scenario_child_threads();
     else return usage("unknown scenario");
