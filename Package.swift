@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "p11fork-conformance", targets: ["p11fork-conformance"]),
         .executable(name: "p11fork-forkcheck", targets: ["p11fork-forkcheck"]),
         .executable(name: "p11fork-forksafe", targets: ["p11fork-forksafe"]),
+        .executable(name: "p11fork-secrets", targets: ["p11fork-secrets"]),
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
         .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
@@ -61,6 +62,12 @@ let package = Package(
         .executableTarget(
             name: "p11fork-forksafe",
             path: "Sources/TestTools/ForkSafe",
+            linkerSettings: [.linkedLibrary("dl")]
+        ),
+        // A logged-in process whose memory the secrets tests inspect (where does the PIN live?).
+        .executableTarget(
+            name: "p11fork-secrets",
+            path: "Sources/TestTools/Secrets",
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // A forking program signing through OpenSSL's pkcs11 engine (libp11), like nginx workers.

@@ -17,6 +17,7 @@ packages=(
   libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools tpm2-tools swtpm swtpm-tools
   libtss2-tcti-swtpm0 tpm2-abrmd libtss2-tcti-tabrmd0 dbus
   libnss3                   # NSS's softoken, a PKCS#11 3.0 module (interface tests)
+  gdb                       # gcore: core dumps of a logged-in process (secrets tests)
   python3
 )
 

@@ -1,0 +1,96 @@
+// p11fork-secrets: a process that logs in through a module and then lets a test inspect its
+// memory. It reads the PIN from standard input into a buffer it wipes right after C_Login, so
+// that any copy left in the process is the module's (or p11fork's) own. Then it obeys one
+// command per line on standard input and answers "done" after each:
+//   logout     C_Logout            finalize   C_Finalize
+//   fork       forks a child that signs with the inherited session (replaying the login) and
+//              waits for it; answers "done child <status>"
+// It exits when standard input closes. First line of output: "ready <pid>".
+//
+//   p11fork-secrets --module PATH --token LABEL --key LABEL  < "PIN\n" + commands
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <p11-kit-1/p11-kit/pkcs11.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static CK_FUNCTION_LIST_PTR p11;
+static CK_SESSION_HANDLE session;
+static CK_OBJECT_HANDLE key;
+
+static CK_RV sign_once(void) {
+    static const unsigned char data[32] = "p11fork secrets: 32 bytes.......";
+    unsigned char signature[1024];
+    CK_ULONG length = sizeof signature;
+    CK_MECHANISM m = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+    CK_RV rv = p11->C_SignInit(session, &m, key);
+    return rv == CKR_OK ? p11->C_Sign(session, (CK_BYTE_PTR)data, 32, signature, &length) : rv;
+}
+
+int main(int argc, char **argv) {
+    const char *module = NULL, *token = NULL, *label = NULL;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--module")) module = argv[i + 1];
+        else if (!strcmp(argv[i], "--token")) token = argv[i + 1];
+        else if (!strcmp(argv[i], "--key")) label = argv[i + 1];
+    }
+    if (!module || !token || !label) { fprintf(stderr, "usage: p11fork-secrets --module PATH --token LABEL --key LABEL\n"); return 2; }
+    alarm(120);
+    setvbuf(stdout, NULL, _IONBF, 0);
+    void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
+    CK_C_GetFunctionList get = library ? (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList") : NULL;
+    if (!get || get(&p11) != CKR_OK) { printf("fail load\n"); return 1; }
+    CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
+    if (p11->C_Initialize(&args) != CKR_OK) { printf("fail initialize\n"); return 1; }
+    CK_SLOT_ID slots[16];
+    CK_ULONG n = 16;
+    CK_SLOT_ID slot = (CK_SLOT_ID)-1;
+    if (p11->C_GetSlotList(CK_TRUE, slots, &n) != CKR_OK) { printf("fail slots\n"); return 1; }
+    for (CK_ULONG i = 0; i < n; i++) {
+        CK_TOKEN_INFO info;
+        size_t len = strlen(token);
+        if (p11->C_GetTokenInfo(slots[i], &info) == CKR_OK && len <= 32 && !memcmp(info.label, token, len)) { slot = slots[i]; break; }
+    }
+    if (slot == (CK_SLOT_ID)-1 || p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &session) != CKR_OK) { printf("fail session\n"); return 1; }
+
+    // The PIN: read with read(2) into our own buffer (no stdio buffer keeps a copy), used once, wiped.
+    char pin[128];
+    ssize_t got = 0;
+    while (got < (ssize_t)sizeof pin - 1) {
+        ssize_t r = read(0, pin + got, 1);
+        if (r != 1 || pin[got] == '\n') break;
+        got++;
+    }
+    CK_RV rv = p11->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)pin, (CK_ULONG)got);
+    explicit_bzero(pin, sizeof pin);
+    if (rv != CKR_OK) { printf("fail login 0x%lx\n", rv); return 1; }
+    CK_OBJECT_CLASS class = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE t[] = { { CKA_CLASS, &class, sizeof class }, { CKA_LABEL, (void *)label, strlen(label) } };
+    if (p11->C_FindObjectsInit(session, t, 2) != CKR_OK || p11->C_FindObjects(session, &key, 1, &n) != CKR_OK || n != 1) { printf("fail key\n"); return 1; }
+    p11->C_FindObjectsFinal(session);
+    if (sign_once() != CKR_OK) { printf("fail sign\n"); return 1; }
+    printf("ready %d\n", getpid());
+
+    char command[64];
+    size_t used = 0;
+    for (;;) {
+        char c;
+        if (read(0, &c, 1) != 1) break;
+        if (c != '\n') { if (used < sizeof command - 1) command[used++] = c; continue; }
+        command[used] = 0;
+        used = 0;
+        if (!strcmp(command, "logout")) printf("done 0x%lx\n", p11->C_Logout(session));
+        else if (!strcmp(command, "finalize")) printf("done 0x%lx\n", p11->C_Finalize(NULL));
+        else if (!strcmp(command, "fork")) {
+            pid_t pid = fork();
+            if (pid == 0) { alarm(20); _exit(sign_once() == CKR_OK ? 0 : 3); }
+            int status = 0;
+            waitpid(pid, &status, 0);
+            printf("done child %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        } else printf("done unknown\n");
+    }
+    return 0;
+}
