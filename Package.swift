@@ -3,11 +3,12 @@ import PackageDescription
 
 // libp11fork.so: the PKCS#11 module, with the Swift runtime linked in and only the three
 // PKCS#11 entry points exported (see Sources/P11Fork/exports.map).
+// P11FORK_SANITIZE=1 (set by scripts/sanitize.sh) drops `-z defs`: a sanitizer's runtime is
+// found only when the module is loaded into a sanitized process.
 let moduleLinkerFlags: [String] = [
     "-static-stdlib",
     "-Xlinker", "--version-script=\(Context.packageDirectory)/Sources/P11Fork/exports.map",
-    "-Xlinker", "-z", "-Xlinker", "defs",
-]
+] + (Context.environment["P11FORK_SANITIZE"] == nil ? ["-Xlinker", "-z", "-Xlinker", "defs"] : [])
 
 let package = Package(
     name: "p11fork",

@@ -3,12 +3,16 @@ import Foundation
 import Testing
 @testable import P11ForkCore
 
+/// The pid trace lines carry is set when the module loads, which these tests do not do: set once,
+/// before any line is built (suites run in parallel).
+let processIdentity: Void = { ForkDetection.pid = getpid() }()
+
 /// Trace formatting, with the level switched for the test (these tests share Trace.level).
 @Suite(.serialized) struct TraceLineTests {
     private func withLevel<T>(_ level: TraceLevel, _ body: () -> T) -> T {
         let saved = Trace.level
         Trace.level = level
-        ForkDetection.pid = getpid()  // set when the module loads; these tests do not load it
+        _ = processIdentity
         defer { Trace.level = saved }
         return body()
     }
@@ -131,6 +135,7 @@ import Testing
 
     /// The time stamp is computed, not formatted by strftime: it must agree with gmtime/strftime.
     @Test func timeStampMatchesTheCLibrary() {
+        _ = processIdentity
         var line = TraceLine(json: false)
         line.header()
         let text = line.text
