@@ -240,9 +240,20 @@ struct TraceLine: ~Copyable {
         count += length
     }
 
+    /// Six digits, with one bounds check and the pairs split without a modulo each.
     private mutating func appendMicroseconds(_ now: timespec) {
-        let micro = Int(now.tv_nsec / 1000)
-        appendTwoDigits(micro / 10_000); appendTwoDigits(micro / 100); appendTwoDigits(micro)
+        guard count + 6 <= limit else { truncated = true; return }
+        let micro = Int(truncatingIfNeeded: now.tv_nsec) / 1000
+        let high = micro / 10_000
+        let rest = micro - high * 10_000
+        let middle = rest / 100
+        let low = rest - middle * 100
+        let pairs = Self.digitPairs.utf8Start
+        for (offset, pair) in [high, middle, low].enumerated() {
+            buffer[count + 2 * offset] = pairs[2 * pair]
+            buffer[count + 2 * offset + 1] = pairs[2 * pair + 1]
+        }
+        count += 6
     }
 
     /// UTC date and second of the day for epoch seconds (the days-to-civil-date algorithm
