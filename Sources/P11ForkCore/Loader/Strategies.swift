@@ -39,7 +39,12 @@ enum ModuleRecovery {
     nonisolated(unsafe) static var strategy = ModuleStrategy.auto
 
     static func keepInitArguments(_ arguments: UnsafeMutableRawPointer?) {
-        guard let arguments else { initArguments = nil; return }
+        guard let arguments else {
+            // The copy kept from an earlier C_Initialize with arguments goes (found by the fuzzer).
+            initArguments?.deallocate()
+            initArguments = nil
+            return
+        }
         if initArguments == nil { initArguments = .allocate(capacity: 1) }
         initArguments!.pointee = arguments.assumingMemoryBound(to: CK_C_INITIALIZE_ARGS.self).pointee
     }
