@@ -30,6 +30,8 @@
  *                         cannot be loaded twice), fresh-copy, out-of-process, reinitialize.
  *   P11FORK_LOGIN_REPLAY  on (default): a child replays the parent's login with the kept PIN
  *                         (locked, non-dumpable memory); off: no PIN is kept.
+ *   P11FORK_REPLAY_LIMIT  bytes kept, in all, to make session objects and operations in progress
+ *                         again in a child (default 1048576; 64k, 4m also work; 0 keeps nothing).
  *
  * A configuration problem (variable unset, file missing, not a PKCS#11 module, unknown key,
  * bad value) makes C_Initialize write one line on stderr, naming the problem and the fix, and
@@ -56,8 +58,9 @@ extern "C" {
 CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ppFunctionList);
 
 #ifdef CKF_INTERFACE_FORK_SAFE /* a PKCS#11 3.0 header */
-/* The interfaces offered: "PKCS 11" 2.40, and "PKCS 11" 3.0 when the real module has a 3.0
- * interface (its 3.0 functions are then forwarded too). */
+/* The interfaces offered: "PKCS 11" 3.0 and 2.40, both with CKF_INTERFACE_FORK_SAFE (session
+ * objects, operations and logins carried into a forked child: README "Fork tolerance"). Over a
+ * 2.x module the 3.0-only functions answer CKR_FUNCTION_NOT_SUPPORTED. */
 CK_RV C_GetInterfaceList(CK_INTERFACE_PTR pInterfacesList, CK_ULONG_PTR pulCount);
 CK_RV C_GetInterface(CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR pVersion,
                      CK_INTERFACE_PTR_PTR ppInterface, CK_FLAGS flags);
