@@ -3,7 +3,8 @@ import Synchronization
 
 /// What happens when a call finds itself in a new process.
 ///
-/// The check on every call is one load (`ProcessMark.isCurrentProcess`). The first call in a
+/// The check on every call is one load (`ProcessMark.isFast`, which also covers tracing and a
+/// module copy; `isCurrentProcess` on the slow path). The first call in a
 /// child adopts the process exactly once, while the child's other threads wait: locks are made
 /// afresh (a fork that skipped the atfork handlers may have copied one held), the pid is read,
 /// the trace file re-opened when its name holds `%p`, kept PINs locked again, and the real

@@ -219,13 +219,6 @@ final class KeptMechanism: @unchecked Sendable {
         return memcmp(parameter.start, other, Int(parameterLength)) == 0
     }
 
-    /// The virtual object handles the parameter refers to (keys a replay depends on).
-    var referencedHandles: [CK_OBJECT_HANDLE] {
-        guard let parameter else { return [] }
-        return handleOffsets.map { parameter.start.load(fromByteOffset: $0, as: CK_OBJECT_HANDLE.self) }
-            .filter { $0 != CK_OBJECT_HANDLE(CK_INVALID_HANDLE) }
-    }
-
     var name: String { mechanismName(type).map { "\($0)" } ?? "mechanism 0x\(String(type, radix: 16))" }
 }
 
