@@ -91,6 +91,24 @@ enum ParameterLayout {
         }
     }
 
+    /// Offsets of the object handle fields.
+    static func handleOffsets(_ fields: [Field]) -> [Int] {
+        zip(fields, offsets(fields)).compactMap { $0.0 == .handle ? $0.1 : nil }
+    }
+
+    /// Turns the object handles at `offsets` of a parameter structure into real ones, in place;
+    /// CK_INVALID_HANDLE stays. False (structure partly translated) when `resolve` has none.
+    static func resolveHandles(in structure: UnsafeMutableRawPointer, at offsets: [Int],
+                               _ resolve: (CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE?) -> Bool {
+        for offset in offsets {
+            let virtual = structure.load(fromByteOffset: offset, as: CK_OBJECT_HANDLE.self)
+            if virtual == CK_OBJECT_HANDLE(CK_INVALID_HANDLE) { continue }
+            guard let real = resolve(virtual) else { return false }
+            structure.storeBytes(of: real, toByteOffset: offset, as: CK_OBJECT_HANDLE.self)
+        }
+        return true
+    }
+
     static func offsets(_ fields: [Field]) -> [Int] {
         var offsets: [Int] = []
         var offset = 0
@@ -199,12 +217,7 @@ final class KeptMechanism: @unchecked Sendable {
         for (offset, data) in buffers {
             structure.storeBytes(of: data.map { UnsafeRawPointer($0.start) }, toByteOffset: offset, as: UnsafeRawPointer?.self)
         }
-        for offset in handleOffsets {
-            let virtual = structure.load(fromByteOffset: offset, as: CK_OBJECT_HANDLE.self)
-            if virtual == CK_OBJECT_HANDLE(CK_INVALID_HANDLE) { continue }
-            guard let real = resolve(virtual) else { return nil }
-            structure.storeBytes(of: real, toByteOffset: offset, as: CK_OBJECT_HANDLE.self)
-        }
+        guard ParameterLayout.resolveHandles(in: structure, at: handleOffsets, resolve) else { return nil }
         var mechanism = CK_MECHANISM(mechanism: type, pParameter: structure, ulParameterLen: parameterLength)
         return body(&mechanism)
     }
@@ -235,12 +248,10 @@ enum MechanismHandles {
             let copy = UnsafeMutableRawPointer.allocate(byteCount: length, alignment: 8)
             defer { copy.deallocate() }
             copy.copyMemory(from: parameter, byteCount: length)
-            let offsets = ParameterLayout.offsets(fields)
-            for (index, field) in fields.enumerated() where field == .handle {
-                let virtual = copy.load(fromByteOffset: offsets[index], as: CK_OBJECT_HANDLE.self)
-                guard virtual != CK_OBJECT_HANDLE(CK_INVALID_HANDLE) else { continue }
+            // A handle that is not p11fork's becomes one the module refuses (its own answer).
+            _ = ParameterLayout.resolveHandles(in: copy, at: ParameterLayout.handleOffsets(fields)) { virtual in
                 var failure = CK_RV(CKR_OK)
-                copy.storeBytes(of: Objects.real(virtual, &failure), toByteOffset: offsets[index], as: CK_OBJECT_HANDLE.self)
+                return Objects.real(virtual, &failure)
             }
             var translated = mechanism.pointee
             translated.pParameter = copy
