@@ -4,4 +4,5 @@ preload_app = True
 workers = 2
 worker_class = "sync"
 timeout = 20  # a worker stuck in the module is killed by the master after this
+graceful_timeout = 5  # on stop, workers get this long to finish
 bind = "127.0.0.1:8000"  # override with --bind

@@ -56,7 +56,22 @@ def start(library, module, token_label, key_label):
     raise SystemExit("gunicorn found no free port")
 
 
+def started(pid):
+    """A process's start time (clock ticks after boot): with the pid, it names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
 def stop(master):
+    """Stops gunicorn; a worker stuck inside the module (deaf to SIGTERM) is killed."""
+    try:
+        with open(f"/proc/{master.pid}/task/{master.pid}/children") as f:
+            workers = {int(pid): started(pid) for pid in f.read().split()}
+    except OSError:
+        workers = {}
     if master.poll() is None:
         master.send_signal(signal.SIGTERM)  # the master stops its workers
         try:
@@ -64,6 +79,9 @@ def stop(master):
         except subprocess.TimeoutExpired:
             master.kill()
             master.wait()
+    for pid, start_time in workers.items():
+        if start_time is not None and started(pid) == start_time:
+            os.kill(pid, signal.SIGKILL)
 
 
 def answer_of(status, body):
