@@ -7,6 +7,7 @@ workers never log in or look the key up: that is the pattern PKCS#11 forbids and
 import hashlib
 import re
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -20,6 +21,15 @@ def digest_info(data: bytes) -> bytes:
     return SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
 
 
+def verifies(public_key, signature: bytes, data: bytes) -> bool:
+    """Whether `signature` is an RSA PKCS#1 v1.5 SHA-256 signature of `data` by `public_key`."""
+    try:
+        public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        return True
+    except InvalidSignature:
+        return False
+
+
 class Signer:
     """A logged-in session and a private key, plus the public key read from the token."""
 
@@ -27,11 +37,7 @@ class Signer:
         raise NotImplementedError
 
     def verify(self, signature: bytes, data: bytes) -> bool:
-        try:
-            self.public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
-            return True
-        except Exception:
-            return False
+        return verifies(self.public_key, signature, data)
 
     @staticmethod
     def describe(error: Exception) -> str:
@@ -95,14 +101,18 @@ class PythonPKCS11Signer(Signer):
         name = type(error).__name__
         if "not initialized" in str(error):
             return "CKR_CRYPTOKI_NOT_INITIALIZED"
-        if name != "PKCS11Error" and type(error).__module__.startswith("pkcs11"):
-            return "CKR_" + re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
-        return Signer.describe(error)
+        if name in ("PKCS11Error", "NoSuchKey", "NoSuchToken", "MultipleObjectsReturned", "MultipleTokensReturned") \
+                or not type(error).__module__.startswith("pkcs11"):
+            return Signer.describe(error)  # not a return code of the module
+        return "CKR_" + re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).upper()
 
 
 def open_signer(library, module, token_label, pin, key_label) -> Signer:
-    if library == "pykcs11":
-        return PyKCS11Signer(module, token_label, pin, key_label)
-    if library == "python-pkcs11":
-        return PythonPKCS11Signer(module, token_label, pin, key_label)
-    raise SystemExit(f"unknown library {library!r}: choose one of {', '.join(LIBRARIES)}")
+    kinds = {"pykcs11": PyKCS11Signer, "python-pkcs11": PythonPKCS11Signer}
+    if library not in kinds:
+        raise SystemExit(f"unknown library {library!r}: choose one of {', '.join(LIBRARIES)}")
+    try:
+        return kinds[library](module, token_label, pin, key_label)
+    except Exception as error:
+        raise SystemExit(f"{module}: opening token {token_label!r} and key {key_label!r} failed: "
+                         f"{kinds[library].describe(error)}") from None

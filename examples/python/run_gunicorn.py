@@ -15,13 +15,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives import serialization
+
+from p11signer import verifies
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUEST_SECONDS = 15
@@ -40,8 +42,10 @@ def start(library, module, token_label, key_label):
                        KEY_LABEL=key_label)
     for _ in range(5):
         url = f"http://127.0.0.1:{free_port()}"
+        log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty module cannot block gunicorn
         master = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", url[7:],
-                                   "gunicorn_app:application"], cwd=HERE, env=environment, stderr=subprocess.PIPE)
+                                   "gunicorn_app:application"], cwd=HERE, env=environment, stderr=log)
+        master.log = log
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline and master.poll() is None:
             try:
@@ -50,10 +54,14 @@ def start(library, module, token_label, key_label):
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
         stop(master)
-        log = master.stderr.read().decode(errors="replace")
-        if "Address already in use" not in log:
-            raise SystemExit(f"gunicorn did not start:\n{log}")
+        if "Address already in use" not in log_of(master):
+            raise SystemExit(f"gunicorn did not start:\n{log_of(master)}")
     raise SystemExit("gunicorn found no free port")
+
+
+def log_of(master):
+    master.log.seek(0)
+    return master.log.read().decode(errors="replace")
 
 
 def started(pid):
@@ -147,13 +155,7 @@ def main():
     verified, pids = 0, set()
     for number, (data, answer) in enumerate(answers):
         pid = answer.get("pid", "?")
-        ok = False
-        if "signature" in answer:
-            try:
-                public_key.verify(base64.b64decode(answer["signature"]), data, padding.PKCS1v15(), hashes.SHA256())
-                ok = True
-            except Exception:
-                pass
+        ok = "signature" in answer and verifies(public_key, base64.b64decode(answer["signature"]), data)
         print(f"request {number}: worker {pid}: " + ("signature verified" if ok else answer.get("error", "signature does not verify")))
         if ok:
             verified += 1
@@ -161,7 +163,10 @@ def main():
     print(f"{verified} of {len(answers)} signatures verified, made by {len(pids)} worker(s)"
           + (f" (pids {', '.join(map(str, sorted(pids)))})" if pids else "")
           + f"; {len({a['pid'] for _, a in answers if 'pid' in a})} worker(s) answered")
-    return 0 if answers and verified == len(answers) and len(pids) == 2 else 1
+    if verified != len(answers) or len(pids) != 2:
+        print(f"gunicorn's log:\n{log_of(master)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
