@@ -19,6 +19,7 @@ packages=(
   libnss3                   # NSS's softoken, a PKCS#11 3.0 module (interface tests)
   gdb                       # gcore: core dumps of a logged-in process (secrets tests)
   python3
+  python3-venv              # the venv .venv with the Python examples' packages (PyKCS11, python-pkcs11, gunicorn)
 )
 
 missing=()
@@ -31,4 +32,15 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -q
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q "${missing[@]}"
+fi
+
+# The Python examples' packages, pinned, in a venv in the repository (tests use .venv/bin/python).
+# Redone only when examples/python/requirements.txt changed since the last install.
+cd "$(dirname "$0")/.."
+requirements=examples/python/requirements.txt
+if ! cmp -s "$requirements" .venv/installed-requirements.txt 2>/dev/null; then
+  echo "p11fork: installing the Python packages of $requirements into .venv"
+  [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check --only-binary=:all: -r "$requirements"
+  cp "$requirements" .venv/installed-requirements.txt
 fi
