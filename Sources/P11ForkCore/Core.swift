@@ -3,7 +3,8 @@ import Glibc
 
 /// p11fork's process-wide state: the real module's functions, the handle epoch, the function
 /// lists and interfaces p11fork offers. Set up once, when the module is first asked for its
-/// function list (that is, right after the application loads it).
+/// function list (that is, right after the application loads it); the settings and the real
+/// module then too when the environment names the module, else at the first C_Initialize.
 enum Core {
     /// The real module's functions; nil when it could not be loaded (see `loadProblem`).
     nonisolated(unsafe) static var functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
@@ -47,7 +48,55 @@ enum Core {
         ProtectedMemory.install()
         ModuleRecovery.snapshotEnvironment()
 
-        switch Configuration.load(environment: environment) {
+        if Configuration.environmentNamesModule(environment) {
+            apply(Configuration.load(environment: environment))
+        } else {
+            // The settings may come with C_Initialize (pReserved): read them there.
+            pendingEnvironment = environment
+        }
+        buildLists()
+        // Tracing is set up now: calls may take the fast path unless they are to be timed.
+        ProcessMark.refresh()
+    }
+
+    /// The environment kept for reading the settings at the first C_Initialize; nil once read
+    /// (or when they were read at load).
+    nonisolated(unsafe) private static var pendingEnvironment: [String: String]?
+    /// Held only while the settings are read, at the first C_Initialize.
+    nonisolated(unsafe) private static let settleLock: UnsafeMutablePointer<pthread_mutex_t> = {
+        let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        pthread_mutex_init(lock, nil)
+        return lock
+    }()
+
+    /// At C_Initialize: reads the settings if they were left for it, with p11fork's pReserved
+    /// string when there is one. Returns whether the pReserved is p11fork's (then the real
+    /// module must not see it) and whether the settings were read now (tracing may have begun).
+    static func settle(reserved: UnsafeRawPointer?) -> (claimed: Bool, settledNow: Bool) {
+        let claimed = reserved.flatMap(Configuration.claimedReserved)
+        pthread_mutex_lock(settleLock)
+        defer { pthread_mutex_unlock(settleLock) }
+        guard let environment = pendingEnvironment else {
+            if claimed != nil, configuration != nil, !noticedUnusedReserved {
+                noticedUnusedReserved = true
+                Trace.event(.fork, "C_Initialize: the p11fork settings in pReserved are not used: the environment named the module (\(configuration!.moduleSource))")
+            }
+            return (claimed != nil, false)
+        }
+        pendingEnvironment = nil
+        switch claimed {
+        case .failure(let problem)?: apply(.failure(problem))
+        case .success(let text)?: apply(Configuration.load(environment: environment, reserved: text))
+        case nil: apply(Configuration.load(environment: environment))
+        }
+        ProcessMark.refresh()
+        return (claimed != nil, true)
+    }
+    nonisolated(unsafe) private static var noticedUnusedReserved = false
+
+    /// Takes a configuration (or its problem): tracing, the knobs, the real module.
+    private static func apply(_ result: Result<Configuration, ConfigurationProblem>) {
+        switch result {
         case .failure(let problem):
             loadProblem = problem
         case .success(let configuration):
@@ -67,12 +116,10 @@ enum Core {
                 self.module = module
                 functions = module.functions
                 Trace.event(.fork, "loaded \(module.path) (\(module.offers30 ? "PKCS#11 3.0 interface" : "PKCS#11 2.x function list")); fork detection by \(ProcessMark.wipedByKernel ? "MADV_WIPEONFORK page" : "pthread_atfork handler")")
+                Trace.event(.fork, "the module was named by \(configuration.moduleSource)")
             }
         }
         if let loadProblem { Trace.event(.error, loadProblem.message) }
-        buildLists()
-        // Tracing is set up now: calls may take the fast path unless they are to be timed.
-        ProcessMark.refresh()
     }
 
     private static func buildLists() {
