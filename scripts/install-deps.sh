@@ -19,6 +19,9 @@ packages=(
   libnss3                   # NSS's softoken, a PKCS#11 3.0 module (interface tests)
   gdb                       # gcore: core dumps of a logged-in process (secrets tests)
   python3
+  gnutls-bin                # p11tool, certtool: GnuTLS through p11-kit's module files (tests)
+  openjdk-17-jre-headless   # Java's SunPKCS11 provider (tests, examples/java)
+  openssh-client            # ssh-keygen -D, ssh-agent with a PKCS#11 provider (tests, examples/ssh)
 )
 
 missing=()
