@@ -106,7 +106,10 @@ enum Core {
             ReplayBudget.limit = configuration.replayLimit
             if let problem = Trace.configure(configuration.trace, level: configuration.traceLevel,
                                              format: configuration.traceFormat) {
-                loadProblem = ConfigurationProblem(problem)
+                // The message names the variable; the trace may have been named elsewhere.
+                let prefix = "P11FORK_TRACE="
+                loadProblem = ConfigurationProblem(problem.hasPrefix(prefix)
+                    ? "\(configuration.traceSource)=" + problem.dropFirst(prefix.count) : problem)
                 break
             }
             switch RealModule.load(path: configuration.modulePath, source: configuration.moduleSource) {

@@ -332,6 +332,9 @@ final class InitReservedTests: XCTestCase {
         let typo = try run(Products.module, "init", reserved: "p11fork: modul=/x.so")
         XCTAssertTrue(typo.stdout.contains("C_Initialize rv=0x5"), typo.output)
         XCTAssertTrue(typo.stderr.contains("p11fork: pReserved: unknown key 'modul'"), typo.output)
+        let trace = try run(Products.module, "init", reserved: "p11fork: module=\(RealModules.softHSM) trace=/nonexistent/dir/t.log")
+        XCTAssertTrue(trace.stdout.contains("C_Initialize rv=0x5"), trace.output)
+        XCTAssertTrue(trace.stderr.contains("p11fork: pReserved trace=/nonexistent/dir/t.log: cannot open the trace file"), trace.output)
     }
 
     /// The parent initialises with p11fork's settings, logs in and signs, then forks; the child

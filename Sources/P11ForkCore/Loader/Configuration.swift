@@ -16,6 +16,8 @@ struct Configuration: Equatable, Sendable {
     var modulePath: String
     var moduleSource: String
     var trace: TraceDestination?
+    /// Where the trace was named (for messages).
+    var traceSource = "P11FORK_TRACE"
     var traceLevel: TraceLevel
     var traceFormat: TraceFormat
     /// How a child gets a working module (ModuleStrategy).
@@ -109,6 +111,7 @@ struct Configuration: Equatable, Sendable {
                                           traceLevel: .calls, traceFormat: .text)
         if let trace = settings["trace"] {
             configuration.trace = trace.value == "stderr" ? .standardError : .file(template: trace.value)
+            configuration.traceSource = trace.source
         }
         if let level = settings["trace_level"] {
             guard let parsed = TraceLevel(name: level.value) else {
