@@ -107,6 +107,10 @@ final class P11KitRegistrationTests: ToolTestCase {
     /// `p11-kit list-modules` as an ordinary user (p11-kit reads no user configuration for root)
     /// whose ~/.config/pkcs11/modules holds the module file.
     private func listModulesAsUser(initReserved: Bool) throws -> ProcessResult {
+        try asUser(["/usr/bin/p11-kit", "list-modules"], initReserved: initReserved)
+    }
+
+    private func asUser(_ program: [String], initReserved: Bool = true, extra: [String: String] = [:]) throws -> ProcessResult {
         try writeModuleFolder("home/.config/pkcs11/modules", moduleFile: moduleFile(initReserved: initReserved))
         // The user (nobody) must reach the token, the home folder and the trace folder.
         _ = try runProgram("/bin/chmod", ["-R", "a+rwX", bench.token.directory.path])
@@ -114,8 +118,21 @@ final class P11KitRegistrationTests: ToolTestCase {
         var environment = bench.token.environment
         environment["HOME"] = home
         environment["XDG_CONFIG_HOME"] = home + "/.config"
-        return try runProgram("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/p11-kit", "list-modules"],
+        environment.merge(extra) { $1 }
+        return try runProgram("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups"] + program,
                               environment: environment, timeout: 60)
+    }
+
+    /// p11-kit's proxy module initialises its modules with their x-init-reserved: pkcs11-tool
+    /// signs through the proxy and p11fork, and openssl verifies (examples/sign-with-pkcs11-tool.sh).
+    func testProxySignsThroughP11ForkConfiguredByInitReserved() throws {
+        let data = try bench.file("proxy-data.txt", "signed through p11-kit's proxy and p11fork\n")
+        let result = try asUser([Products.example("sign-with-pkcs11-tool.sh"), RealModules.p11KitProxy, bench.token.label, "01", data.path],
+                                extra: ["PIN": bench.token.pin])
+        XCTAssertEqual(result.status, 0, result.output)
+        XCTAssertTrue(result.stdout.contains("Verified OK"), result.output)
+        XCTAssertTrue(try bench.traceText().contains("the module was named by pReserved module"))
+        try bench.assertSignedThroughP11Fork()
     }
 
     func testUserModuleFileWithInitReservedConfiguresP11Fork() throws {
