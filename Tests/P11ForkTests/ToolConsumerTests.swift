@@ -321,6 +321,11 @@ final class InitReservedTests: XCTestCase {
         return try runProgram("/usr/bin/python3", [script.path, module, mode, reserved ?? "-"], environment: environment, timeout: 60)
     }
 
+    private func traceText() throws -> String {
+        try FileManager.default.contentsOfDirectory(atPath: token.directory.path).filter { $0.hasPrefix("trace-") }
+            .map { try String(contentsOfFile: token.directory.appendingPathComponent($0).path, encoding: .utf8) }.joined()
+    }
+
     private var settings: String { "p11fork: module=\(RealModules.softHSM) trace=\(traceTemplate)" }
 
     func testP11ForkSettingsAreTakenAndNotPassedOn() throws {
@@ -331,6 +336,17 @@ final class InitReservedTests: XCTestCase {
         XCTAssertTrue(through.stdout.contains("C_Initialize rv=0x0"), through.output)
         let traces = try FileManager.default.contentsOfDirectory(atPath: token.directory.path).filter { $0.hasPrefix("trace-") }
         XCTAssertEqual(traces.count, 1, "the trace named in pReserved was written")
+    }
+
+    /// The environment wins: its module is used, and the p11fork string is still kept from SoftHSM.
+    func testTheEnvironmentWinsOverPReservedSettings() throws {
+        let result = try run(Products.module, "init", reserved: "p11fork: module=/nonexistent/libvendor.so",
+                             environment: ["P11FORK_MODULE": RealModules.softHSM, "P11FORK_TRACE": traceTemplate,
+                                           "P11FORK_TRACE_LEVEL": "fork"])
+        XCTAssertTrue(result.stdout.contains("C_Initialize rv=0x0"), result.output)
+        let trace = try traceText()
+        XCTAssertTrue(trace.contains("the module was named by P11FORK_MODULE"), trace)
+        XCTAssertTrue(trace.contains("the p11fork settings in pReserved are not used: the environment named the module (P11FORK_MODULE)"), trace)
     }
 
     func testAnotherPReservedGoesOnUnchanged() throws {
@@ -367,8 +383,7 @@ final class InitReservedTests: XCTestCase {
         let through = try run(Products.module, "fork", reserved: settings)
         XCTAssertTrue(through.stdout.contains("child C_Initialize rv=0x0"), through.output)
         XCTAssertTrue(through.stdout.contains("child exit 0"), "through p11fork: \(through.output)")
-        let trace = try FileManager.default.contentsOfDirectory(atPath: token.directory.path).filter { $0.hasPrefix("trace-") }
-            .map { try String(contentsOfFile: token.directory.appendingPathComponent($0).path, encoding: .utf8) }.joined()
+        let trace = try traceText()
         XCTAssertFalse(trace.contains(token.pin), "the PIN is in the trace")
     }
 
