@@ -373,12 +373,13 @@ final class InitReservedTests: XCTestCase {
     /// The parent initialises with p11fork's settings, logs in and signs, then forks; the child
     /// calls C_Initialize again with the same arguments (the old rule) and signs with the
     /// inherited session and key: the signature must equal the parent's (RSA PKCS#1 v1.5 is
-    /// deterministic). Directly, SoftHSM (reset_on_fork) drops the inherited state: it fails.
+    /// deterministic). Directly, SoftHSM (reset_on_fork) drops the inherited session: the child fails.
     func testChildInitializingAgainWithTheSameSettingsSigns() throws {
         let direct = try run(RealModules.softHSM, "fork", reserved: nil)
         XCTAssertTrue(direct.stdout.contains("parent signed"), direct.output)
-        XCTAssertFalse(direct.stdout.contains("child exit 0"), "directly the child cannot use what it inherited: \(direct.output)")
-        XCTAssertTrue(direct.stdout.contains("child exit "), direct.output)
+        // SoftHSM resets in the child's C_Initialize: the inherited session is gone (CKR_SESSION_HANDLE_INVALID).
+        XCTAssertTrue(direct.stdout.contains("child signed rv=0xb3"), "directly the child cannot use what it inherited: \(direct.output)")
+        XCTAssertTrue(direct.stdout.contains("child exit 2"), direct.output)
 
         let through = try run(Products.module, "fork", reserved: settings)
         XCTAssertTrue(through.stdout.contains("child C_Initialize rv=0x0"), through.output)
@@ -387,7 +388,20 @@ final class InitReservedTests: XCTestCase {
         XCTAssertFalse(trace.contains(token.pin), "the PIN is in the trace")
     }
 
-    /// Calls a PKCS#11 module through ctypes. Modes: `init` (C_Initialize only) and `fork`.
+    /// A child that never calls C_Initialize works with its parent's settings (read from pReserved
+    /// in the parent). Directly, SoftHSM (reset_on_fork) answers the child CKR_CRYPTOKI_NOT_INITIALIZED.
+    func testChildThatDoesNotInitializeUsesTheParentsSettings() throws {
+        let direct = try run(RealModules.softHSM, "fork-inherit", reserved: nil)
+        XCTAssertTrue(direct.stdout.contains("child signed rv=0x190"), direct.output)
+        XCTAssertTrue(direct.stdout.contains("child exit 2"), direct.output)
+
+        let through = try run(Products.module, "fork-inherit", reserved: settings)
+        XCTAssertTrue(through.stdout.contains("child exit 0"), "through p11fork: \(through.output)")
+        XCTAssertTrue(try traceText().contains("fork detected: this is a child of pid"), "the child traced to its own file")
+    }
+
+    /// Calls a PKCS#11 module through ctypes. Modes: `init` (C_Initialize only), `fork` (the
+    /// child calls C_Initialize again first) and `fork-inherit` (it does not).
     /// The child arms alarm() and _exit()s: 0 when its signature equals the parent's.
     static let program = #"""
     import ctypes, os, signal, sys
@@ -459,8 +473,9 @@ final class InitReservedTests: XCTestCase {
     pid = os.fork()
     if pid == 0:
         signal.alarm(20)
-        rv = initialize(ctypes.addressof(args))
-        print("child C_Initialize rv=0x%x" % rv, flush=True)
+        if mode == "fork":
+            rv = initialize(ctypes.addressof(args))
+            print("child C_Initialize rv=0x%x" % rv, flush=True)
         rv, child = sign()
         print("child signed rv=0x%x" % rv, flush=True)
         os._exit(0 if rv == 0 and child == parent else 2 if rv != 0 else 3)
