@@ -85,6 +85,12 @@ class ToolTestCase: XCTestCase {
 final class P11KitRegistrationTests: ToolTestCase {
     override var tools: [String] { ["/usr/bin/p11-kit", "/usr/bin/p11tool", "/usr/bin/certtool", "/usr/bin/setpriv", "/usr/bin/unshare"] }
 
+    override func setUpWithError() throws {
+        // Switching to another user and mounting in a private namespace need root.
+        guard getuid() == 0 else { throw XCTSkip("these tests run as root (setpriv, unshare -m)") }
+        try super.setUpWithError()
+    }
+
     /// The example module file with this build's paths; `traced` adds a trace to its settings.
     private func moduleFile(initReserved: Bool) throws -> String {
         var text = try String(contentsOfFile: Products.example("p11-kit/p11fork.module"), encoding: .utf8)
