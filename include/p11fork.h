@@ -5,11 +5,22 @@
  * module to load. Everything an application does goes through the standard PKCS#11 entry
  * points below; p11fork forwards each call to the real module.
  *
- * Configuration (read once, when the module is first asked for its function list; later
- * changes to the environment are not seen, since daemons scrub their workers' environment):
+ * Configuration (read once per process; later changes to the environment are not seen, since
+ * daemons scrub their workers' environment). The first source that sets a key wins:
+ *   1. the P11FORK_* variables below;
+ *   2. C_Initialize's pReserved, when it is a string starting with "p11fork:" (p11-kit's
+ *      x-init-reserved): "key=value" words separated by spaces, the file keys below plus
+ *      config=FILE (read below the words); "p11fork: module=/usr/lib/softhsm/libsofthsm2.so".
+ *      Such a string is p11fork's: the real module gets pReserved = NULL. Any other pReserved
+ *      goes to the real module unchanged;
+ *   3. the file named by P11FORK_CONFIG;
+ *   4. /etc/p11fork.conf, read only when none of the above names the real module.
+ * When P11FORK_MODULE or P11FORK_CONFIG is set, the settings are read when the module is first
+ * asked for its function list (and pReserved settings are not used); otherwise at the first
+ * C_Initialize, which loads the real module then.
  *
- *   P11FORK_MODULE        Path of the real PKCS#11 module. Required, unless the
- *                         configuration file names it.
+ *   P11FORK_MODULE        Path of the real PKCS#11 module. Required, unless another source
+ *                         names it.
  *   P11FORK_CONFIG        Optional file of "key = value" lines with the same settings:
  *                           module       = /usr/lib/vendor/libvendorpkcs11.so
  *                           trace        = stderr | /path/to/file (%p = process id)
@@ -17,6 +28,7 @@
  *                           trace_format = text | json
  *                           strategy     = auto | fresh-copy | out-of-process | reinitialize
  *                           login_replay = on | off
+ *                           replay_limit = 1048576 | 64k | 4m | 0
  *                         '#' starts a comment; a value may be in double quotes. A variable
  *                         that is set wins over the same key in the file.
  *   P11FORK_TRACE         Where trace lines go: "stderr", or a file path (opened for appending;
@@ -33,8 +45,8 @@
  *   P11FORK_REPLAY_LIMIT  bytes kept, in all, to make session objects and operations in progress
  *                         again in a child (default 1048576; 64k, 4m also work; 0 keeps nothing).
  *
- * A configuration problem (variable unset, file missing, not a PKCS#11 module, unknown key,
- * bad value) makes C_Initialize write one line on stderr, naming the problem and the fix, and
+ * A configuration problem (no module named, file missing, not a PKCS#11 module, unknown key,
+ * bad value, in a variable, a file or pReserved) makes C_Initialize write one line on stderr, naming the problem and the fix, and
  * return CKR_GENERAL_ERROR.
  *
  * Handles: slot IDs, session handles and object handles seen by the application are p11fork's

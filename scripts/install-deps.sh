@@ -20,6 +20,9 @@ packages=(
   gdb                       # gcore: core dumps of a logged-in process (secrets tests)
   python3
   python3-venv              # the venv .venv with the Python examples' packages (PyKCS11, python-pkcs11, gunicorn)
+  gnutls-bin                # p11tool, certtool: GnuTLS through p11-kit's module files (tests)
+  openjdk-17-jre-headless   # Java's SunPKCS11 provider (tests, examples/java)
+  openssh-client            # ssh-keygen -D, ssh-agent with a PKCS#11 provider (tests, examples/ssh)
 )
 
 missing=()

@@ -3,7 +3,8 @@ import Glibc
 
 /// p11fork's process-wide state: the real module's functions, the handle epoch, the function
 /// lists and interfaces p11fork offers. Set up once, when the module is first asked for its
-/// function list (that is, right after the application loads it).
+/// function list (that is, right after the application loads it); the settings and the real
+/// module then too when the environment names the module, else at the first C_Initialize.
 enum Core {
     /// The real module's functions; nil when it could not be loaded (see `loadProblem`).
     nonisolated(unsafe) static var functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
@@ -40,6 +41,7 @@ enum Core {
         ForkDetection.install()
         // Locks are made outermost first: the fork handlers take them in this order (Recovery's
         // lock is held while Records' and the tables' are taken, never the other way round).
+        settleLock = ForkDetection.register(ForkSafeLock())
         Recovery.install()
         Records.install()
         SessionNotifications.install()
@@ -47,7 +49,54 @@ enum Core {
         ProtectedMemory.install()
         ModuleRecovery.snapshotEnvironment()
 
-        switch Configuration.load(environment: environment) {
+        if Configuration.environmentNamesModule(environment) {
+            apply(Configuration.load(environment: environment))
+        } else {
+            // The settings may come with C_Initialize (pReserved): read them there.
+            pendingEnvironment = environment
+        }
+        buildLists()
+        // Tracing is set up now: calls may take the fast path unless they are to be timed.
+        ProcessMark.refresh()
+    }
+
+    /// The environment kept for reading the settings at the first C_Initialize; nil once read
+    /// (or when they were read at load).
+    nonisolated(unsafe) private static var pendingEnvironment: [String: String]?
+    /// Held only while the settings are read, at the first C_Initialize (a fork waits for it:
+    /// the child never inherits it held).
+    nonisolated(unsafe) private static var settleLock: ForkSafeLock!
+
+    /// At C_Initialize: reads the settings if they were left for it, with p11fork's pReserved
+    /// string when there is one. Returns whether the pReserved is p11fork's (then the real
+    /// module must not see it) and whether the settings were read now (tracing may have begun).
+    static func settle(reserved: UnsafeRawPointer?) -> (claimed: Bool, settledNow: Bool) {
+        let claimed = reserved.flatMap(Configuration.claimedReserved)
+        return settleLock.withLock { settleLocked(claimed) }
+    }
+
+    private static func settleLocked(_ claimed: Result<String, ConfigurationProblem>?) -> (claimed: Bool, settledNow: Bool) {
+        guard let environment = pendingEnvironment else {
+            if claimed != nil, configuration != nil, !noticedUnusedReserved {
+                noticedUnusedReserved = true
+                Trace.event(.fork, "C_Initialize: the p11fork settings in pReserved are not used: the environment named the module (\(configuration!.moduleSource))")
+            }
+            return (claimed != nil, false)
+        }
+        pendingEnvironment = nil
+        switch claimed {
+        case .failure(let problem)?: apply(.failure(problem))
+        case .success(let text)?: apply(Configuration.load(environment: environment, reserved: text))
+        case nil: apply(Configuration.load(environment: environment))
+        }
+        ProcessMark.refresh()
+        return (claimed != nil, true)
+    }
+    nonisolated(unsafe) private static var noticedUnusedReserved = false
+
+    /// Takes a configuration (or its problem): tracing, the knobs, the real module.
+    private static func apply(_ result: Result<Configuration, ConfigurationProblem>) {
+        switch result {
         case .failure(let problem):
             loadProblem = problem
         case .success(let configuration):
@@ -57,7 +106,10 @@ enum Core {
             ReplayBudget.limit = configuration.replayLimit
             if let problem = Trace.configure(configuration.trace, level: configuration.traceLevel,
                                              format: configuration.traceFormat) {
-                loadProblem = ConfigurationProblem(problem)
+                // The message names the variable; the trace may have been named elsewhere.
+                let prefix = "P11FORK_TRACE="
+                loadProblem = ConfigurationProblem(problem.hasPrefix(prefix)
+                    ? "\(configuration.traceSource)=" + problem.dropFirst(prefix.count) : problem)
                 break
             }
             switch RealModule.load(path: configuration.modulePath, source: configuration.moduleSource) {
@@ -67,12 +119,10 @@ enum Core {
                 self.module = module
                 functions = module.functions
                 Trace.event(.fork, "loaded \(module.path) (\(module.offers30 ? "PKCS#11 3.0 interface" : "PKCS#11 2.x function list")); fork detection by \(ProcessMark.wipedByKernel ? "MADV_WIPEONFORK page" : "pthread_atfork handler")")
+                Trace.event(.fork, "the module was named by \(configuration.moduleSource)")
             }
         }
         if let loadProblem { Trace.event(.error, loadProblem.message) }
-        buildLists()
-        // Tracing is set up now: calls may take the fast path unless they are to be timed.
-        ProcessMark.refresh()
     }
 
     private static func buildLists() {

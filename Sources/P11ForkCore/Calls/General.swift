@@ -5,7 +5,11 @@ import Glibc
 /// the 3.0 interface functions. The rest of `Custom` is in the other files of Calls/.
 enum Custom {
     static let C_Initialize: CK_C_Initialize = { pInitArgs in
-        let call = Call(.C_Initialize)
+        var call = Call(.C_Initialize)
+        let args = pInitArgs?.assumingMemoryBound(to: CK_C_INITIALIZE_ARGS.self)
+        let (claimed, settledNow) = Core.settle(reserved: args?.pointee.pReserved.map { UnsafeRawPointer($0) })
+        // Settings read just now may have turned tracing on: this call is then traced too.
+        if settledNow { call = Call(.C_Initialize) }
         let rv: CK_RV
         if let problem = Core.loadProblem {
             // One line on stderr naming the problem and the fix, every time the app tries.
@@ -19,23 +23,34 @@ enum Custom {
             rv = CK_RV(CKR_OK)
             Trace.event(.fork, "C_Initialize in the child: the module was already made ready for this process: answered CKR_OK")
         } else if let function = Core.functions?.pointee.C_Initialize {
-            // The application's arguments (mutex callbacks, flags, pReserved) go on unchanged.
-            rv = function(pInitArgs)
-            if rv == CKR_OK {
-                Core.appInitialized = true
-                ModuleRecovery.keepInitArguments(pInitArgs)
+            // The application's arguments (mutex callbacks, flags, pReserved) go on unchanged,
+            // but for a pReserved holding p11fork's own settings, which the real module never sees.
+            let forward = { (passed: UnsafeMutableRawPointer?) -> CK_RV in
+                let rv = function(passed)
+                if rv == CKR_OK {
+                    Core.appInitialized = true
+                    ModuleRecovery.keepInitArguments(passed)
+                }
+                return rv
+            }
+            if claimed, var own = args?.pointee {
+                own.pReserved = nil
+                rv = withUnsafeMutablePointer(to: &own) { forward(UnsafeMutableRawPointer($0)) }
+            } else {
+                rv = forward(pInitArgs)
             }
         } else {
             rv = Core.unusable ?? CK_RV(CKR_GENERAL_ERROR)
         }
         if call.isTraced {
             var line = call.line()
-            if let args = pInitArgs?.assumingMemoryBound(to: CK_C_INITIALIZE_ARGS.self) {
+            if let args {
                 line.flags("flags", args.pointee.flags, names: CK_FLAGS.initializeFlagNames)
                 line.key("mutexCallbacks")
                 line.symbol { $0.append(args.pointee.CreateMutex != nil ? "yes" : "no") }
                 line.key("reserved")
-                if args.pointee.pReserved == nil { line.null() } else { line.symbol { $0.append("ptr") } }
+                if claimed { line.symbol { $0.append("p11fork-settings") } }
+                else if args.pointee.pReserved == nil { line.null() } else { line.symbol { $0.append("ptr") } }
             } else {
                 line.key("args")
                 line.null()

@@ -1,14 +1,23 @@
 import Glibc
 
-/// p11fork's settings, read once when the module is loaded (DESIGN.md "Configuration"): from the
-/// environment, and from the `key = value` file named by P11FORK_CONFIG. A variable that is set
-/// wins over the same key in the file. Daemons scrub their workers' environment, so nothing is
+/// p11fork's settings, read once per process (DESIGN.md "Configuration"; README "Configuration").
+/// Where they come from, the first that sets a key winning:
+///  1. the P11FORK_* variables;
+///  2. the `p11fork: key=value ...` string an application passes as C_Initialize's pReserved
+///     (p11-kit's `x-init-reserved:`), then the file its `config=` names;
+///  3. the `key = value` file named by P11FORK_CONFIG;
+///  4. /etc/p11fork.conf, read only when none of these names the module.
+/// When the environment names the module (P11FORK_MODULE or P11FORK_CONFIG) the settings are read
+/// when the library is loaded and a pReserved string is not consulted; otherwise they are read at
+/// the first C_Initialize (Core.settle). Daemons scrub their workers' environment, so nothing is
 /// read again later.
 struct Configuration: Equatable, Sendable {
     /// Path of the real module and where it was named (for messages).
     var modulePath: String
     var moduleSource: String
     var trace: TraceDestination?
+    /// Where the trace was named (for messages).
+    var traceSource = "P11FORK_TRACE"
     var traceLevel: TraceLevel
     var traceFormat: TraceFormat
     /// How a child gets a working module (ModuleStrategy).
@@ -26,34 +35,83 @@ struct Configuration: Equatable, Sendable {
         ("replay_limit", "P11FORK_REPLAY_LIMIT"),
     ]
 
+    /// The file read when nothing else names the module.
+    static let systemFile = "/etc/p11fork.conf"
+    /// A C_Initialize pReserved string starting with this holds p11fork's settings.
+    static let reservedPrefix = "p11fork:"
+
+    typealias Settings = [String: (value: String, source: String)]
+
+    /// True when the environment names the module, so that the settings can be read at load.
+    static func environmentNamesModule(_ environment: [String: String]) -> Bool {
+        ["P11FORK_MODULE", "P11FORK_CONFIG"].contains { !(environment[$0] ?? "").isEmpty }
+    }
+
     /// Reads the configuration; on a problem, the one-line message that names it and the fix.
-    static func load(environment: [String: String],
-                            readFile: (String) -> Result<String, ConfigurationProblem> = Self.readFile)
+    /// `reserved`: the pReserved string given to C_Initialize, when it starts with `p11fork:`.
+    static func load(environment: [String: String], reserved: String? = nil,
+                     readFile: (String) -> Result<String, FileProblem> = Self.readFile)
         -> Result<Configuration, ConfigurationProblem> {
-        var settings: [String: (value: String, source: String)] = [:]
+        var settings: Settings = [:]
+        // Lowest first: each layer overwrites what the one below set.
         if let path = environment["P11FORK_CONFIG"], !path.isEmpty {
-            let text: String
-            switch readFile(path) {
-            case .success(let contents): text = contents
+            switch readSettings(path, readFile, unreadable: { "P11FORK_CONFIG=\(path): cannot read the file (\($0)): create it, or unset P11FORK_CONFIG" }) {
+            case .success(let fromFile): settings.merge(fromFile) { $1 }
             case .failure(let problem): return .failure(problem)
             }
-            switch parse(text, path: path) {
-            case .success(let fromFile): settings = fromFile
+        }
+        if let reserved {
+            switch parseReserved(reserved) {
+            case .success(let (inline, config)):
+                if let config {
+                    switch readSettings(config, readFile, unreadable: { "pReserved config=\(config): cannot read the file (\($0)): create it, or change the p11fork: settings given to C_Initialize (p11-kit: x-init-reserved)" }) {
+                    case .success(let fromFile): settings.merge(fromFile) { $1 }
+                    case .failure(let problem): return .failure(problem)
+                    }
+                }
+                settings.merge(inline) { $1 }
             case .failure(let problem): return .failure(problem)
             }
         }
         for (key, variable) in keys {
             if let value = environment[variable], !value.isEmpty { settings[key] = (value, variable) }
         }
+        if settings["module"] == nil {
+            // The host's default, only when nothing more specific names the module; it fills gaps.
+            switch readFile(systemFile) {
+            case .success(let text):
+                switch parse(text, path: systemFile) {
+                case .success(let fromFile): settings.merge(fromFile) { current, _ in current }
+                case .failure(let problem): return .failure(problem)
+                }
+            case .failure(let problem) where !problem.missing:
+                return .failure(ConfigurationProblem("\(systemFile): cannot read the file (\(problem.reason)): make it readable, or remove it"))
+            case .failure: break
+            }
+        }
+        return make(settings)
+    }
 
+    /// Reads and parses one settings file; `unreadable` makes the message from the reason.
+    private static func readSettings(_ path: String, _ readFile: (String) -> Result<String, FileProblem>,
+                                     unreadable: (String) -> String) -> Result<Settings, ConfigurationProblem> {
+        switch readFile(path) {
+        case .success(let text): return parse(text, path: path)
+        case .failure(let problem): return .failure(ConfigurationProblem(unreadable(problem.reason)))
+        }
+    }
+
+    /// The configuration the settings describe.
+    private static func make(_ settings: Settings) -> Result<Configuration, ConfigurationProblem> {
         guard let module = settings["module"] else {
             return .failure(ConfigurationProblem(
-                "P11FORK_MODULE is not set: set it to the path of the real PKCS#11 module (for example P11FORK_MODULE=/usr/lib/softhsm/libsofthsm2.so), or put 'module = PATH' in a file named by P11FORK_CONFIG"))
+                "P11FORK_MODULE is not set: set it to the path of the real PKCS#11 module (for example P11FORK_MODULE=/usr/lib/softhsm/libsofthsm2.so), put 'module = PATH' in a file named by P11FORK_CONFIG or in \(systemFile), or give C_Initialize 'p11fork: module=PATH' as pReserved (p11-kit: x-init-reserved)"))
         }
         var configuration = Configuration(modulePath: module.value, moduleSource: module.source, trace: nil,
                                           traceLevel: .calls, traceFormat: .text)
         if let trace = settings["trace"] {
             configuration.trace = trace.value == "stderr" ? .standardError : .file(template: trace.value)
+            configuration.traceSource = trace.source
         }
         if let level = settings["trace_level"] {
             guard let parsed = TraceLevel(name: level.value) else {
@@ -137,12 +195,12 @@ struct Configuration: Equatable, Sendable {
         return .success(settings)
     }
 
-    static func readFile(_ path: String) -> Result<String, ConfigurationProblem> {
+    /// Reads a settings file of at most 1 MiB.
+    static func readFile(_ path: String) -> Result<String, FileProblem> {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
-            let reason = String(cString: strerror(errno))
-            return .failure(ConfigurationProblem(
-                "P11FORK_CONFIG=\(path): cannot read the file (\(reason)): create it, or unset P11FORK_CONFIG"))
+            let missing = errno == ENOENT
+            return .failure(FileProblem(reason: String(cString: strerror(errno)), missing: missing))
         }
         defer { close(fd) }
         var bytes: [UInt8] = []
@@ -152,11 +210,68 @@ struct Configuration: Equatable, Sendable {
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else { break }
             bytes.append(contentsOf: chunk[0..<n])
-            if bytes.count > 1 << 20 {
-                return .failure(ConfigurationProblem("P11FORK_CONFIG=\(path): the file is larger than 1 MiB: is it the right file?"))
-            }
+            if bytes.count > 1 << 20 { return .failure(FileProblem(reason: "larger than 1 MiB: is it the right file?")) }
         }
         return .success(String(decoding: bytes, as: UTF8.self))
+    }
+
+    /// Parses the settings of a pReserved string: `p11fork:` then `key=value` words separated by
+    /// spaces, a value in double quotes when it holds spaces; the keys of the file, and `config`
+    /// (a settings file read below the words). Returns the words' settings and that file's path.
+    static func parseReserved(_ text: String) -> Result<(Settings, config: String?), ConfigurationProblem> {
+        var rest = Substring(text)
+        guard rest.hasPrefix(reservedPrefix) else {
+            return .failure(ConfigurationProblem("pReserved: p11fork's settings start with '\(reservedPrefix)'"))
+        }
+        rest = rest.dropFirst(reservedPrefix.count)
+        var settings: Settings = [:]
+        var config: String?
+        let spaces: Set<Character> = [" ", "\t", "\n", "\r"]
+        while true {
+            rest = rest.drop(while: { spaces.contains($0) })
+            guard !rest.isEmpty else { break }
+            guard let equals = rest.firstIndex(of: "="),
+                  !rest[..<equals].contains(where: { spaces.contains($0) }) else {
+                let word = rest.prefix(while: { !spaces.contains($0) })
+                return .failure(ConfigurationProblem("pReserved: expected 'key=value', found '\(word)'"))
+            }
+            let key = String(rest[..<equals])
+            rest = rest[rest.index(after: equals)...]
+            var value: Substring
+            if rest.first == "\"" {
+                rest = rest.dropFirst()
+                guard let close = rest.firstIndex(of: "\"") else {
+                    return .failure(ConfigurationProblem("pReserved \(key): the value has no closing '\"'"))
+                }
+                value = rest[..<close]
+                rest = rest[rest.index(after: close)...]
+            } else {
+                value = rest.prefix(while: { !spaces.contains($0) })
+                rest = rest.dropFirst(value.count)
+            }
+            guard key == "config" || keys.contains(where: { $0.key == key }) else {
+                let known = (keys.map(\.key) + ["config"]).joined(separator: ", ")
+                return .failure(ConfigurationProblem("pReserved: unknown key '\(key)': the keys are \(known)"))
+            }
+            guard !value.isEmpty else { return .failure(ConfigurationProblem("pReserved: '\(key)' has no value")) }
+            if key == "config" { config = String(value) } else { settings[key] = (String(value), "pReserved \(key)") }
+        }
+        return .success((settings, config))
+    }
+
+    /// The pReserved of C_Initialize's arguments when it is p11fork's settings string (it starts
+    /// with `p11fork:`); nil for anything else, which goes on to the real module unchanged.
+    /// Compared byte by byte, so a pointer that is not a string is read no further than it
+    /// differs from the prefix.
+    static func claimedReserved(_ pointer: UnsafeRawPointer) -> Result<String, ConfigurationProblem>? {
+        let text = pointer.assumingMemoryBound(to: CChar.self)
+        guard strncmp(text, reservedPrefix, reservedPrefix.utf8.count) == 0 else { return nil }
+        let limit = 1 << 16
+        let length = strnlen(text, limit)
+        guard length < limit else {
+            return .failure(ConfigurationProblem("pReserved: the p11fork: settings are longer than 64 KiB: put them in a file and give 'p11fork: config=PATH'"))
+        }
+        return .success(String(decoding: UnsafeRawBufferPointer(start: pointer, count: length), as: UTF8.self))
     }
 
     /// The process environment as it is now (read once, at load).
@@ -172,6 +287,12 @@ struct Configuration: Equatable, Sendable {
         }
         return result
     }
+}
+
+/// Why a settings file could not be read; `missing` when it does not exist.
+struct FileProblem: Error, Equatable, Sendable {
+    let reason: String
+    var missing = false
 }
 
 /// A configuration or loading problem, as the single line written to stderr.
