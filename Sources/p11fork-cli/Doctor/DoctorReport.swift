@@ -154,7 +154,7 @@ struct DoctorReport: Codable {
             lines.append("  give your application this module path: \(configuration.p11forkModule)")
             lines.append("  and set in its environment:")
             lines += configuration.environment.map { "    \($0)" }
-            lines.append("  or, for daemons that clear their workers' environment, put in a file named by P11FORK_CONFIG=/etc/p11fork.conf:")
+            lines.append("  or put in /etc/p11fork.conf (read when nothing else names the module), or in a file named by P11FORK_CONFIG:")
             lines += configuration.configFile.map { "    \($0)" }
             lines.append("  (the module's own settings, such as SOFTHSM2_CONF, stay as they are)")
         } else {
