@@ -119,8 +119,10 @@ import Testing
         let setup = try Setup()
         let direct = try Self.run(setup, throughP11Fork: false, ["--child-fault", fault] + Self.expect(directCodes))
         #expect(direct.succeeded && direct.answers("child") == directCodes, "directly: \(direct.report)")
-        let through = try Self.run(setup, throughP11Fork: true, ["--child-fault", fault] + Self.expect(codes))
+        let through = try Self.run(setup, throughP11Fork: true, ["--child-fault", fault, "--scan-child"] + Self.expect(codes))
         #expect(through.succeeded && through.answers("child") == codes, "through p11fork: \(through.report)")
+        // The replayed login's PIN is still kept in the child (what the scan of a failed replay must not find).
+        #expect(through.result.stdout.contains("the PIN is in the child's memory 1 time(s)"), "\(through.report)")
         #expect(through.childCount("C_Initialize") == 1, "one recovery only: \(through.report)")
         #expect(through.childCount("C_Login") == 1, "one login replay only: \(through.report)")
         #expect(through.trace.components(separatedBy: "fork detected").count == 2, "\(through.report)")
@@ -161,16 +163,19 @@ import Testing
         #expect(!through.trace.contains("module ready in the child"), "\(through.report)")
     }
 
-    /// The PIN is locked or expired between parent and child: the login replay is made once,
-    /// answers that code, and is not tried again whatever the child does next; the calls that need
-    /// the login answer the same code; the parent's login is untouched.
-    @Test(arguments: [("CKR_PIN_LOCKED", pinLocked), ("CKR_PIN_EXPIRED", pinExpired)])
-    func pinLockedOrExpiredInTheChild(_ code: String, _ answer: String) throws {
+    /// The PIN is locked or expired between parent and child (or the token fails the login): the
+    /// login replay is made once, answers that code, and is not tried again whatever the child does
+    /// next; the calls that need the login answer the same code; the kept PIN is gone from the
+    /// child's memory (a child whose replay worked holds one copy: the scan finds it); the parent's
+    /// login is untouched.
+    @Test(arguments: [("CKR_PIN_LOCKED", pinLocked), ("CKR_PIN_EXPIRED", pinExpired), ("CKR_DEVICE_ERROR", deviceError)])
+    func loginReplayFailsInTheChild(_ code: String, _ answer: String) throws {
         let setup = try Setup()
         let codes = [answer, answer, answer, answer]
-        let through = try Self.run(setup, throughP11Fork: true, ["--fault", "C_Login \(code) child"] + Self.expect(codes))
+        let through = try Self.run(setup, throughP11Fork: true, ["--fault", "C_Login \(code) child", "--scan-child"] + Self.expect(codes))
         #expect(through.succeeded && through.answers("child") == codes, "\(through.report)")
         #expect(through.childCount("C_Login") == 1, "the PIN was sent more than once: \(through.report)")
+        #expect(through.result.stdout.contains("the PIN is in the child's memory 0 time(s)"), "\(through.report)")
         #expect(through.childCount("C_Initialize") == 1, "\(through.report)")
         #expect(through.trace.components(separatedBy: "login replay failed").count == 2
                 && through.trace.contains("answered \(code); the kept PIN is wiped and will not be tried again"), "\(through.report)")

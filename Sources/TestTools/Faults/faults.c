@@ -4,6 +4,7 @@
 //
 //   p11fork-faults --module PATH --token LABEL --pin PIN --key LABEL --control FILE
 //                  [--fault LINE] [--child-fault LINE] [--expect RV,RV,RV,RV] [--in-parent | --hang SECONDS]
+//                  [--scan-child]
 //
 // The parent initialises, logs in, finds the key (an RSA key pair), signs, then writes --fault to
 // the control file and forks. The child makes four calls with what it inherited, each printed with
@@ -16,10 +17,15 @@
 // --hang S: the child's first call is expected not to return; a second thread of the child calls
 // too, 0.3 s later. After S seconds the parent reads the child's CPU time (/proc/PID/stat), prints
 // it, kills the child and carries on.
+// --scan-child: after its calls the child waits while the parent counts the copies of the PIN in
+// the child's memory (/proc/PID/mem); the driver itself keeps the PIN only masked (its argument
+// is wiped at start, the plain copy given to C_Login wiped right after), so a copy found is the
+// module's or p11fork's.
 // Last line: "result: ok" (exit 0) or "result: fail ..." (exit 1); usage errors exit 2.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <p11-kit-1/p11-kit/pkcs11.h>
 #include <pthread.h>
 #include <signal.h>
@@ -34,13 +40,61 @@
 #define DIFFERENT_SIGNATURE 0x80000001UL
 
 static CK_FUNCTION_LIST_PTR p11;
-static const char *token_label, *pin, *key_label, *control_path, *fault, *child_fault, *expect;
+static const char *token_label, *key_label, *control_path, *fault, *child_fault, *expect;
 static CK_SLOT_ID slot;
 static CK_SESSION_HANDLE session;
 static CK_OBJECT_HANDLE private_key, public_key;
 static unsigned char expected[512];
 static CK_ULONG expected_length;
 static const unsigned char data[] = "p11fork fault scenario: the data to sign";
+static unsigned char masked_pin[256];
+static size_t pin_length;
+#define PIN_MASK 0x5a
+
+// The PIN in plain text for one use: the caller wipes it.
+static void unmask_pin(unsigned char *out) {
+    for (size_t i = 0; i < pin_length; i++) out[i] = masked_pin[i] ^ PIN_MASK;
+}
+
+static CK_RV login(void) {
+    unsigned char plain[256];
+    unmask_pin(plain);
+    CK_RV rv = p11->C_Login(session, CKU_USER, plain, pin_length);
+    explicit_bzero(plain, sizeof plain);
+    return rv;
+}
+
+// How many times the PIN is in the memory of process `pid` (every readable mapping).
+static int pin_copies(pid_t pid) {
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%d/maps", pid);
+    FILE *maps = fopen(path, "r");
+    snprintf(path, sizeof path, "/proc/%d/mem", pid);
+    int mem = open(path, O_RDONLY);
+    if (!maps || mem < 0) return -1;
+    unsigned char plain[256], *chunk = malloc((1 << 20) + sizeof plain);
+    unmask_pin(plain);
+    int found = 0;
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long start, end;
+        char permissions[8];
+        if (sscanf(line, "%lx-%lx %7s", &start, &end, permissions) != 3 || permissions[0] != 'r' || strstr(line, "[vvar]")
+            || strstr(line, "[vsyscall]"))
+            continue;
+        // Chunks of 1 MiB that overlap by the PIN's length less one, so no copy is cut in two.
+        for (unsigned long at = start; at < end; at += 1 << 20) {
+            size_t want = end - at < (1 << 20) + pin_length - 1 ? end - at : (1 << 20) + pin_length - 1;
+            ssize_t got = pread(mem, chunk, want, (off_t)at);
+            for (ssize_t i = 0; got > 0 && i + (ssize_t)pin_length <= got; i++)
+                if (memcmp(chunk + i, plain, pin_length) == 0 && i < (1 << 20)) found++;
+        }
+    }
+    explicit_bzero(plain, sizeof plain);
+    free(chunk);
+    fclose(maps);
+    close(mem);
+    return found;
+}
 
 // One line of output (stdout is line-buffered: a child's lines are out before its _exit).
 #define say(...) (printf(__VA_ARGS__), printf("\n"))
@@ -164,14 +218,24 @@ static int hang(int seconds) {
     return 0;
 }
 
-static int child(void) {
+static int child(int scan) {
+    int done[2], release[2];
+    if (pipe(done) != 0 || pipe(release) != 0) return fail("pipe", (CK_RV)errno);
     pid_t pid = fork();
     if (pid < 0) return fail("fork", (CK_RV)errno);
     if (pid == 0) {
         alarm(CHILD_TIMEOUT);
-        _exit(calls("child"));
+        int status = calls("child");
+        char byte = 0;
+        if (scan && (write(done[1], &byte, 1) != 1 || read(release[0], &byte, 1) != 1)) status = 3;
+        _exit(status);
     }
     int status = 0;
+    char byte = 0;
+    if (scan && read(done[0], &byte, 1) == 1) {
+        say("parent: the PIN is in the child's memory %d time(s)", pin_copies(pid));
+        if (write(release[1], &byte, 1) != 1) say("parent: cannot release the child");
+    }
     waitpid(pid, &status, 0);
     if (WIFSIGNALED(status)) {
         say("result: fail child killed by signal %d%s", WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung)" : "");
@@ -189,10 +253,12 @@ static int usage(void) {
 
 int main(int argc, char **argv) {
     const char *module = NULL;
-    int in_parent = 0, hang_seconds = 0;
+    int in_parent = 0, hang_seconds = 0, scan = 0;
+    char *pin = NULL;
     for (int i = 1; i < argc; i++) {
-        const char *value = i + 1 < argc ? argv[i + 1] : NULL;
+        char *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(argv[i], "--in-parent") == 0) { in_parent = 1; continue; }
+        if (strcmp(argv[i], "--scan-child") == 0) { scan = 1; continue; }
         if (!value) return usage();
         if (strcmp(argv[i], "--module") == 0) module = value;
         else if (strcmp(argv[i], "--token") == 0) token_label = value;
@@ -206,7 +272,10 @@ int main(int argc, char **argv) {
         else return usage();
         i++;
     }
-    if (!module || !token_label || !pin || !key_label || !control_path) return usage();
+    if (!module || !token_label || !pin || !key_label || !control_path || strlen(pin) >= sizeof masked_pin) return usage();
+    pin_length = strlen(pin);
+    for (size_t i = 0; i < pin_length; i++) masked_pin[i] = (unsigned char)pin[i] ^ PIN_MASK;
+    explicit_bzero(pin, pin_length);
     setvbuf(stdout, NULL, _IOLBF, 0);
     alarm(CHILD_TIMEOUT * 2);
     write_control(NULL);
@@ -230,7 +299,7 @@ int main(int argc, char **argv) {
     if (!slot) return fail("no token with that label", CKR_TOKEN_NOT_PRESENT);
     if ((rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &session)) != CKR_OK)
         return fail("C_OpenSession", rv);
-    if ((rv = p11->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin))) != CKR_OK) return fail("C_Login", rv);
+    if ((rv = login()) != CKR_OK) return fail("C_Login", rv);
     if ((rv = find_key(session, CKO_PRIVATE_KEY, &private_key)) != CKR_OK) return fail("finding the private key", rv);
     if ((rv = find_key(session, CKO_PUBLIC_KEY, &public_key)) != CKR_OK) return fail("finding the public key", rv);
     expected_length = sizeof expected;
@@ -238,7 +307,7 @@ int main(int argc, char **argv) {
     say("parent: signed (%lu bytes)", expected_length);
 
     if (fault && write_control(fault) != 0) return fail("writing the control file", (CK_RV)errno);
-    int failed = in_parent ? calls("parent") != 0 : hang_seconds ? hang(hang_seconds) : child();
+    int failed = in_parent ? calls("parent") != 0 : hang_seconds ? hang(hang_seconds) : child(scan);
 
     // The parent, faults cleared, is unharmed: its signatures equal its first and verify. (A
     // fault that closed its session in this process: it opens another and logs in again.)
@@ -248,7 +317,7 @@ int main(int argc, char **argv) {
         say("parent: its session was closed; it opens another");
         if ((rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &session)) != CKR_OK)
             return fail("C_OpenSession afterwards", rv);
-        rv = p11->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
+        rv = login();
         if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) return fail("C_Login afterwards", rv);
         // Closing the last session (a logout) may have taken the keys' handles with it.
         if ((rv = find_key(session, CKO_PRIVATE_KEY, &private_key)) != CKR_OK) return fail("finding the private key again", rv);
