@@ -52,7 +52,7 @@ import Testing
     }
 
     /// One run of the driver; `arguments` are its fault options.
-    static func run(_ setup: Setup, throughP11Fork: Bool, _ arguments: [String]) throws -> Outcome {
+    static func run(_ setup: Setup, throughP11Fork: Bool, _ arguments: [String], strategy: String? = nil) throws -> Outcome {
         for path in [setup.log, setup.trace] { try? FileManager.default.removeItem(atPath: path) }
         let faulty = Products.path("libp11fork-test-faulty.so")
         var environment = setup.token.environment
@@ -63,6 +63,7 @@ import Testing
             environment["P11FORK_MODULE"] = faulty
             environment["P11FORK_TRACE"] = setup.trace
             environment["P11FORK_TRACE_LEVEL"] = "calls"
+            environment["P11FORK_STRATEGY"] = strategy
         }
         let result = try runProgram(Products.path("p11fork-faults"),
                                     ["--module", throughP11Fork ? Products.module : faulty, "--token", setup.token.label,
@@ -147,6 +148,18 @@ import Testing
                 && through.trace.contains("calling C_Initialize of the inherited module, in place"), "\(through.report)")
         #expect(through.trace.contains("error: no working module in this child: ") && through.trace.contains("every call answers CKR_"),
                 "\(through.report)")
+    }
+
+    /// With a strategy that has one way to a module, the real C_Initialize is called once.
+    @Test(arguments: [("fresh-copy", "the fresh copy of the module"), ("reinitialize", "the inherited module, in place")])
+    func initializeFailsOnceWithAOneWayStrategy(_ strategy: String, _ which: String) throws {
+        let setup = try Setup()
+        let codes = [Self.deviceError, Self.deviceError, Self.deviceError, Self.deviceError]
+        let through = try Self.run(setup, throughP11Fork: true, ["--fault", "C_Initialize CKR_DEVICE_ERROR child"] + Self.expect(codes),
+                                   strategy: strategy)
+        #expect(through.succeeded && through.answers("child") == codes, "\(through.report)")
+        #expect(through.childCalls.map(\.function) == ["C_Initialize"], "the child's module calls: \(through.report)")
+        #expect(through.trace.contains("calling C_Initialize of \(which)"), "\(through.report)")
     }
 
     /// The real C_Initialize never returns in the child: the trace names the call the child waits
