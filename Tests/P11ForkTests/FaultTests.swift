@@ -90,6 +90,8 @@ import Testing
         // The real session closed under the application: later calls get what the module says of a
         // closed session; closing the last one logged the token out (SoftHSM then hides the key).
         ("session closed", [sessionClosed, sessionHandleInvalid, objectHandleInvalid, sessionHandleInvalid]),
+        // The token pulled out: its sessions' calls, then opening one.
+        ("token absent", [deviceRemoved, deviceRemoved, tokenNotPresent, deviceRemoved]),
     ])
     func realModuleErrorsInAProcessThatNeverForked(_ fault: String, _ codes: [String]) throws {
         let setup = try Setup()
@@ -102,7 +104,7 @@ import Testing
         let real = { (o: Outcome) in o.calls.filter { ["C_SignInit", "C_Sign", "C_Initialize", "C_Login"].contains($0.function) }.map { "\($0.function) \($0.rv)" } }
         #expect(real(through) == real(direct), "\(through.report)")
         #expect(!through.trace.contains("fork detected"), "\(through.report)")
-        let name = fault == "session closed" ? "CKR_SESSION_CLOSED" : String(fault.split(separator: " ")[1])
+        let name = ["session closed": "CKR_SESSION_CLOSED", "token absent": "CKR_DEVICE_REMOVED"][fault] ?? String(fault.split(separator: " ")[1])
         #expect(through.trace.split(separator: "\n").contains { $0.contains("C_SignInit(") && $0.contains(") = \(name) ") },
                 "no trace line with the error: \(through.report)")
     }
