@@ -158,7 +158,7 @@ static int inject(size_t offset, const char *name, word *a, CK_RV *rv) {
     }
     if (fault_for(name, TOKEN_ABSENT)) {
         CK_SLOT_INFO info;
-        if (offset == offsetof(CK_FUNCTION_LIST, C_GetSlotList) && a[0]) {
+        if (offset == offsetof(CK_FUNCTION_LIST, C_GetSlotList) && (CK_BBOOL)a[0]) {  // only its low byte is passed
             if (!a[2]) { *rv = CKR_ARGUMENTS_BAD; return 1; }
             *(CK_ULONG *)a[2] = 0;
             *rv = CKR_OK;
