@@ -21,12 +21,14 @@ let package = Package(
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
         .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
+        .executable(name: "p11fork-faults", targets: ["p11fork-faults"]),
         // The command-line tool (`p11fork doctor`, `p11fork trace`). Its binary is p11fork-cli:
         // the name p11fork is the module's product; install it as p11fork.
         .executable(name: "p11fork-cli", targets: ["p11fork-cli"]),
         // Modules built only for the tests.
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
         .library(name: "p11fork-test-nethsm", type: .dynamic, targets: ["NetHSMModule"]),
+        .library(name: "p11fork-test-faulty", type: .dynamic, targets: ["FaultyModule"]),
     ],
     dependencies: [
         // Only the command-line tool uses it; the module depends on Glibc and the standard library only.
@@ -85,12 +87,20 @@ let package = Package(
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // Measurements for scripts/bench.sh (direct and through p11fork, side by side).
+        // The fault scenarios: a real module that fails in a parent or in a forked child.
+        .executableTarget(
+            name: "p11fork-faults",
+            path: "Sources/TestTools/Faults",
+            linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
+        ),
         .executableTarget(
             name: "p11fork-bench",
             path: "Sources/TestTools/Bench",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
+        // Wraps a real module and answers the faults a control file names (its header says how).
+        .target(name: "FaultyModule", path: "Sources/TestModules/FaultyModule", linkerSettings: [.linkedLibrary("dl")]),
         // Behaves like a network-HSM client that knows nothing about fork (its README says how).
         .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"], linkerSettings: [.linkedLibrary("crypto")]),
         // The command-line tool: the doctor and the trace reader.

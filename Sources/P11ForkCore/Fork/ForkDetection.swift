@@ -48,6 +48,7 @@ enum ForkDetection {
     @inline(never)
     static func adoptChild(_ function: Function) {
         guard let page = ProcessMark.page else { return }
+        var waited = 0
         while true {
             let mark = page.pointee.load(ordering: .acquiring)
             if mark > 0 { return }
@@ -55,7 +56,11 @@ enum ForkDetection {
                 adopt(function, page)
                 return
             }
-            sched_yield()
+            // Another thread adopts the process. It may be stuck in the real module's C_Initialize,
+            // which p11fork cannot interrupt: after a few yields, wait asleep (up to 10 ms at a
+            // time), so a hung module never makes the child's other threads burn CPU.
+            waited += 1
+            if waited < 64 { sched_yield() } else { usleep(UInt32(min(waited - 63, 100)) * 100) }
         }
     }
 

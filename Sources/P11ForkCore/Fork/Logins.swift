@@ -114,10 +114,12 @@ enum Logins {
         let user = userTypeName(k.userType).map { "\($0)" } ?? "user type \(k.userType)"
         let started = Clock.monotonicNanoseconds()
         var rv = login(k, session: session, functions: functions)
-        // A verdict on the PIN is final. Anything else did not judge the PIN (SoftHSM answers
-        // CKR_GENERAL_ERROR while another process rewrites its token file): tried again, twice.
+        // Only CKR_GENERAL_ERROR is tried again, twice: SoftHSM answers it while another process
+        // rewrites its token file, without judging the PIN. Any other failure is final: a verdict
+        // on the PIN, and a token that is locked, gone or failing (CKR_DEVICE_ERROR, ...), where a
+        // retry would only send the PIN again.
         var attempts = 1
-        while rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN && !isVerdictOnPIN(rv) && attempts < 3 {
+        while rv == CKR_GENERAL_ERROR && attempts < 3 {
             usleep(UInt32(10_000 << attempts))
             rv = login(k, session: session, functions: functions)
             attempts += 1
@@ -148,16 +150,5 @@ enum Logins {
         }
         guard let login = functions.pointee.C_Login else { return CK_RV(CKR_FUNCTION_NOT_SUPPORTED) }
         return login(session, k.userType, k.pin?.bytes, CK_ULONG(k.pin?.count ?? 0))
-    }
-
-    /// Answers that judged the PIN: trying it again could count against the token's retry limit.
-    static func isVerdictOnPIN(_ rv: CK_RV) -> Bool {
-        switch rv {
-        case CK_RV(CKR_PIN_INCORRECT), CK_RV(CKR_PIN_LOCKED), CK_RV(CKR_PIN_EXPIRED), CK_RV(CKR_PIN_INVALID),
-             CK_RV(CKR_PIN_LEN_RANGE):
-            return true
-        default:
-            return false
-        }
     }
 }

@@ -49,9 +49,24 @@ enum Recovery {
             initializationUnclaimed = true
             Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy, \(milliseconds(since: started)))")
         case .failure(let why):
+            // Final for this process: no call reaches a module again, so none can hammer the HSM.
+            let answer = answer(forFailedInitialization: why.rv)
             Core.functions = nil
-            Core.unusable = CK_RV(CKR_DEVICE_ERROR)
-            Trace.event(.error, "no working module in this child: \(why.message); every call answers CKR_DEVICE_ERROR. Choose another strategy with P11FORK_STRATEGY (fresh-copy, out-of-process, reinitialize)")
+            Core.unusable = answer
+            Trace.event(.error, "no working module in this child: \(why.message); every call answers \(name(answer)) from now on, without calling the module. Choose another strategy with P11FORK_STRATEGY (fresh-copy, out-of-process, reinitialize)")
+        }
+    }
+
+    /// What every call of a child gets when its module's C_Initialize failed: that code when any
+    /// function may answer it (PKCS#11 2.40 section 5.1: universal and device codes), else
+    /// CKR_DEVICE_ERROR (a C_Sign answering CKR_CRYPTOKI_ALREADY_INITIALIZED would mislead).
+    static func answer(forFailedInitialization rv: CK_RV?) -> CK_RV {
+        switch rv {
+        case CK_RV(CKR_GENERAL_ERROR), CK_RV(CKR_HOST_MEMORY), CK_RV(CKR_FUNCTION_FAILED), CK_RV(CKR_DEVICE_ERROR),
+             CK_RV(CKR_DEVICE_MEMORY), CK_RV(CKR_DEVICE_REMOVED):
+            return rv!
+        default:
+            return CK_RV(CKR_DEVICE_ERROR)
         }
     }
 
@@ -109,7 +124,7 @@ enum Recovery {
         guard slotsMatchedEpoch != Core.slotEpoch, Core.functions != nil else { return }
         slotsMatchedEpoch = Core.slotEpoch
         let started = Clock.monotonicNanoseconds()
-        var (matched, missing) = matchSlotsOnce()
+        var (matched, missing, absent) = matchSlotsOnce()
         // A module may not show, right after its initialisation, a token the parent used: SoftHSM's
         // file store, read while another process logs in, loses tokens (seen with pool workers
         // starting together, also without p11fork). While this child has opened nothing on the
@@ -120,12 +135,14 @@ enum Recovery {
             usleep(UInt32(5_000 << tries))
             guard let functions = Core.functions, functions.pointee.C_Finalize?(nil) == CKR_OK,
                   functions.pointee.C_Initialize?(ModuleRecovery.initArguments) == CKR_OK else { break }
-            (matched, missing) = matchSlotsOnce()
+            (matched, missing, absent) = matchSlotsOnce()
         }
         let notFound = missing.isEmpty ? "" : "; not found: token \(missing.joined(separator: ", "))"
+        // A slot the module still lists without its token: the token was removed (no retry helps).
+        let removed = absent.isEmpty ? "" : "; no token present in the slot of token \(absent.joined(separator: ", ")) (removed?): its calls answer what the module answers for an empty slot"
         let retried = tries > 0 ? ", after initialising the module again \(tries) time(s)" : ""
-        Trace.event(missing.isEmpty ? .fork : .error,
-                    "slots matched by token identity: \(matched) of \(Slots.table.liveCount)\(notFound)\(retried) (\(milliseconds(since: started)))")
+        Trace.event(missing.isEmpty && absent.isEmpty ? .fork : .error,
+                    "slots matched by token identity: \(matched) of \(Slots.table.liveCount)\(notFound)\(removed)\(retried) (\(milliseconds(since: started)))")
     }
 
     /// True while the child has no session of its own on its module (so it may re-initialise it).
@@ -133,10 +150,10 @@ enum Recovery {
         searchSessions.isEmpty && !Sessions.table.entries().contains { $0.epoch == Core.epoch }
     }
 
-    /// One pass over the module's slots; returns how many inherited slots matched and the
-    /// labels of the tokens not found.
-    private static func matchSlotsOnce() -> (matched: Int, missing: [String]) {
-        guard let functions = Core.functions, let getSlotList = functions.pointee.C_GetSlotList else { return (0, []) }
+    /// One pass over the module's slots; returns how many inherited slots matched, the labels of
+    /// the tokens not found, and those whose slot is still there but empty (bound to that slot).
+    private static func matchSlotsOnce() -> (matched: Int, missing: [String], absent: [String]) {
+        guard let functions = Core.functions, let getSlotList = functions.pointee.C_GetSlotList else { return (0, [], []) }
         var count: CK_ULONG = 0
         var reals: [CK_SLOT_ID] = []
         if getSlotList(CK_BBOOL(CK_FALSE), nil, &count) == CKR_OK, count > 0 {
@@ -152,11 +169,15 @@ enum Recovery {
         }
         var matched = 0
         var missing: [String] = []
+        var absent: [String] = []
         for (virtual, parentReal, _) in Slots.table.entries() {
             if let identity = Records.token(virtual) {
                 if let real = byIdentity[identity] {
                     Slots.table.rebind(virtual, real: real, epoch: Core.slotEpoch)
                     matched += 1
+                } else if reals.contains(parentReal), !tokenPresent(functions, slot: parentReal) {
+                    Slots.table.rebind(virtual, real: parentReal, epoch: Core.slotEpoch)
+                    absent.append("'\(identity.labelText)'")
                 } else {
                     missing.append("'\(identity.labelText)'")
                 }
@@ -165,7 +186,13 @@ enum Recovery {
                 matched += 1
             }
         }
-        return (matched, missing)
+        return (matched, missing, absent)
+    }
+
+    private static func tokenPresent(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>, slot: CK_SLOT_ID) -> Bool {
+        var info = CK_SLOT_INFO()
+        guard functions.pointee.C_GetSlotInfo?(slot, &info) == CKR_OK else { return true }
+        return info.flags & CK_FLAGS(CKF_TOKEN_PRESENT) != 0
     }
 
     // MARK: sessions
@@ -182,8 +209,11 @@ enum Recovery {
             var real = invalid
             let rv = openSession(realSlot, record.flags, nil, nil, &real)
             guard rv == CKR_OK else {
-                failure = rv
-                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))")
+                // A token gone from its slot: for a call on a session, the device was removed.
+                let gone = rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_SLOT_ID_INVALID
+                failure = gone ? CK_RV(CKR_DEVICE_REMOVED) : rv
+                let answered = gone ? "; the call answers CKR_DEVICE_REMOVED" : ""
+                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))\(answered)")
                 return invalid
             }
             Sessions.table.rebind(virtual, real: real, epoch: Core.epoch)
@@ -232,6 +262,13 @@ enum Recovery {
             let candidates = find(identity, session: session, functions)
             let matches = candidates.filter { ObjectIdentity.read(functions, session: session, object: $0) == identity }
             guard let chosen = matches.first else {
+                // Not visible because the login could not be replayed: not lost, and the call
+                // answers the replay's verdict (CKR_PIN_LOCKED, ...) until the application logs in.
+                if case .failed(let rv) = Logins.state(bound.aux) {
+                    failure = rv
+                    Trace.event(.error, "object 0x\(hex(virtual)) not re-found (\(identity.summary)): the login replay on slot 0x\(hex(bound.aux)) failed; answered \(name(rv))")
+                    return invalid
+                }
                 return lose("no object on the token matches it (\(identity.summary); \(candidates.count) with the same class, ID and label)")
             }
             Objects.table.rebind(virtual, real: chosen, epoch: Core.epoch)

@@ -81,9 +81,10 @@ enum OutOfProcess {
             loaded.servedModulePath = realPath
         case .failure(let problem): return .failure(RecoveryFailure("loading p11-kit's RPC client failed: \(problem.message)"))
         }
+        ModuleRecovery.announceInitialize("the module run by the helper")
         let rv = loaded.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         guard rv == CKR_OK else {
-            return .failure(RecoveryFailure("the module run by the helper answered C_Initialize with \(Recovery.name(rv))"))
+            return .failure(RecoveryFailure("the module run by the helper answered C_Initialize with \(Recovery.name(rv))", rv: rv))
         }
         return .success(loaded)
     }

@@ -26,7 +26,12 @@ enum ModuleStrategy: String, CaseIterable, Sendable {
 
 struct RecoveryFailure: Error {
     let message: String
-    init(_ message: String) { self.message = message }
+    /// What the real module's C_Initialize answered, when that is what failed.
+    let rv: CK_RV?
+    init(_ message: String, rv: CK_RV? = nil) {
+        self.message = message
+        self.rv = rv
+    }
 }
 
 enum ModuleRecovery {
@@ -82,7 +87,10 @@ enum ModuleRecovery {
             let copy = freshCopy(of: inherited)
             guard case .failure(let why) = copy else { return copy }
             Trace.event(.fork, "\(why.message): re-initialising the inherited module in place instead")
-            return reinitialize(inherited)
+            let inPlace = reinitialize(inherited)
+            guard case .failure(let again) = inPlace else { return inPlace }
+            // The clean copy's answer says more than the inherited copy's (often "already initialised").
+            return .failure(RecoveryFailure(again.message, rv: why.rv ?? again.rv))
         }
     }
 
@@ -99,12 +107,13 @@ enum ModuleRecovery {
 
     private static func reinitialize(_ module: RealModule) -> Result<RealModule, RecoveryFailure> {
         let started = Clock.monotonicNanoseconds()
+        announceInitialize("the inherited module, in place")
         let rv = module.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         if rv == CKR_OK {
             Trace.event(.fork, "module re-initialised in place (\(Recovery.milliseconds(since: started)))")
             return .success(module)
         }
-        return .failure(RecoveryFailure("re-initialising the module in place answered \(Recovery.name(rv))"))
+        return .failure(RecoveryFailure("re-initialising the module in place answered \(Recovery.name(rv))", rv: rv))
     }
 
     /// A copy loaded ahead of the fork, never initialised, for a child to initialise. Loading it
@@ -171,13 +180,20 @@ enum ModuleRecovery {
         CPKCS11_use_copy(dlsym(copy.handle, "__ctype_init"))
         CPKCS11_enter_copy()
         let current = loadEnvironment.map { CPKCS11_swap_environ($0) }
+        announceInitialize("the fresh copy of the module")
         let rv = copy.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         if let current { _ = CPKCS11_swap_environ(current) }
         guard rv == CKR_OK else {
-            return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Recovery.name(rv))"))
+            return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Recovery.name(rv))", rv: rv))
         }
         Trace.event(.fork, "fresh private copy of the module initialised (\(Recovery.milliseconds(since: started)))")
         return .success(copy)
+    }
+
+    /// Written before the real module's C_Initialize in a child: p11fork cannot interrupt a module
+    /// that never answers, so the trace shows where the child waits.
+    static func announceInitialize(_ which: String) {
+        Trace.event(.fork, "calling C_Initialize of \(which) (the trace says when it answers; nothing after this line means the module has not answered)")
     }
 
     /// The copy's libc was started in a process that may already run several threads, and its
