@@ -34,6 +34,8 @@ import Testing
         var requestTimeout = 5
         /// `env` lines for nginx (variables kept for its workers).
         var keep: [String] = []
+        /// When set, the server gets exactly this environment (and PATH), as a unit would give it.
+        var unitEnvironment: [String: String]? = nil
     }
 
     /// Runs the plans one after another in one process tree (under `launcher`: the TPM lives
@@ -45,14 +47,20 @@ import Testing
         func quoted(_ text: String) -> String { "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'" }
         var commands: [String] = []
         for plan in plans {
-            let variables = [
+            var variables = [
                 "LIBP11FORK": plan.throughP11Fork ? Products.module : realModule,
-                "REQUEST_TIMEOUT": String(plan.requestTimeout),
                 "P11FORK_TRACE": work.appendingPathComponent("trace-\(plan.name).log").path,
                 "P11FORK_TRACE_LEVEL": "fork",
-            ].map { "\($0.key)=\(quoted($0.value))" }.sorted().joined(separator: " ")
+            ]
+            var prefix = ""
+            if let unit = plan.unitEnvironment {
+                variables = unit
+                prefix = "env -i PATH=\"$PATH\" PIN=\"$PIN\" "
+            }
+            variables["REQUEST_TIMEOUT"] = String(plan.requestTimeout)
+            let assignments = prefix + variables.map { "\($0.key)=\(quoted($0.value))" }.sorted().joined(separator: " ")
             let arguments = [script, server, work.path, token.label, keyLabel, plan.mode, String(plan.requests)] + plan.keep
-            commands.append("echo \(quoted("=== run \(plan.name)")); \(variables) \(arguments.map(quoted).joined(separator: " "))")
+            commands.append("echo \(quoted("=== run \(plan.name)")); \(assignments) \(arguments.map(quoted).joined(separator: " "))")
         }
         var env = token.environment.merging(environment) { $1 }
         env["PIN"] = token.pin
@@ -83,10 +91,11 @@ import Testing
 
     /// Through p11fork: every request served, by `workers` of them (nginx: its 2 workers; Apache:
     /// 2 or more children), whose recovery the trace shows.
-    private func expectEveryRequestServed(_ run: Run?, workers: ClosedRange<Int> = 2...2) {
+    private func expectEveryRequestServed(_ run: Run?, workers: ClosedRange<Int> = 2...2, traced: Bool = true) {
         guard let run else { return }
         #expect(run.served == run.requests && run.requests == 40, "\(run.report)")
         #expect(workers.contains(run.workers), "\(run.report)")
+        guard traced else { return }
         let children = Set(run.trace.split(separator: "\n").filter { $0.contains("fork detected") }.compactMap { line in
             line.range(of: "p11fork[").map { line[$0.upperBound...].prefix { $0 != "/" } }
         })
@@ -161,5 +170,70 @@ import Testing
             #expect(direct.served == direct.requests && direct.requests == 40 && direct.workers >= 2, "directly: \(direct.report)")
         }
         expectEveryRequestServed(runs["p11fork"], workers: 2...8)
+    }
+
+    // MARK: systemd
+
+    /// The drop-in's `Environment=` assignments (systemd's syntax: several per line, each may be
+    /// in double quotes).
+    static func unitEnvironment(_ text: String) -> [String: String] {
+        var environment: [String: String] = [:]
+        for line in text.split(separator: "\n") where line.hasPrefix("Environment=") {
+            var words: [String] = [], word = "", quoted = false
+            for character in line.dropFirst("Environment=".count) {
+                if character == "\"" { quoted.toggle() }
+                else if character == " " && !quoted { if !word.isEmpty { words.append(word) }; word = "" }
+                else { word.append(character) }
+            }
+            if !word.isEmpty { words.append(word) }
+            for word in words {
+                let parts = word.split(separator: "=", maxSplits: 1)
+                if parts.count == 2 { environment[String(parts[0])] = String(parts[1]) }
+            }
+        }
+        return environment
+    }
+
+    /// examples/systemd's drop-in for nginx.service: systemd accepts it (`systemd-analyze
+    /// verify` with the drop-in beside Debian's unit), and nginx started with exactly its
+    /// environment (installed paths mapped to this build and this token) serves every request
+    /// through p11fork, with no `env` line in nginx.conf.
+    @Test(.enabled(if: nginxAvailable))
+    func systemdDropInConfiguresNginxThroughP11Fork() throws {
+        let dropIn = Products.example("systemd/nginx.service.d/p11fork.conf")
+        let text = try String(contentsOfFile: dropIn, encoding: .utf8)
+        let token = try SoftHSMToken(strict: true)
+        try token.generateKeyPair(label: "server-key")
+
+        if FileManager.default.fileExists(atPath: "/usr/bin/systemd-analyze"),
+           FileManager.default.fileExists(atPath: "/lib/systemd/system/nginx.service") {
+            let units = token.directory.appendingPathComponent("units")
+            let dropIns = units.appendingPathComponent("nginx.service.d")
+            try FileManager.default.createDirectory(at: dropIns, withIntermediateDirectories: true)
+            try FileManager.default.copyItem(atPath: "/lib/systemd/system/nginx.service", toPath: units.appendingPathComponent("nginx.service").path)
+            try FileManager.default.copyItem(atPath: dropIn, toPath: dropIns.appendingPathComponent("p11fork.conf").path)
+            let verify = try runProgram("/usr/bin/systemd-analyze", ["verify", units.appendingPathComponent("nginx.service").path],
+                                        environment: ["SYSTEMD_UNIT_PATH": units.path + ":"], timeout: 60)
+            #expect(verify.status == 0 && !verify.output.contains("p11fork.conf"), "systemd-analyze verify: \(verify.output)")
+        }
+
+        // Where the drop-in names installed files, this run uses the build's and the token's.
+        let installed = [
+            "/etc/nginx/pkcs11-engine.cnf": Products.example("nginx/pkcs11-engine.cnf"),
+            "/usr/local/lib/libp11fork.so": Products.module,
+            "/etc/softhsm/softhsm2.conf": token.configPath,
+        ]
+        var environment = Self.unitEnvironment(text)
+        #expect(environment["P11FORK_MODULE"] == RealModules.softHSM && environment["LIBP11FORK"] != nil, "\(environment)")
+        for (key, value) in environment {
+            environment[key] = installed[value] ?? value
+            if value.hasPrefix("/") {
+                #expect(installed[value] != nil || FileManager.default.fileExists(atPath: value), "\(key)=\(value): no such file here")
+            }
+        }
+        let runs = try serve("nginx", token: token, keyLabel: "server-key", realModule: RealModules.softHSM, plans: [
+            Plan(name: "unit", unitEnvironment: environment),
+        ])
+        expectEveryRequestServed(runs["unit"], traced: false)
     }
 }
