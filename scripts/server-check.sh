@@ -45,21 +45,27 @@ if [ ! -s "$work/cert.pem" ]; then
 fi
 cp "$work/cert.pem" "$run/cert.pem"
 
-pids=()
+# Stops the server: its master (pid file) gently, then whatever is left of the master, its
+# workers and the process this script launched, by force.
+pids=() pidfile=""
 stop() {
-  local pidfile=$1 master
-  master=$(cat "$pidfile" 2>/dev/null) || return 0
-  pids+=("$master" $(pgrep -P "$master" || true))
-  kill -TERM "$master" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$master" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "${pids[@]}" 2>/dev/null || true
+  local master
+  if master=$(cat "$pidfile" 2>/dev/null) && [ -n "$master" ]; then
+    pids+=("$master" $(pgrep -P "$master" || true))
+    kill -TERM "$master" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$master" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+  fi
+  kill -KILL $(jobs -p) 2>/dev/null || true
 }
+trap stop EXIT
 
 # A port below the kernel's ephemeral range (where clients' ports cannot hold it); another is
 # tried when the server cannot bind it.
 started=no
 for attempt in $(seq 5); do
   port=$(( 20000 + $(od -An -N2 -tu2 /dev/urandom | tr -d ' ') % 12000 ))
+  rm -f "$run/nginx.pid" "$run/apache2.pid"
   case $server in
     nginx)
       sed -e "s/127.0.0.1:8443/127.0.0.1:$port/" -e "s/token=mytoken;object=mykey/token=$token;object=$key/" \
@@ -97,10 +103,9 @@ for attempt in $(seq 5); do
     sleep 0.1
   done
   [ "$started" = yes ] && break
-  stop "$pidfile"
+  stop
   grep -q -i "address already in use" "$errorlog" "$run/stdout.log" 2>/dev/null || break
 done
-trap 'stop "$pidfile"' EXIT
 if [ "$started" != yes ]; then
   echo "result: $server did not start"
   cat "$errorlog" "$run/stdout.log" 2>/dev/null || true
@@ -126,7 +131,7 @@ done
 # Apache: which child served each request is in the access log ("%P %>s").
 if [ "$server" = apache ]; then workers=$(awk '$2 == 200 { print $1 }' "$run/access.log" 2>/dev/null || true); fi
 workers=$(printf '%s\n' $workers | sort -u | tr '\n' ' ')
-stop "$pidfile"
+stop
 trap - EXIT
 echo "server pids: ${pids[*]}"
 echo "--- error log"
