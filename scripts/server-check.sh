@@ -28,7 +28,6 @@ mkdir -p "$run/temp" "$run/htdocs"
 echo served >"$run/htdocs/index.html"
 (umask 077; printf %s "$PIN" >"$work/pin")
 unset PIN
-uri="pkcs11:token=$token;object=$key;type=private"
 # The certificate: the token's public key (read with pkcs11-tool) certified by a throw-away CA
 # that curl trusts; the server proves it holds the key by signing each handshake with it. (Not
 # `openssl req -engine`: that makes the engine OpenSSL's default, and tpm2-pkcs11's own use of

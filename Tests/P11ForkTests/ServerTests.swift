@@ -41,7 +41,7 @@ import Testing
     /// Runs the plans one after another in one process tree (under `launcher`: the TPM lives
     /// only as long as its launcher's command), each with a fresh server.
     private func serve(_ server: String, token: any TestToken, keyLabel: String, realModule: String, launcher: [String] = [],
-                       environment: [String: String] = [:], plans: [Plan], serverStarts: Bool = true) throws -> [String: Run] {
+                       plans: [Plan], serverStarts: Bool = true) throws -> [String: Run] {
         let work = token.directory.appendingPathComponent("servers-\(UUID().uuidString)")
         let script = Products.packageRoot.appendingPathComponent("scripts/server-check.sh").path
         func quoted(_ text: String) -> String { "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'" }
@@ -62,7 +62,7 @@ import Testing
             let arguments = [script, server, work.path, token.label, keyLabel, plan.mode, String(plan.requests)] + plan.keep
             commands.append("echo \(quoted("=== run \(plan.name)")); \(assignments) \(arguments.map(quoted).joined(separator: " "))")
         }
-        var env = token.environment.merging(environment) { $1 }
+        var env = token.environment
         env["PIN"] = token.pin
         env["P11FORK_MODULE"] = realModule
         let command = launcher + ["/bin/bash", "-c", commands.joined(separator: "\n")]
