@@ -68,6 +68,15 @@ import Testing
         _ = token
     }
 
+    /// A child that forks before any call of its own (a daemon detaching, then forking workers):
+    /// the child's fork must not wait for a lock the fork handlers left held in it.
+    @Test(arguments: variants)
+    func grandchildOfAChildThatNeverCalledSigns(_ variant: Variant) throws {
+        let (token, check) = try setUp(variant)
+        try expectSuccess(check, "daemon", children: 2, signatures: 2)
+        _ = token
+    }
+
     @Test(arguments: variants)
     func childThatInitializesItselfStartsOver(_ variant: Variant) throws {
         let (token, check) = try setUp(variant)

@@ -31,9 +31,11 @@ enum ForkDetection {
         }, {
             for lock in ForkDetection.locks.reversed() { lock.unlock() }
         }, {
-            // In the child: release the locks (this thread took them), and mark; anything more is
-            // done lazily on the child's first call.
-            for lock in ForkDetection.locks.reversed() { lock.unlock() }
+            // In the child: make the locks afresh, and mark; anything more is done lazily on the
+            // child's first call. Not unlock: a recursive mutex records its owner's thread id, the
+            // child's thread has another, so unlocking fails (EPERM) and the lock stays held; the
+            // child's own next fork then waits for it forever (nginx: daemon fork, then workers).
+            for lock in ForkDetection.locks { lock.reinitializeAfterFork() }
             if !ProcessMark.wipedByKernel { ProcessMark.clearInChild() }
         })
     }

@@ -4,9 +4,10 @@ import Glibc
 ///
 /// Swift's `Synchronization.Mutex` held by another thread at the moment of fork traps in the
 /// child on its next acquire (measured: SWIFT-MODULE-NOTES.md). The fork handlers take every
-/// such lock before a fork and release it after, in parent and child, so that what a lock
-/// guards is never copied half-changed; and the lock keeps its `pthread_mutex_t` behind a
-/// pointer so that a child made without the handlers can initialise it afresh.
+/// such lock before a fork, release it after in the parent and make it afresh in the child, so
+/// that what a lock guards is never copied half-changed; and the lock keeps its
+/// `pthread_mutex_t` behind a pointer so that a child made without the handlers can initialise
+/// it afresh too.
 /// Never held across a call into the real module, except by recovery in a child.
 final class ForkSafeLock: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
@@ -44,7 +45,7 @@ final class ForkSafeLock: @unchecked Sendable {
         return try body()
     }
 
-    /// For the fork handlers only (taken before a fork, released after it in parent and child).
+    /// For the fork handlers only (taken before a fork, released after it in the parent).
     func lock() { pthread_mutex_lock(mutex) }
     func unlock() { pthread_mutex_unlock(mutex) }
 

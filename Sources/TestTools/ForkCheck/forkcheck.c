@@ -288,10 +288,8 @@ static int scenario_inherited(void) {
     return parent_still_signs("inherited", problems, verified);
 }
 
-// A child signs, then forks a grandchild that signs too (three generations).
-static int generations_child(int fd, int index) {
-    int status = child_signs(fd, index, session, private_key);
-    if (status) return status;
+// Forks a grandchild that signs with the inherited handles; waits for it.
+static int grandchild_signs(int fd, int index) {
     pid_t pid = make_child();
     if (pid == 0) {
         alarm(CHILD_TIMEOUT);
@@ -301,6 +299,23 @@ static int generations_child(int fd, int index) {
     waitpid(pid, &grandchild, 0);
     if (WIFSIGNALED(grandchild)) { say("grandchild: killed by signal %d", WTERMSIG(grandchild)); return 4; }
     return WEXITSTATUS(grandchild);
+}
+
+// A child signs, then forks a grandchild that signs too (three generations).
+static int generations_child(int fd, int index) {
+    int status = child_signs(fd, index, session, private_key);
+    return status ? status : grandchild_signs(fd, index);
+}
+
+// A child forks before any call of its own, like a daemon that detaches and then forks its
+// workers (nginx); only the grandchild signs.
+static int daemon_child(int fd, int index) { return grandchild_signs(fd, index); }
+
+static int scenario_daemon(void) {
+    int verified = 0;
+    int problems = run_children(children, daemon_child, &verified);
+    if (!problems && verified != children * signatures) return fail("daemon: %d signatures verified", verified);
+    return parent_still_signs("daemon", problems, verified);
 }
 
 static int scenario_generations(void) {
@@ -544,7 +559,7 @@ static int scenario_storm(void) {
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forkcheck: %s\nusage: p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL "
                     "[--mechanism rsa|rsa-pkcs|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] SCENARIO\n"
-                    "scenarios: inherited generations child-initializes child-teardown threads child-threads pin-changed storm\n", problem);
+                    "scenarios: inherited generations daemon child-initializes child-teardown threads child-threads pin-changed storm\n", problem);
     return 2;
 }
 
@@ -597,6 +612,7 @@ int main(int argc, char **argv) {
     int result;
     if (!strcmp(scenario, "inherited")) result = scenario_inherited();
     else if (!strcmp(scenario, "generations")) result = scenario_generations();
+    else if (!strcmp(scenario, "daemon")) result = scenario_daemon();
     else if (!strcmp(scenario, "child-initializes")) result = scenario_child_initializes();
     else if (!strcmp(scenario, "child-teardown")) result = scenario_child_teardown();
     else if (!strcmp(scenario, "threads")) result = scenario_threads();
