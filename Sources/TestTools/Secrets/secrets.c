@@ -5,6 +5,17 @@
 //   logout     C_Logout            finalize   C_Finalize
 //   fork       forks a child that signs with the inherited session (replaying the login) and
 //              waits for it; answers "done child <status>"
+// Secret values of a session object and of operation data (the line holding them is wiped
+// once used, and so is every copy the driver made):
+//   key HEX    C_CreateObject on a second session: an AES session key (CKA_TOKEN false,
+//              CKA_PRIVATE, CKA_SENSITIVE, not extractable) whose CKA_VALUE is HEX
+//   encrypt    C_Encrypt of a fixed block with that key (CKM_AES_ECB); answers "done 0x0 HEX"
+//   feed HEX   C_EncryptInit (CKM_AES_ECB) and C_EncryptUpdate of the bytes HEX
+//   final      C_EncryptFinal      destroy    C_DestroyObject of the key
+//   close      C_CloseSession of the second session
+//   child      forks: the child answers "child <pid>" and obeys the commands that follow
+//              (the parent waits) until "exit", then _exit(0)s; the parent then answers
+//              "done child <status>"
 // It exits when standard input closes. First line of output: "ready <pid>".
 //
 //   p11fork-secrets --module PATH --token LABEL --key LABEL  < "PIN\n" + commands
@@ -19,7 +30,63 @@
 
 static CK_FUNCTION_LIST_PTR p11;
 static CK_SESSION_HANDLE session;
+static CK_SLOT_ID slot = (CK_SLOT_ID)-1;
 static CK_OBJECT_HANDLE key;
+static CK_SESSION_HANDLE objects;
+static CK_OBJECT_HANDLE secret_key;
+
+// Decodes HEX into `out` (at most `size` bytes); the number of bytes, or -1.
+static int unhex(const char *hex, unsigned char *out, size_t size) {
+    size_t n = strlen(hex);
+    if (n % 2 || n / 2 > size) return -1;
+    for (size_t i = 0; i < n / 2; i++) {
+        unsigned int byte;
+        if (sscanf(hex + 2 * i, "%2x", &byte) != 1) return -1;
+        out[i] = (unsigned char)byte;
+    }
+    return (int)(n / 2);
+}
+
+static CK_RV create_key(const char *hex) {
+    unsigned char value[64];
+    int length = unhex(hex, value, sizeof value);
+    if (length <= 0) return CKR_ARGUMENTS_BAD;
+    CK_OBJECT_CLASS class = CKO_SECRET_KEY;
+    CK_KEY_TYPE type = CKK_AES;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE t[] = {
+        { CKA_CLASS, &class, sizeof class }, { CKA_KEY_TYPE, &type, sizeof type }, { CKA_TOKEN, &no, sizeof no },
+        { CKA_PRIVATE, &yes, sizeof yes }, { CKA_SENSITIVE, &yes, sizeof yes }, { CKA_EXTRACTABLE, &no, sizeof no },
+        { CKA_ENCRYPT, &yes, sizeof yes }, { CKA_LABEL, "secrets-aes", 11 }, { CKA_VALUE, value, (CK_ULONG)length },
+    };
+    CK_RV rv = objects ? CKR_OK : p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &objects);
+    if (rv == CKR_OK) rv = p11->C_CreateObject(objects, t, sizeof t / sizeof t[0], &secret_key);
+    explicit_bzero(value, sizeof value);
+    return rv;
+}
+
+static CK_RV encrypt_block(char *hex_out) {
+    static const unsigned char block[16] = "p11fork block 16";
+    unsigned char out[16];
+    CK_ULONG length = sizeof out;
+    CK_MECHANISM m = { CKM_AES_ECB, NULL, 0 };
+    CK_RV rv = p11->C_EncryptInit(objects, &m, secret_key);
+    if (rv == CKR_OK) rv = p11->C_Encrypt(objects, (CK_BYTE_PTR)block, 16, out, &length);
+    for (CK_ULONG i = 0; rv == CKR_OK && i < length; i++) sprintf(hex_out + 2 * i, "%02x", out[i]);
+    return rv;
+}
+
+static CK_RV feed(const char *hex) {
+    unsigned char data[256], out[512];
+    int length = unhex(hex, data, sizeof data);
+    if (length <= 0 || length % 16) return CKR_ARGUMENTS_BAD;
+    CK_ULONG produced = sizeof out;
+    CK_MECHANISM m = { CKM_AES_ECB, NULL, 0 };
+    CK_RV rv = p11->C_EncryptInit(objects, &m, secret_key);
+    if (rv == CKR_OK) rv = p11->C_EncryptUpdate(objects, data, (CK_ULONG)length, out, &produced);
+    explicit_bzero(data, sizeof data);
+    return rv;
+}
 
 static CK_RV sign_once(void) {
     static const unsigned char data[32] = "p11fork secrets: 32 bytes.......";
@@ -47,7 +114,6 @@ int main(int argc, char **argv) {
     if (p11->C_Initialize(&args) != CKR_OK) { printf("fail initialize\n"); return 1; }
     CK_SLOT_ID slots[16];
     CK_ULONG n = 16;
-    CK_SLOT_ID slot = (CK_SLOT_ID)-1;
     if (p11->C_GetSlotList(CK_TRUE, slots, &n) != CKR_OK) { printf("fail slots\n"); return 1; }
     for (CK_ULONG i = 0; i < n; i++) {
         CK_TOKEN_INFO info;
@@ -74,15 +140,37 @@ int main(int argc, char **argv) {
     if (sign_once() != CKR_OK) { printf("fail sign\n"); return 1; }
     printf("ready %d\n", getpid());
 
-    char command[64];
+    char command[600];
     size_t used = 0;
+    int in_child = 0;
     for (;;) {
         char c;
         if (read(0, &c, 1) != 1) break;
         if (c != '\n') { if (used < sizeof command - 1) command[used++] = c; continue; }
         command[used] = 0;
         used = 0;
-        if (!strcmp(command, "logout")) printf("done 0x%lx\n", p11->C_Logout(session));
+        char hex[64] = "";
+        if (!strncmp(command, "key ", 4)) printf("done 0x%lx\n", create_key(command + 4));
+        else if (!strncmp(command, "feed ", 5)) printf("done 0x%lx\n", feed(command + 5));
+        else if (!strcmp(command, "encrypt")) { CK_RV rv = encrypt_block(hex); printf("done 0x%lx %s\n", rv, hex); }
+        else if (!strcmp(command, "final")) {
+            unsigned char out[64];
+            CK_ULONG length = sizeof out;
+            printf("done 0x%lx\n", p11->C_EncryptFinal(objects, out, &length));
+        }
+        else if (!strcmp(command, "destroy")) printf("done 0x%lx\n", p11->C_DestroyObject(objects, secret_key));
+        else if (!strcmp(command, "close")) printf("done 0x%lx\n", p11->C_CloseSession(objects));
+        else if (!strcmp(command, "child")) {
+            pid_t pid = fork();
+            if (pid == 0) { alarm(60); in_child = 1; printf("child %d\n", getpid()); }
+            else {
+                int status = 0;
+                waitpid(pid, &status, 0);
+                printf("done child %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+            }
+        }
+        else if (!strcmp(command, "exit") && in_child) _exit(0);
+        else if (!strcmp(command, "logout")) printf("done 0x%lx\n", p11->C_Logout(session));
         else if (!strcmp(command, "finalize")) printf("done 0x%lx\n", p11->C_Finalize(NULL));
         else if (!strcmp(command, "fork")) {
             pid_t pid = fork();
@@ -91,6 +179,8 @@ int main(int argc, char **argv) {
             waitpid(pid, &status, 0);
             printf("done child %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
         } else printf("done unknown\n");
+        explicit_bzero(command, sizeof command);
     }
+    if (in_child) _exit(4);
     return 0;
 }
