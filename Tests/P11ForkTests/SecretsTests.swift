@@ -205,34 +205,42 @@ import Testing
 
     // MARK: secret values of session objects and data fed to operations
 
-    /// A random AES key value and random data fed to an encryption with it: what p11fork keeps
-    /// so that a child can make the session key again and carry the encryption on.
+    /// Random values p11fork keeps so that a child can make session keys again and carry an
+    /// encryption on: an AES key value (C_CreateObject), data fed to an encryption
+    /// (C_EncryptUpdate), derivation data in a mechanism parameter (C_DeriveKey).
     struct SessionSecrets {
-        let key = (0..<32).map { _ in UInt8.random(in: 0...255) }
-        let data = (0..<32).map { _ in UInt8.random(in: 0...255) }
-        /// The driver's command for a step named "key" or "feed"; other steps are commands.
+        let key = Self.random(), data = Self.random(), derivation = Self.random()
+        /// The driver's command for a step named "key", "feed" or "derive"; other steps are commands.
         func command(_ step: String) -> String {
-            step == "key" ? "key " + Self.hex(key) : step == "feed" ? "feed " + Self.hex(data) : step
+            switch step {
+            case "key": "key " + Self.hex(key)
+            case "feed": "feed " + Self.hex(data)
+            case "derive": "derive " + Self.hex(derivation)
+            default: step
+            }
         }
+        static func random() -> [UInt8] { (0..<32).map { _ in UInt8.random(in: 0...255) } }
         static func hex(_ bytes: some Sequence<UInt8>) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
     }
 
-    /// Where the key value and the data are in one process.
+    /// Where the key value, the fed data and the derivation data are in one process; each
+    /// count below is [key, data, derivation].
     struct Tally: CustomStringConvertible {
         let answer: String
-        let key: [Copy], data: [Copy]
-        /// Copies of the key, and of the data, in protected memory (locked, left out of dumps).
-        var kept: [Int] { [key, data].map { $0.filter(\.isProtected).count } }
+        let copies: [[Copy]]
+        /// Copies in protected memory (locked, left out of dumps).
+        var kept: [Int] { copies.map { $0.filter(\.isProtected).count } }
         /// Copies in anonymous memory left out of dumps, locked or not (a child locks its
         /// inherited memory again at its first call).
-        var undumped: [Int] { [key, data].map { $0.filter { $0.mapping.isEmpty && $0.flags.contains("dd") }.count } }
+        var undumped: [Int] { copies.map { $0.filter { $0.mapping.isEmpty && $0.flags.contains("dd") }.count } }
+        var total: [Int] { copies.map(\.count) }
         /// Copies anywhere else than protected memory: the module's own.
-        var others: [Int] { [key.count, data.count].enumerated().map { $0.element - kept[$0.offset] } }
-        var description: String { "\(answer) | key: \(key) | data: \(data)" }
+        var others: [Int] { zip(total, kept).map { $0 - $1 } }
+        var description: String { "\(answer) | key: \(copies[0]) | data: \(copies[1]) | derivation: \(copies[2])" }
     }
 
     static func tally(_ secrets: SessionSecrets, in pid: Int32, answer: String = "") throws -> Tally {
-        Tally(answer: answer, key: try copies(of: secrets.key, in: pid), data: try copies(of: secrets.data, in: pid))
+        Tally(answer: answer, copies: try [secrets.key, secrets.data, secrets.derivation].map { try copies(of: $0, in: pid) })
     }
 
     static let throughP11Fork = ["P11FORK_MODULE": RealModules.softHSM]
@@ -248,7 +256,7 @@ import Testing
 
     /// Runs `steps` on SoftHSM alone and through p11fork, and reads both processes after each:
     /// SoftHSM alone keeps nothing in protected memory; through p11fork protected memory holds
-    /// `kept[i]` copies (of the key, of the data), and the rest of memory what SoftHSM alone holds.
+    /// `kept[i]` copies ([key, data, derivation]), and the rest of memory what SoftHSM alone holds.
     func compareWithSoftHSMAlone(_ steps: [String], kept: [[Int]]) throws {
         let secrets = SessionSecrets()
         let token = try Self.token()
@@ -261,22 +269,28 @@ import Testing
         for (i, step) in steps.enumerated() {
             let (alone, through) = (runs[0][i], runs[1][i])
             #expect(through.answer.hasPrefix("done 0x0") && through.answer == alone.answer, "\(step): \(through.answer) \(alone.answer)")
-            #expect(alone.kept == [0, 0], "\(step), SoftHSM alone: \(alone)")
+            #expect(alone.kept == [0, 0, 0], "\(step), SoftHSM alone: \(alone)")
             #expect(through.kept == kept[i], "\(step), through p11fork: \(through)")
             #expect(through.others == alone.others, "\(step): SoftHSM's own copies: \(alone); through p11fork: \(through)")
         }
     }
 
     @Test func sessionKeyAndFedDataAreKeptOnceInProtectedMemoryUntilDestroyAndFinal() throws {
-        try compareWithSoftHSMAlone(["key", "encrypt", "feed", "final", "destroy"], kept: [[1, 0], [1, 0], [1, 1], [1, 0], [0, 0]])
+        try compareWithSoftHSMAlone(["key", "encrypt", "feed", "final", "destroy"],
+                                    kept: [[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]])
     }
 
-    @Test func closingTheSessionWipesItsKeyAndFedData() throws {
-        try compareWithSoftHSMAlone(["key", "feed", "close"], kept: [[1, 0], [1, 1], [0, 0]])
+    /// The derivation data is kept with the derived key, and goes with it.
+    @Test func derivationDataIsKeptOnceUntilTheDerivedKeyIsDestroyed() throws {
+        try compareWithSoftHSMAlone(["key", "derive", "encrypt", "destroy"], kept: [[1, 0, 0], [1, 0, 1], [1, 0, 1], [1, 0, 0]])
     }
 
-    @Test func finalizeWipesSessionKeyAndFedData() throws {
-        try compareWithSoftHSMAlone(["key", "feed", "finalize"], kept: [[1, 0], [1, 1], [0, 0]])
+    @Test func closingTheSessionWipesItsKeysAndFedData() throws {
+        try compareWithSoftHSMAlone(["key", "derive", "feed", "close"], kept: [[1, 0, 0], [1, 0, 1], [1, 1, 1], [0, 0, 0]])
+    }
+
+    @Test func finalizeWipesSessionKeysAndFedData() throws {
+        try compareWithSoftHSMAlone(["key", "derive", "feed", "finalize"], kept: [[1, 0, 0], [1, 0, 1], [1, 1, 1], [0, 0, 0]])
     }
 
     /// Without p11fork a child can neither end the encryption its parent began nor use the key.
@@ -293,11 +307,12 @@ import Testing
         #expect(try driver.command("exit") == "done child 0")
     }
 
-    /// Through p11fork the child makes the key again and carries the encryption on, from the one
-    /// copy of each it inherited; ending the encryption wipes the data in the child only.
-    @Test func childRemakesTheSessionKeyAndCarriesTheEncryptionFromOneProtectedCopy() throws {
+    /// Through p11fork the child makes both keys again and carries the encryption on, from the
+    /// one copy of each value it inherited; ending the encryption wipes the data in the child only.
+    @Test func childRemakesTheSessionKeysAndCarriesTheEncryptionFromOneProtectedCopy() throws {
         let (secrets, driver) = try Self.drivingSessionKey()
         defer { driver.finish() }
+        #expect(try driver.command(secrets.command("derive")) == "done 0x0")
         let parentBlock = try driver.command("encrypt")
         #expect(try driver.command(secrets.command("feed")) == "done 0x0")
         let child = try driver.command("child")
@@ -305,13 +320,13 @@ import Testing
         // The module answers CKR_OPERATION_ACTIVE, as in the parent: the encryption was carried.
         #expect(try driver.command("encrypt").hasPrefix("done 0x90"))
         let carried = try Self.tally(secrets, in: pid)
-        #expect(carried.kept == [1, 1], "\(carried)")
+        #expect(carried.kept == [1, 1, 1], "\(carried)")
         #expect(try driver.command("final") == "done 0x0")
         let ended = try Self.tally(secrets, in: pid)
-        #expect(ended.kept == [1, 0], "\(ended)")
+        #expect(ended.kept == [1, 0, 1], "\(ended)")
         #expect(try driver.command("encrypt") == parentBlock)
         #expect(try driver.command("exit") == "done child 0")
-        #expect(try Self.tally(secrets, in: driver.pid).kept == [1, 1], "the child's wiping reached the parent")
+        #expect(try Self.tally(secrets, in: driver.pid).kept == [1, 1, 1], "the child's wiping reached the parent")
     }
 
     /// A replay that fails in a child: what the child inherited is wiped at its first call, and
@@ -319,6 +334,7 @@ import Testing
     func failedReplayInAChild(_ setting: [String: String], keptInParent: [Int]) throws {
         let (secrets, driver) = try Self.drivingSessionKey(setting)
         defer { driver.finish() }
+        #expect(try driver.command(secrets.command("derive")) == "done 0x0")
         #expect(try driver.command(secrets.command("feed")) == "done 0x0")
         #expect(try Self.tally(secrets, in: driver.pid).kept == keptInParent)
         let child = try driver.command("child")
@@ -328,22 +344,21 @@ import Testing
         let answer = try driver.command("encrypt")
         #expect(!answer.hasPrefix("done 0x0") && !answer.hasPrefix("done 0x90"), "the child used the key or has the encryption: \(answer)")
         let after = try Self.tally(secrets, in: pid)
-        #expect(after.undumped == [0, 0], "\(after)")
-        let remaining: [Int] = [inherited.key.count - keptInParent[0], inherited.data.count - keptInParent[1]]
-        #expect([after.key.count, after.data.count] == remaining, "\(after)")
+        #expect(after.undumped == [0, 0, 0], "\(after)")
+        #expect(after.total == zip(inherited.total, keptInParent).map { $0 - $1 }, "\(after)")
         #expect(try driver.command("exit") == "done child 0")
         #expect(try Self.tally(secrets, in: driver.pid).kept == keptInParent)
     }
 
-    /// The key is private and the child is not logged in: C_CreateObject fails in the child.
-    @Test func keyThatCannotBeMadeAgainIsWipedInTheChild() throws {
-        try failedReplayInAChild(["P11FORK_LOGIN_REPLAY": "off"], keptInParent: [1, 1])
+    /// The keys are private and the child is not logged in: C_CreateObject fails in the child.
+    @Test func keysThatCannotBeMadeAgainAreWipedInTheChild() throws {
+        try failedReplayInAChild(["P11FORK_LOGIN_REPLAY": "off"], keptInParent: [1, 1, 1])
     }
 
-    /// The key's template is past P11FORK_REPLAY_LIMIT (never kept); the data is kept, and the
+    /// The keys' recipes are past P11FORK_REPLAY_LIMIT (never kept); the data is kept, and the
     /// encryption cannot be carried without its key.
     @Test func operationWhoseKeyWasNotKeptIsWipedInTheChild() throws {
-        try failedReplayInAChild(["P11FORK_REPLAY_LIMIT": "64"], keptInParent: [0, 1])
+        try failedReplayInAChild(["P11FORK_REPLAY_LIMIT": "64"], keptInParent: [0, 1, 0])
     }
 
     /// At every level and in both formats, a trace of a parent and of children (one whose replay
@@ -355,8 +370,8 @@ import Testing
             let token = try Self.token()
             let trace = token.directory.appendingPathComponent("trace-\(level).\(format)")
             let tracing = ["P11FORK_TRACE": trace.path, "P11FORK_TRACE_LEVEL": level, "P11FORK_TRACE_FORMAT": format]
-            for (setting, steps) in [([:], ["key", "encrypt", "feed", "child", "encrypt", "final", "encrypt", "exit", "final", "destroy"]),
-                                     (["P11FORK_LOGIN_REPLAY": "off"], ["key", "feed", "child", "encrypt", "final", "exit", "close"])] {
+            for (setting, steps) in [([:], ["key", "derive", "encrypt", "feed", "child", "encrypt", "final", "encrypt", "exit", "final", "destroy"]),
+                                     (["P11FORK_LOGIN_REPLAY": "off"], ["key", "derive", "feed", "child", "encrypt", "final", "exit", "close"])] {
                 let driver = try Driver(module: Products.module, token: token, environment: Self.throughP11Fork.merging(tracing) { $1 }.merging(setting) { $1 })
                 for step in steps { _ = try driver.command(secrets.command(step)) }
                 driver.finish()
@@ -366,7 +381,7 @@ import Testing
             if level != "error" {
                 #expect(shown.contains("made again") && shown.contains("is lost in this child"), "\(level) \(format): no recovery lines")
             }
-            for secret in [secrets.key, secrets.data] {
+            for secret in [secrets.key, secrets.data, secrets.derivation] {
                 for start in 0...(secret.count - 6) {
                     let window = Array(secret[start..<(start + 6)])
                     let hex = SessionSecrets.hex(window)
@@ -377,22 +392,20 @@ import Testing
         }
     }
 
-    /// A core dump of a process holding the kept key and data has neither: with no operation
-    /// active SoftHSM holds no clear copy of the key, and the core has none; while the encryption
-    /// is active, the core holds exactly SoftHSM's own copies of the key and no copy of the data.
+    /// A core dump of a process holding the kept values has none of p11fork's copies: with no
+    /// operation active SoftHSM holds no clear copy of the keys, and the core has no value at all;
+    /// while the encryption is active, it holds exactly SoftHSM's own copies and none of p11fork's.
     @Test func coreDumpHoldsNoKeptSessionSecret() throws {
         let (secrets, driver) = try Self.drivingSessionKey()
         defer { driver.finish() }
-        #expect(try Self.tally(secrets, in: driver.pid).kept == [1, 0])
-        var core = try Self.coreDump(of: driver.pid, in: driver.token.directory)
-        #expect(core.range(of: Data(secrets.key)) == nil, "the key value is in the core dump")
-        #expect(try driver.command(secrets.command("feed")) == "done 0x0")
-        let held = try Self.tally(secrets, in: driver.pid)
-        #expect(held.kept == [1, 1], "\(held)")
-        core = try Self.coreDump(of: driver.pid, in: driver.token.directory)
-        core.withUnsafeBytes { bytes in
-            #expect(Self.offsets(of: secrets.data, in: bytes).isEmpty, "the fed data is in the core dump")
-            #expect(Self.offsets(of: secrets.key, in: bytes).count == held.others[0], "\(held)")
+        #expect(try driver.command(secrets.command("derive")) == "done 0x0")
+        for step in ["derive", "feed"] {
+            if step == "feed" { #expect(try driver.command(secrets.command("feed")) == "done 0x0") }
+            let held = try Self.tally(secrets, in: driver.pid)
+            #expect(held.kept == [1, step == "feed" ? 1 : 0, 1], "\(held)")
+            let core = try Self.coreDump(of: driver.pid, in: driver.token.directory)
+            let inCore = core.withUnsafeBytes { bytes in [secrets.key, secrets.data, secrets.derivation].map { Self.offsets(of: $0, in: bytes).count } }
+            #expect(inCore == held.others, "after \(step): in the core \(inCore); in the process \(held)")
         }
     }
 }

@@ -9,7 +9,9 @@
 // once used, and so is every copy the driver made):
 //   key HEX    C_CreateObject on a second session: an AES session key (CKA_TOKEN false,
 //              CKA_PRIVATE, CKA_SENSITIVE, not extractable) whose CKA_VALUE is HEX
-//   encrypt    C_Encrypt of a fixed block with that key (CKM_AES_ECB); answers "done 0x0 HEX"
+//   derive HEX C_DeriveKey from that key with CKM_AES_ECB_ENCRYPT_DATA, the derivation data
+//              HEX in the mechanism parameter: an AES session key that the next commands use
+//   encrypt    C_Encrypt of a fixed block with the key (CKM_AES_ECB); answers "done 0x0 HEX"
 //   feed HEX   C_EncryptInit (CKM_AES_ECB) and C_EncryptUpdate of the bytes HEX
 //   final      C_EncryptFinal      destroy    C_DestroyObject of the key
 //   close      C_CloseSession of the second session
@@ -57,11 +59,34 @@ static CK_RV create_key(const char *hex) {
     CK_ATTRIBUTE t[] = {
         { CKA_CLASS, &class, sizeof class }, { CKA_KEY_TYPE, &type, sizeof type }, { CKA_TOKEN, &no, sizeof no },
         { CKA_PRIVATE, &yes, sizeof yes }, { CKA_SENSITIVE, &yes, sizeof yes }, { CKA_EXTRACTABLE, &no, sizeof no },
-        { CKA_ENCRYPT, &yes, sizeof yes }, { CKA_LABEL, "secrets-aes", 11 }, { CKA_VALUE, value, (CK_ULONG)length },
+        { CKA_ENCRYPT, &yes, sizeof yes }, { CKA_DERIVE, &yes, sizeof yes }, { CKA_LABEL, "secrets-aes", 11 },
+        { CKA_VALUE, value, (CK_ULONG)length },
     };
     CK_RV rv = objects ? CKR_OK : p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &objects);
     if (rv == CKR_OK) rv = p11->C_CreateObject(objects, t, sizeof t / sizeof t[0], &secret_key);
     explicit_bzero(value, sizeof value);
+    return rv;
+}
+
+static CK_RV derive_key(const char *hex) {
+    unsigned char data[64];
+    int length = unhex(hex, data, sizeof data);
+    if (length <= 0 || length % 16) return CKR_ARGUMENTS_BAD;
+    CK_KEY_DERIVATION_STRING_DATA parameter = { data, (CK_ULONG)length };
+    CK_MECHANISM m = { CKM_AES_ECB_ENCRYPT_DATA, &parameter, sizeof parameter };
+    CK_OBJECT_CLASS class = CKO_SECRET_KEY;
+    CK_KEY_TYPE type = CKK_AES;
+    CK_ULONG size = 32;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE t[] = {
+        { CKA_CLASS, &class, sizeof class }, { CKA_KEY_TYPE, &type, sizeof type }, { CKA_TOKEN, &no, sizeof no },
+        { CKA_PRIVATE, &yes, sizeof yes }, { CKA_SENSITIVE, &yes, sizeof yes }, { CKA_ENCRYPT, &yes, sizeof yes },
+        { CKA_VALUE_LEN, &size, sizeof size },
+    };
+    CK_OBJECT_HANDLE derived;
+    CK_RV rv = p11->C_DeriveKey(objects, &m, secret_key, t, sizeof t / sizeof t[0], &derived);
+    if (rv == CKR_OK) secret_key = derived;
+    explicit_bzero(data, sizeof data);
     return rv;
 }
 
@@ -151,6 +176,7 @@ int main(int argc, char **argv) {
         used = 0;
         char hex[64] = "";
         if (!strncmp(command, "key ", 4)) printf("done 0x%lx\n", create_key(command + 4));
+        else if (!strncmp(command, "derive ", 7)) printf("done 0x%lx\n", derive_key(command + 7));
         else if (!strncmp(command, "feed ", 5)) printf("done 0x%lx\n", feed(command + 5));
         else if (!strcmp(command, "encrypt")) { CK_RV rv = encrypt_block(hex); printf("done 0x%lx %s\n", rv, hex); }
         else if (!strcmp(command, "final")) {
