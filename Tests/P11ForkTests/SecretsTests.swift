@@ -405,7 +405,7 @@ import Testing
             #expect(held.kept == [1, step == "feed" ? 1 : 0, 1], "\(held)")
             let core = try Self.coreDump(of: driver.pid, in: driver.token.directory)
             let inCore = core.withUnsafeBytes { bytes in [secrets.key, secrets.data, secrets.derivation].map { Self.offsets(of: $0, in: bytes).count } }
-            #expect(inCore == held.others, "after \(step): in the core \(inCore); in the process \(held)")
+            #expect(inCore == held.others && (step == "feed" || inCore == [0, 0, 0]), "after \(step): in the core \(inCore); in the process \(held)")
         }
     }
 }
