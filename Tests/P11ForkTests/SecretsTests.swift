@@ -207,15 +207,17 @@ import Testing
 
     /// Random values p11fork keeps so that a child can make session keys again and carry an
     /// encryption on: an AES key value (C_CreateObject), data fed to an encryption
-    /// (C_EncryptUpdate), derivation data in a mechanism parameter (C_DeriveKey).
+    /// (C_EncryptUpdate), derivation data in a mechanism parameter (C_DeriveKey); and the value
+    /// of a key that is wrapped, then unwrapped (p11fork keeps only its wrapped bytes).
     struct SessionSecrets {
-        let key = Self.random(), data = Self.random(), derivation = Self.random()
-        /// The driver's command for a step named "key", "feed" or "derive"; other steps are commands.
+        let key = Self.random(), data = Self.random(), derivation = Self.random(), wrapped = Self.random()
+        /// The driver's command for a step named "key", "feed", "derive" or "wrap"; other steps are commands.
         func command(_ step: String) -> String {
             switch step {
             case "key": "key " + Self.hex(key)
             case "feed": "feed " + Self.hex(data)
             case "derive": "derive " + Self.hex(derivation)
+            case "wrap": "wrap " + Self.hex(wrapped)
             default: step
             }
         }
@@ -361,6 +363,34 @@ import Testing
         try failedReplayInAChild(["P11FORK_REPLAY_LIMIT": "64"], keptInParent: [0, 1, 0])
     }
 
+    /// The value of an unwrapped session key is nowhere in the process (SoftHSM keeps it
+    /// encrypted, p11fork keeps the wrapped bytes, once, in protected memory until the key is
+    /// destroyed); a child makes the key again from them. The extractable key made to be wrapped
+    /// is destroyed at once, and its kept value with it.
+    @Test func unwrappedKeyIsKeptAsItsWrappedBytesOnly() throws {
+        let (secrets, driver) = try Self.drivingSessionKey()
+        defer { driver.finish() }
+        let answer = try driver.command(secrets.command("wrap")).split(separator: " ")
+        try #require(answer.count == 3 && answer[1] == "0x0", "\(answer)")
+        let wrapped = stride(from: 0, to: answer[2].count, by: 2).compactMap { UInt8(answer[2].dropFirst($0).prefix(2), radix: 16) }
+        func copies(in pid: Int32) throws -> [Int] {
+            let blob = try Self.copies(of: wrapped, in: pid)
+            return [try Self.copies(of: secrets.wrapped, in: pid).count, blob.filter(\.isProtected).count, blob.filter { !$0.isProtected }.count]
+        }
+        #expect(try copies(in: driver.pid) == [0, 0, 0])
+        #expect(try driver.command("unwrap \(answer[2])") == "done 0x0")
+        let parentBlock = try driver.command("encrypt")
+        #expect(parentBlock.hasPrefix("done 0x0 "))
+        #expect(try copies(in: driver.pid) == [0, 1, 0], "value / wrapped bytes protected / elsewhere")
+        let child = try driver.command("child")
+        let pid = try #require(Int32(child.dropFirst(6)), "\(child)")
+        #expect(try driver.command("encrypt") == parentBlock)
+        #expect(try copies(in: pid) == [0, 1, 0])
+        #expect(try driver.command("exit") == "done child 0")
+        #expect(try driver.command("destroy") == "done 0x0")
+        #expect(try copies(in: driver.pid) == [0, 0, 0])
+    }
+
     /// At every level and in both formats, a trace of a parent and of children (one whose replay
     /// works, one whose replay fails) holds no part of the key or the data, raw or in hex.
     @Test(arguments: ["error", "fork", "calls", "full"])
@@ -370,7 +400,7 @@ import Testing
             let token = try Self.token()
             let trace = token.directory.appendingPathComponent("trace-\(level).\(format)")
             let tracing = ["P11FORK_TRACE": trace.path, "P11FORK_TRACE_LEVEL": level, "P11FORK_TRACE_FORMAT": format]
-            for (setting, steps) in [([:], ["key", "derive", "encrypt", "feed", "child", "encrypt", "final", "encrypt", "exit", "final", "destroy"]),
+            for (setting, steps) in [([:], ["key", "wrap", "derive", "encrypt", "feed", "child", "encrypt", "final", "encrypt", "exit", "final", "destroy"]),
                                      (["P11FORK_LOGIN_REPLAY": "off"], ["key", "derive", "feed", "child", "encrypt", "final", "exit", "close"])] {
                 let driver = try Driver(module: Products.module, token: token, environment: Self.throughP11Fork.merging(tracing) { $1 }.merging(setting) { $1 })
                 for step in steps { _ = try driver.command(secrets.command(step)) }
@@ -381,7 +411,7 @@ import Testing
             if level != "error" {
                 #expect(shown.contains("made again") && shown.contains("is lost in this child"), "\(level) \(format): no recovery lines")
             }
-            for secret in [secrets.key, secrets.data, secrets.derivation] {
+            for secret in [secrets.key, secrets.data, secrets.derivation, secrets.wrapped] {
                 for start in 0...(secret.count - 6) {
                     let window = Array(secret[start..<(start + 6)])
                     let hex = SessionSecrets.hex(window)

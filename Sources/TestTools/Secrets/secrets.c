@@ -11,6 +11,10 @@
 //              CKA_PRIVATE, CKA_SENSITIVE, not extractable) whose CKA_VALUE is HEX
 //   derive HEX C_DeriveKey from that key with CKM_AES_ECB_ENCRYPT_DATA, the derivation data
 //              HEX in the mechanism parameter: an AES session key that the next commands use
+//   wrap HEX   makes an extractable AES session key of value HEX, C_WrapKey's it with the first
+//              key (CKM_AES_KEY_WRAP), destroys it; answers "done 0x0 WRAPPED-HEX"
+//   unwrap HEX C_UnwrapKey of those bytes with the first key: an AES session key that the next
+//              commands use
 //   encrypt    C_Encrypt of a fixed block with the key (CKM_AES_ECB); answers "done 0x0 HEX"
 //   feed HEX   C_EncryptInit (CKM_AES_ECB) and C_EncryptUpdate of the bytes HEX
 //   final      C_EncryptFinal      destroy    C_DestroyObject of the key
@@ -35,7 +39,7 @@ static CK_SESSION_HANDLE session;
 static CK_SLOT_ID slot = (CK_SLOT_ID)-1;
 static CK_OBJECT_HANDLE key;
 static CK_SESSION_HANDLE objects;
-static CK_OBJECT_HANDLE secret_key;
+static CK_OBJECT_HANDLE secret_key, first_key;
 
 // Decodes HEX into `out` (at most `size` bytes); the number of bytes, or -1.
 static int unhex(const char *hex, unsigned char *out, size_t size) {
@@ -49,22 +53,62 @@ static int unhex(const char *hex, unsigned char *out, size_t size) {
     return (int)(n / 2);
 }
 
+// The attributes every AES session key here starts with; then those of a key an application
+// keeps private and sensitive and encrypts with.
+static CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
+static CK_KEY_TYPE aes = CKK_AES;
+static CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+#define AES_SESSION_KEY { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes, sizeof aes }, { CKA_TOKEN, &no, sizeof no }
+#define PRIVATE_SENSITIVE { CKA_PRIVATE, &yes, sizeof yes }, { CKA_SENSITIVE, &yes, sizeof yes }, { CKA_ENCRYPT, &yes, sizeof yes }
+
 static CK_RV create_key(const char *hex) {
     unsigned char value[64];
     int length = unhex(hex, value, sizeof value);
     if (length <= 0) return CKR_ARGUMENTS_BAD;
-    CK_OBJECT_CLASS class = CKO_SECRET_KEY;
-    CK_KEY_TYPE type = CKK_AES;
-    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
     CK_ATTRIBUTE t[] = {
-        { CKA_CLASS, &class, sizeof class }, { CKA_KEY_TYPE, &type, sizeof type }, { CKA_TOKEN, &no, sizeof no },
-        { CKA_PRIVATE, &yes, sizeof yes }, { CKA_SENSITIVE, &yes, sizeof yes }, { CKA_EXTRACTABLE, &no, sizeof no },
-        { CKA_ENCRYPT, &yes, sizeof yes }, { CKA_DERIVE, &yes, sizeof yes }, { CKA_LABEL, "secrets-aes", 11 },
+        AES_SESSION_KEY, PRIVATE_SENSITIVE, { CKA_EXTRACTABLE, &no, sizeof no }, { CKA_DERIVE, &yes, sizeof yes },
+        { CKA_WRAP, &yes, sizeof yes }, { CKA_UNWRAP, &yes, sizeof yes }, { CKA_LABEL, "secrets-aes", 11 },
         { CKA_VALUE, value, (CK_ULONG)length },
     };
     CK_RV rv = objects ? CKR_OK : p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &objects);
     if (rv == CKR_OK) rv = p11->C_CreateObject(objects, t, sizeof t / sizeof t[0], &secret_key);
+    first_key = secret_key;
     explicit_bzero(value, sizeof value);
+    return rv;
+}
+
+static void tohex(const unsigned char *bytes, CK_ULONG length, char *hex_out) {
+    for (CK_ULONG i = 0; i < length; i++) sprintf(hex_out + 2 * i, "%02x", bytes[i]);
+}
+
+static CK_RV wrap_value(const char *hex, char *hex_out) {
+    unsigned char value[64], wrapped[80];
+    int length = unhex(hex, value, sizeof value);
+    if (length <= 0) return CKR_ARGUMENTS_BAD;
+    CK_ATTRIBUTE t[] = { AES_SESSION_KEY, { CKA_EXTRACTABLE, &yes, sizeof yes }, { CKA_VALUE, value, (CK_ULONG)length } };
+    CK_OBJECT_HANDLE plain;
+    CK_ULONG wrapped_length = sizeof wrapped;
+    CK_MECHANISM m = { CKM_AES_KEY_WRAP, NULL, 0 };
+    CK_RV rv = p11->C_CreateObject(objects, t, sizeof t / sizeof t[0], &plain);
+    explicit_bzero(value, sizeof value);
+    if (rv != CKR_OK) return rv;
+    rv = p11->C_WrapKey(objects, &m, first_key, plain, wrapped, &wrapped_length);
+    CK_RV destroyed = p11->C_DestroyObject(objects, plain);
+    if (rv == CKR_OK) tohex(wrapped, wrapped_length, hex_out);
+    explicit_bzero(wrapped, sizeof wrapped);
+    return rv == CKR_OK ? destroyed : rv;
+}
+
+static CK_RV unwrap_key(const char *hex) {
+    unsigned char wrapped[80];
+    int length = unhex(hex, wrapped, sizeof wrapped);
+    if (length <= 0) return CKR_ARGUMENTS_BAD;
+    CK_ATTRIBUTE t[] = { AES_SESSION_KEY, PRIVATE_SENSITIVE };
+    CK_MECHANISM m = { CKM_AES_KEY_WRAP, NULL, 0 };
+    CK_OBJECT_HANDLE unwrapped;
+    CK_RV rv = p11->C_UnwrapKey(objects, &m, first_key, wrapped, (CK_ULONG)length, t, sizeof t / sizeof t[0], &unwrapped);
+    if (rv == CKR_OK) secret_key = unwrapped;
+    explicit_bzero(wrapped, sizeof wrapped);
     return rv;
 }
 
@@ -74,15 +118,8 @@ static CK_RV derive_key(const char *hex) {
     if (length <= 0 || length % 16) return CKR_ARGUMENTS_BAD;
     CK_KEY_DERIVATION_STRING_DATA parameter = { data, (CK_ULONG)length };
     CK_MECHANISM m = { CKM_AES_ECB_ENCRYPT_DATA, &parameter, sizeof parameter };
-    CK_OBJECT_CLASS class = CKO_SECRET_KEY;
-    CK_KEY_TYPE type = CKK_AES;
     CK_ULONG size = 32;
-    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
-    CK_ATTRIBUTE t[] = {
-        { CKA_CLASS, &class, sizeof class }, { CKA_KEY_TYPE, &type, sizeof type }, { CKA_TOKEN, &no, sizeof no },
-        { CKA_PRIVATE, &yes, sizeof yes }, { CKA_SENSITIVE, &yes, sizeof yes }, { CKA_ENCRYPT, &yes, sizeof yes },
-        { CKA_VALUE_LEN, &size, sizeof size },
-    };
+    CK_ATTRIBUTE t[] = { AES_SESSION_KEY, PRIVATE_SENSITIVE, { CKA_VALUE_LEN, &size, sizeof size } };
     CK_OBJECT_HANDLE derived;
     CK_RV rv = p11->C_DeriveKey(objects, &m, secret_key, t, sizeof t / sizeof t[0], &derived);
     if (rv == CKR_OK) secret_key = derived;
@@ -97,7 +134,7 @@ static CK_RV encrypt_block(char *hex_out) {
     CK_MECHANISM m = { CKM_AES_ECB, NULL, 0 };
     CK_RV rv = p11->C_EncryptInit(objects, &m, secret_key);
     if (rv == CKR_OK) rv = p11->C_Encrypt(objects, (CK_BYTE_PTR)block, 16, out, &length);
-    for (CK_ULONG i = 0; rv == CKR_OK && i < length; i++) sprintf(hex_out + 2 * i, "%02x", out[i]);
+    if (rv == CKR_OK) tohex(out, length, hex_out);
     return rv;
 }
 
@@ -174,9 +211,11 @@ int main(int argc, char **argv) {
         if (c != '\n') { if (used < sizeof command - 1) command[used++] = c; continue; }
         command[used] = 0;
         used = 0;
-        char hex[64] = "";
+        char hex[200] = "";
         if (!strncmp(command, "key ", 4)) printf("done 0x%lx\n", create_key(command + 4));
         else if (!strncmp(command, "derive ", 7)) printf("done 0x%lx\n", derive_key(command + 7));
+        else if (!strncmp(command, "wrap ", 5)) { CK_RV rv = wrap_value(command + 5, hex); printf("done 0x%lx %s\n", rv, hex); }
+        else if (!strncmp(command, "unwrap ", 7)) printf("done 0x%lx\n", unwrap_key(command + 7));
         else if (!strncmp(command, "feed ", 5)) printf("done 0x%lx\n", feed(command + 5));
         else if (!strcmp(command, "encrypt")) { CK_RV rv = encrypt_block(hex); printf("done 0x%lx %s\n", rv, hex); }
         else if (!strcmp(command, "final")) {
