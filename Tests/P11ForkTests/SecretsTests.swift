@@ -203,6 +203,24 @@ import Testing
         return bytes
     }
 
+    /// A context-specific login (CKA_ALWAYS_AUTHENTICATE key) is kept with its operation, and
+    /// wiped when the operation ends (C_Sign), not at the next C_SignInit. Copies of the PIN:
+    /// logged in, after the context-specific login, after C_Sign.
+    @Test func contextSpecificPINIsWipedWhenItsOperationEnds() throws {
+        let token = try Self.token()
+        for (module, environment, expected) in [(RealModules.softHSM, [:], [0, 0, 0]), (Products.module, ["P11FORK_MODULE": RealModules.softHSM], [1, 2, 1])] {
+            let driver = try Driver(module: module, token: token, environment: environment)
+            defer { driver.finish() }
+            var found = [try Self.copies(of: token.pin, in: driver.pid)]
+            #expect(try driver.command("always") == "done 0x0")
+            #expect(try driver.command("context \(token.pin)") == "done 0x0")
+            found.append(try Self.copies(of: token.pin, in: driver.pid))
+            #expect(try driver.command("sign") == "done 0x0")
+            found.append(try Self.copies(of: token.pin, in: driver.pid))
+            #expect(found.map(\.count) == expected && found.allSatisfy { $0.allSatisfy(\.isProtected) }, "\(module): \(found)")
+        }
+    }
+
     // MARK: secret values of session objects and data fed to operations
 
     /// Random values p11fork keeps so that a child can make session keys again and carry an

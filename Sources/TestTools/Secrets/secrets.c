@@ -19,6 +19,10 @@
 //   feed HEX   C_EncryptInit (CKM_AES_ECB) and C_EncryptUpdate of the bytes HEX
 //   final      C_EncryptFinal      destroy    C_DestroyObject of the key
 //   close      C_CloseSession of the second session
+// A context-specific login (the PIN is given again; the line is wiped once used):
+//   always     C_GenerateKeyPair of an EC P-256 session key pair whose private key has
+//              CKA_ALWAYS_AUTHENTICATE, then C_SignInit (CKM_ECDSA) with it
+//   context PIN  C_Login(CKU_CONTEXT_SPECIFIC)       sign   C_Sign (ends the operation)
 //   child      forks: the child answers "child <pid>" and obeys the commands that follow
 //              (the parent waits) until "exit", then _exit(0)s; the parent then answers
 //              "done child <status>"
@@ -127,6 +131,27 @@ static CK_RV derive_key(const char *hex) {
     return rv;
 }
 
+static CK_OBJECT_HANDLE always_key;
+
+static CK_RV always_authenticate(void) {
+    static CK_BYTE p256[] = { 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07 };
+    CK_MECHANISM generate = { CKM_EC_KEY_PAIR_GEN, NULL, 0 };
+    CK_ATTRIBUTE pub[] = { { CKA_EC_PARAMS, p256, sizeof p256 }, { CKA_TOKEN, &no, sizeof no } };
+    CK_ATTRIBUTE priv[] = { { CKA_TOKEN, &no, sizeof no }, { CKA_PRIVATE, &yes, sizeof yes }, { CKA_SIGN, &yes, sizeof yes },
+                            { CKA_ALWAYS_AUTHENTICATE, &yes, sizeof yes } };
+    CK_OBJECT_HANDLE public_key;
+    CK_MECHANISM m = { CKM_ECDSA, NULL, 0 };
+    CK_RV rv = p11->C_GenerateKeyPair(session, &generate, pub, 2, priv, 4, &public_key, &always_key);
+    return rv == CKR_OK ? p11->C_SignInit(session, &m, always_key) : rv;
+}
+
+static CK_RV sign_always(void) {
+    static const unsigned char hash[32] = "p11fork secrets: 32-byte hash..";
+    unsigned char signature[128];
+    CK_ULONG length = sizeof signature;
+    return p11->C_Sign(session, (CK_BYTE_PTR)hash, 32, signature, &length);
+}
+
 static CK_RV encrypt_block(char *hex_out) {
     static const unsigned char block[16] = "p11fork block 16";
     unsigned char out[16];
@@ -216,6 +241,10 @@ int main(int argc, char **argv) {
         else if (!strncmp(command, "derive ", 7)) printf("done 0x%lx\n", derive_key(command + 7));
         else if (!strncmp(command, "wrap ", 5)) { CK_RV rv = wrap_value(command + 5, hex); printf("done 0x%lx %s\n", rv, hex); }
         else if (!strncmp(command, "unwrap ", 7)) printf("done 0x%lx\n", unwrap_key(command + 7));
+        else if (!strcmp(command, "always")) printf("done 0x%lx\n", always_authenticate());
+        else if (!strncmp(command, "context ", 8))
+            printf("done 0x%lx\n", p11->C_Login(session, CKU_CONTEXT_SPECIFIC, (CK_UTF8CHAR_PTR)command + 8, strlen(command + 8)));
+        else if (!strcmp(command, "sign")) printf("done 0x%lx\n", sign_always());
         else if (!strncmp(command, "feed ", 5)) printf("done 0x%lx\n", feed(command + 5));
         else if (!strcmp(command, "encrypt")) { CK_RV rv = encrypt_block(hex); printf("done 0x%lx %s\n", rv, hex); }
         else if (!strcmp(command, "final")) {
