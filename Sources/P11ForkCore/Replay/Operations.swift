@@ -11,6 +11,8 @@ enum OperationKind: Int, CaseIterable {
     @inline(__always) var active: UInt { 1 << UInt(rawValue) }
     /// ... and what is fed to it is being kept.
     @inline(__always) var recording: UInt { 1 << UInt(rawValue + 16) }
+    /// ... and p11fork holds data fed to it (or a context-specific PIN), wiped when it ends.
+    @inline(__always) var fed: UInt { 1 << UInt(rawValue + 32) }
     /// A search carried into a child is answered from p11fork's list (Operations.nextFound).
     static let findQueued: UInt = 1 << 31
 
@@ -186,9 +188,18 @@ enum Operations {
     @inline(__always)
     static func end(_ kind: OperationKind, _ session: CK_SESSION_HANDLE) {
         guard let entry = Sessions.view.entry(session) else { return }
-        if _slowPath(entry.pointee.state.load(ordering: .relaxed) & kind.active != 0) {
-            entry.pointee.state.bitwiseAnd(~(kind.active | kind.recording), ordering: .relaxed)
+        let state = entry.pointee.state.load(ordering: .relaxed)
+        if _slowPath(state & kind.active != 0) {
+            entry.pointee.state.bitwiseAnd(~(kind.active | kind.recording | kind.fed), ordering: .relaxed)
+            if state & kind.fed != 0 { wipeFed(kind, session) }
         }
+    }
+
+    /// An operation that was fed data ended: the data (and a context-specific PIN) is wiped now,
+    /// not when the session closes; its mechanism and buffers stay for the next init.
+    @inline(never)
+    private static func wipeFed(_ kind: OperationKind, _ session: CK_SESSION_HANDLE) {
+        Records.lock.withLock { recordLocked(session, kind)?.restart() }
     }
 
     @inline(never)
@@ -274,9 +285,9 @@ enum Operations {
             record.parts.append(part)
             return true
         }
-        if !keeping, let entry = Sessions.view.entry(session) {
-            entry.pointee.state.bitwiseAnd(~kind.recording, ordering: .relaxed)
-        }
+        guard let entry = Sessions.view.entry(session) else { return }
+        entry.pointee.state.bitwiseOr(keeping ? kind.fed : 0, ordering: .relaxed)
+        if !keeping { entry.pointee.state.bitwiseAnd(~kind.recording, ordering: .relaxed) }
     }
 
     private static var overLimit: String {
@@ -306,14 +317,15 @@ enum Operations {
         guard !ReplayBudget.isOff, let entry = Sessions.view.entry(session) else { return }
         let state = entry.pointee.state.load(ordering: .relaxed)
         let secret = pin.flatMap { Secret(copying: $0, count: Int(length)) }
-        let previous = Records.lock.withLock { () -> Secret? in
+        let (previous, kind) = Records.lock.withLock { () -> (Secret?, OperationKind?) in
             guard let kind = records[session]?.lastKeyed, state & kind.active != 0,
-                  let record = recordLocked(session, kind) else { return secret }
+                  let record = recordLocked(session, kind) else { return (secret, nil) }
             let previous = record.contextPIN
             record.contextPIN = secret
-            return previous
+            return (previous, kind)
         }
         previous?.wipe()
+        if let kind { entry.pointee.state.bitwiseOr(kind.fed, ordering: .relaxed) }
     }
 
     /// After C_*MessageBegin / C_*MessageNext (3.0): whether a multi-part message is open.
@@ -385,10 +397,16 @@ enum Operations {
             let outcome = record.map { replay($0, virtual, real, functions) } ?? .failure("nothing was recorded about it")
             switch outcome {
             case .success(let summary):
-                carried |= kind.active | (state & kind.recording)
+                carried |= kind.active | (state & (kind.recording | kind.fed))
                 if kind == .find { carried |= OperationKind.findQueued }
                 Trace.event(.fork, "operation \(kind.initName) on session 0x\(Recovery.hex(virtual)) carried into the child: \(summary) (\(Recovery.milliseconds(since: started)))")
             case .failure(let why):
+                // Not carried: what the parent fed it is wiped in this child now.
+                Records.lock.withLock {
+                    guard let operations = records[virtual], let record = operations.list[kind.rawValue] else { return }
+                    drop(record)
+                    operations.list[kind.rawValue] = nil
+                }
                 Trace.event(.fork, "operation \(kind.initName) on session 0x\(Recovery.hex(virtual)) is not carried into the child: \(why); the calls that continue it get CKR_OPERATION_NOT_INITIALIZED")
             }
         }

@@ -178,6 +178,14 @@ enum SessionObjects {
     /// Makes a session object of the parent again in this child's module. Under Recovery.lock.
     static func remake(_ virtual: CK_OBJECT_HANDLE, _ recipe: ObjectRecipe, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>,
                        _ failure: inout CK_RV) -> Remade {
+        let result = attempt(virtual, recipe, functions, &failure)
+        // Lost for good in this child (Recovery.lost): the values kept to make it are wiped now.
+        if case .lost = result { forget(virtual) }
+        return result
+    }
+
+    private static func attempt(_ virtual: CK_OBJECT_HANDLE, _ recipe: ObjectRecipe, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>,
+                                _ failure: inout CK_RV) -> Remade {
         let invalid = CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
         if case .lost(let why) = recipe.origin { return .lost(why) }
         let session = Recovery.session(recipe.session, &failure)
