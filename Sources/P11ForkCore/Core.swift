@@ -38,6 +38,7 @@ enum Core {
 
     private static func load(environment: [String: String]) {
         ForkDetection.install()
+        FinalizeGate.install()
         // Locks are made outermost first: the fork handlers take them in this order (Recovery's
         // lock is held while Records' and the tables' are taken, never the other way round).
         Recovery.install()
