@@ -40,7 +40,7 @@ run_scenarios() {
     "softhsm2.conf --children 50 fork-churn"
     "softhsm2.conf --children 10 --busy random fork-busy"
     "softhsm2.conf --rounds 10 finalize-race"
-    "strict.conf --locking callbacks --children 3 callbacks-fork"
+    "strict.conf --locking callbacks --threads 2 --children 3 callbacks-fork"
   )
   local failed=0
   for scenario in "${scenarios[@]}"; do

@@ -40,8 +40,10 @@ import Testing
                 environment["P11FORK_TRACE"] = traceFile.path
                 environment["P11FORK_TRACE_LEVEL"] = "error"
             }
+            // Directly, a child may hang on a lock a parent thread held: 10 s tells that soon enough.
+            let timeout = throughP11Fork ? [] : ["--child-timeout", "10"]
             let arguments = ["--module", throughP11Fork ? Products.module : RealModules.softHSM, "--token", token.label,
-                             "--pin", token.pin, "--key", "concurrency-key"] + options + [scenario]
+                             "--pin", token.pin, "--key", "concurrency-key"] + timeout + options + [scenario]
             let result = try runProgram(Products.path("p11fork-concurrency"), arguments, environment: environment, timeout: 600)
             let trace = (try? String(contentsOf: traceFile, encoding: .utf8)) ?? ""
             return Outcome(result: result, trace: trace)
@@ -109,13 +111,15 @@ import Testing
         print("finalize-race: \(outcome.line("finalize-race:"))")
     }
 
-    /// With the application's mutex callbacks, a child's module (initialised again by p11fork with
-    /// the application's arguments) creates and takes its mutexes through those callbacks.
+    /// With the application's mutex callbacks, while two threads of the parent sign, a child's
+    /// module (initialised again by p11fork with the application's arguments) creates and takes
+    /// its mutexes through those callbacks.
     @Test func childModuleUsesApplicationMutexCallbacks() throws {
         let driver = try Driver(strict: true)
-        let direct = try driver.run("callbacks-fork", throughP11Fork: false, ["--locking", "callbacks", "--children", "2"])
+        let options = ["--locking", "callbacks", "--threads", "2"]
+        let direct = try driver.run("callbacks-fork", throughP11Fork: false, options + ["--children", "2"])
         #expect(!direct.succeeded && direct.result.stdout.contains("CKR_CRYPTOKI_NOT_INITIALIZED"), "directly: \(direct.report)")
-        let outcome = try driver.run("callbacks-fork", throughP11Fork: true, ["--locking", "callbacks", "--children", "5"])
+        let outcome = try driver.run("callbacks-fork", throughP11Fork: true, options + ["--children", "20"])
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
         let created = outcome.count("child 0: sign CKR_OK; in the child:", before: "mutex(es)") ?? 0
         #expect(created > 0, "the child's module created no mutex through the callbacks: \(outcome.result.stdout)")

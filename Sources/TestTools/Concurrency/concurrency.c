@@ -16,8 +16,9 @@
 //                   large C_GenerateRandom) while the main thread forks children that sign.
 //   finalize-race   N threads sign, search and read session info while the main thread calls
 //                   C_Finalize; then C_Initialize again; --rounds times.
-//   callbacks-fork  with the application's mutex callbacks, a child signs: its module must be
-//                   using the callbacks too (the child counts them).
+//   callbacks-fork  with the application's mutex callbacks, N threads sign while children are
+//                   forked; each child signs, and its module must be using the callbacks too (the
+//                   child counts them).
 // --locking says what C_Initialize gets: mutex callbacks only, CKF_OS_LOCKING_OK only, both, or
 // NULL. The callbacks are pthread mutexes that count their use; the count is printed.
 // Every child arms alarm() and _exit()s with a status the parent checks; the main process arms
@@ -505,12 +506,20 @@ static int callbacks_child(int index) {
     return locks_after > locks ? 0 : 2;
 }
 
+// The parent's threads sign meanwhile: a mutex the module made through the callbacks may be held
+// by one of them at the fork, and the child must not need it.
 static int scenario_callbacks_fork(void) {
     if (strcmp(locking, "callbacks")) return tool_fail("callbacks-fork needs --locking callbacks");
+    shared_session = main_session;
+    pthread_t threads[MAX_THREADS];
+    for (int i = 0; i < thread_count; i++) pthread_create(&threads[i], NULL, worker, NULL);
     int failed = 0, hung = 0, crashed = 0;
     for (int i = 0; i < children; i++) tally_child(run_child(callbacks_child, i), i, &failed, &hung, &crashed);
+    stop = 1;
+    for (int i = 0; i < thread_count; i++) pthread_join(threads[i], NULL);
     say_callbacks("parent");
     if (failed || hung || crashed) return tool_fail("callbacks-fork: %d failed, %d hung, %d crashed", failed, hung, crashed);
+    if (thread_problems) return tool_fail("callbacks-fork: %d call(s) of the parent's threads failed", thread_problems);
     tool_say("result: ok callbacks-fork: %d children signed with the application's mutex callbacks in use", children);
     return 0;
 }
