@@ -5,7 +5,7 @@
 # finalize-race, callbacks-fork) through a libp11fork.so built with the same sanitizer, over a
 # SoftHSM token made for the run. The driver is an ordinary C program: the sanitizer's runtime
 # (the Swift toolchain's, which the instrumented module needs) is preloaded into it.
-#   scripts/sanitize.sh [address|thread]...     (default: both; about 5 minutes each)
+#   scripts/sanitize.sh [address|thread]...     (default: both; 1.5 minutes for both here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/swift-env.sh
