@@ -98,8 +98,10 @@ import Testing
         print("fork-busy: \(outcome.line("fork-busy:"))")
     }
 
-    /// 8 threads sign, search and read session info while the main thread calls C_Finalize, then
-    /// C_Initialize again, 20 rounds: racing calls answer CKR_OK or a not-initialised / invalid
+    /// 8 threads sign, search and read session info while the main thread calls C_Finalize (every
+    /// other round a second thread too: one of them answers CKR_OK, the other
+    /// CKR_CRYPTOKI_NOT_INITIALIZED), then C_Initialize again, 20 rounds: racing calls answer
+    /// CKR_OK or a not-initialised / invalid
     /// handle code, nothing crashes or hangs, and signing works afterwards. SoftHSM alone crashes
     /// (PKCS#11 2.40 section 5.4 leaves the race unspecified; p11fork defines it: docs/FORK.md).
     @Test func finalizeRacingEightThreads() throws {

@@ -15,7 +15,8 @@
 //   fork-busy       a thread stays inside a slow call of the module (RSA-4096 key generation or a
 //                   large C_GenerateRandom) while the main thread forks children that sign.
 //   finalize-race   N threads sign, search and read session info while the main thread calls
-//                   C_Finalize; then C_Initialize again; --rounds times.
+//                   C_Finalize (in every other round a second thread too, at the same moment);
+//                   then C_Initialize again; --rounds times.
 //   callbacks-fork  with the application's mutex callbacks, N threads sign while children are
 //                   forked; each child signs, and its module must be using the callbacks too (the
 //                   child counts them).
@@ -465,19 +466,45 @@ static void *racer(void *unused) {
     return NULL;
 }
 
+// In every other round a second thread calls C_Finalize at the same moment as the main thread.
+static pthread_barrier_t finalizers;
+static CK_RV second_finalize;
+
+static void *second_finalizer(void *unused) {
+    (void)unused;
+    pthread_barrier_wait(&finalizers);
+    second_finalize = p11->C_Finalize(NULL);
+    return NULL;
+}
+
 static int scenario_finalize_race(void) {
     const char *step;
     double started = now();
+    int doubled = 0;
+    pthread_barrier_init(&finalizers, NULL, 2);
     for (int round = 0; round < rounds; round++) {
         if (round > 0) {
             CK_RV rv = set_up(&step);
             if (rv != CKR_OK) return tool_fail("finalize-race: round %d: %s: %s", round, step, tool_rv_name(rv));
         }
-        pthread_t threads[MAX_THREADS];
+        pthread_t threads[MAX_THREADS], second;
         for (int i = 0; i < thread_count; i++) pthread_create(&threads[i], NULL, racer, NULL);
+        int twice = round % 2 == 1;
+        if (twice) pthread_create(&second, NULL, second_finalizer, NULL);
         usleep(2000 + rand() % 20000);
+        if (twice) pthread_barrier_wait(&finalizers);
         CK_RV rv = p11->C_Finalize(NULL);
         for (int i = 0; i < thread_count; i++) pthread_join(threads[i], NULL);
+        if (twice) {
+            pthread_join(second, NULL);
+            // One of the two finalizes; the other finds the library finalized.
+            int one_each = (rv == CKR_OK && second_finalize == CKR_CRYPTOKI_NOT_INITIALIZED)
+                || (rv == CKR_CRYPTOKI_NOT_INITIALIZED && second_finalize == CKR_OK);
+            if (!one_each) return tool_fail("finalize-race: round %d: two C_Finalize calls answered %s and %s", round,
+                                            tool_rv_name(rv), tool_rv_name(second_finalize));
+            rv = CKR_OK;
+            doubled++;
+        }
         if (rv != CKR_OK) return tool_fail("finalize-race: round %d: C_Finalize: %s", round, tool_rv_name(rv));
         if (thread_problems) return tool_fail("finalize-race: round %d: %d unexpected answer(s)", round, thread_problems);
     }
@@ -485,9 +512,10 @@ static int scenario_finalize_race(void) {
     CK_RV rv = set_up(&step);
     if (rv != CKR_OK) return tool_fail("finalize-race: after the rounds: %s: %s", step, tool_rv_name(rv));
     if ((rv = sign_and_verify(main_session)) != CKR_OK) return tool_fail("finalize-race: sign after the rounds: %s", tool_rv_name(rv));
-    tool_say("finalize-race: %d rounds of %d threads in %.1f s; answers: %ld CKR_OK, %ld CKR_CRYPTOKI_NOT_INITIALIZED, "
+    tool_say("finalize-race: %d rounds of %d threads in %.1f s (%d with two C_Finalize at once: one CKR_OK, one "
+        "CKR_CRYPTOKI_NOT_INITIALIZED each); answers: %ld CKR_OK, %ld CKR_CRYPTOKI_NOT_INITIALIZED, "
         "%ld CKR_SESSION_HANDLE_INVALID/CLOSED, %ld other handle or operation codes",
-        rounds, thread_count, now() - started, race_answers[0], race_answers[1], race_answers[2], race_answers[3]);
+        rounds, thread_count, now() - started, doubled, race_answers[0], race_answers[1], race_answers[2], race_answers[3]);
     tool_say("result: ok finalize-race: %d rounds, then signs", rounds);
     return 0;
 }
