@@ -22,6 +22,7 @@ let package = Package(
         .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
         .executable(name: "p11fork-faults", targets: ["p11fork-faults"]),
+        .executable(name: "p11fork-concurrency", targets: ["p11fork-concurrency"]),
         // The command-line tool (`p11fork doctor`, `p11fork trace`). Its binary is p11fork-cli:
         // the name p11fork is the module's product; install it as p11fork.
         .executable(name: "p11fork-cli", targets: ["p11fork-cli"]),
@@ -54,10 +55,13 @@ let package = Package(
             path: "Sources/TestTools/Conformance",
             linkerSettings: [.linkedLibrary("dl")]
         ),
+        // What the C test drivers share: return-code names, output lines, finding a token.
+        .target(name: "ToolSupport", path: "Sources/TestTools/Support"),
         // Runs one fork scenario against a module (directly or through p11fork); in C, so the
         // driver's own runtime cannot blur what a forked child sees.
         .executableTarget(
             name: "p11fork-forkcheck",
+            dependencies: ["ToolSupport"],
             path: "Sources/TestTools/ForkCheck",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
@@ -96,6 +100,13 @@ let package = Package(
         .executableTarget(
             name: "p11fork-bench",
             path: "Sources/TestTools/Bench",
+            linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
+        ),
+        // Many threads, forks among them, and C_Finalize racing them (scenarios in the file's header).
+        .executableTarget(
+            name: "p11fork-concurrency",
+            dependencies: ["ToolSupport"],
+            path: "Sources/TestTools/Concurrency",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),

@@ -39,6 +39,7 @@ enum Core {
 
     private static func load(environment: [String: String]) {
         ForkDetection.install()
+        FinalizeGate.install()
         // Locks are made outermost first: the fork handlers take them in this order (Recovery's
         // lock is held while Records' and the tables' are taken, never the other way round).
         settleLock = ForkDetection.register(ForkSafeLock())
@@ -56,6 +57,7 @@ enum Core {
             pendingEnvironment = environment
         }
         buildLists()
+        initializeGlobals()
         // Tracing is set up now: calls may take the fast path unless they are to be timed.
         ProcessMark.refresh()
     }
@@ -124,6 +126,26 @@ enum Core {
         }
         if let loadProblem { Trace.event(.error, loadProblem.message) }
     }
+
+    /// Runs the initialiser of every lazily made global now, while no other thread can be inside
+    /// p11fork: a Swift global whose initialiser another thread is running at the moment of a fork
+    /// never finishes in the child, and the child's first use of it waits forever (measured:
+    /// docs/RELIABILITY.md "Concurrency"). The fork handlers' locks do not cover the globals used
+    /// outside them. A global added to P11ForkCore with an initialiser that is not a constant
+    /// belongs here.
+    private static func initializeGlobals() {
+        keep(Configuration.keys, RealModule.ownHandle as Any, SessionNotifications.relays, SessionNotifications.trampoline,
+             Recovery.searchSessions, Recovery.lost, Logins.kept, Logins.states, Records.tokens, Records.sessions,
+             Records.objects, Records.objectsByIdentity, Operations.records, SessionObjects.recipes,
+             KeptTemplate.nestedTypes, ProtectedMemory.sizes, ProtectedMemory.free, ProtectedMemory.regions,
+             ParameterLayout.flatMechanisms, ParameterLayout.stringData, ParameterLayout.structures,
+             MechanismHandles.handleCarriers, CK_FLAGS.sessionFlagNames, CK_FLAGS.initializeFlagNames,
+             CK_FLAGS.waitFlagNames, TraceLine.HeaderCache.size, TraceLine.lastDay.load(ordering: .relaxed))
+    }
+
+    /// Opaque to the optimiser, so that reading a global for its initialiser is not dropped.
+    @inline(never)
+    private static func keep(_ values: Any...) { _ = values.count }
 
     private static func buildLists() {
         list30 = .allocate(capacity: 1)

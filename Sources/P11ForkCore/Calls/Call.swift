@@ -1,17 +1,28 @@
 import CPKCS11
+import Synchronization
 
 /// The one shape of every entry point: check for a fork, note the start when tracing, call the
 /// real module with real handles, make returned handles virtual, trace the result. Nothing in
-/// it throws or traps across the C boundary; the common path is a few loads and branches.
-struct Call {
+/// it throws or traps across the C boundary; the common path is a few loads and branches, and
+/// an atomic add and subtract that let C_Finalize wait for the call (FinalizeGate).
+/// Not copyable: its end (when the entry point returns) counts the call out of the gate.
+struct Call: ~Copyable {
     let function: Function
     /// Monotonic start time (odd, never 0) when tracing calls, else 0.
     let started: UInt64
+    /// This call's counter in the FinalizeGate; nil for the calls it does not count.
+    private let gate: UnsafeMutablePointer<Atomic<Int>>?
 
     @inline(__always)
     init(_ function: Function) {
         self.function = function
         started = _fastPath(ProcessMark.isFast) ? 0 : Self.slowStart(function)
+        gate = function.waitsForFinalize ? FinalizeGate.enter() : nil
+    }
+
+    @inline(__always)
+    deinit {
+        if let gate { FinalizeGate.leave(gate) }
     }
 
     /// A new child to adopt, a thread to set up for a module copy, a call to time for the trace.
@@ -47,5 +58,17 @@ struct Call {
     func finish(_ rv: CK_RV, _ line: inout TraceLine) {
         line.endCall(rv, nanoseconds: Clock.monotonicNanoseconds() &- started)
         line.write(to: Trace.fd)
+    }
+}
+
+extension Function {
+    /// Every call but these counts in the FinalizeGate: C_Initialize and C_Finalize themselves,
+    /// C_WaitForSlotEvent (which C_Finalize ends, PKCS#11 2.40 section 5.4), and the three
+    /// exported functions, which do not reach the module.
+    var waitsForFinalize: Bool {
+        switch self {
+        case .C_Initialize, .C_Finalize, .C_WaitForSlotEvent, .C_GetFunctionList, .C_GetInterfaceList, .C_GetInterface: false
+        default: true
+        }
     }
 }

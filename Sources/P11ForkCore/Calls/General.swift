@@ -62,22 +62,26 @@ enum Custom {
 
     static let C_Finalize: CK_C_Finalize = { pReserved in
         let call = Call(.C_Finalize)
-        let rv: CK_RV
-        if Recovery.moduleInherited {
-            // A child finalizing what it inherited: p11fork forgets it all; the inherited module
-            // (and a server-side state it may share with the parent) is left alone.
-            rv = !Core.appInitialized ? CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED)
-                : pReserved != nil ? CK_RV(CKR_ARGUMENTS_BAD) : CK_RV(CKR_OK)
-        } else if let function = Core.functions?.pointee.C_Finalize {
-            // In a child this reaches only the child's own (recovered) module.
-            rv = function(pReserved)
-        } else {
-            return call.unavailable()
-        }
-        if rv == CKR_OK {
-            Core.appInitialized = false
-            Recovery.initializationUnclaimed = false
-            Core.forgetSessionsAndObjects()
+        guard Recovery.moduleInherited || Core.functions?.pointee.C_Finalize != nil else { return call.unavailable() }
+        // Other threads' calls end first and new ones wait (FinalizeGate): the module frees what
+        // they use, and so does forgetting the handles.
+        let rv: CK_RV = FinalizeGate.whileClosed {
+            let rv: CK_RV
+            if Recovery.moduleInherited {
+                // A child finalizing what it inherited: p11fork forgets it all; the inherited module
+                // (and a server-side state it may share with the parent) is left alone.
+                rv = !Core.appInitialized ? CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED)
+                    : pReserved != nil ? CK_RV(CKR_ARGUMENTS_BAD) : CK_RV(CKR_OK)
+            } else {
+                // In a child this reaches only the child's own (recovered) module.
+                rv = Core.functions!.pointee.C_Finalize!(pReserved)
+            }
+            if rv == CKR_OK {
+                Core.appInitialized = false
+                Recovery.initializationUnclaimed = false
+                Core.forgetSessionsAndObjects()
+            }
+            return rv
         }
         if call.isTraced {
             var line = call.line()

@@ -168,7 +168,7 @@ extension Custom {
 
     /// Out of line, so that the call's own frame stays small on the untraced path.
     @inline(never)
-    private static func traceSessionInfo(_ call: Call, _ hSession: CK_SESSION_HANDLE, _ pInfo: UnsafeMutablePointer<CK_SESSION_INFO>?, _ rv: CK_RV) {
+    private static func traceSessionInfo(_ call: borrowing Call, _ hSession: CK_SESSION_HANDLE, _ pInfo: UnsafeMutablePointer<CK_SESSION_INFO>?, _ rv: CK_RV) {
         var line = call.line()
         line.session("session", hSession)
         if rv == CKR_OK, let pInfo {

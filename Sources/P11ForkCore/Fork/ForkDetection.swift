@@ -70,6 +70,7 @@ enum ForkDetection {
         let now = getpid()
         if now != pid {
             for lock in locks { lock.reinitializeAfterFork() }
+            FinalizeGate.resetInChild()
             let parent = pid
             pid = now
             generation += 1

@@ -29,7 +29,7 @@ enum ParameterLayout {
         return .unknown
     }
 
-    private static let flatMechanisms: Set<CK_MECHANISM_TYPE> = Set([
+    static let flatMechanisms: Set<CK_MECHANISM_TYPE> = Set([
         // Digests, signatures and ciphers with no parameter or a plain byte string (IV).
         CKM_SHA_1, CKM_SHA224, CKM_SHA256, CKM_SHA384, CKM_SHA512, CKM_MD5,
         CKM_RSA_PKCS, CKM_RSA_X_509, CKM_SHA1_RSA_PKCS, CKM_SHA224_RSA_PKCS, CKM_SHA256_RSA_PKCS,
@@ -51,8 +51,8 @@ enum ParameterLayout {
         CKM_SHA256_KEY_DERIVATION, CKM_SHA384_KEY_DERIVATION, CKM_SHA512_KEY_DERIVATION,
     ].map { CK_MECHANISM_TYPE($0) })
 
-    private static let stringData: [Field] = [.pointer(length: 1), .word]
-    private static let structures: [CK_MECHANISM_TYPE: [Field]] = {
+    static let stringData: [Field] = [.pointer(length: 1), .word]
+    static let structures: [CK_MECHANISM_TYPE: [Field]] = {
         var table: [CK_MECHANISM_TYPE: [Field]] = [:]
         // CK_RSA_PKCS_OAEP_PARAMS: hashAlg, mgf, source, pSourceData, ulSourceDataLen.
         table[CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP)] = [.word, .word, .word, .pointer(length: 4), .word]
@@ -264,7 +264,7 @@ enum MechanismHandles {
         }
     }
 
-    private static let handleCarriers: Set<CK_MECHANISM_TYPE> = Set([
+    static let handleCarriers: Set<CK_MECHANISM_TYPE> = Set([
         CKM_ECMQV_DERIVE, CKM_X9_42_DH_HYBRID_DERIVE, CKM_X9_42_MQV_DERIVE, CKM_SSL3_KEY_AND_MAC_DERIVE,
         CKM_TLS_KEY_AND_MAC_DERIVE,
     ].map { CK_MECHANISM_TYPE($0) })

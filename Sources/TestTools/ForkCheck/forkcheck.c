@@ -17,9 +17,9 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <p11-kit-1/p11-kit/pkcs11.h>
+#include "tool_support.h"
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,49 +41,6 @@ static CK_ULONG parent_signature_length;
 static CK_SLOT_ID slot;
 static CK_SESSION_HANDLE session;
 static CK_OBJECT_HANDLE private_key, verify_key;
-
-// MARK: names and reporting
-
-static const char *rv_name(CK_RV rv) {
-    switch (rv) {
-#define N(x) case x: return #x;
-        N(CKR_OK) N(CKR_CANCEL) N(CKR_HOST_MEMORY) N(CKR_SLOT_ID_INVALID) N(CKR_GENERAL_ERROR)
-        N(CKR_FUNCTION_FAILED) N(CKR_ARGUMENTS_BAD) N(CKR_ATTRIBUTE_TYPE_INVALID) N(CKR_DATA_LEN_RANGE)
-        N(CKR_DEVICE_ERROR) N(CKR_DEVICE_MEMORY) N(CKR_DEVICE_REMOVED) N(CKR_FUNCTION_NOT_SUPPORTED)
-        N(CKR_KEY_HANDLE_INVALID) N(CKR_MECHANISM_INVALID) N(CKR_OBJECT_HANDLE_INVALID)
-        N(CKR_OPERATION_ACTIVE) N(CKR_OPERATION_NOT_INITIALIZED) N(CKR_PIN_INCORRECT) N(CKR_PIN_LOCKED)
-        N(CKR_PIN_EXPIRED) N(CKR_SESSION_CLOSED) N(CKR_SESSION_HANDLE_INVALID) N(CKR_SIGNATURE_INVALID)
-        N(CKR_TOKEN_NOT_PRESENT) N(CKR_USER_ALREADY_LOGGED_IN) N(CKR_USER_NOT_LOGGED_IN)
-        N(CKR_BUFFER_TOO_SMALL) N(CKR_CRYPTOKI_NOT_INITIALIZED) N(CKR_CRYPTOKI_ALREADY_INITIALIZED)
-        N(CKR_SESSION_READ_ONLY_EXISTS) N(CKR_USER_TYPE_INVALID)
-#undef N
-    }
-    static __thread char hex[32];
-    snprintf(hex, sizeof hex, "0x%lx", rv);
-    return hex;
-}
-
-static void say(const char *format, ...) {
-    char line[512];
-    va_list args;
-    va_start(args, format);
-    vsnprintf(line, sizeof line, format, args);
-    va_end(args);
-    // One write per line: lines of parent and children never interleave.
-    size_t n = strlen(line);
-    line[n] = '\n';
-    (void)!write(1, line, n + 1);
-}
-
-static int fail(const char *format, ...) {
-    char reason[400];
-    va_list args;
-    va_start(args, format);
-    vsnprintf(reason, sizeof reason, format, args);
-    va_end(args);
-    say("result: fail %s", reason);
-    return 1;
-}
 
 // MARK: PKCS#11 steps
 
@@ -115,30 +72,12 @@ static CK_RV find_object(CK_SESSION_HANDLE s, CK_OBJECT_CLASS class, const char 
     return rv;
 }
 
-static CK_RV find_slot(CK_SLOT_ID *out) {
-    CK_SLOT_ID slots[32];
-    CK_ULONG count = 32;
-    CK_RV rv = p11->C_GetSlotList(CK_TRUE, slots, &count);
-    if (rv != CKR_OK) return rv;
-    for (CK_ULONG i = 0; i < count; i++) {
-        CK_TOKEN_INFO info;
-        if (p11->C_GetTokenInfo(slots[i], &info) != CKR_OK) continue;
-        size_t n = strlen(token_label);
-        if (n <= 32 && !memcmp(info.label, token_label, n)) {
-            int padded = 1;
-            for (size_t j = n; j < 32; j++) padded &= info.label[j] == ' ';
-            if (padded) { *out = slots[i]; return CKR_OK; }
-        }
-    }
-    return CKR_TOKEN_NOT_PRESENT;
-}
-
 // Opens a session, logs in, finds the signing key and the key that verifies its signatures.
 static CK_RV set_up(CK_SLOT_ID *s_slot, CK_SESSION_HANDLE *s, CK_OBJECT_HANDLE *key, CK_OBJECT_HANDLE *verifier,
                     const char **step) {
     CK_RV rv;
     *step = "C_GetSlotList/C_GetTokenInfo";
-    if ((rv = find_slot(s_slot)) != CKR_OK) return rv;
+    if ((rv = tool_find_slot(p11, token_label, s_slot)) != CKR_OK) return rv;
     *step = "C_OpenSession";
     if ((rv = p11->C_OpenSession(*s_slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, s)) != CKR_OK) return rv;
     *step = "C_Login";
@@ -205,7 +144,7 @@ static int child_signs(int fd, int index, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE 
         CK_RV rv = sign_with(s, key, signature, &length);
         send_signature(fd, rv, signature, length);
         if (rv != CKR_OK) {
-            say("child %d (pid %d): signature %d: %s", index, getpid(), i + 1, rv_name(rv));
+            tool_say("child %d (pid %d): signature %d: %s", index, getpid(), i + 1, tool_rv_name(rv));
             status = 3;
             break;
         }
@@ -221,9 +160,9 @@ static int run_children(int count, child_body body, int *verified_out) {
     int fds[64];
     for (int i = 0; i < count; i++) {
         int p[2];
-        if (pipe(p) != 0) return fail("pipe: %s", strerror(errno));
+        if (pipe(p) != 0) return tool_fail("pipe: %s", strerror(errno));
         pid_t pid = make_child();
-        if (pid < 0) return fail("fork: %s", strerror(errno));
+        if (pid < 0) return tool_fail("fork: %s", strerror(errno));
         if (pid == 0) {
             close(p[0]);
             alarm(CHILD_TIMEOUT);
@@ -250,16 +189,16 @@ static int run_children(int count, child_body body, int *verified_out) {
             if (length > MAX_SIGNATURE || read(fds[i], signature, length) != (ssize_t)length) break;
             CK_RV checked = verify(signature, length);
             if (checked == CKR_OK) verified++;
-            else { say("child %d: its signature does not verify in the parent: %s", i + 1, rv_name(checked)); problems++; }
+            else { tool_say("child %d: its signature does not verify in the parent: %s", i + 1, tool_rv_name(checked)); problems++; }
         }
         close(fds[i]);
         int status = 0;
         waitpid(pids[i], &status, 0);
         if (WIFSIGNALED(status)) {
-            say("child %d: killed by signal %d%s", i + 1, WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung)" : "");
+            tool_say("child %d: killed by signal %d%s", i + 1, WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung)" : "");
             problems++;
         } else if (WEXITSTATUS(status) != 0) {
-            say("child %d: exit status %d", i + 1, WEXITSTATUS(status));
+            tool_say("child %d: exit status %d", i + 1, WEXITSTATUS(status));
             problems++;
         }
     }
@@ -273,9 +212,9 @@ static int parent_still_signs(const char *scenario, int child_problems, int veri
     CK_ULONG length;
     CK_RV rv = sign_with(session, private_key, signature, &length);
     if (rv == CKR_OK) rv = verify(signature, length);
-    if (child_problems) return fail("%s: %d child problem(s); parent after the children: %s", scenario, child_problems, rv_name(rv));
-    if (rv != CKR_OK) return fail("%s: children fine, but the parent cannot sign after them: %s", scenario, rv_name(rv));
-    say("result: ok %s: %d signature(s) from children verified; the parent still signs", scenario, verified);
+    if (child_problems) return tool_fail("%s: %d child problem(s); parent after the children: %s", scenario, child_problems, tool_rv_name(rv));
+    if (rv != CKR_OK) return tool_fail("%s: children fine, but the parent cannot sign after them: %s", scenario, tool_rv_name(rv));
+    tool_say("result: ok %s: %d signature(s) from children verified; the parent still signs", scenario, verified);
     return 0;
 }
 
@@ -284,7 +223,7 @@ static int parent_still_signs(const char *scenario, int child_problems, int veri
 static int scenario_inherited(void) {
     int verified = 0;
     int problems = run_children(children, inherited_child, &verified);
-    if (!problems && verified != children * signatures) return fail("inherited: %d of %d signatures verified", verified, children * signatures);
+    if (!problems && verified != children * signatures) return tool_fail("inherited: %d of %d signatures verified", verified, children * signatures);
     return parent_still_signs("inherited", problems, verified);
 }
 
@@ -297,7 +236,7 @@ static int grandchild_signs(int fd, int index) {
     }
     int grandchild = 0;
     waitpid(pid, &grandchild, 0);
-    if (WIFSIGNALED(grandchild)) { say("grandchild: killed by signal %d", WTERMSIG(grandchild)); return 4; }
+    if (WIFSIGNALED(grandchild)) { tool_say("grandchild: killed by signal %d", WTERMSIG(grandchild)); return 4; }
     return WEXITSTATUS(grandchild);
 }
 
@@ -314,14 +253,14 @@ static int daemon_child(int fd, int index) { return grandchild_signs(fd, index);
 static int scenario_daemon(void) {
     int verified = 0;
     int problems = run_children(children, daemon_child, &verified);
-    if (!problems && verified != children * signatures) return fail("daemon: %d signatures verified", verified);
+    if (!problems && verified != children * signatures) return tool_fail("daemon: %d signatures verified", verified);
     return parent_still_signs("daemon", problems, verified);
 }
 
 static int scenario_generations(void) {
     int verified = 0;
     int problems = run_children(children, generations_child, &verified);
-    if (!problems && verified != 2 * children * signatures) return fail("generations: %d signatures verified", verified);
+    if (!problems && verified != 2 * children * signatures) return tool_fail("generations: %d signatures verified", verified);
     return parent_still_signs("generations", problems, verified);
 }
 
@@ -329,13 +268,13 @@ static int scenario_generations(void) {
 static int initializing_child(int fd, int index) {
     CK_C_INITIALIZE_ARGS init = { .flags = CKF_OS_LOCKING_OK };
     CK_RV rv = p11->C_Initialize(&init);
-    if (rv != CKR_OK) { say("child %d: C_Initialize: %s", index, rv_name(rv)); send_signature(fd, rv, NULL, 0); return 3; }
+    if (rv != CKR_OK) { tool_say("child %d: C_Initialize: %s", index, tool_rv_name(rv)); send_signature(fd, rv, NULL, 0); return 3; }
     CK_SLOT_ID s_slot;
     CK_SESSION_HANDLE s;
     CK_OBJECT_HANDLE key, verifier;
     const char *step;
     if ((rv = set_up(&s_slot, &s, &key, &verifier, &step)) != CKR_OK) {
-        say("child %d: %s: %s", index, step, rv_name(rv));
+        tool_say("child %d: %s: %s", index, step, tool_rv_name(rv));
         send_signature(fd, rv, NULL, 0);
         return 3;
     }
@@ -355,8 +294,8 @@ static int teardown_child(int fd, int index) {
     CK_RV close = p11->C_CloseSession(session);
     CK_RV close_all = p11->C_CloseAllSessions(slot);
     CK_RV finalize = p11->C_Finalize(NULL);
-    say("child %d: C_Logout %s, C_CloseSession %s, C_CloseAllSessions %s, C_Finalize %s", index, rv_name(logout),
-        rv_name(close), rv_name(close_all), rv_name(finalize));
+    tool_say("child %d: C_Logout %s, C_CloseSession %s, C_CloseAllSessions %s, C_Finalize %s", index, tool_rv_name(logout),
+        tool_rv_name(close), tool_rv_name(close_all), tool_rv_name(finalize));
     return 0;
 }
 
@@ -412,7 +351,7 @@ static int scenario_threads(void) {
     }
     stop_signing = 1;
     for (int i = 0; i < 3; i++) pthread_join(threads[i], NULL);
-    if (thread_failures) return fail("threads: %d signature(s) failed in the parent's signing threads", thread_failures);
+    if (thread_failures) return tool_fail("threads: %d signature(s) failed in the parent's signing threads", thread_failures);
     return parent_still_signs("threads", problems, verified);
 }
 
@@ -423,7 +362,7 @@ static int pin_changed_child(int fd, int index) {
     CK_ULONG length;
     CK_RV first = sign_with(session, private_key, signature, &length);
     CK_RV second = sign_with(session, private_key, signature, &length);
-    say("child %d: first signature %s, second %s", index, rv_name(first), rv_name(second));
+    tool_say("child %d: first signature %s, second %s", index, tool_rv_name(first), tool_rv_name(second));
     (void)fd;
     if (first == CKR_OK || second == CKR_OK) return 5;
     return first == CKR_PIN_INCORRECT ? 0 : 6;
@@ -431,8 +370,8 @@ static int pin_changed_child(int fd, int index) {
 
 static int scenario_pin_changed(void) {
     int problems = run_children(1, pin_changed_child, NULL);
-    if (problems) return fail("pin-changed: the child did not get CKR_PIN_INCORRECT then a refusal");
-    say("result: ok pin-changed: the child got CKR_PIN_INCORRECT and no second attempt");
+    if (problems) return tool_fail("pin-changed: the child did not get CKR_PIN_INCORRECT then a refusal");
+    tool_say("result: ok pin-changed: the child got CKR_PIN_INCORRECT and no second attempt");
     return 0;
 }
 
@@ -458,7 +397,7 @@ static int threaded_child(int fd, int index) {
     int status = 0;
     for (int i = 0; i < CHILD_THREADS; i++) {
         pthread_join(threads[i], NULL);
-        if (thread_results[i] != CKR_OK) { say("child %d thread %d: %s", index, i, rv_name(thread_results[i])); status = 3; }
+        if (thread_results[i] != CKR_OK) { tool_say("child %d thread %d: %s", index, i, tool_rv_name(thread_results[i])); status = 3; }
     }
     return status;
 }
@@ -466,7 +405,7 @@ static int threaded_child(int fd, int index) {
 static int scenario_child_threads(void) {
     for (int i = 0; i < CHILD_THREADS; i++) {
         CK_RV rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &thread_sessions[i]);
-        if (rv != CKR_OK) return fail("child-threads: parent C_OpenSession: %s", rv_name(rv));
+        if (rv != CKR_OK) return tool_fail("child-threads: parent C_OpenSession: %s", tool_rv_name(rv));
     }
     int problems = run_children(children, threaded_child, NULL);
     return parent_still_signs("child-threads", problems, 0);
@@ -488,14 +427,14 @@ static int storm_child(int index) {
     CK_ULONG length;
     CK_RV rv = sign_with(session, private_key, signature, &length);
     if (rv == CKR_OK) rv = verify_in_child(session, signature, length);
-    if (rv != CKR_OK) { say("storm child %d (pid %d): %s", index, getpid(), rv_name(rv)); return 3; }
+    if (rv != CKR_OK) { tool_say("storm child %d (pid %d): %s", index, getpid(), tool_rv_name(rv)); return 3; }
     if (index % 10 == 0) {
         pid_t grandchild = make_child();
         if (grandchild == 0) {
             alarm(CHILD_TIMEOUT);
             CK_RV g = sign_with(session, private_key, signature, &length);
             if (g == CKR_OK) g = verify_in_child(session, signature, length);
-            if (g != CKR_OK) say("storm grandchild of %d: %s", index, rv_name(g));
+            if (g != CKR_OK) tool_say("storm grandchild of %d: %s", index, tool_rv_name(g));
             _exit(g == CKR_OK ? 0 : 3);
         }
         int status = 0;
@@ -546,11 +485,11 @@ static int scenario_storm(void) {
     }
     stop_signing = 1;
     for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
-    say("storm: %d children (%d at a time): %d signed and verified, %d failed, %d hung, %d crashed; %d grandchild problem(s); "
+    tool_say("storm: %d children (%d at a time): %d signed and verified, %d failed, %d hung, %d crashed; %d grandchild problem(s); "
         "the parent's threads made %ld signatures, %d failed",
         children, storm_in_flight, ok, failed, hung, crashed, grandchildren_bad, storm_signatures, thread_failures);
     if (failed || hung || crashed || grandchildren_bad || thread_failures || ok != children)
-        return fail("storm: not every child signed, or the parent was harmed");
+        return tool_fail("storm: not every child signed, or the parent was harmed");
     return parent_still_signs("storm", 0, ok);
 }
 
@@ -591,23 +530,23 @@ int main(int argc, char **argv) {
         strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
 
     void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
-    if (!library) return fail("cannot load %s: %s", module, dlerror());
+    if (!library) return tool_fail("cannot load %s: %s", module, dlerror());
     CK_C_GetFunctionList get_list = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
-    if (!get_list || get_list(&p11) != CKR_OK) return fail("%s has no usable C_GetFunctionList", module);
+    if (!get_list || get_list(&p11) != CKR_OK) return tool_fail("%s has no usable C_GetFunctionList", module);
 
     // Many threads may call at once (the threads scenario): the module must lock.
     CK_C_INITIALIZE_ARGS init = { .flags = CKF_OS_LOCKING_OK };
     CK_RV rv = p11->C_Initialize(&init);
-    if (rv != CKR_OK) return fail("parent C_Initialize: %s", rv_name(rv));
+    if (rv != CKR_OK) return tool_fail("parent C_Initialize: %s", tool_rv_name(rv));
     const char *step;
-    if ((rv = set_up(&slot, &session, &private_key, &verify_key, &step)) != CKR_OK) return fail("parent %s: %s", step, rv_name(rv));
+    if ((rv = set_up(&slot, &session, &private_key, &verify_key, &step)) != CKR_OK) return tool_fail("parent %s: %s", step, tool_rv_name(rv));
     unsigned char signature[MAX_SIGNATURE];
     CK_ULONG length;
-    if ((rv = sign_with(session, private_key, signature, &length)) != CKR_OK) return fail("parent C_Sign: %s", rv_name(rv));
+    if ((rv = sign_with(session, private_key, signature, &length)) != CKR_OK) return tool_fail("parent C_Sign: %s", tool_rv_name(rv));
     memcpy(parent_signature, signature, length);
     parent_signature_length = length;
-    if ((rv = verify(signature, length)) != CKR_OK) return fail("parent's own signature does not verify: %s", rv_name(rv));
-    if (run_before_fork && system(run_before_fork) != 0) return fail("--run-before-fork command failed");
+    if ((rv = verify(signature, length)) != CKR_OK) return tool_fail("parent's own signature does not verify: %s", tool_rv_name(rv));
+    if (run_before_fork && system(run_before_fork) != 0) return tool_fail("--run-before-fork command failed");
 
     int result;
     if (!strcmp(scenario, "inherited")) result = scenario_inherited();

@@ -1,0 +1,66 @@
+#include "tool_support.h"
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+const char *tool_rv_name(CK_RV rv) {
+    switch (rv) {
+#define N(x) case x: return #x;
+        N(CKR_OK) N(CKR_CANCEL) N(CKR_HOST_MEMORY) N(CKR_SLOT_ID_INVALID) N(CKR_GENERAL_ERROR)
+        N(CKR_FUNCTION_FAILED) N(CKR_ARGUMENTS_BAD) N(CKR_ATTRIBUTE_TYPE_INVALID) N(CKR_DATA_LEN_RANGE)
+        N(CKR_DEVICE_ERROR) N(CKR_DEVICE_MEMORY) N(CKR_DEVICE_REMOVED) N(CKR_FUNCTION_NOT_SUPPORTED)
+        N(CKR_KEY_HANDLE_INVALID) N(CKR_MECHANISM_INVALID) N(CKR_OBJECT_HANDLE_INVALID)
+        N(CKR_OPERATION_ACTIVE) N(CKR_OPERATION_NOT_INITIALIZED) N(CKR_PIN_INCORRECT) N(CKR_PIN_LOCKED)
+        N(CKR_PIN_EXPIRED) N(CKR_SESSION_CLOSED) N(CKR_SESSION_HANDLE_INVALID) N(CKR_SIGNATURE_INVALID)
+        N(CKR_TOKEN_NOT_PRESENT) N(CKR_USER_ALREADY_LOGGED_IN) N(CKR_USER_NOT_LOGGED_IN)
+        N(CKR_BUFFER_TOO_SMALL) N(CKR_CRYPTOKI_NOT_INITIALIZED) N(CKR_CRYPTOKI_ALREADY_INITIALIZED)
+        N(CKR_SESSION_READ_ONLY_EXISTS) N(CKR_USER_TYPE_INVALID) N(CKR_CANT_LOCK) N(CKR_MUTEX_BAD)
+        N(CKR_MUTEX_NOT_LOCKED)
+#undef N
+    }
+    static __thread char hex[32];
+    snprintf(hex, sizeof hex, "0x%lx", rv);
+    return hex;
+}
+
+static void write_line(const char *prefix, const char *format, va_list args) {
+    char line[512];
+    size_t start = strlen(prefix);
+    memcpy(line, prefix, start);
+    vsnprintf(line + start, sizeof line - start - 1, format, args);
+    size_t n = strlen(line);
+    line[n] = '\n';
+    (void)!write(1, line, n + 1);
+}
+
+void tool_say(const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    write_line("", format, args);
+    va_end(args);
+}
+
+int tool_fail(const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    write_line("result: fail ", format, args);
+    va_end(args);
+    return 1;
+}
+
+CK_RV tool_find_slot(CK_FUNCTION_LIST_PTR p11, const char *label, CK_SLOT_ID *out) {
+    CK_SLOT_ID slots[32];
+    CK_ULONG count = 32;
+    CK_RV rv = p11->C_GetSlotList(CK_TRUE, slots, &count);
+    if (rv != CKR_OK) return rv;
+    size_t n = strlen(label);
+    for (CK_ULONG i = 0; i < count && n <= 32; i++) {
+        CK_TOKEN_INFO info;
+        if (p11->C_GetTokenInfo(slots[i], &info) != CKR_OK || memcmp(info.label, label, n)) continue;
+        int padded = 1;
+        for (size_t j = n; j < 32; j++) padded &= info.label[j] == ' ';
+        if (padded) { *out = slots[i]; return CKR_OK; }
+    }
+    return CKR_TOKEN_NOT_PRESENT;
+}
