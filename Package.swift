@@ -68,6 +68,7 @@ let package = Package(
         // The fork-safe scenarios: session objects and operations in progress in a forked child.
         .executableTarget(
             name: "p11fork-forksafe",
+            dependencies: ["ToolSupport"],
             path: "Sources/TestTools/ForkSafe",
             linkerSettings: [.linkedLibrary("dl")]
         ),
@@ -94,11 +95,13 @@ let package = Package(
         // The fault scenarios: a real module that fails in a parent or in a forked child.
         .executableTarget(
             name: "p11fork-faults",
+            dependencies: ["ToolSupport"],
             path: "Sources/TestTools/Faults",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         .executableTarget(
             name: "p11fork-bench",
+            dependencies: ["ToolSupport"],
             path: "Sources/TestTools/Bench",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),

@@ -123,18 +123,8 @@ static void say_callbacks(const char *who) {
 static const unsigned char message[] = "p11fork concurrency: 32 bytes..";
 
 static CK_RV find_object(CK_SESSION_HANDLE s, CK_OBJECT_CLASS class, CK_OBJECT_HANDLE *out) {
-    CK_ATTRIBUTE template[] = {
-        { CKA_CLASS, &class, sizeof class },
-        { CKA_LABEL, (void *)key_label, strlen(key_label) },
-    };
-    CK_ULONG count = 0;
-    CK_RV rv = p11->C_FindObjectsInit(s, template, 2);
-    if (rv != CKR_OK) return rv;
-    rv = p11->C_FindObjects(s, out, 1, &count);
-    CK_RV final = p11->C_FindObjectsFinal(s);
-    if (rv == CKR_OK) rv = final;
-    if (rv == CKR_OK && count == 0) rv = CKR_OBJECT_HANDLE_INVALID;
-    return rv;
+    CK_ULONG count;
+    return tool_find_objects(p11, s, class, key_label, out, 1, &count);
 }
 
 static CK_RV open_session(CK_SESSION_HANDLE *s) {

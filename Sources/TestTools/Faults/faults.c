@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <p11-kit-1/p11-kit/pkcs11.h>
+#include "tool_support.h"
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -116,13 +117,8 @@ static int write_control(const char *line) {
 }
 
 static CK_RV find_key(CK_SESSION_HANDLE s, CK_OBJECT_CLASS class, CK_OBJECT_HANDLE *out) {
-    CK_ATTRIBUTE t[] = { { CKA_CLASS, &class, sizeof class }, { CKA_LABEL, (void *)key_label, strlen(key_label) } };
-    CK_ULONG n = 0;
-    CK_RV rv = p11->C_FindObjectsInit(s, t, 2);
-    if (rv != CKR_OK) return rv;
-    rv = p11->C_FindObjects(s, out, 1, &n);
-    p11->C_FindObjectsFinal(s);
-    return rv != CKR_OK ? rv : n == 1 ? CKR_OK : CKR_OBJECT_HANDLE_INVALID;
+    CK_ULONG n;
+    return tool_find_objects(p11, s, class, key_label, out, 1, &n);
 }
 
 // RSA PKCS#1 v1.5 is deterministic: every signature of `data` equals the parent's first.

@@ -56,17 +56,9 @@ static CK_MECHANISM mechanism(void) {
 
 // The first object of a class with a label; with --twins the last of several look-alikes.
 static CK_RV find_object(CK_SESSION_HANDLE s, CK_OBJECT_CLASS class, const char *label, CK_OBJECT_HANDLE *out) {
-    CK_ATTRIBUTE template[] = {
-        { CKA_CLASS, &class, sizeof class },
-        { CKA_LABEL, (void *)label, strlen(label) },
-    };
     CK_OBJECT_HANDLE found[8];
-    CK_ULONG count = 0;
-    CK_RV rv = p11->C_FindObjectsInit(s, template, 2);
-    if (rv != CKR_OK) return rv;
-    rv = p11->C_FindObjects(s, found, 8, &count);
-    p11->C_FindObjectsFinal(s);
-    if (rv == CKR_OK && count == 0) rv = CKR_OBJECT_HANDLE_INVALID;
+    CK_ULONG count;
+    CK_RV rv = tool_find_objects(p11, s, class, label, found, 8, &count);
     if (rv == CKR_OK) *out = found[twins ? count - 1 : 0];
     if (rv == CKR_OK && twins && count < 2) rv = CKR_OBJECT_HANDLE_INVALID;
     return rv;

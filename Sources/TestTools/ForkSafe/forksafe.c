@@ -17,6 +17,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <p11-kit-1/p11-kit/pkcs11.h>
+#include "tool_support.h"
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -107,13 +108,8 @@ static CK_RV has_mechanism(CK_MECHANISM_TYPE type) {
 }
 
 static CK_RV find_one(CK_OBJECT_CLASS class, const char *label, CK_OBJECT_HANDLE *out) {
-    CK_ATTRIBUTE t[] = { { CKA_CLASS, &class, sizeof class }, { CKA_LABEL, (void *)label, strlen(label) } };
-    CK_ULONG n = 0;
-    CK_RV rv = p11->C_FindObjectsInit(session, t, 2);
-    if (rv != CKR_OK) return rv;
-    rv = p11->C_FindObjects(session, out, 1, &n);
-    p11->C_FindObjectsFinal(session);
-    return rv != CKR_OK ? rv : n == 1 ? CKR_OK : CKR_OBJECT_HANDLE_INVALID;
+    CK_ULONG n;
+    return tool_find_objects(p11, session, class, label, out, 1, &n);
 }
 
 // AES-CBC over `plaintext` with `key`: 64 bytes out.

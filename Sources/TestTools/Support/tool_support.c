@@ -64,3 +64,15 @@ CK_RV tool_find_slot(CK_FUNCTION_LIST_PTR p11, const char *label, CK_SLOT_ID *ou
     }
     return CKR_TOKEN_NOT_PRESENT;
 }
+
+CK_RV tool_find_objects(CK_FUNCTION_LIST_PTR p11, CK_SESSION_HANDLE session, CK_OBJECT_CLASS class,
+                        const char *label, CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count) {
+    CK_ATTRIBUTE template[] = { { CKA_CLASS, &class, sizeof class }, { CKA_LABEL, (void *)label, strlen(label) } };
+    *count = 0;
+    CK_RV rv = p11->C_FindObjectsInit(session, template, 2);
+    if (rv != CKR_OK) return rv;
+    rv = p11->C_FindObjects(session, found, max, count);
+    CK_RV final = p11->C_FindObjectsFinal(session);
+    if (rv == CKR_OK) rv = final;
+    return rv == CKR_OK && *count == 0 ? CKR_OBJECT_HANDLE_INVALID : rv;
+}

@@ -11,5 +11,9 @@ void tool_say(const char *format, ...) __attribute__((format(printf, 1, 2)));
 int tool_fail(const char *format, ...) __attribute__((format(printf, 1, 2)));
 // The slot whose token's label is `label` (blank-padded, as in CK_TOKEN_INFO).
 CK_RV tool_find_slot(CK_FUNCTION_LIST_PTR p11, const char *label, CK_SLOT_ID *out);
+// Up to `max` objects of `class` labelled `label`, their number in `*count`: the first failing
+// code of C_FindObjectsInit/C_FindObjects/C_FindObjectsFinal, CKR_OBJECT_HANDLE_INVALID for none.
+CK_RV tool_find_objects(CK_FUNCTION_LIST_PTR p11, CK_SESSION_HANDLE session, CK_OBJECT_CLASS class,
+                        const char *label, CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count);
 
 #endif
