@@ -101,7 +101,6 @@ let package = Package(
         ),
         .executableTarget(
             name: "p11fork-bench",
-            dependencies: ["ToolSupport"],
             path: "Sources/TestTools/Bench",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
