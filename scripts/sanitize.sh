@@ -2,7 +2,7 @@
 # Runs p11fork's unit tests (P11ForkCoreTests: handle tables, configuration, trace lines, kept
 # secrets, replay copies) under AddressSanitizer and ThreadSanitizer, each in a build directory of
 # its own; then the concurrency scenarios (p11fork-concurrency: threads, fork-churn, fork-busy,
-# finalize-race, callbacks-fork) through a libp11fork.so built with the same sanitizer, over a
+# finalize-race, initialize-race, callbacks-fork) through a libp11fork.so built with the same sanitizer, over a
 # SoftHSM token made for the run. The driver is an ordinary C program: the sanitizer's runtime
 # (the Swift toolchain's, which the instrumented module needs) is preloaded into it.
 #   scripts/sanitize.sh [address|thread]...     (default: both; 1.5 minutes for both here)
@@ -40,6 +40,7 @@ run_scenarios() {
     "softhsm2.conf --children 50 fork-churn"
     "softhsm2.conf --children 10 --busy random fork-busy"
     "softhsm2.conf --rounds 10 finalize-race"
+    "softhsm2.conf --rounds 10 initialize-race"
     "strict.conf --locking callbacks --threads 2 --children 3 callbacks-fork"
   )
   local failed=0

@@ -113,6 +113,23 @@ import Testing
         print("finalize-race: \(outcome.line("finalize-race:"))")
     }
 
+    /// 8 threads list slots, read a session handle of before and open and close sessions while
+    /// the main thread calls C_Finalize and then C_Initialize again (login, key, signature), 20
+    /// rounds: calls before the initialisation answer CKR_CRYPTOKI_NOT_INITIALIZED, calls after it
+    /// work, the old handle is invalid, nothing crashes or hangs. Initialising waits for calls in
+    /// flight, as finalising does (docs/FORK.md). Directly, SoftHSM's own answer is printed: its
+    /// handles restart at 1, so the old handle may name a new session there.
+    @Test func initializeRacingEightThreads() throws {
+        let driver = try Driver(strict: false)
+        let direct = try driver.run("initialize-race", throughP11Fork: false, ["--rounds", "20"])
+        print("initialize-race directly: status \(direct.result.status), \(direct.line("initialize-race:"))")
+        let outcome = try driver.run("initialize-race", throughP11Fork: true, ["--rounds", "20"])
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        #expect((outcome.count("initialize-race:", before: "CKR_CRYPTOKI_NOT_INITIALIZED") ?? 0) > 0,
+                "some calls came before the initialisation: \(outcome.report)")
+        print("initialize-race: \(outcome.line("initialize-race:"))")
+    }
+
     /// With the application's mutex callbacks, while two threads of the parent sign, a child's
     /// module (initialised again by p11fork with the application's arguments) creates and takes
     /// its mutexes through those callbacks.

@@ -17,6 +17,9 @@
 //   finalize-race   N threads sign, search and read session info while the main thread calls
 //                   C_Finalize (in every other round a second thread too, at the same moment);
 //                   then C_Initialize again; --rounds times.
+//   initialize-race N threads list slots, read the session info of a handle from before and open
+//                   and close sessions while the main thread calls C_Finalize and then C_Initialize
+//                   (and logs in, finds the key, signs); --rounds times.
 //   callbacks-fork  with the application's mutex callbacks, N threads sign while children are
 //                   forked; each child signs, and its module must be using the callbacks too (the
 //                   child counts them).
@@ -510,6 +513,58 @@ static int scenario_finalize_race(void) {
     return 0;
 }
 
+// MARK: initialize-race
+
+static volatile int initialize_returned;
+
+// Until well after the main thread's C_Initialize has returned: slot list, the session handle of
+// before the C_Finalize, and a session of its own; every answer must be an accepted one.
+static void *initialize_racer(void *unused) {
+    (void)unused;
+    long local[4] = { 0 };
+    CK_SESSION_HANDLE stale = main_session;
+    for (int after = 0; after < 50;) {
+        CK_ULONG count = 0;
+        tally_race(p11->C_GetSlotList(CK_TRUE, NULL, &count), local);
+        CK_SESSION_INFO info;
+        tally_race(p11->C_GetSessionInfo(stale, &info), local);
+        CK_SESSION_HANDLE s;
+        CK_RV rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
+        tally_race(rv, local);
+        if (rv == CKR_OK) tally_race(p11->C_CloseSession(s), local);
+        if (__atomic_load_n(&initialize_returned, __ATOMIC_ACQUIRE)) after++;
+    }
+    for (int i = 0; i < 4; i++) __atomic_add_fetch(&race_answers[i], local[i], __ATOMIC_RELAXED);
+    return NULL;
+}
+
+// N threads call while the main thread initialises the library again after a C_Finalize: calls
+// before it answer CKR_CRYPTOKI_NOT_INITIALIZED, calls after it work, the stale session handle
+// never reaches anything of the new initialisation.
+static int scenario_initialize_race(void) {
+    const char *step;
+    double started = now();
+    for (int round = 0; round < rounds; round++) {
+        CK_RV rv = p11->C_Finalize(NULL);
+        if (rv != CKR_OK) return tool_fail("initialize-race: round %d: C_Finalize: %s", round, tool_rv_name(rv));
+        __atomic_store_n(&initialize_returned, 0, __ATOMIC_RELEASE);
+        pthread_t threads[MAX_THREADS];
+        for (int i = 0; i < thread_count; i++) pthread_create(&threads[i], NULL, initialize_racer, NULL);
+        usleep(rand() % 3000);
+        rv = set_up(&step);
+        __atomic_store_n(&initialize_returned, 1, __ATOMIC_RELEASE);
+        for (int i = 0; i < thread_count; i++) pthread_join(threads[i], NULL);
+        if (rv != CKR_OK) return tool_fail("initialize-race: round %d: %s: %s", round, step, tool_rv_name(rv));
+        if (thread_problems) return tool_fail("initialize-race: round %d: %d unexpected answer(s)", round, thread_problems);
+        if ((rv = sign_and_verify(main_session)) != CKR_OK) return tool_fail("initialize-race: round %d: sign: %s", round, tool_rv_name(rv));
+    }
+    tool_say("initialize-race: %d rounds of %d threads in %.1f s; answers: %ld CKR_OK, %ld CKR_CRYPTOKI_NOT_INITIALIZED, "
+        "%ld CKR_SESSION_HANDLE_INVALID/CLOSED, %ld other handle codes",
+        rounds, thread_count, now() - started, race_answers[0], race_answers[1], race_answers[2], race_answers[3]);
+    tool_say("result: ok initialize-race: %d rounds, each signing after", rounds);
+    return 0;
+}
+
 // MARK: callbacks-fork
 
 // The child's module must be using the application's callbacks: its signature takes locks
@@ -547,7 +602,7 @@ static int scenario_callbacks_fork(void) {
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-concurrency: %s\nusage: p11fork-concurrency --module PATH --token LABEL --pin PIN --key LABEL "
                     "[--locking callbacks|os|both|none] [--threads N] [--seconds S] [--children N] [--rounds N] "
-                    "[--busy keygen|random] [--child-timeout S] threads|fork-churn|fork-busy|finalize-race|callbacks-fork\n", problem);
+                    "[--busy keygen|random] [--child-timeout S] threads|fork-churn|fork-busy|finalize-race|initialize-race|callbacks-fork\n", problem);
     return 2;
 }
 
@@ -591,6 +646,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "fork-churn")) result = scenario_fork_churn();
     else if (!strcmp(scenario, "fork-busy")) result = scenario_fork_busy();
     else if (!strcmp(scenario, "finalize-race")) result = scenario_finalize_race();
+    else if (!strcmp(scenario, "initialize-race")) result = scenario_initialize_race();
     else if (!strcmp(scenario, "callbacks-fork")) result = scenario_callbacks_fork();
     else return usage("unknown scenario");
     if (result == 0) {
