@@ -161,7 +161,7 @@ def forwarder(name, params):
     for p in pre:
         out.append(f"        {p}")
     resolves = any(k in ("session", "slot", "object") for k, _ in params)
-    out.append(f"        guard let function = Core.functions?.pointee.{name} else {{ return call.unavailable() }}")
+    out.append(f"        guard let function = call.functions?.pointee.{name} else {{ return call.unavailable() }}")
     if resolves:
         # Handles are resolved first; in a forked child that may recover them, or fail.
         out.append("        var failure = CK_RV(CKR_OK)")

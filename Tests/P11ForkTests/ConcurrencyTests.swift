@@ -114,16 +114,18 @@ import Testing
     }
 
     /// 8 threads list slots, read a session handle of before and open and close sessions while
-    /// the main thread calls C_Finalize and then C_Initialize again (login, key, signature), 20
-    /// rounds: calls before the initialisation answer CKR_CRYPTOKI_NOT_INITIALIZED, calls after it
-    /// work, the old handle is invalid, nothing crashes or hangs. Initialising waits for calls in
-    /// flight, as finalising does (docs/FORK.md). Directly, SoftHSM's own answer is printed: its
-    /// handles restart at 1, so the old handle may name a new session there.
+    /// the main thread calls C_Finalize and then C_Initialize again (login, key, signature):
+    /// calls before the initialisation answer CKR_CRYPTOKI_NOT_INITIALIZED, calls after it work,
+    /// the old handle is invalid, nothing crashes or hangs. p11fork answers for the library while
+    /// the application has not initialised it, and initialising waits for calls in flight
+    /// (docs/FORK.md). Directly, SoftHSM crashes in about one run of four (its state is made again,
+    /// unguarded, by calls from several threads while it is not initialised): printed, not
+    /// asserted, since most runs pass.
     @Test func initializeRacingEightThreads() throws {
         let driver = try Driver(strict: false)
         let direct = try driver.run("initialize-race", throughP11Fork: false, ["--rounds", "20"])
         print("initialize-race directly: status \(direct.result.status), \(direct.line("initialize-race:"))")
-        let outcome = try driver.run("initialize-race", throughP11Fork: true, ["--rounds", "20"])
+        let outcome = try driver.run("initialize-race", throughP11Fork: true, ["--rounds", "100"])
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
         #expect((outcome.count("initialize-race:", before: "CKR_CRYPTOKI_NOT_INITIALIZED") ?? 0) > 0,
                 "some calls came before the initialisation: \(outcome.report)")

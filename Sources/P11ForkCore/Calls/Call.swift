@@ -12,12 +12,22 @@ struct Call: ~Copyable {
     let started: UInt64
     /// This call's counter in the FinalizeGate; nil for the calls it does not count.
     private let gate: UnsafeMutablePointer<Atomic<Int>>?
+    /// The real module's functions for this call; nil without a module, or while the application
+    /// has not initialised the library (the gate refused the call).
+    let functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
 
     @inline(__always)
     init(_ function: Function) {
         self.function = function
         started = _fastPath(ProcessMark.isFast) ? 0 : Self.slowStart(function)
-        gate = function.waitsForFinalize ? FinalizeGate.enter() : nil
+        if function.waitsForFinalize {
+            let (counter, admitted) = FinalizeGate.enter()
+            gate = admitted ? counter : nil
+            functions = admitted ? Core.functions : nil
+        } else {
+            gate = nil
+            functions = Core.functions
+        }
     }
 
     @inline(__always)
@@ -36,16 +46,26 @@ struct Call: ~Copyable {
     @inline(__always)
     var isTraced: Bool { started != 0 }
 
-    /// The real module has no such function: without a module the library is not initialised;
-    /// with one, the function is not supported.
+    /// The call cannot reach the module: without a module the library is not initialised (or
+    /// unusable in this child); a function the module does not have is not supported, whether
+    /// or not the library is initialised; else the application has not initialised it.
     @inline(never)
     func unavailable() -> CK_RV {
-        let rv = Core.functions == nil ? Core.unusable ?? CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED) : CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        let rv = Core.functions.map { moduleHas($0) ? CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED) : CK_RV(CKR_FUNCTION_NOT_SUPPORTED) }
+            ?? Core.unusable ?? CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED)
         if isTraced {
             var line = line()
             finish(rv, &line)
         }
         return rv
+    }
+
+    /// Whether the module's list has this call's function: `Function` is in the order of
+    /// CK_FUNCTION_LIST_3_0's entries (generated from the same description).
+    private func moduleHas(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> Bool {
+        let first = MemoryLayout<CK_FUNCTION_LIST_3_0>.offset(of: \.C_Initialize)!
+        let stride = MemoryLayout<UnsafeRawPointer?>.stride
+        return UnsafeRawPointer(list).load(fromByteOffset: first + function.rawValue * stride, as: UnsafeRawPointer?.self) != nil
     }
 
     func line() -> TraceLine {

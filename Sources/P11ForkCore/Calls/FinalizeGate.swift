@@ -1,11 +1,14 @@
 import Glibc
 import Synchronization
 
-/// Makes `C_Finalize` wait for the calls other threads are making, and holds new ones until it
-/// is done: PKCS#11 2.40 section 5.4 leaves a finalization racing other calls unspecified, and a
-/// real module frees what those calls are using (measured: SoftHSM crashes). With the gate, a
-/// call that started before `C_Finalize` ends first; one that starts during it waits and then
-/// gets what the module answers after a finalization (`CKR_CRYPTOKI_NOT_INITIALIZED`).
+/// Makes `C_Finalize` and `C_Initialize` wait for the calls other threads are making, and holds
+/// new ones until they are done: PKCS#11 2.40 section 5.4 leaves a finalization racing other calls
+/// unspecified, and a real module frees what those calls are using (measured: SoftHSM crashes).
+/// With the gate, a call that started before `C_Finalize` ends first; one that starts during it
+/// waits. While the application has not initialised the library (before its first
+/// `C_Initialize`, after a `C_Finalize`), calls answer `CKR_CRYPTOKI_NOT_INITIALIZED` without
+/// reaching the module — what the module must answer then, and SoftHSM, called so from several
+/// threads at once, crashes (it makes its state again on such a call, unguarded).
 ///
 /// Each call counts itself in one of 64 counters on cache lines of their own, picked by its
 /// thread, so that signing threads do not contend on one line: one atomic add on entry, one
@@ -15,20 +18,29 @@ enum FinalizeGate {
     /// Words per cache line: counters are one line apart.
     private static let stride = 8
     private static let counters = 64
-    /// Word 0: 1 while a C_Finalize runs; counter i at word (i + 1) * stride.
+    /// Word 0: the state below; counter i at word (i + 1) * stride.
     nonisolated(unsafe) private static var words: UnsafeMutablePointer<Atomic<Int>>?
+    /// Calls go to the module.
+    private static let open = 0
+    /// A C_Initialize or C_Finalize runs: calls wait.
+    private static let closed = 1
+    /// The application has not initialised the library: calls are refused.
+    private static let uninitialized = 2
 
     static func install() {
         let count = (counters + 1) * stride
         let raw = UnsafeMutableRawPointer.allocate(byteCount: count * MemoryLayout<Atomic<Int>>.stride, alignment: 64)
         let pointer = raw.bindMemory(to: Atomic<Int>.self, capacity: count)
         for i in 0..<count { (pointer + i).initialize(to: Atomic(0)) }
+        pointer.pointee.store(uninitialized, ordering: .relaxed)
         words = pointer
     }
 
-    /// Counts a call in; waits while a C_Finalize runs. Returns what `leave` needs.
+    /// Counts a call in; waits while a C_Initialize or C_Finalize runs. Returns what `leave`
+    /// needs, and whether the call may go on (false: the library is not initialised, and the call
+    /// is not counted).
     @inline(__always)
-    static func enter() -> UnsafeMutablePointer<Atomic<Int>> {
+    static func enter() -> (counter: UnsafeMutablePointer<Atomic<Int>>, admitted: Bool) {
         let words = words.unsafelyUnwrapped
         // Threads' control blocks are a stack apart: mix the address's bits to spread them.
         let mixed = UInt(pthread_self()) &* 0x9E37_79B9_7F4A_7C15
@@ -36,8 +48,10 @@ enum FinalizeGate {
         counter.pointee.wrappingAdd(1, ordering: .sequentiallyConsistent)
         // Sequentially consistent on both sides: either this call sees the finalization, or the
         // finalization sees this call's count.
-        if _slowPath(words.pointee.load(ordering: .sequentiallyConsistent) != 0) { waitForFinalize(counter) }
-        return counter
+        if _slowPath(words.pointee.load(ordering: .sequentiallyConsistent) != open) {
+            return (counter, admittedAfterWaiting(counter))
+        }
+        return (counter, true)
     }
 
     @inline(__always)
@@ -45,33 +59,46 @@ enum FinalizeGate {
         counter.pointee.wrappingSubtract(1, ordering: .releasing)
     }
 
+    /// The gate was not open: waits while it is closed; refuses (uncounted) when the library is
+    /// not initialised.
     @inline(never)
-    private static func waitForFinalize(_ counter: UnsafeMutablePointer<Atomic<Int>>) {
+    private static func admittedAfterWaiting(_ counter: UnsafeMutablePointer<Atomic<Int>>) -> Bool {
         let words = words.unsafelyUnwrapped
-        repeat {
+        while true {
+            let state = words.pointee.load(ordering: .sequentiallyConsistent)
+            if state == open { return true }
             counter.pointee.wrappingSubtract(1, ordering: .releasing)
-            while words.pointee.load(ordering: .acquiring) != 0 { pause() }
+            if state == uninitialized { return false }
+            while words.pointee.load(ordering: .acquiring) == closed { pause() }
             counter.pointee.wrappingAdd(1, ordering: .sequentiallyConsistent)
-        } while words.pointee.load(ordering: .sequentiallyConsistent) != 0
+        }
     }
 
-    /// Runs `finalize` once no other call is in flight, holding new calls until it returns.
-    /// One C_Finalize at a time; the caller's own call is not counted.
-    static func whileClosed<T>(_ finalize: () -> T) -> T {
+    /// Runs `body` (a C_Initialize or C_Finalize) once no other call is in flight, holding new
+    /// calls until it returns; then opens the gate if the application has the library
+    /// initialised, else leaves it refusing. One at a time; the caller's own call is not counted.
+    static func whileClosed<T>(_ body: () -> T) -> T {
         let words = words.unsafelyUnwrapped
-        while !words.pointee.compareExchange(expected: 0, desired: 1, ordering: .sequentiallyConsistent).exchanged { pause() }
-        defer { words.pointee.store(0, ordering: .releasing) }
+        while true {
+            let state = words.pointee.load(ordering: .sequentiallyConsistent)
+            if state != closed,
+               words.pointee.compareExchange(expected: state, desired: closed, ordering: .sequentiallyConsistent).exchanged { break }
+            pause()
+        }
+        defer { words.pointee.store(Core.appInitialized ? open : uninitialized, ordering: .releasing) }
         for i in 1...counters {
             while words[i * stride].load(ordering: .sequentiallyConsistent) != 0 { pause() }
         }
-        return finalize()
+        return body()
     }
 
     /// In a new child, before any of its calls: the calls and a finalization in flight at the
-    /// fork were other threads', which the child does not have.
+    /// fork were other threads', which the child does not have; the library is initialised in
+    /// the child as it was in the parent.
     static func resetInChild() {
         guard let words else { return }
-        for i in 0..<(counters + 1) * stride { words[i].store(0, ordering: .relaxed) }
+        for i in 1..<(counters + 1) * stride { words[i].store(0, ordering: .relaxed) }
+        words.pointee.store(Core.appInitialized ? open : uninitialized, ordering: .relaxed)
     }
 
     /// Waiting costs the waiting thread nothing else: a call in flight may take milliseconds.

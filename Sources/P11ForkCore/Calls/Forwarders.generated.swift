@@ -7,7 +7,7 @@ import CPKCS11
 enum Forwarders {
     static let C_GetInfo: CK_C_GetInfo = { pInfo in
         let call = Call(.C_GetInfo)
-        guard let function = Core.functions?.pointee.C_GetInfo else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetInfo else { return call.unavailable() }
         let rv = function(pInfo)
         if call.isTraced {
             var line = call.line()
@@ -19,7 +19,7 @@ enum Forwarders {
 
     static let C_GetSlotInfo: CK_C_GetSlotInfo = { slotID, pInfo in
         let call = Call(.C_GetSlotInfo)
-        guard let function = Core.functions?.pointee.C_GetSlotInfo else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetSlotInfo else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSlot = Slots.real(slotID, &failure)
         let rv = failure != CKR_OK ? failure : function(realSlot, pInfo)
@@ -35,7 +35,7 @@ enum Forwarders {
     static let C_GetMechanismList: CK_C_GetMechanismList = { slotID, pMechanismList, pulCount in
         let call = Call(.C_GetMechanismList)
         let pulCountIn = call.isTraced ? pulCount?.pointee : nil
-        guard let function = Core.functions?.pointee.C_GetMechanismList else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetMechanismList else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSlot = Slots.real(slotID, &failure)
         let rv = failure != CKR_OK ? failure : function(realSlot, pMechanismList, pulCount)
@@ -50,7 +50,7 @@ enum Forwarders {
 
     static let C_GetMechanismInfo: CK_C_GetMechanismInfo = { slotID, type, pInfo in
         let call = Call(.C_GetMechanismInfo)
-        guard let function = Core.functions?.pointee.C_GetMechanismInfo else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetMechanismInfo else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSlot = Slots.real(slotID, &failure)
         let rv = failure != CKR_OK ? failure : function(realSlot, type, pInfo)
@@ -66,7 +66,7 @@ enum Forwarders {
 
     static let C_InitToken: CK_C_InitToken = { slotID, pPin, ulPinLen, pLabel in
         let call = Call(.C_InitToken)
-        guard let function = Core.functions?.pointee.C_InitToken else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_InitToken else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSlot = Slots.real(slotID, &failure)
         let rv = failure != CKR_OK ? failure : function(realSlot, pPin, ulPinLen, pLabel)
@@ -82,7 +82,7 @@ enum Forwarders {
 
     static let C_InitPIN: CK_C_InitPIN = { hSession, pPin, ulPinLen in
         let call = Call(.C_InitPIN)
-        guard let function = Core.functions?.pointee.C_InitPIN else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_InitPIN else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPin, ulPinLen)
@@ -98,7 +98,7 @@ enum Forwarders {
     static let C_GetOperationState: CK_C_GetOperationState = { hSession, pOperationState, pulOperationStateLen in
         let call = Call(.C_GetOperationState)
         let pulOperationStateLenIn = call.isTraced ? pulOperationStateLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_GetOperationState else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetOperationState else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pOperationState, pulOperationStateLen)
@@ -113,7 +113,7 @@ enum Forwarders {
 
     static let C_SetOperationState: CK_C_SetOperationState = { hSession, pOperationState, ulOperationStateLen, hEncryptionKey, hAuthenticationKey in
         let call = Call(.C_SetOperationState)
-        guard let function = Core.functions?.pointee.C_SetOperationState else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SetOperationState else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realEncryptionKey = Objects.real(hEncryptionKey, &failure)
@@ -133,7 +133,7 @@ enum Forwarders {
 
     static let C_GetObjectSize: CK_C_GetObjectSize = { hSession, hObject, pulSize in
         let call = Call(.C_GetObjectSize)
-        guard let function = Core.functions?.pointee.C_GetObjectSize else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetObjectSize else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realObject = Objects.real(hObject, &failure)
@@ -150,7 +150,7 @@ enum Forwarders {
 
     static let C_GetAttributeValue: CK_C_GetAttributeValue = { hSession, hObject, pTemplate, ulCount in
         let call = Call(.C_GetAttributeValue)
-        guard let function = Core.functions?.pointee.C_GetAttributeValue else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetAttributeValue else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realObject = Objects.real(hObject, &failure)
@@ -167,7 +167,7 @@ enum Forwarders {
 
     static let C_EncryptInit: CK_C_EncryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_EncryptInit)
-        guard let function = Core.functions?.pointee.C_EncryptInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_EncryptInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -186,7 +186,7 @@ enum Forwarders {
     static let C_Encrypt: CK_C_Encrypt = { hSession, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen in
         let call = Call(.C_Encrypt)
         let pulEncryptedDataLenIn = call.isTraced ? pulEncryptedDataLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_Encrypt else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_Encrypt else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen)
@@ -204,7 +204,7 @@ enum Forwarders {
     static let C_EncryptUpdate: CK_C_EncryptUpdate = { hSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen in
         let call = Call(.C_EncryptUpdate)
         let pulEncryptedPartLenIn = call.isTraced ? pulEncryptedPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_EncryptUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_EncryptUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
@@ -222,7 +222,7 @@ enum Forwarders {
     static let C_EncryptFinal: CK_C_EncryptFinal = { hSession, pLastEncryptedPart, pulLastEncryptedPartLen in
         let call = Call(.C_EncryptFinal)
         let pulLastEncryptedPartLenIn = call.isTraced ? pulLastEncryptedPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_EncryptFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_EncryptFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pLastEncryptedPart, pulLastEncryptedPartLen)
@@ -238,7 +238,7 @@ enum Forwarders {
 
     static let C_DecryptInit: CK_C_DecryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_DecryptInit)
-        guard let function = Core.functions?.pointee.C_DecryptInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DecryptInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -257,7 +257,7 @@ enum Forwarders {
     static let C_Decrypt: CK_C_Decrypt = { hSession, pEncryptedData, ulEncryptedDataLen, pData, pulDataLen in
         let call = Call(.C_Decrypt)
         let pulDataLenIn = call.isTraced ? pulDataLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_Decrypt else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_Decrypt else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedData, ulEncryptedDataLen, pData, pulDataLen)
@@ -275,7 +275,7 @@ enum Forwarders {
     static let C_DecryptUpdate: CK_C_DecryptUpdate = { hSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen in
         let call = Call(.C_DecryptUpdate)
         let pulPartLenIn = call.isTraced ? pulPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_DecryptUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DecryptUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
@@ -293,7 +293,7 @@ enum Forwarders {
     static let C_DecryptFinal: CK_C_DecryptFinal = { hSession, pLastPart, pulLastPartLen in
         let call = Call(.C_DecryptFinal)
         let pulLastPartLenIn = call.isTraced ? pulLastPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_DecryptFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DecryptFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pLastPart, pulLastPartLen)
@@ -309,7 +309,7 @@ enum Forwarders {
 
     static let C_DigestInit: CK_C_DigestInit = { hSession, pMechanism in
         let call = Call(.C_DigestInit)
-        guard let function = Core.functions?.pointee.C_DigestInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DigestInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism)
@@ -326,7 +326,7 @@ enum Forwarders {
     static let C_Digest: CK_C_Digest = { hSession, pData, ulDataLen, pDigest, pulDigestLen in
         let call = Call(.C_Digest)
         let pulDigestLenIn = call.isTraced ? pulDigestLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_Digest else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_Digest else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pDigest, pulDigestLen)
@@ -343,7 +343,7 @@ enum Forwarders {
 
     static let C_DigestUpdate: CK_C_DigestUpdate = { hSession, pPart, ulPartLen in
         let call = Call(.C_DigestUpdate)
-        guard let function = Core.functions?.pointee.C_DigestUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DigestUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
@@ -359,7 +359,7 @@ enum Forwarders {
 
     static let C_DigestKey: CK_C_DigestKey = { hSession, hKey in
         let call = Call(.C_DigestKey)
-        guard let function = Core.functions?.pointee.C_DigestKey else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DigestKey else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -377,7 +377,7 @@ enum Forwarders {
     static let C_DigestFinal: CK_C_DigestFinal = { hSession, pDigest, pulDigestLen in
         let call = Call(.C_DigestFinal)
         let pulDigestLenIn = call.isTraced ? pulDigestLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_DigestFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DigestFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pDigest, pulDigestLen)
@@ -393,7 +393,7 @@ enum Forwarders {
 
     static let C_SignInit: CK_C_SignInit = { hSession, pMechanism, hKey in
         let call = Call(.C_SignInit)
-        guard let function = Core.functions?.pointee.C_SignInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -412,7 +412,7 @@ enum Forwarders {
     static let C_Sign: CK_C_Sign = { hSession, pData, ulDataLen, pSignature, pulSignatureLen in
         let call = Call(.C_Sign)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_Sign else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_Sign else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, pulSignatureLen)
@@ -429,7 +429,7 @@ enum Forwarders {
 
     static let C_SignUpdate: CK_C_SignUpdate = { hSession, pPart, ulPartLen in
         let call = Call(.C_SignUpdate)
-        guard let function = Core.functions?.pointee.C_SignUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
@@ -446,7 +446,7 @@ enum Forwarders {
     static let C_SignFinal: CK_C_SignFinal = { hSession, pSignature, pulSignatureLen in
         let call = Call(.C_SignFinal)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_SignFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, pulSignatureLen)
@@ -462,7 +462,7 @@ enum Forwarders {
 
     static let C_SignRecoverInit: CK_C_SignRecoverInit = { hSession, pMechanism, hKey in
         let call = Call(.C_SignRecoverInit)
-        guard let function = Core.functions?.pointee.C_SignRecoverInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignRecoverInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -481,7 +481,7 @@ enum Forwarders {
     static let C_SignRecover: CK_C_SignRecover = { hSession, pData, ulDataLen, pSignature, pulSignatureLen in
         let call = Call(.C_SignRecover)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_SignRecover else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignRecover else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, pulSignatureLen)
@@ -498,7 +498,7 @@ enum Forwarders {
 
     static let C_VerifyInit: CK_C_VerifyInit = { hSession, pMechanism, hKey in
         let call = Call(.C_VerifyInit)
-        guard let function = Core.functions?.pointee.C_VerifyInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_VerifyInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -516,7 +516,7 @@ enum Forwarders {
 
     static let C_Verify: CK_C_Verify = { hSession, pData, ulDataLen, pSignature, ulSignatureLen in
         let call = Call(.C_Verify)
-        guard let function = Core.functions?.pointee.C_Verify else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_Verify else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, ulSignatureLen)
@@ -533,7 +533,7 @@ enum Forwarders {
 
     static let C_VerifyUpdate: CK_C_VerifyUpdate = { hSession, pPart, ulPartLen in
         let call = Call(.C_VerifyUpdate)
-        guard let function = Core.functions?.pointee.C_VerifyUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_VerifyUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
@@ -549,7 +549,7 @@ enum Forwarders {
 
     static let C_VerifyFinal: CK_C_VerifyFinal = { hSession, pSignature, ulSignatureLen in
         let call = Call(.C_VerifyFinal)
-        guard let function = Core.functions?.pointee.C_VerifyFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_VerifyFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, ulSignatureLen)
@@ -565,7 +565,7 @@ enum Forwarders {
 
     static let C_VerifyRecoverInit: CK_C_VerifyRecoverInit = { hSession, pMechanism, hKey in
         let call = Call(.C_VerifyRecoverInit)
-        guard let function = Core.functions?.pointee.C_VerifyRecoverInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_VerifyRecoverInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -584,7 +584,7 @@ enum Forwarders {
     static let C_VerifyRecover: CK_C_VerifyRecover = { hSession, pSignature, ulSignatureLen, pData, pulDataLen in
         let call = Call(.C_VerifyRecover)
         let pulDataLenIn = call.isTraced ? pulDataLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_VerifyRecover else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_VerifyRecover else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, ulSignatureLen, pData, pulDataLen)
@@ -602,7 +602,7 @@ enum Forwarders {
     static let C_DigestEncryptUpdate: CK_C_DigestEncryptUpdate = { hSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen in
         let call = Call(.C_DigestEncryptUpdate)
         let pulEncryptedPartLenIn = call.isTraced ? pulEncryptedPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_DigestEncryptUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DigestEncryptUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
@@ -621,7 +621,7 @@ enum Forwarders {
     static let C_DecryptDigestUpdate: CK_C_DecryptDigestUpdate = { hSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen in
         let call = Call(.C_DecryptDigestUpdate)
         let pulPartLenIn = call.isTraced ? pulPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_DecryptDigestUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DecryptDigestUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
@@ -640,7 +640,7 @@ enum Forwarders {
     static let C_SignEncryptUpdate: CK_C_SignEncryptUpdate = { hSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen in
         let call = Call(.C_SignEncryptUpdate)
         let pulEncryptedPartLenIn = call.isTraced ? pulEncryptedPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_SignEncryptUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignEncryptUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
@@ -659,7 +659,7 @@ enum Forwarders {
     static let C_DecryptVerifyUpdate: CK_C_DecryptVerifyUpdate = { hSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen in
         let call = Call(.C_DecryptVerifyUpdate)
         let pulPartLenIn = call.isTraced ? pulPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_DecryptVerifyUpdate else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DecryptVerifyUpdate else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
@@ -678,7 +678,7 @@ enum Forwarders {
     static let C_WrapKey: CK_C_WrapKey = { hSession, pMechanism, hWrappingKey, hKey, pWrappedKey, pulWrappedKeyLen in
         let call = Call(.C_WrapKey)
         let pulWrappedKeyLenIn = call.isTraced ? pulWrappedKeyLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_WrapKey else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_WrapKey else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realWrappingKey = Objects.real(hWrappingKey, &failure)
@@ -698,7 +698,7 @@ enum Forwarders {
 
     static let C_SeedRandom: CK_C_SeedRandom = { hSession, pSeed, ulSeedLen in
         let call = Call(.C_SeedRandom)
-        guard let function = Core.functions?.pointee.C_SeedRandom else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SeedRandom else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSeed, ulSeedLen)
@@ -713,7 +713,7 @@ enum Forwarders {
 
     static let C_GenerateRandom: CK_C_GenerateRandom = { hSession, pRandomData, ulRandomLen in
         let call = Call(.C_GenerateRandom)
-        guard let function = Core.functions?.pointee.C_GenerateRandom else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GenerateRandom else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pRandomData, ulRandomLen)
@@ -728,7 +728,7 @@ enum Forwarders {
 
     static let C_GetFunctionStatus: CK_C_GetFunctionStatus = { hSession in
         let call = Call(.C_GetFunctionStatus)
-        guard let function = Core.functions?.pointee.C_GetFunctionStatus else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetFunctionStatus else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
@@ -742,7 +742,7 @@ enum Forwarders {
 
     static let C_CancelFunction: CK_C_CancelFunction = { hSession in
         let call = Call(.C_CancelFunction)
-        guard let function = Core.functions?.pointee.C_CancelFunction else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_CancelFunction else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
@@ -756,7 +756,7 @@ enum Forwarders {
 
     static let C_SessionCancel: CK_C_SessionCancel = { hSession, flags in
         let call = Call(.C_SessionCancel)
-        guard let function = Core.functions?.pointee.C_SessionCancel else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SessionCancel else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, flags)
@@ -772,7 +772,7 @@ enum Forwarders {
 
     static let C_MessageEncryptInit: CK_C_MessageEncryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_MessageEncryptInit)
-        guard let function = Core.functions?.pointee.C_MessageEncryptInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_MessageEncryptInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -791,7 +791,7 @@ enum Forwarders {
     static let C_EncryptMessage: CK_C_EncryptMessage = { hSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pPlaintext, ulPlaintextLen, pCiphertext, pulCiphertextLen in
         let call = Call(.C_EncryptMessage)
         let pulCiphertextLenIn = call.isTraced ? pulCiphertextLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_EncryptMessage else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_EncryptMessage else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pPlaintext, ulPlaintextLen, pCiphertext, pulCiphertextLen)
@@ -809,7 +809,7 @@ enum Forwarders {
 
     static let C_EncryptMessageBegin: CK_C_EncryptMessageBegin = { hSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen in
         let call = Call(.C_EncryptMessageBegin)
-        guard let function = Core.functions?.pointee.C_EncryptMessageBegin else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_EncryptMessageBegin else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
@@ -827,7 +827,7 @@ enum Forwarders {
     static let C_EncryptMessageNext: CK_C_EncryptMessageNext = { hSession, pParameter, ulParameterLen, pPlaintextPart, ulPlaintextPartLen, pCiphertextPart, pulCiphertextPartLen, flags in
         let call = Call(.C_EncryptMessageNext)
         let pulCiphertextPartLenIn = call.isTraced ? pulCiphertextPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_EncryptMessageNext else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_EncryptMessageNext else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pPlaintextPart, ulPlaintextPartLen, pCiphertextPart, pulCiphertextPartLen, flags)
@@ -846,7 +846,7 @@ enum Forwarders {
 
     static let C_MessageEncryptFinal: CK_C_MessageEncryptFinal = { hSession in
         let call = Call(.C_MessageEncryptFinal)
-        guard let function = Core.functions?.pointee.C_MessageEncryptFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_MessageEncryptFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
@@ -861,7 +861,7 @@ enum Forwarders {
 
     static let C_MessageDecryptInit: CK_C_MessageDecryptInit = { hSession, pMechanism, hKey in
         let call = Call(.C_MessageDecryptInit)
-        guard let function = Core.functions?.pointee.C_MessageDecryptInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_MessageDecryptInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -880,7 +880,7 @@ enum Forwarders {
     static let C_DecryptMessage: CK_C_DecryptMessage = { hSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pCiphertext, ulCiphertextLen, pPlaintext, pulPlaintextLen in
         let call = Call(.C_DecryptMessage)
         let pulPlaintextLenIn = call.isTraced ? pulPlaintextLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_DecryptMessage else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DecryptMessage else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pCiphertext, ulCiphertextLen, pPlaintext, pulPlaintextLen)
@@ -898,7 +898,7 @@ enum Forwarders {
 
     static let C_DecryptMessageBegin: CK_C_DecryptMessageBegin = { hSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen in
         let call = Call(.C_DecryptMessageBegin)
-        guard let function = Core.functions?.pointee.C_DecryptMessageBegin else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DecryptMessageBegin else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
@@ -916,7 +916,7 @@ enum Forwarders {
     static let C_DecryptMessageNext: CK_C_DecryptMessageNext = { hSession, pParameter, ulParameterLen, pCiphertextPart, ulCiphertextPartLen, pPlaintextPart, pulPlaintextPartLen, flags in
         let call = Call(.C_DecryptMessageNext)
         let pulPlaintextPartLenIn = call.isTraced ? pulPlaintextPartLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_DecryptMessageNext else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DecryptMessageNext else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pCiphertextPart, ulCiphertextPartLen, pPlaintextPart, pulPlaintextPartLen, flags)
@@ -935,7 +935,7 @@ enum Forwarders {
 
     static let C_MessageDecryptFinal: CK_C_MessageDecryptFinal = { hSession in
         let call = Call(.C_MessageDecryptFinal)
-        guard let function = Core.functions?.pointee.C_MessageDecryptFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_MessageDecryptFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
@@ -950,7 +950,7 @@ enum Forwarders {
 
     static let C_MessageSignInit: CK_C_MessageSignInit = { hSession, pMechanism, hKey in
         let call = Call(.C_MessageSignInit)
-        guard let function = Core.functions?.pointee.C_MessageSignInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_MessageSignInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -969,7 +969,7 @@ enum Forwarders {
     static let C_SignMessage: CK_C_SignMessage = { hSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen in
         let call = Call(.C_SignMessage)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_SignMessage else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignMessage else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
@@ -986,7 +986,7 @@ enum Forwarders {
 
     static let C_SignMessageBegin: CK_C_SignMessageBegin = { hSession, pParameter, ulParameterLen in
         let call = Call(.C_SignMessageBegin)
-        guard let function = Core.functions?.pointee.C_SignMessageBegin else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignMessageBegin else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen)
@@ -1003,7 +1003,7 @@ enum Forwarders {
     static let C_SignMessageNext: CK_C_SignMessageNext = { hSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen in
         let call = Call(.C_SignMessageNext)
         let pulSignatureLenIn = call.isTraced ? pulSignatureLen?.pointee : nil
-        guard let function = Core.functions?.pointee.C_SignMessageNext else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SignMessageNext else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
@@ -1021,7 +1021,7 @@ enum Forwarders {
 
     static let C_MessageSignFinal: CK_C_MessageSignFinal = { hSession in
         let call = Call(.C_MessageSignFinal)
-        guard let function = Core.functions?.pointee.C_MessageSignFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_MessageSignFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
@@ -1036,7 +1036,7 @@ enum Forwarders {
 
     static let C_MessageVerifyInit: CK_C_MessageVerifyInit = { hSession, pMechanism, hKey in
         let call = Call(.C_MessageVerifyInit)
-        guard let function = Core.functions?.pointee.C_MessageVerifyInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_MessageVerifyInit else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realKey = Objects.real(hKey, &failure)
@@ -1054,7 +1054,7 @@ enum Forwarders {
 
     static let C_VerifyMessage: CK_C_VerifyMessage = { hSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen in
         let call = Call(.C_VerifyMessage)
-        guard let function = Core.functions?.pointee.C_VerifyMessage else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_VerifyMessage else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
@@ -1071,7 +1071,7 @@ enum Forwarders {
 
     static let C_VerifyMessageBegin: CK_C_VerifyMessageBegin = { hSession, pParameter, ulParameterLen in
         let call = Call(.C_VerifyMessageBegin)
-        guard let function = Core.functions?.pointee.C_VerifyMessageBegin else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_VerifyMessageBegin else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen)
@@ -1087,7 +1087,7 @@ enum Forwarders {
 
     static let C_VerifyMessageNext: CK_C_VerifyMessageNext = { hSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen in
         let call = Call(.C_VerifyMessageNext)
-        guard let function = Core.functions?.pointee.C_VerifyMessageNext else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_VerifyMessageNext else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
@@ -1105,7 +1105,7 @@ enum Forwarders {
 
     static let C_MessageVerifyFinal: CK_C_MessageVerifyFinal = { hSession in
         let call = Call(.C_MessageVerifyFinal)
-        guard let function = Core.functions?.pointee.C_MessageVerifyFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_MessageVerifyFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)

@@ -7,9 +7,33 @@ enum Custom {
     static let C_Initialize: CK_C_Initialize = { pInitArgs in
         var call = Call(.C_Initialize)
         let args = pInitArgs?.assumingMemoryBound(to: CK_C_INITIALIZE_ARGS.self)
-        let (claimed, settledNow) = Core.settle(reserved: args?.pointee.pReserved.map { UnsafeRawPointer($0) })
+        // Like C_Finalize, with other threads' calls out of the way (FinalizeGate): a module being
+        // initialised is no safer to call than one being finalised (SoftHSM crashed so).
+        let (rv, claimed, settledNow) = FinalizeGate.whileClosed { initialize(pInitArgs, args) }
         // Settings read just now may have turned tracing on: this call is then traced too.
         if settledNow { call = Call(.C_Initialize) }
+        if call.isTraced {
+            var line = call.line()
+            if let args {
+                line.flags("flags", args.pointee.flags, names: CK_FLAGS.initializeFlagNames)
+                line.key("mutexCallbacks")
+                line.symbol { $0.append(args.pointee.CreateMutex != nil ? "yes" : "no") }
+                line.key("reserved")
+                if claimed { line.symbol { $0.append("p11fork-settings") } }
+                else if args.pointee.pReserved == nil { line.null() } else { line.symbol { $0.append("ptr") } }
+            } else {
+                line.key("args")
+                line.null()
+            }
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    /// C_Initialize's work: the settings (at the first one), then the real module's C_Initialize.
+    private static func initialize(_ pInitArgs: UnsafeMutableRawPointer?, _ args: UnsafeMutablePointer<CK_C_INITIALIZE_ARGS>?)
+        -> (rv: CK_RV, claimed: Bool, settledNow: Bool) {
+        let (claimed, settledNow) = Core.settle(reserved: args?.pointee.pReserved.map { UnsafeRawPointer($0) })
         let rv: CK_RV
         if let problem = Core.loadProblem {
             // One line on stderr naming the problem and the fix, every time the app tries.
@@ -42,22 +66,7 @@ enum Custom {
         } else {
             rv = Core.unusable ?? CK_RV(CKR_GENERAL_ERROR)
         }
-        if call.isTraced {
-            var line = call.line()
-            if let args {
-                line.flags("flags", args.pointee.flags, names: CK_FLAGS.initializeFlagNames)
-                line.key("mutexCallbacks")
-                line.symbol { $0.append(args.pointee.CreateMutex != nil ? "yes" : "no") }
-                line.key("reserved")
-                if claimed { line.symbol { $0.append("p11fork-settings") } }
-                else if args.pointee.pReserved == nil { line.null() } else { line.symbol { $0.append("ptr") } }
-            } else {
-                line.key("args")
-                line.null()
-            }
-            call.finish(rv, &line)
-        }
-        return rv
+        return (rv, claimed, settledNow)
     }
 
     static let C_Finalize: CK_C_Finalize = { pReserved in

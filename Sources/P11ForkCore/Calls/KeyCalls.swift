@@ -5,7 +5,7 @@ import CPKCS11
 extension Custom {
     static let C_GenerateKey: CK_C_GenerateKey = { hSession, pMechanism, pTemplate, ulCount, phKey in
         let call = Call(.C_GenerateKey)
-        guard let function = Core.functions?.pointee.C_GenerateKey else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GenerateKey else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, pTemplate, ulCount, phKey)
@@ -27,7 +27,7 @@ extension Custom {
     static let C_GenerateKeyPair: CK_C_GenerateKeyPair = { hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount,
                                                           pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey in
         let call = Call(.C_GenerateKeyPair)
-        guard let function = Core.functions?.pointee.C_GenerateKeyPair else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GenerateKeyPair else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure
@@ -55,7 +55,7 @@ extension Custom {
 
     static let C_UnwrapKey: CK_C_UnwrapKey = { hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey in
         let call = Call(.C_UnwrapKey)
-        guard let function = Core.functions?.pointee.C_UnwrapKey else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_UnwrapKey else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
@@ -82,7 +82,7 @@ extension Custom {
 
     static let C_DeriveKey: CK_C_DeriveKey = { hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey in
         let call = Call(.C_DeriveKey)
-        guard let function = Core.functions?.pointee.C_DeriveKey else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DeriveKey else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realBaseKey = Objects.real(hBaseKey, &failure)

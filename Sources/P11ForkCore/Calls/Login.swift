@@ -5,7 +5,7 @@ import CPKCS11
 extension Custom {
     static let C_Login: CK_C_Login = { hSession, userType, pPin, ulPinLen in
         let call = Call(.C_Login)
-        guard let function = Core.functions?.pointee.C_Login else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_Login else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         var rv = failure != CKR_OK ? failure : function(realSession, userType, pPin, ulPinLen)
@@ -30,7 +30,7 @@ extension Custom {
 
     static let C_LoginUser: CK_C_LoginUser = { hSession, userType, pPin, ulPinLen, pUsername, ulUsernameLen in
         let call = Call(.C_LoginUser)
-        guard let function = Core.functions?.pointee.C_LoginUser else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_LoginUser else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         var rv = failure != CKR_OK ? failure : function(realSession, userType, pPin, ulPinLen, pUsername, ulUsernameLen)
@@ -76,7 +76,7 @@ extension Custom {
             // (and a server-side session it may share) is left alone.
             if let slot { Logins.forget(slots: [slot]) }
             rv = slot != nil ? CK_RV(CKR_OK) : Recovery.answerForUnknownSession
-        } else if let function = Core.functions?.pointee.C_Logout {
+        } else if let function = call.functions?.pointee.C_Logout {
             var failure = CK_RV(CKR_OK)
             let realSession = Sessions.real(hSession, &failure)
             rv = failure != CKR_OK ? failure : function(realSession)
@@ -99,7 +99,7 @@ extension Custom {
 
     static let C_SetPIN: CK_C_SetPIN = { hSession, pOldPin, ulOldLen, pNewPin, ulNewLen in
         let call = Call(.C_SetPIN)
-        guard let function = Core.functions?.pointee.C_SetPIN else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SetPIN else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pOldPin, ulOldLen, pNewPin, ulNewLen)

@@ -5,7 +5,7 @@ import CPKCS11
 extension Custom {
     static let C_CreateObject: CK_C_CreateObject = { hSession, pTemplate, ulCount, phObject in
         let call = Call(.C_CreateObject)
-        guard let function = Core.functions?.pointee.C_CreateObject else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_CreateObject else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount, phObject)
@@ -25,7 +25,7 @@ extension Custom {
 
     static let C_CopyObject: CK_C_CopyObject = { hSession, hObject, pTemplate, ulCount, phNewObject in
         let call = Call(.C_CopyObject)
-        guard let function = Core.functions?.pointee.C_CopyObject else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_CopyObject else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realObject = Objects.real(hObject, &failure)
@@ -47,7 +47,7 @@ extension Custom {
 
     static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
         let call = Call(.C_SetAttributeValue)
-        guard let function = Core.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realObject = Objects.real(hObject, &failure)
@@ -65,7 +65,7 @@ extension Custom {
 
     static let C_DestroyObject: CK_C_DestroyObject = { hSession, hObject in
         let call = Call(.C_DestroyObject)
-        guard let function = Core.functions?.pointee.C_DestroyObject else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_DestroyObject else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let realObject = Objects.real(hObject, &failure)
@@ -88,7 +88,7 @@ extension Custom {
 
     static let C_FindObjectsInit: CK_C_FindObjectsInit = { hSession, pTemplate, ulCount in
         let call = Call(.C_FindObjectsInit)
-        guard let function = Core.functions?.pointee.C_FindObjectsInit else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_FindObjectsInit else { return call.unavailable() }
         SessionObjects.remakeAll()
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
@@ -106,7 +106,7 @@ extension Custom {
 
     static let C_FindObjects: CK_C_FindObjects = { hSession, phObject, ulMaxObjectCount, pulObjectCount in
         let call = Call(.C_FindObjects)
-        guard let function = Core.functions?.pointee.C_FindObjects else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_FindObjects else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         var rv: CK_RV
@@ -150,7 +150,7 @@ extension Custom {
 
     static let C_FindObjectsFinal: CK_C_FindObjectsFinal = { hSession in
         let call = Call(.C_FindObjectsFinal)
-        guard let function = Core.functions?.pointee.C_FindObjectsFinal else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_FindObjectsFinal else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : Operations.finishFound(hSession) ?? function(realSession)

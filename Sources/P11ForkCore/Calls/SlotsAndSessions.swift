@@ -6,7 +6,7 @@ extension Custom {
     static let C_GetSlotList: CK_C_GetSlotList = { tokenPresent, pSlotList, pulCount in
         let call = Call(.C_GetSlotList)
         let countIn = call.isTraced ? pulCount?.pointee : nil
-        guard let function = Core.functions?.pointee.C_GetSlotList else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetSlotList else { return call.unavailable() }
         let rv = function(tokenPresent, pSlotList, pulCount)
         if rv == CKR_OK, let pSlotList, let pulCount {
             for i in 0..<Int(pulCount.pointee) { pSlotList[i] = Slots.expose(real: pSlotList[i]) }
@@ -23,7 +23,7 @@ extension Custom {
 
     static let C_GetTokenInfo: CK_C_GetTokenInfo = { slotID, pInfo in
         let call = Call(.C_GetTokenInfo)
-        guard let function = Core.functions?.pointee.C_GetTokenInfo else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetTokenInfo else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let realSlot = Slots.real(slotID, &failure)
         let rv = failure != CKR_OK ? failure : function(realSlot, pInfo)
@@ -40,7 +40,7 @@ extension Custom {
 
     static let C_WaitForSlotEvent: CK_C_WaitForSlotEvent = { flags, pSlot, pReserved in
         let call = Call(.C_WaitForSlotEvent)
-        guard let function = Core.functions?.pointee.C_WaitForSlotEvent else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_WaitForSlotEvent else { return call.unavailable() }
         let rv = function(flags, pSlot, pReserved)
         if rv == CKR_OK, let pSlot { pSlot.pointee = Slots.expose(real: pSlot.pointee) }
         if call.isTraced {
@@ -55,7 +55,7 @@ extension Custom {
 
     static let C_OpenSession: CK_C_OpenSession = { slotID, flags, pApplication, Notify, phSession in
         let call = Call(.C_OpenSession)
-        guard let function = Core.functions?.pointee.C_OpenSession else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_OpenSession else { return call.unavailable() }
         // A notification callback must see the virtual session handle: it goes through a relay.
         let relay = Notify.map { SessionNotifications.Relay(notify: $0, application: pApplication) }
         var failure = CK_RV(CKR_OK)
@@ -105,7 +105,7 @@ extension Custom {
             // parent's session (maybe shared with a server) is left alone.
             rv = Sessions.table.release(hSession) ? CK_RV(CKR_OK) : Recovery.answerForUnknownSession
             if rv == CKR_OK { sessionsClosed([hSession]) }
-        } else if let function = Core.functions?.pointee.C_CloseSession {
+        } else if let function = call.functions?.pointee.C_CloseSession {
             var failure = CK_RV(CKR_OK)
             let realSession = Sessions.real(hSession, &failure)
             rv = failure != CKR_OK ? failure : function(realSession)
@@ -130,7 +130,7 @@ extension Custom {
         if Recovery.moduleInherited {
             let known = Slots.view.lookupAnyEpoch(slotID) != nil
             rv = known ? CK_RV(CKR_OK) : (Core.appInitialized ? CK_RV(CKR_SLOT_ID_INVALID) : CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED))
-        } else if let function = Core.functions?.pointee.C_CloseAllSessions {
+        } else if let function = call.functions?.pointee.C_CloseAllSessions {
             // In a child this reaches only the child's own module and sessions.
             var failure = CK_RV(CKR_OK)
             let realSlot = Slots.real(slotID, &failure)
@@ -156,7 +156,7 @@ extension Custom {
 
     static let C_GetSessionInfo: CK_C_GetSessionInfo = { hSession, pInfo in
         let call = Call(.C_GetSessionInfo)
-        guard let function = Core.functions?.pointee.C_GetSessionInfo else { return call.unavailable() }
+        guard let function = call.functions?.pointee.C_GetSessionInfo else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
         let session = Sessions.resolve(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(session?.real ?? CK_SESSION_HANDLE(CK_INVALID_HANDLE), pInfo)
