@@ -52,6 +52,7 @@ let package = Package(
         // Runs one fixed call sequence against a module and prints a comparable transcript.
         .executableTarget(
             name: "p11fork-conformance",
+            dependencies: ["ToolSupport"],
             path: "Sources/TestTools/Conformance",
             linkerSettings: [.linkedLibrary("dl")]
         ),

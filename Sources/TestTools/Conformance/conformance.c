@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <p11-kit-1/p11-kit/pkcs11.h>
+#include "tool_support.h"
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -23,30 +24,6 @@ static const char *token_label, *pin;
 
 // MARK: output
 
-static const char *rv_name(CK_RV rv) {
-    switch (rv) {
-#define N(x) case x: return #x;
-        N(CKR_OK) N(CKR_HOST_MEMORY) N(CKR_SLOT_ID_INVALID) N(CKR_GENERAL_ERROR) N(CKR_FUNCTION_FAILED)
-        N(CKR_ARGUMENTS_BAD) N(CKR_ATTRIBUTE_READ_ONLY) N(CKR_ATTRIBUTE_SENSITIVE) N(CKR_ATTRIBUTE_TYPE_INVALID)
-        N(CKR_ATTRIBUTE_VALUE_INVALID) N(CKR_DATA_INVALID) N(CKR_DATA_LEN_RANGE) N(CKR_DEVICE_ERROR)
-        N(CKR_ENCRYPTED_DATA_INVALID) N(CKR_ENCRYPTED_DATA_LEN_RANGE) N(CKR_FUNCTION_NOT_SUPPORTED)
-        N(CKR_KEY_HANDLE_INVALID) N(CKR_KEY_TYPE_INCONSISTENT) N(CKR_KEY_FUNCTION_NOT_PERMITTED)
-        N(CKR_KEY_NOT_WRAPPABLE) N(CKR_KEY_UNEXTRACTABLE) N(CKR_MECHANISM_INVALID) N(CKR_MECHANISM_PARAM_INVALID)
-        N(CKR_OBJECT_HANDLE_INVALID) N(CKR_OPERATION_ACTIVE) N(CKR_OPERATION_NOT_INITIALIZED)
-        N(CKR_PIN_INCORRECT) N(CKR_PIN_LEN_RANGE) N(CKR_PIN_LOCKED) N(CKR_SESSION_CLOSED) N(CKR_SESSION_COUNT)
-        N(CKR_SESSION_HANDLE_INVALID) N(CKR_SESSION_PARALLEL_NOT_SUPPORTED) N(CKR_SESSION_READ_ONLY)
-        N(CKR_SIGNATURE_INVALID) N(CKR_SIGNATURE_LEN_RANGE) N(CKR_TEMPLATE_INCOMPLETE) N(CKR_TEMPLATE_INCONSISTENT)
-        N(CKR_TOKEN_NOT_PRESENT) N(CKR_USER_ALREADY_LOGGED_IN) N(CKR_USER_NOT_LOGGED_IN) N(CKR_USER_TYPE_INVALID)
-        N(CKR_WRAPPED_KEY_INVALID) N(CKR_WRAPPING_KEY_HANDLE_INVALID) N(CKR_UNWRAPPING_KEY_HANDLE_INVALID)
-        N(CKR_RANDOM_SEED_NOT_SUPPORTED) N(CKR_BUFFER_TOO_SMALL) N(CKR_CRYPTOKI_NOT_INITIALIZED)
-        N(CKR_CRYPTOKI_ALREADY_INITIALIZED) N(CKR_MUTEX_BAD) N(CKR_SAVED_STATE_INVALID) N(CKR_STATE_UNSAVEABLE)
-#undef N
-    }
-    static char hex[32];
-    snprintf(hex, sizeof hex, "0x%lx", rv);
-    return hex;
-}
-
 static int step_number;
 
 static void line(const char *step, CK_RV rv, const char *format, ...) __attribute__((format(printf, 3, 4)));
@@ -56,7 +33,7 @@ static void line(const char *step, CK_RV rv, const char *format, ...) {
     va_start(args, format);
     vsnprintf(details, sizeof details, format, args);
     va_end(args);
-    printf("%02d %s %s%s%s\n", ++step_number, step, rv_name(rv), details[0] ? " " : "", details);
+    printf("%02d %s %s%s%s\n", ++step_number, step, tool_rv_name(rv), details[0] ? " " : "", details);
     fflush(stdout);
 }
 
@@ -174,7 +151,7 @@ static CK_SLOT_ID slot_steps(void) {
     CK_RV rv2 = p->C_GetMechanismList(slot, types, &room);
     unsigned long sum = 0;
     for (CK_ULONG i = 0; i < room; i++) sum = sum * 31 + types[i];
-    line("C_GetMechanismList", rv, "count=%lu then %s count=%lu checksum=%lx", mechanisms, rv_name(rv2), room, sum);
+    line("C_GetMechanismList", rv, "count=%lu then %s count=%lu checksum=%lx", mechanisms, tool_rv_name(rv2), room, sum);
     CK_MECHANISM_INFO mi;
     CK_MECHANISM_TYPE probe[] = { CKM_RSA_PKCS, CKM_ECDSA, CKM_AES_CBC_PAD, CKM_SHA256 };
     for (int i = 0; i < 4; i++) {
@@ -371,7 +348,7 @@ static void object_steps(CK_SESSION_HANDLE rw) {
     rv = p->C_DigestInit(rw, &sha256);
     if (rv == CKR_OK) rv = p->C_DigestKey(rw, aes_key);
     CK_RV final = p->C_DigestFinal(rw, digest, &dg);
-    line("C_DigestKey", rv, "then %s %s", rv_name(final), final == CKR_OK ? hex_of(digest, dg) : "");
+    line("C_DigestKey", rv, "then %s %s", tool_rv_name(final), final == CKR_OK ? hex_of(digest, dg) : "");
 
     // Key generation, wrap and unwrap.
     CK_ULONG key_len = 32;

@@ -41,32 +41,13 @@ static CK_SESSION_HANDLE session;
 // Child exit statuses.
 enum { CHILD_OK = 0, CHILD_CALL_FAILED = 3, CHILD_DIFFERENT = 4, CHILD_WRONG_ERROR = 5 };
 
-static void say(const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    vprintf(format, args);
-    va_end(args);
-    printf("\n");
-    fflush(stdout);
-}
-
-static int fail(const char *format, ...) {
-    va_list args;
-    va_start(args, format);
-    printf("result: fail ");
-    vprintf(format, args);
-    va_end(args);
-    printf("\n");
-    fflush(stdout);
-    return 1;
-}
 
 // A call that must succeed; in a child its failure is reported and becomes the exit status.
 #define CHECK(call)                                                                              \
     do {                                                                                         \
         CK_RV rv_ = (call);                                                                      \
         if (rv_ != CKR_OK) {                                                                     \
-            say("%s (pid %d): %s -> 0x%lx", in_child ? "child" : "parent", getpid(), #call, rv_); \
+            tool_say("%s (pid %d): %s -> 0x%lx", in_child ? "child" : "parent", getpid(), #call, rv_); \
             if (in_child) _exit(CHILD_CALL_FAILED);                                              \
             return 1;                                                                            \
         }                                                                                        \
@@ -77,7 +58,7 @@ static int in_child;
 // Forks one child running `body`, which returns its exit status; the parent checks it.
 static int run_child(const char *scenario, int (*body)(void)) {
     pid_t pid = fork();
-    if (pid < 0) return fail("%s: fork: %s", scenario, strerror(errno));
+    if (pid < 0) return tool_fail("%s: fork: %s", scenario, strerror(errno));
     if (pid == 0) {
         in_child = 1;
         alarm(CHILD_TIMEOUT);
@@ -86,8 +67,8 @@ static int run_child(const char *scenario, int (*body)(void)) {
     int status = 0;
     waitpid(pid, &status, 0);
     if (WIFSIGNALED(status))
-        return fail("%s: child killed by signal %d%s", scenario, WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung)" : "");
-    if (WEXITSTATUS(status) != 0) return fail("%s: child exit status %d", scenario, WEXITSTATUS(status));
+        return tool_fail("%s: child killed by signal %d%s", scenario, WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung)" : "");
+    if (WEXITSTATUS(status) != 0) return tool_fail("%s: child exit status %d", scenario, WEXITSTATUS(status));
     return 0;
 }
 
@@ -159,7 +140,7 @@ static int create_object_child(void) {
     CK_OBJECT_HANDLE found = 0;
     CHECK(find_one(CKO_SECRET_KEY, "p11fork relabelled", &found));
     if (found != key_a) {
-        say("child: the relabelled key was found as 0x%lx, not the parent's 0x%lx", found, key_a);
+        tool_say("child: the relabelled key was found as 0x%lx, not the parent's 0x%lx", found, key_a);
         return CHILD_DIFFERENT;
     }
     return CHILD_OK;
@@ -175,7 +156,7 @@ static int scenario_create_object(void) {
     CHECK(encrypt_with(key_a, expected_a));
     CHECK(encrypt_with(key_b, expected_b));
     if (run_child("create-object", create_object_child)) return 1;
-    say("result: ok create-object: the created key and its copy encrypt alike in the child, which finds the key by its changed label");
+    tool_say("result: ok create-object: the created key and its copy encrypt alike in the child, which finds the key by its changed label");
     return 0;
 }
 
@@ -211,7 +192,7 @@ static int scenario_unwrap_derive(void) {
     int failed = run_child("unwrap-derive", encrypts_alike);
     p11->C_DestroyObject(session, wrapping);
     if (failed) return 1;
-    say("result: ok unwrap-derive: the unwrapped key and the key derived from it encrypt alike in the child");
+    tool_say("result: ok unwrap-derive: the unwrapped key and the key derived from it encrypt alike in the child");
     return 0;
 }
 
@@ -248,7 +229,7 @@ static int scenario_ecdh(void) {
     p11->C_DestroyObject(session, token_private);
     p11->C_DestroyObject(session, token_public);
     if (failed) return 1;
-    say("result: ok ecdh: the ECDH-derived session key encrypts alike in the child");
+    tool_say("result: ok ecdh: the ECDH-derived session key encrypts alike in the child");
     return 0;
 }
 
@@ -257,7 +238,7 @@ static CK_OBJECT_HANDLE generated;
 static int generated_child(void) {
     unsigned char out[64];
     CK_RV rv = encrypt_with(generated, out);
-    say("child: encrypting with the generated session key -> 0x%lx", rv);
+    tool_say("child: encrypting with the generated session key -> 0x%lx", rv);
     // The other session objects are not affected.
     if (rv != CKR_KEY_HANDLE_INVALID && rv != CKR_OBJECT_HANDLE_INVALID) return CHILD_WRONG_ERROR;
     return encrypts_alike();
@@ -272,7 +253,7 @@ static int scenario_generated_lost(void) {
     CHECK(create_aes(value, CK_FALSE, "p11fork session AES", &key_a));
     CHECK(encrypt_with(key_a, expected_a));
     if (run_child("generated-lost", generated_child)) return 1;
-    say("result: ok generated-lost: the generated key is reported lost (the module's answer for an invalid key handle), the created one works");
+    tool_say("result: ok generated-lost: the generated key is reported lost (the module's answer for an invalid key handle), the created one works");
     return 0;
 }
 
@@ -302,13 +283,13 @@ static int receive_result(void) {
 }
 
 static int run_child_with_result(const char *scenario, int (*body)(void)) {
-    if (pipe(result_pipe) != 0) return fail("pipe: %s", strerror(errno));
+    if (pipe(result_pipe) != 0) return tool_fail("pipe: %s", strerror(errno));
     int failed = run_child(scenario, body);
     close(result_pipe[1]);
     int received = receive_result();
     close(result_pipe[0]);
     if (failed) return 1;
-    if (!received) return fail("%s: the child sent no result", scenario);
+    if (!received) return tool_fail("%s: the child sent no result", scenario);
     return 0;
 }
 
@@ -339,10 +320,10 @@ static int scenario_sign_update(void) {
     CHECK(p11->C_SignUpdate(session, (CK_BYTE_PTR)plaintext + 32, 32));
     CHECK(p11->C_SignFinal(session, mine, &mine_length));
     if (mine_length != whole_length || memcmp(mine, whole, whole_length))
-        return fail("sign-update: the parent's own signature is not the signature of the whole data");
+        return tool_fail("sign-update: the parent's own signature is not the signature of the whole data");
     if (child_result_length != whole_length || memcmp(child_result, whole, whole_length))
-        return fail("sign-update: the child's signature is not the signature of the whole data");
-    say("result: ok sign-update: the child finished the parent's signature (%lu bytes), equal to the whole data's; so did the parent", whole_length);
+        return tool_fail("sign-update: the child's signature is not the signature of the whole data");
+    tool_say("result: ok sign-update: the child finished the parent's signature (%lu bytes), equal to the whole data's; so did the parent", whole_length);
     return 0;
 }
 
@@ -368,17 +349,17 @@ static int scenario_decrypt_update(void) {
     CHECK(p11->C_DecryptInit(session, &cbc, key_a));
     memset(iv, 0, sizeof iv);  // the IV buffer is reused by the application
     CHECK(p11->C_DecryptUpdate(session, ciphertext, 32, first, &n));
-    if (n != 32 || memcmp(first, plaintext, 32)) return fail("decrypt-update: the first half does not decrypt in the parent");
+    if (n != 32 || memcmp(first, plaintext, 32)) return tool_fail("decrypt-update: the first half does not decrypt in the parent");
     if (run_child_with_result("decrypt-update", decrypt_update_child)) return 1;
     unsigned char mine[80];
     CK_ULONG m = sizeof mine, last;
     CHECK(p11->C_DecryptUpdate(session, ciphertext + 32, 32, mine, &m));
     last = sizeof mine - m;
     CHECK(p11->C_DecryptFinal(session, mine + m, &last));
-    if (m + last != 32 || memcmp(mine, plaintext + 32, 32)) return fail("decrypt-update: the parent's second half is wrong");
+    if (m + last != 32 || memcmp(mine, plaintext + 32, 32)) return tool_fail("decrypt-update: the parent's second half is wrong");
     if (child_result_length != 32 || memcmp(child_result, plaintext + 32, 32))
-        return fail("decrypt-update: the child's second half is wrong (%lu bytes)", child_result_length);
-    say("result: ok decrypt-update: the child decrypted the second half of the parent's AES-CBC operation; so did the parent");
+        return tool_fail("decrypt-update: the child's second half is wrong (%lu bytes)", child_result_length);
+    tool_say("result: ok decrypt-update: the child decrypted the second half of the parent's AES-CBC operation; so did the parent");
     return 0;
 }
 
@@ -404,9 +385,9 @@ static int scenario_digest_update(void) {
     CK_ULONG n = sizeof mine;
     CHECK(p11->C_DigestUpdate(session, (CK_BYTE_PTR)plaintext + 32, 32));
     CHECK(p11->C_DigestFinal(session, mine, &n));
-    if (n != whole_length || memcmp(mine, whole, n)) return fail("digest-update: the parent's digest is wrong");
-    if (child_result_length != whole_length || memcmp(child_result, whole, whole_length)) return fail("digest-update: the child's digest is wrong");
-    say("result: ok digest-update: the child finished the parent's SHA-256 digest; so did the parent");
+    if (n != whole_length || memcmp(mine, whole, n)) return tool_fail("digest-update: the parent's digest is wrong");
+    if (child_result_length != whole_length || memcmp(child_result, whole, whole_length)) return tool_fail("digest-update: the child's digest is wrong");
+    tool_say("result: ok digest-update: the child finished the parent's SHA-256 digest; so did the parent");
     return 0;
 }
 
@@ -459,15 +440,15 @@ static int scenario_find(void) {
     CK_ULONG n = 0;
     CHECK(p11->C_FindObjectsInit(session, search, 2));
     CHECK(p11->C_FindObjects(session, first_found, 2, &n));
-    if (n != 2) return fail("find: the parent's first C_FindObjects returned %lu objects", n);
+    if (n != 2) return tool_fail("find: the parent's first C_FindObjects returned %lu objects", n);
     if (run_child_with_result("find", find_child)) return 1;
     CK_OBJECT_HANDLE mine[FOUND_TOTAL + 1];
     CK_ULONG count;
     if (collect_rest(mine, &count)) return 1;
-    if (!is_exactly_the_rest(mine, count)) return fail("find: the parent's search went wrong after the fork (%lu more)", count);
+    if (!is_exactly_the_rest(mine, count)) return tool_fail("find: the parent's search went wrong after the fork (%lu more)", count);
     if (!is_exactly_the_rest((CK_OBJECT_HANDLE *)child_result, child_result_length / sizeof(CK_OBJECT_HANDLE)))
-        return fail("find: the child's search repeated or skipped objects (%lu more)", child_result_length / sizeof(CK_OBJECT_HANDLE));
-    say("result: ok find: the child continued the parent's search: the %d objects not yet returned, no repeat, none skipped", FOUND_TOTAL - 2);
+        return tool_fail("find: the child's search repeated or skipped objects (%lu more)", child_result_length / sizeof(CK_OBJECT_HANDLE));
+    tool_say("result: ok find: the child continued the parent's search: the %d objects not yet returned, no repeat, none skipped", FOUND_TOTAL - 2);
     return 0;
 }
 
@@ -502,7 +483,7 @@ static int scenario_context_login(void) {
     CHECK(p11->C_SignInit(session, &m, always_key));
     expected_signature_length = sizeof expected_signature;
     CK_RV refused = p11->C_Sign(session, (CK_BYTE_PTR)plaintext, 64, expected_signature, &expected_signature_length);
-    if (refused == CKR_OK) return fail("context-login: the module signs without a context-specific login");
+    if (refused == CKR_OK) return tool_fail("context-login: the module signs without a context-specific login");
     CHECK(p11->C_SignInit(session, &m, always_key));
     CHECK(p11->C_Login(session, CKU_CONTEXT_SPECIFIC, (CK_UTF8CHAR_PTR)pin, strlen(pin)));
     int failed = run_child_with_result("context-login", context_login_child);
@@ -511,10 +492,10 @@ static int scenario_context_login(void) {
     p11->C_DestroyObject(session, always_key);
     p11->C_DestroyObject(session, public_key);
     if (failed) return 1;
-    if (mine != CKR_OK) return fail("context-login: the parent's own signature failed: 0x%lx", mine);
+    if (mine != CKR_OK) return tool_fail("context-login: the parent's own signature failed: 0x%lx", mine);
     if (child_result_length != expected_signature_length || memcmp(child_result, expected_signature, expected_signature_length))
-        return fail("context-login: the child's signature differs from the parent's");
-    say("result: ok context-login: the child signed with the parent's CKA_ALWAYS_AUTHENTICATE operation; so did the parent");
+        return tool_fail("context-login: the child's signature differs from the parent's");
+    tool_say("result: ok context-login: the child signed with the parent's CKA_ALWAYS_AUTHENTICATE operation; so did the parent");
     return 0;
 }
 
@@ -545,18 +526,18 @@ int main(int argc, char **argv) {
     if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
     alarm(120);
     void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
-    if (!library) return fail("dlopen: %s", dlerror());
+    if (!library) return tool_fail("dlopen: %s", dlerror());
     if (fork_safe) {
         get_interface_t get = (get_interface_t)dlsym(library, "C_GetInterface");
         interface_t *chosen = NULL;
-        if (!get) return fail("the module has no C_GetInterface");
+        if (!get) return tool_fail("the module has no C_GetInterface");
         CK_RV rv = get(NULL, NULL, &chosen, CKF_INTERFACE_FORK_SAFE);
-        if (rv != CKR_OK || !chosen) return fail("C_GetInterface(CKF_INTERFACE_FORK_SAFE): 0x%lx", rv);
+        if (rv != CKR_OK || !chosen) return tool_fail("C_GetInterface(CKF_INTERFACE_FORK_SAFE): 0x%lx", rv);
         p11 = chosen->list;
-        say("fork-safe interface: '%s' %d.%d", (char *)chosen->name, ((CK_VERSION *)p11)->major, ((CK_VERSION *)p11)->minor);
+        tool_say("fork-safe interface: '%s' %d.%d", (char *)chosen->name, ((CK_VERSION *)p11)->major, ((CK_VERSION *)p11)->minor);
     } else {
         CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
-        if (!get || get(&p11) != CKR_OK) return fail("C_GetFunctionList");
+        if (!get || get(&p11) != CKR_OK) return tool_fail("C_GetFunctionList");
     }
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
     CHECK(p11->C_Initialize(&args));
@@ -570,7 +551,7 @@ int main(int argc, char **argv) {
         size_t n = strlen(token_label);
         if (n <= 32 && !memcmp(info.label, token_label, n) && (n == 32 || info.label[n] == ' ')) { slot = slots[i]; break; }
     }
-    if (slot == (CK_SLOT_ID)-1) return fail("no token labelled '%s'", token_label);
+    if (slot == (CK_SLOT_ID)-1) return tool_fail("no token labelled '%s'", token_label);
     CHECK(p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &session));
     CHECK(p11->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin)));
     if (!strcmp(scenario, "create-object")) return scenario_create_object();
