@@ -56,7 +56,7 @@ let package = Package(
             path: "Sources/TestTools/Conformance",
             linkerSettings: [.linkedLibrary("dl")]
         ),
-        // What the C test drivers share: return-code names, output lines, finding a token.
+        // What the C test drivers and the doctor's scenarios share: return-code names, output lines, finding a token.
         .target(name: "ToolSupport", path: "Sources/TestTools/Support"),
         // Runs one fork scenario against a module (directly or through p11fork); in C, so the
         // driver's own runtime cannot blur what a forked child sees.
@@ -127,7 +127,7 @@ let package = Package(
         // The doctor's fork scenarios, in C (run in a helper process the doctor starts and watches).
         .target(
             name: "DoctorScenarios",
-            dependencies: ["CPKCS11"],
+            dependencies: ["CPKCS11", "ToolSupport"],
             path: "Sources/p11fork-cli/DoctorScenarios",
             linkerSettings: [.linkedLibrary("dl")]
         ),

@@ -66,7 +66,8 @@ fi
 # The harness.
 src=Sources/TestTools/Fuzz
 "$cc" -g -O1 -Wall -Wextra -Wno-unused-parameter -fsanitize=fuzzer,address -fuse-ld=lld \
-  -I Sources/CPKCS11/include "$src/harness.c" "$src/ops.c" -o .build-fuzz/p11fuzz -ldl -lpthread \
+  -I Sources/CPKCS11/include -I Sources/TestTools/Support/include "$src/harness.c" "$src/ops.c" \
+  Sources/TestTools/Support/tool_support.c -o .build-fuzz/p11fuzz -ldl -lpthread \
   -Wl,--export-dynamic-symbol='__sanitizer_cov_*' -Wl,--export-dynamic-symbol='__sancov_*'
 
 work=$(mktemp -d /tmp/p11fuzz.XXXXXX)

@@ -102,40 +102,6 @@ static void die(const char *fmt, ...) {
     exit(2);
 }
 
-const char *rv_name(CK_RV rv) {
-    switch (rv) {
-#define N(x) case x: return #x;
-        N(CKR_OK) N(CKR_CANCEL) N(CKR_HOST_MEMORY) N(CKR_SLOT_ID_INVALID) N(CKR_GENERAL_ERROR) N(CKR_FUNCTION_FAILED)
-        N(CKR_ARGUMENTS_BAD) N(CKR_NO_EVENT) N(CKR_NEED_TO_CREATE_THREADS) N(CKR_CANT_LOCK) N(CKR_ATTRIBUTE_READ_ONLY)
-        N(CKR_ATTRIBUTE_SENSITIVE) N(CKR_ATTRIBUTE_TYPE_INVALID) N(CKR_ATTRIBUTE_VALUE_INVALID) N(CKR_ACTION_PROHIBITED)
-        N(CKR_DATA_INVALID) N(CKR_DATA_LEN_RANGE) N(CKR_DEVICE_ERROR) N(CKR_DEVICE_MEMORY) N(CKR_DEVICE_REMOVED)
-        N(CKR_ENCRYPTED_DATA_INVALID) N(CKR_ENCRYPTED_DATA_LEN_RANGE) N(CKR_FUNCTION_CANCELED) N(CKR_FUNCTION_NOT_PARALLEL)
-        N(CKR_FUNCTION_NOT_SUPPORTED) N(CKR_KEY_HANDLE_INVALID) N(CKR_KEY_SIZE_RANGE) N(CKR_KEY_TYPE_INCONSISTENT)
-        N(CKR_KEY_NOT_NEEDED) N(CKR_KEY_CHANGED) N(CKR_KEY_NEEDED) N(CKR_KEY_INDIGESTIBLE) N(CKR_KEY_FUNCTION_NOT_PERMITTED)
-        N(CKR_KEY_NOT_WRAPPABLE) N(CKR_KEY_UNEXTRACTABLE) N(CKR_MECHANISM_INVALID) N(CKR_MECHANISM_PARAM_INVALID)
-        N(CKR_OBJECT_HANDLE_INVALID) N(CKR_OPERATION_ACTIVE) N(CKR_OPERATION_NOT_INITIALIZED) N(CKR_PIN_INCORRECT)
-        N(CKR_PIN_INVALID) N(CKR_PIN_LEN_RANGE) N(CKR_PIN_EXPIRED) N(CKR_PIN_LOCKED) N(CKR_SESSION_CLOSED)
-        N(CKR_SESSION_COUNT) N(CKR_SESSION_HANDLE_INVALID) N(CKR_SESSION_PARALLEL_NOT_SUPPORTED) N(CKR_SESSION_READ_ONLY)
-        N(CKR_SESSION_EXISTS) N(CKR_SESSION_READ_ONLY_EXISTS) N(CKR_SESSION_READ_WRITE_SO_EXISTS) N(CKR_SIGNATURE_INVALID)
-        N(CKR_SIGNATURE_LEN_RANGE) N(CKR_TEMPLATE_INCOMPLETE) N(CKR_TEMPLATE_INCONSISTENT) N(CKR_TOKEN_NOT_PRESENT)
-        N(CKR_TOKEN_NOT_RECOGNIZED) N(CKR_TOKEN_WRITE_PROTECTED) N(CKR_UNWRAPPING_KEY_HANDLE_INVALID)
-        N(CKR_UNWRAPPING_KEY_SIZE_RANGE) N(CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT) N(CKR_USER_ALREADY_LOGGED_IN)
-        N(CKR_USER_NOT_LOGGED_IN) N(CKR_USER_PIN_NOT_INITIALIZED) N(CKR_USER_TYPE_INVALID)
-        N(CKR_USER_ANOTHER_ALREADY_LOGGED_IN) N(CKR_USER_TOO_MANY_TYPES) N(CKR_WRAPPED_KEY_INVALID)
-        N(CKR_WRAPPED_KEY_LEN_RANGE) N(CKR_WRAPPING_KEY_HANDLE_INVALID) N(CKR_WRAPPING_KEY_SIZE_RANGE)
-        N(CKR_WRAPPING_KEY_TYPE_INCONSISTENT) N(CKR_RANDOM_SEED_NOT_SUPPORTED) N(CKR_RANDOM_NO_RNG)
-        N(CKR_DOMAIN_PARAMS_INVALID) N(CKR_CURVE_NOT_SUPPORTED) N(CKR_BUFFER_TOO_SMALL) N(CKR_SAVED_STATE_INVALID)
-        N(CKR_INFORMATION_SENSITIVE) N(CKR_STATE_UNSAVEABLE) N(CKR_CRYPTOKI_NOT_INITIALIZED)
-        N(CKR_CRYPTOKI_ALREADY_INITIALIZED) N(CKR_MUTEX_BAD) N(CKR_MUTEX_NOT_LOCKED) N(CKR_FUNCTION_REJECTED)
-#undef N
-    }
-    static char hex[4][24];
-    static int next;
-    char *out = hex[next++ % 4];
-    snprintf(out, 24, "0x%lx", rv);
-    return out;
-}
-
 // MARK: reader
 
 uint8_t rd_u8(Rd *r) { return r->i < r->n ? r->d[r->i++] : 0; }
@@ -218,7 +184,7 @@ void finding(const char *fmt, ...) {
     fprintf(stderr, "\np11fuzz: FINDING: %s\n", msg);
     // The current call is not in the log yet.
     print_log();
-    fprintf(stderr, "  -> %s(%s) = %s / %s\n", C.fn, C.args, rv_name(C.rv[FORK]), C.fork_only ? "-" : rv_name(C.rv[DIRECT]));
+    fprintf(stderr, "  -> %s(%s) = %s / %s\n", C.fn, C.args, tool_rv_name(C.rv[FORK]), C.fork_only ? "-" : tool_rv_name(C.rv[DIRECT]));
     if (keep_going) {
         diverged = 1;
         return;
@@ -466,7 +432,7 @@ static void read_identity(int side, CK_OBJECT_HANDLE h, char *out, size_t cap) {
     CK_RV rv = fn(side)->C_GetAttributeValue(C.sess_value[side], h, t, 2);
     size_t n = (t[0].ulValueLen < sizeof label) ? t[0].ulValueLen : 0;
     label[n] = 0;
-    snprintf(out, cap, "%s:%lu:%s", rv == CKR_OK ? "ok" : rv_name(rv), cls, label);
+    snprintf(out, cap, "%s:%lu:%s", rv == CKR_OK ? "ok" : tool_rv_name(rv), cls, label);
 }
 
 static int ident_of_label(const char *identity) {
@@ -746,8 +712,8 @@ static void write_answers(FILE *f) {
         fprintf(f, "%s: %lu;", ops[op].name, per_op[op].calls);
         for (int k = 0; k < per_op[op].n; k++) {
             CK_RV a = per_op[op].answer[k][0], b = per_op[op].answer[k][1];
-            if (ops[op].fork_only || a == b) fprintf(f, " %s x%lu", rv_name(a), per_op[op].times[k]);
-            else fprintf(f, " %s/%s x%lu", rv_name(a), rv_name(b), per_op[op].times[k]);
+            if (ops[op].fork_only || a == b) fprintf(f, " %s x%lu", tool_rv_name(a), per_op[op].times[k]);
+            else fprintf(f, " %s/%s x%lu", tool_rv_name(a), tool_rv_name(b), per_op[op].times[k]);
         }
         fprintf(f, "\n");
     }
@@ -793,7 +759,7 @@ static void run_op(int op, Rd *r) {
                 diverged = 1;
                 n_diverged++;
             } else {
-                finding("%s: p11fork answered %s, SoftHSM %s", C.fn, rv_name(C.rv[FORK]), rv_name(C.rv[DIRECT]));
+                finding("%s: p11fork answered %s, SoftHSM %s", C.fn, tool_rv_name(C.rv[FORK]), tool_rv_name(C.rv[DIRECT]));
             }
         }
     }
@@ -807,7 +773,7 @@ static void run_op(int op, Rd *r) {
     count_answer(op);
     if (log_count < LOG_LINES) {
         snprintf(call_log[log_count], sizeof call_log[0], "#%d %s(%s) = %s / %s%s%s", log_count, C.fn, C.args,
-                 rv_name(C.rv[FORK]), C.fork_only ? "-" : rv_name(C.rv[DIRECT]),
+                 tool_rv_name(C.rv[FORK]), C.fork_only ? "-" : tool_rv_name(C.rv[DIRECT]),
                  C.nocompare ? " [not compared: " : "", C.nocompare ? C.nocompare : "");
         if (C.nocompare) strncat(call_log[log_count], "]", sizeof call_log[0] - strlen(call_log[log_count]) - 1);
         if (verbose) fprintf(stderr, "p11fuzz: %s\n", call_log[log_count]);
@@ -911,7 +877,7 @@ static void separate_thread_keys(void) {
 static CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
 
 static void check(CK_RV rv, const char *what) {
-    if (rv != CKR_OK) die("making the token: %s answered %s", what, rv_name(rv));
+    if (rv != CKR_OK) die("making the token: %s answered %s", what, tool_rv_name(rv));
 }
 
 static void make_token(CK_FUNCTION_LIST_PTR f) {

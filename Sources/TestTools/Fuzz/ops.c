@@ -1641,7 +1641,7 @@ static void op_GetInterfaceList(Rd *r, int side) {
     note("list=%s count=%s room=%lu", list ? "buf" : "NULL", n ? "ptr" : "NULL", room);
     CK_RV rv = C.rv[FORK] = get(list, n);
     CK_RV want = !n ? CKR_ARGUMENTS_BAD : (list && room < 2) ? CKR_BUFFER_TOO_SMALL : CKR_OK;
-    if (rv != want) finding("C_GetInterfaceList answered %s, expected %s", rv_name(rv), rv_name(want));
+    if (rv != want) finding("C_GetInterfaceList answered %s, expected %s", tool_rv_name(rv), tool_rv_name(want));
     if (n && *n != 2) finding("C_GetInterfaceList counts %lu interfaces, expected 2", *n);
     if (rv == CKR_OK && list)
         for (int k = 0; k < 2; k++)
@@ -1669,7 +1669,7 @@ static void op_GetInterface(Rd *r, int side) {
     CK_UTF8CHAR *name_copy = name ? arena_dup(FORK, name, strlen(name) + 1) : NULL;
     note("name=%s version=%s flags=0x%lx out=%s", name ? name : "NULL", version ? "ptr" : "NULL", flags, out ? "ptr" : "NULL");
     CK_RV rv = C.rv[FORK] = get(name_copy, version, out, flags);
-    if (!out && rv != CKR_ARGUMENTS_BAD) finding("C_GetInterface with no place for the answer answered %s", rv_name(rv));
+    if (!out && rv != CKR_ARGUMENTS_BAD) finding("C_GetInterface with no place for the answer answered %s", tool_rv_name(rv));
     if (rv == CKR_OK) {
         CK_INTERFACE *i = *out;
         if (!i || !i->pFunctionList) {
@@ -1682,7 +1682,7 @@ static void op_GetInterface(Rd *r, int side) {
         if ((i->flags & flags) != flags) finding("C_GetInterface gave flags 0x%lx for 0x%lx", i->flags, flags);
         if (name && strcmp(name, "PKCS 11")) finding("C_GetInterface gave an interface for the name \"%s\"", name);
     } else if (out && name && !strcmp(name, "PKCS 11") && !version && !flags) {
-        finding("C_GetInterface(\"PKCS 11\") answered %s", rv_name(rv));
+        finding("C_GetInterface(\"PKCS 11\") answered %s", tool_rv_name(rv));
     }
 }
 
@@ -1778,7 +1778,7 @@ static void op_v30(Rd *r, int side) {
     }
     C.rv[FORK] = rv;
     if (rv != CKR_FUNCTION_NOT_SUPPORTED)
-        finding("%s over a PKCS#11 2.40 module answered %s, not CKR_FUNCTION_NOT_SUPPORTED", C.fn, rv_name(rv));
+        finding("%s over a PKCS#11 2.40 module answered %s, not CKR_FUNCTION_NOT_SUPPORTED", C.fn, tool_rv_name(rv));
 }
 
 // MARK: the table

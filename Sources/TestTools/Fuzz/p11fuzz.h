@@ -10,6 +10,7 @@
 #define P11FUZZ_H
 
 #include "CPKCS11.h"
+#include "tool_support.h"
 #include <stddef.h>
 #include <stdint.h>
 
@@ -156,7 +157,6 @@ extern int last_out_same;
 // Findings: a difference between the sides, or a rule p11fork broke. Aborts (libFuzzer keeps the
 // input) unless P11FUZZ_KEEP_GOING is set.
 void finding(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-const char *rv_name(CK_RV rv);
 
 // MARK: the operations (ops.c)
 

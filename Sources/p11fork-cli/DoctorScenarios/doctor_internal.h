@@ -3,6 +3,7 @@
 #define DOCTOR_INTERNAL_H
 
 #include "CPKCS11.h"
+#include "tool_support.h"
 #include "DoctorScenarios.h"
 
 #define DOCTOR_MAX_SIGNATURE 1024
@@ -35,7 +36,6 @@ extern const unsigned char doctor_message[64];
 // Output: one write(2) per line, so lines of parent and children never interleave.
 void doctor_say(const char *format, ...) __attribute__((format(printf, 1, 2)));
 int doctor_result(int status, const char *format, ...) __attribute__((format(printf, 2, 3)));
-const char *doctor_rv_name(CK_RV rv);
 const char *doctor_mechanism_name(CK_MECHANISM_TYPE mechanism);
 
 int doctor_has_mechanism(CK_MECHANISM_TYPE mechanism, CK_FLAGS needed);

@@ -144,7 +144,7 @@ static int parent_still_signs(char *problem, size_t size) {
         rv = doctor_check_signature(signature, length);
     }
     if (rv == CKR_OK) return 1;
-    snprintf(problem, size, "the parent cannot sign after the child: %s answered %s", step, doctor_rv_name(rv));
+    snprintf(problem, size, "the parent cannot sign after the child: %s answered %s", step, tool_rv_name(rv));
     return 0;
 }
 
@@ -163,7 +163,7 @@ static int check_signatures(int count, int expected_each, char *problem, size_t 
         for (int r = 0; r < reports[i].result_count; r++) {
             CK_RV rv = doctor_check_signature(reports[i].results[r], reports[i].lengths[r]);
             if (rv != CKR_OK) {
-                snprintf(problem, size, "a signature of child %d is not the key's: %s", i + 1, doctor_rv_name(rv));
+                snprintf(problem, size, "a signature of child %d is not the key's: %s", i + 1, tool_rv_name(rv));
                 return 0;
             }
             (*checked)++;
@@ -180,7 +180,7 @@ static int child_signs(int fd, int count) {
         CK_RV rv = doctor_sign(doctor_session, doctor_signing_key.handle, doctor_signing_key.sign_mechanism, doctor_message,
                                32, signature, &length, &step);
         if (rv != CKR_OK) {
-            send_text(fd, 'P', "%s answered %s", step, doctor_rv_name(rv));
+            send_text(fd, 'P', "%s answered %s", step, tool_rv_name(rv));
             return 3;
         }
         send_result(fd, signature, length);
@@ -208,23 +208,23 @@ static int reinitializing_child(int fd, int index) {
     (void)index;
     CK_C_INITIALIZE_ARGS init = { .flags = CKF_OS_LOCKING_OK };
     CK_RV rv = doctor_p11->C_Initialize(&init);
-    if (rv != CKR_OK) { send_text(fd, 'P', "C_Initialize answered %s", doctor_rv_name(rv)); return 3; }
+    if (rv != CKR_OK) { send_text(fd, 'P', "C_Initialize answered %s", tool_rv_name(rv)); return 3; }
     CK_SLOT_ID slot;
     char problem[400];
     if ((rv = doctor_find_token(&slot, problem, sizeof problem)) != CKR_OK) { send_text(fd, 'P', "finding the token: %s", problem); return 3; }
     CK_SESSION_HANDLE session;
     if ((rv = doctor_p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &session)) != CKR_OK) {
-        send_text(fd, 'P', "C_OpenSession answered %s", doctor_rv_name(rv));
+        send_text(fd, 'P', "C_OpenSession answered %s", tool_rv_name(rv));
         return 3;
     }
-    if ((rv = doctor_login(session)) != CKR_OK) { send_text(fd, 'P', "C_Login answered %s", doctor_rv_name(rv)); return 3; }
+    if ((rv = doctor_login(session)) != CKR_OK) { send_text(fd, 'P', "C_Login answered %s", tool_rv_name(rv)); return 3; }
     CK_OBJECT_HANDLE key;
-    if ((rv = doctor_refind_key(session, &key)) != CKR_OK) { send_text(fd, 'P', "finding the key answered %s", doctor_rv_name(rv)); return 3; }
+    if ((rv = doctor_refind_key(session, &key)) != CKR_OK) { send_text(fd, 'P', "finding the key answered %s", tool_rv_name(rv)); return 3; }
     unsigned char signature[DOCTOR_MAX_SIGNATURE];
     CK_ULONG length;
     const char *step;
     rv = doctor_sign(session, key, doctor_signing_key.sign_mechanism, doctor_message, 32, signature, &length, &step);
-    if (rv != CKR_OK) { send_text(fd, 'P', "%s answered %s", step, doctor_rv_name(rv)); return 3; }
+    if (rv != CKR_OK) { send_text(fd, 'P', "%s answered %s", step, tool_rv_name(rv)); return 3; }
     send_result(fd, signature, length);
     return 0;
 }
@@ -244,8 +244,8 @@ static int finalizing_child(int fd, int index) {
     CK_RV logout = doctor_p11->C_Logout(doctor_session);
     CK_RV close = doctor_p11->C_CloseSession(doctor_session);
     CK_RV finalize = doctor_p11->C_Finalize(NULL);
-    send_text(fd, 'N', "the child's C_Logout, C_CloseSession and C_Finalize answered %s, %s, %s", doctor_rv_name(logout),
-              doctor_rv_name(close), doctor_rv_name(finalize));
+    send_text(fd, 'N', "the child's C_Logout, C_CloseSession and C_Finalize answered %s, %s, %s", tool_rv_name(logout),
+              tool_rv_name(close), tool_rv_name(finalize));
     return 0;
 }
 
@@ -301,7 +301,7 @@ static int session_key_child(int fd, int index) {
     CK_ULONG length;
     const char *step;
     CK_RV rv = use_session_key(doctor_session, out, &length, &step);
-    if (rv != CKR_OK) { send_text(fd, 'P', "%s with the session key answered %s", step, doctor_rv_name(rv)); return 3; }
+    if (rv != CKR_OK) { send_text(fd, 'P', "%s with the session key answered %s", step, tool_rv_name(rv)); return 3; }
     send_result(fd, out, length);
     return 0;
 }
@@ -330,14 +330,14 @@ static int scenario_session_object(void) {
     };
     CK_RV rv = doctor_p11->C_CreateObject(doctor_session, template, 6, &session_key);
     if (rv != CKR_OK)
-        return doctor_result(DOCTOR_NOT_APPLICABLE, "the module refuses to make a session key with C_CreateObject (%s)", doctor_rv_name(rv));
+        return doctor_result(DOCTOR_NOT_APPLICABLE, "the module refuses to make a session key with C_CreateObject (%s)", tool_rv_name(rv));
     unsigned char expected[DOCTOR_MAX_SIGNATURE];
     CK_ULONG expected_length;
     const char *step;
     int status;
     char problem[400];
     if ((rv = use_session_key(doctor_session, expected, &expected_length, &step)) != CKR_OK) {
-        status = doctor_result(DOCTOR_NOT_APPLICABLE, "the parent cannot use the session key: %s answered %s", step, doctor_rv_name(rv));
+        status = doctor_result(DOCTOR_NOT_APPLICABLE, "the parent cannot use the session key: %s answered %s", step, tool_rv_name(rv));
     } else if (!run_children(1, session_key_child, 0)) {
         status = doctor_result(DOCTOR_ERROR, "fork pipe() or fork() failed: %s", strerror(errno));
     } else if (child_failed(&reports[0])) {
@@ -382,7 +382,7 @@ static int operation_child(int fd, int index) {
     CK_ULONG length;
     const char *step;
     CK_RV rv = finish_operation(doctor_session, out, &length, &step);
-    if (rv != CKR_OK) { send_text(fd, 'P', "%s answered %s", step, doctor_rv_name(rv)); return 3; }
+    if (rv != CKR_OK) { send_text(fd, 'P', "%s answered %s", step, tool_rv_name(rv)); return 3; }
     send_result(fd, out, length);
     return 0;
 }
@@ -413,17 +413,17 @@ static int scenario_operation(void) {
             rv = doctor_p11->C_Digest(doctor_session, (CK_BYTE_PTR)doctor_message, 64, reference, &reference_length);
         if (rv != CKR_OK)
             return doctor_result(DOCTOR_NOT_APPLICABLE, "the key has no multi-part signing mechanism and the module no SHA-256 digest (%s)",
-                                 doctor_rv_name(rv));
+                                 tool_rv_name(rv));
         rv = doctor_p11->C_DigestInit(doctor_session, &m);
         if (rv == CKR_OK) rv = doctor_p11->C_DigestUpdate(doctor_session, (CK_BYTE_PTR)doctor_message, 32);
     } else {
         const char *step;
         rv = doctor_sign(doctor_session, k->handle, k->multipart_mechanism, doctor_message, 64, reference, &reference_length, &step);
-        if (rv != CKR_OK) return doctor_result(DOCTOR_NOT_APPLICABLE, "%s with %s answered %s in the parent", step, what, doctor_rv_name(rv));
+        if (rv != CKR_OK) return doctor_result(DOCTOR_NOT_APPLICABLE, "%s with %s answered %s in the parent", step, what, tool_rv_name(rv));
         rv = doctor_p11->C_SignInit(doctor_session, &m, k->handle);
         if (rv == CKR_OK) rv = doctor_p11->C_SignUpdate(doctor_session, (CK_BYTE_PTR)doctor_message, 32);
     }
-    if (rv != CKR_OK) return doctor_result(DOCTOR_NOT_APPLICABLE, "beginning a multi-part %s in the parent answered %s", what, doctor_rv_name(rv));
+    if (rv != CKR_OK) return doctor_result(DOCTOR_NOT_APPLICABLE, "beginning a multi-part %s in the parent answered %s", what, tool_rv_name(rv));
     if (!run_children(1, operation_child, 0)) return doctor_result(DOCTOR_ERROR, "fork pipe() or fork() failed: %s", strerror(errno));
 
     unsigned char mine[DOCTOR_MAX_SIGNATURE];
@@ -438,7 +438,7 @@ static int scenario_operation(void) {
     if (reports[0].result_count != 1 || check_whole(reference, reference_length, reports[0].results[0], reports[0].lengths[0]) != CKR_OK)
         return doctor_result(DOCTOR_FAIL, "the child finished the parent's %s, but its result is not that of the whole data", what);
     if (parent != CKR_OK)
-        return doctor_result(DOCTOR_FAIL, "the parent cannot finish its own %s after the child: %s answered %s", what, step, doctor_rv_name(parent));
+        return doctor_result(DOCTOR_FAIL, "the parent cannot finish its own %s after the child: %s answered %s", what, step, tool_rv_name(parent));
     if (check_whole(reference, reference_length, mine, mine_length) != CKR_OK)
         return doctor_result(DOCTOR_FAIL, "the parent's own %s is wrong after the child finished its copy", what);
     return doctor_result(DOCTOR_OK, "the child finished the %s the parent had begun (init and a first update in the parent); so did the parent", what);

@@ -61,37 +61,6 @@ int doctor_result(int status, const char *format, ...) {
     return status;
 }
 
-const char *doctor_rv_name(CK_RV rv) {
-    switch (rv) {
-#define NAME(code) case code: return #code;
-        NAME(CKR_OK) NAME(CKR_CANCEL) NAME(CKR_HOST_MEMORY) NAME(CKR_SLOT_ID_INVALID) NAME(CKR_GENERAL_ERROR)
-        NAME(CKR_FUNCTION_FAILED) NAME(CKR_ARGUMENTS_BAD) NAME(CKR_NO_EVENT) NAME(CKR_CANT_LOCK)
-        NAME(CKR_ATTRIBUTE_READ_ONLY) NAME(CKR_ATTRIBUTE_SENSITIVE) NAME(CKR_ATTRIBUTE_TYPE_INVALID)
-        NAME(CKR_ATTRIBUTE_VALUE_INVALID) NAME(CKR_ACTION_PROHIBITED) NAME(CKR_DATA_INVALID) NAME(CKR_DATA_LEN_RANGE)
-        NAME(CKR_DEVICE_ERROR) NAME(CKR_DEVICE_MEMORY) NAME(CKR_DEVICE_REMOVED) NAME(CKR_ENCRYPTED_DATA_INVALID)
-        NAME(CKR_ENCRYPTED_DATA_LEN_RANGE) NAME(CKR_FUNCTION_CANCELED) NAME(CKR_FUNCTION_NOT_PARALLEL)
-        NAME(CKR_FUNCTION_NOT_SUPPORTED) NAME(CKR_KEY_HANDLE_INVALID) NAME(CKR_KEY_SIZE_RANGE)
-        NAME(CKR_KEY_TYPE_INCONSISTENT) NAME(CKR_KEY_FUNCTION_NOT_PERMITTED) NAME(CKR_MECHANISM_INVALID)
-        NAME(CKR_MECHANISM_PARAM_INVALID) NAME(CKR_OBJECT_HANDLE_INVALID) NAME(CKR_OPERATION_ACTIVE)
-        NAME(CKR_OPERATION_NOT_INITIALIZED) NAME(CKR_PIN_INCORRECT) NAME(CKR_PIN_INVALID) NAME(CKR_PIN_LEN_RANGE)
-        NAME(CKR_PIN_EXPIRED) NAME(CKR_PIN_LOCKED) NAME(CKR_SESSION_CLOSED) NAME(CKR_SESSION_COUNT)
-        NAME(CKR_SESSION_HANDLE_INVALID) NAME(CKR_SESSION_PARALLEL_NOT_SUPPORTED) NAME(CKR_SESSION_READ_ONLY)
-        NAME(CKR_SESSION_EXISTS) NAME(CKR_SESSION_READ_ONLY_EXISTS) NAME(CKR_SESSION_READ_WRITE_SO_EXISTS)
-        NAME(CKR_SIGNATURE_INVALID) NAME(CKR_SIGNATURE_LEN_RANGE) NAME(CKR_TEMPLATE_INCOMPLETE)
-        NAME(CKR_TEMPLATE_INCONSISTENT) NAME(CKR_TOKEN_NOT_PRESENT) NAME(CKR_TOKEN_NOT_RECOGNIZED)
-        NAME(CKR_TOKEN_WRITE_PROTECTED) NAME(CKR_USER_ALREADY_LOGGED_IN) NAME(CKR_USER_NOT_LOGGED_IN)
-        NAME(CKR_USER_PIN_NOT_INITIALIZED) NAME(CKR_USER_TYPE_INVALID) NAME(CKR_USER_ANOTHER_ALREADY_LOGGED_IN)
-        NAME(CKR_USER_TOO_MANY_TYPES) NAME(CKR_BUFFER_TOO_SMALL) NAME(CKR_SAVED_STATE_INVALID)
-        NAME(CKR_INFORMATION_SENSITIVE) NAME(CKR_STATE_UNSAVEABLE) NAME(CKR_CRYPTOKI_NOT_INITIALIZED)
-        NAME(CKR_CRYPTOKI_ALREADY_INITIALIZED) NAME(CKR_MUTEX_BAD) NAME(CKR_MUTEX_NOT_LOCKED)
-        NAME(CKR_FUNCTION_REJECTED)
-#undef NAME
-    }
-    static __thread char hex[24];
-    snprintf(hex, sizeof hex, "0x%08lx", rv);
-    return hex;
-}
-
 const char *doctor_mechanism_name(CK_MECHANISM_TYPE mechanism) {
     switch (mechanism) {
 #define NAME(code) case code: return #code;
@@ -143,7 +112,7 @@ CK_RV doctor_find_token(CK_SLOT_ID *out, char *problem, size_t size) {
     CK_ULONG count = 64;
     CK_RV rv = doctor_p11->C_GetSlotList(CK_TRUE, slots, &count);
     if (rv != CKR_OK) {
-        snprintf(problem, size, "C_GetSlotList answered %s", doctor_rv_name(rv));
+        snprintf(problem, size, "C_GetSlotList answered %s", tool_rv_name(rv));
         return rv;
     }
     char labels[400] = "";
@@ -423,18 +392,18 @@ int doctor_run(const doctor_options *options, const char *scenario, int pin_fd) 
     CK_C_GetFunctionList get_list = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
     if (!get_list) return doctor_result(DOCTOR_ERROR, "module it has no C_GetFunctionList: not a PKCS#11 module");
     CK_RV rv = get_list(&doctor_p11);
-    if (rv != CKR_OK || !doctor_p11) return doctor_result(DOCTOR_ERROR, "module C_GetFunctionList answered %s", doctor_rv_name(rv));
+    if (rv != CKR_OK || !doctor_p11) return doctor_result(DOCTOR_ERROR, "module C_GetFunctionList answered %s", tool_rv_name(rv));
     CK_C_INITIALIZE_ARGS init = { .flags = CKF_OS_LOCKING_OK };
     if ((rv = doctor_p11->C_Initialize(&init)) != CKR_OK)
-        return doctor_result(DOCTOR_ERROR, "initialize C_Initialize answered %s", doctor_rv_name(rv));
+        return doctor_result(DOCTOR_ERROR, "initialize C_Initialize answered %s", tool_rv_name(rv));
 
     char problem[600];
     if (doctor_find_token(&doctor_slot, problem, sizeof problem) != CKR_OK) return doctor_result(DOCTOR_ERROR, "%s", problem);
     // A read-only session: nothing the doctor does can write to the token.
     if ((rv = doctor_p11->C_OpenSession(doctor_slot, CKF_SERIAL_SESSION, NULL, NULL, &doctor_session)) != CKR_OK)
-        return doctor_result(DOCTOR_ERROR, "session C_OpenSession answered %s", doctor_rv_name(rv));
+        return doctor_result(DOCTOR_ERROR, "session C_OpenSession answered %s", tool_rv_name(rv));
     if ((rv = doctor_login(doctor_session)) != CKR_OK)
-        return doctor_result(DOCTOR_ERROR, "login C_Login answered %s", doctor_rv_name(rv));
+        return doctor_result(DOCTOR_ERROR, "login C_Login answered %s", tool_rv_name(rv));
     if (!choose_key(problem, sizeof problem)) return doctor_result(DOCTOR_ERROR, "%s", problem);
     doctor_key *k = &doctor_signing_key;
     choose_mechanisms(k);
@@ -445,9 +414,9 @@ int doctor_run(const doctor_options *options, const char *scenario, int pin_fd) 
     const char *step;
     if ((rv = doctor_sign(doctor_session, k->handle, k->sign_mechanism, doctor_message, 32, k->reference, &k->reference_length,
                           &step)) != CKR_OK)
-        return doctor_result(DOCTOR_ERROR, "sign %s with %s answered %s", step, doctor_mechanism_name(k->sign_mechanism), doctor_rv_name(rv));
+        return doctor_result(DOCTOR_ERROR, "sign %s with %s answered %s", step, doctor_mechanism_name(k->sign_mechanism), tool_rv_name(rv));
     if (!k->deterministic && (rv = doctor_check_signature(k->reference, k->reference_length)) != CKR_OK)
-        return doctor_result(DOCTOR_ERROR, "sign the key's own signature does not verify with its public key: %s", doctor_rv_name(rv));
+        return doctor_result(DOCTOR_ERROR, "sign the key's own signature does not verify with its public key: %s", tool_rv_name(rv));
 
     int status = !strcmp(scenario, "probe") ? probe() : doctor_run_fork_scenario(scenario);
     doctor_p11->C_Finalize(NULL);

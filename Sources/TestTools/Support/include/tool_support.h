@@ -1,4 +1,4 @@
-// What the C test drivers share: return-code names, one-write output lines, finding a token.
+// What the C test drivers and the doctor's scenarios share: return-code names, one-write output lines, finding a token.
 #ifndef P11FORK_TOOL_SUPPORT_H
 #define P11FORK_TOOL_SUPPORT_H
 #include <p11-kit-1/p11-kit/pkcs11.h>
