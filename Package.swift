@@ -19,6 +19,7 @@ let package = Package(
         .executable(name: "p11fork-forksafe", targets: ["p11fork-forksafe"]),
         .executable(name: "p11fork-secrets", targets: ["p11fork-secrets"]),
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
+        .executable(name: "p11fork-providerfork", targets: ["p11fork-providerfork"]),
         .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
         .executable(name: "p11fork-faults", targets: ["p11fork-faults"]),
@@ -83,6 +84,12 @@ let package = Package(
         .executableTarget(
             name: "p11fork-enginefork",
             path: "Sources/TestTools/EngineFork",
+            linkerSettings: [.linkedLibrary("crypto")]
+        ),
+        // A forking program signing through pkcs11-provider (OpenSSL 3), the key from OSSL_STORE.
+        .executableTarget(
+            name: "p11fork-providerfork",
+            path: "Sources/TestTools/ProviderFork",
             linkerSettings: [.linkedLibrary("crypto")]
         ),
         // The 3.0 interface calls and 3.0 functions through a 3.0 list, as a comparable transcript.
