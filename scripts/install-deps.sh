@@ -20,6 +20,7 @@ packages=(
   libnss3                   # NSS's softoken, a PKCS#11 3.0 module (interface tests)
   gdb                       # gcore: core dumps of a logged-in process (secrets tests)
   nginx apache2 curl        # HTTPS servers with a token key, and their client (server tests, examples/)
+  haproxy                   # haproxy 2.6 with a key through pkcs11-provider (provider tests, examples/haproxy)
   python3
   python3-venv              # the venv .venv with the Python examples' packages (PyKCS11, python-pkcs11, gunicorn)
   gnutls-bin                # p11tool, certtool: GnuTLS through p11-kit's module files (tests)

@@ -338,6 +338,13 @@ struct ProviderFork {
         print("openCryptoki through p11fork: \(through.summary)")
         #expect(through.result.stdout.contains("parent signs after the workers: yes"), "the parent keeps signing: \(through.report)")
         try expectWorkersSignOnceIdentifiersAreTransparent(through, pin: token.pin)
+        // Until then: re-initialised in place, openCryptoki describes itself in the worker as in
+        // the parent (docs/FORK.md says when this strategy is safe: no parent thread inside the
+        // module at the fork; this program has none).
+        fork.extraEnvironment = ["P11FORK_STRATEGY": "reinitialize"]
+        let reinitialized = try fork.run(through: true, seconds: 20)
+        print("openCryptoki through p11fork, P11FORK_STRATEGY=reinitialize: \(reinitialized.summary)")
+        expectAllSigned(reinitialized, pin: token.pin)
     }
 
     @Test(.enabled(if: enabled && TPM2Token.available, "needs pkcs11-provider (scripts/install-deps.sh) and swtpm"))
@@ -374,5 +381,72 @@ struct ProviderFork {
         if !through.succeeded {
             #expect(through.result.stderr.contains("Module re-initialization failed!"), "the workers fail as issue 13 says: \(through.report)")
         }
+    }
+}
+
+/// haproxy 2.6 (Debian 12) in master-worker mode with a token key through pkcs11-provider
+/// (examples/haproxy/haproxy.cfg, driven by scripts/haproxy-check.sh): the master loads the key,
+/// the worker it forks signs every handshake. 2.6 takes no key URI for `crt`; the key is the
+/// provider's URI PEM block next to the certificate. Through p11fork this needs p11fork to load
+/// under pkcs11-provider's RTLD_DEEPBIND in a program that copies `environ` (haproxy does):
+/// before that was fixed, haproxy crashed loading p11fork.
+@Suite(.serialized) struct HAProxyProviderTests {
+    static let available = PKCS11Provider.available && FileManager.default.isExecutableFile(atPath: "/usr/sbin/haproxy")
+        && FileManager.default.isExecutableFile(atPath: "/usr/bin/curl")
+
+    private func serve(_ token: SoftHSMToken, through: Bool) throws -> ProcessResult {
+        let pinFile = try PKCS11Provider.pinFile(token.pin, in: token.directory)
+        var environment = token.environment
+        environment["PKCS11_PROVIDER"] = PKCS11Provider.path
+        environment["LIBP11FORK"] = through ? Products.module : RealModules.softHSM
+        if through {
+            environment["P11FORK_MODULE"] = RealModules.softHSM
+            environment["P11FORK_TRACE"] = token.directory.appendingPathComponent("trace-%p.log").path
+        }
+        let script = Products.packageRoot.appendingPathComponent("scripts/haproxy-check.sh").path
+        return try runProgram(script, [token.directory.appendingPathComponent(through ? "through" : "direct").path,
+                                       token.label, "haproxy-key", pinFile, "20"], environment: environment, timeout: 180)
+    }
+
+    @Test(.enabled(if: available, "needs pkcs11-provider (scripts/install-deps.sh), haproxy and curl"), arguments: [false, true])
+    func masterWorkerServesWithATokenKey(strict: Bool) throws {
+        let token = try SoftHSMToken(strict: strict)
+        try token.generateKeyPair(label: "haproxy-key")
+        let direct = try serve(token, through: false)
+        print("haproxy over SoftHSM (\(strict ? "reset_on_fork" : "default mode")) directly: \(direct.stdout.split(separator: "\n").filter { $0.hasPrefix("result") }.joined())")
+        #expect(direct.stdout.contains("result: 20 of 20 served"), "directly (the provider starts over in the worker): \(direct.output)")
+        let through = try serve(token, through: true)
+        #expect(through.stdout.contains("result: 20 of 20 served"), "through p11fork: \(through.output)")
+        let traces = try FileManager.default.contentsOfDirectory(atPath: token.directory.path).filter { $0.hasPrefix("trace-") }
+            .map { try String(contentsOfFile: token.directory.appendingPathComponent($0).path, encoding: .utf8) }.joined()
+        #expect(traces.contains("fork detected"), "the worker went through p11fork: \(traces.suffix(3000))")
+        #expect(traces.contains("C_Sign"), "\(traces.suffix(3000))")
+        #expect(!traces.contains(token.pin), "the PIN is in a trace")
+    }
+}
+
+/// libp11fork.so loads when the process has no environment array (`environ` NULL): after
+/// clearenv(), and, in a program with its own copy of `environ`, under RTLD_DEEPBIND, as
+/// pkcs11-provider opens its module (then the library sees libc's own `environ`, never set).
+/// Both crashed in the Swift runtime's start-up before p11fork made it an empty environment.
+final class ModuleLoadWithoutEnvironmentTests: XCTestCase {
+    func testLoadsAfterClearenv() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") else { throw XCTSkip("python3 is not installed") }
+        let program = """
+        import ctypes, os, sys
+        ctypes.CDLL(None).clearenv()
+        library = ctypes.CDLL(sys.argv[1], os.RTLD_NOW | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
+        functions = ctypes.c_void_p()
+        print("C_GetFunctionList rv=%d" % library.C_GetFunctionList(ctypes.byref(functions)))
+        # CK_FUNCTION_LIST: the version (padded to a pointer), then C_Initialize.
+        initialize = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)(ctypes.cast(functions, ctypes.POINTER(ctypes.c_void_p * 2))[0][1])
+        print("C_Initialize rv=0x%x" % initialize(None))
+        """
+        let result = try runProgram("/usr/bin/python3", ["-c", program, Products.module], timeout: 30)
+        XCTAssertEqual(result.ending, "exit status 0", result.output)
+        XCTAssertTrue(result.stdout.contains("C_GetFunctionList rv=0"), result.output)
+        // No environment, so no P11FORK_MODULE: C_Initialize says what is missing, as it would with an empty environment.
+        XCTAssertTrue(result.stdout.contains("C_Initialize rv=0x5"), result.output)
+        XCTAssertTrue(result.stderr.contains("p11fork: P11FORK_MODULE is not set"), result.output)
     }
 }
