@@ -384,17 +384,19 @@ struct ProviderFork {
     }
 }
 
-/// haproxy 2.6 (Debian 12) in master-worker mode with a token key through pkcs11-provider
-/// (examples/haproxy/haproxy.cfg, driven by scripts/haproxy-check.sh): the master loads the key,
-/// the worker it forks signs every handshake. 2.6 takes no key URI for `crt`; the key is the
-/// provider's URI PEM block next to the certificate. Through p11fork this needs p11fork to load
-/// under pkcs11-provider's RTLD_DEEPBIND in a program that copies `environ` (haproxy does):
-/// before that was fixed, haproxy crashed loading p11fork.
-@Suite(.serialized) struct HAProxyProviderTests {
-    static let available = PKCS11Provider.available && FileManager.default.isExecutableFile(atPath: "/usr/sbin/haproxy")
-        && FileManager.default.isExecutableFile(atPath: "/usr/bin/curl")
+/// Servers that fork, with a token key through pkcs11-provider and no engine (driven by
+/// scripts/provider-server-check.sh): haproxy 2.6 in master-worker mode (examples/haproxy), and
+/// Apache 2.4 prefork with children as www-data (examples/apache/p11fork-ssl-provider.conf).
+/// Neither takes a key URI here: the key is the provider's URI PEM block, read as a key file. The
+/// parent loads the key, the forked processes sign every handshake; the provider starts over in
+/// each of them by itself. Through p11fork under haproxy this needs p11fork to load under
+/// pkcs11-provider's RTLD_DEEPBIND in a program with its own copy of `environ`: before that was
+/// fixed, haproxy crashed loading p11fork.
+@Suite(.serialized) struct ProviderServerTests {
+    static func installed(_ path: String) -> Bool { FileManager.default.isExecutableFile(atPath: path) }
+    static let available = PKCS11Provider.available && installed("/usr/bin/curl") && getuid() == 0
 
-    private func serve(_ token: SoftHSMToken, through: Bool) throws -> ProcessResult {
+    private func serve(_ server: String, _ token: SoftHSMToken, through: Bool) throws -> ProcessResult {
         let pinFile = try PKCS11Provider.pinFile(token.pin, in: token.directory)
         var environment = token.environment
         environment["PKCS11_PROVIDER"] = PKCS11Provider.path
@@ -403,23 +405,32 @@ struct ProviderFork {
             environment["P11FORK_MODULE"] = RealModules.softHSM
             environment["P11FORK_TRACE"] = token.directory.appendingPathComponent("trace-%p.log").path
         }
-        let script = Products.packageRoot.appendingPathComponent("scripts/haproxy-check.sh").path
-        return try runProgram(script, [token.directory.appendingPathComponent(through ? "through" : "direct").path,
-                                       token.label, "haproxy-key", pinFile, "20"], environment: environment, timeout: 180)
+        let script = Products.packageRoot.appendingPathComponent("scripts/provider-server-check.sh").path
+        return try runProgram(script, [server, token.directory.appendingPathComponent(through ? "through" : "direct").path,
+                                       token.label, "server-key", pinFile, "20"], environment: environment, timeout: 180)
     }
 
-    @Test(.enabled(if: available, "needs pkcs11-provider (scripts/install-deps.sh), haproxy and curl"), arguments: [false, true])
-    func masterWorkerServesWithATokenKey(strict: Bool) throws {
+    @Test(.enabled(if: available && installed("/usr/sbin/haproxy") && installed("/usr/sbin/apache2"),
+                   "needs pkcs11-provider (scripts/install-deps.sh), haproxy, apache2, curl and root"),
+          arguments: ["haproxy", "apache"], [false, true])
+    func forkedProcessesServeWithATokenKey(server: String, strict: Bool) throws {
         let token = try SoftHSMToken(strict: strict)
-        try token.generateKeyPair(label: "haproxy-key")
-        let direct = try serve(token, through: false)
-        print("haproxy over SoftHSM (\(strict ? "reset_on_fork" : "default mode")) directly: \(direct.stdout.split(separator: "\n").filter { $0.hasPrefix("result") }.joined())")
-        #expect(direct.stdout.contains("result: 20 of 20 served"), "directly (the provider starts over in the worker): \(direct.output)")
-        let through = try serve(token, through: true)
+        try token.generateKeyPair(label: "server-key")
+        // Apache's children (www-data) reach the token and the traces as the parent does.
+        _ = try runProgram("/bin/chmod", ["-R", "a+rwX", token.directory.path])
+        let direct = try serve(server, token, through: false)
+        let mode = strict ? "reset_on_fork" : "default mode"
+        print("\(server) over SoftHSM (\(mode)) directly: \(direct.stdout.split(separator: "\n").filter { $0.hasPrefix("result") || $0.hasPrefix("serving") }.joined(separator: "; "))")
+        #expect(direct.stdout.contains("result: 20 of 20 served"), "directly (the provider starts over in each child): \(direct.output)")
+        let through = try serve(server, token, through: true)
         #expect(through.stdout.contains("result: 20 of 20 served"), "through p11fork: \(through.output)")
+        if server == "apache" {
+            #expect(!through.stdout.contains("serving processes: 0") && !through.stdout.contains("serving processes: 1 "),
+                    "more than one child served: \(through.output)")
+        }
         let traces = try FileManager.default.contentsOfDirectory(atPath: token.directory.path).filter { $0.hasPrefix("trace-") }
             .map { try String(contentsOfFile: token.directory.appendingPathComponent($0).path, encoding: .utf8) }.joined()
-        #expect(traces.contains("fork detected"), "the worker went through p11fork: \(traces.suffix(3000))")
+        #expect(traces.contains("fork detected"), "the children went through p11fork: \(traces.suffix(3000))")
         #expect(traces.contains("C_Sign"), "\(traces.suffix(3000))")
         #expect(!traces.contains(token.pin), "the PIN is in a trace")
     }
