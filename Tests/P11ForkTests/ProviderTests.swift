@@ -2,8 +2,8 @@ import Foundation
 import Testing
 import XCTest
 
-/// pkcs11-provider, OpenSSL 3's PKCS#11 provider, built by scripts/install-deps.sh from the
-/// release in ../shared/vendor into .deps/pkcs11-provider (TEST_PKCS11_PROVIDER overrides).
+/// pkcs11-provider, OpenSSL 3's PKCS#11 provider, built by scripts/install-deps.sh from its
+/// release tarball into .deps/pkcs11-provider (TEST_PKCS11_PROVIDER overrides).
 enum PKCS11Provider {
     static var path: String {
         ProcessInfo.processInfo.environment["TEST_PKCS11_PROVIDER"]
@@ -11,7 +11,7 @@ enum PKCS11Provider {
     }
     static var available: Bool { FileManager.default.fileExists(atPath: path) }
     static var missing: String {
-        "pkcs11-provider is not built (no \(path)): run scripts/install-deps.sh, which builds it from ../shared/vendor/pkcs11-provider-1.2.0.tar.gz"
+        "pkcs11-provider is not built (no \(path)): run scripts/install-deps.sh, which builds it from the pkcs11-provider 1.2.0 release tarball it names"
     }
     static var configuration: String { Products.example("openssl-provider/openssl.cnf") }
 
@@ -368,18 +368,18 @@ struct ProviderFork {
     /// Over a module p11fork runs in a helper process for each worker (tpm2-pkcs11 by default,
     /// openCryptoki by P11FORK_STRATEGY), a worker's C_GetInfo describes p11-kit's RPC client, not
     /// the real module, and pkcs11-provider gives up on a module that changed ("Module
-    /// re-initialization failed!"). Issue 13 (transparent identifiers) gives every child the real
-    /// module's C_GetInfo; until then every worker fails so. When it lands, this known issue stops
-    /// being recorded and the test fails: then expect every worker to sign.
+    /// re-initialization failed!"). Once every child sees the real module's C_GetInfo (transparent
+    /// identifiers, not done yet), this known issue stops being recorded and the test fails: then
+    /// expect every worker to sign.
     private func expectWorkersSignOnceIdentifiersAreTransparent(_ through: ProviderFork.Outcome, pin: String) throws {
         #expect(!through.trace.contains(pin), "the PIN is in the trace")
         #expect(through.trace.contains("running it in a helper process") || through.trace.contains("module running in a helper process"),
                 "the workers' module runs in a helper: \(through.report)")
-        withKnownIssue("issue 13: in a helper-served worker C_GetInfo describes p11-kit's client, and pkcs11-provider gives up") {
+        withKnownIssue("in a helper-served worker C_GetInfo describes p11-kit's client, not the real module, and pkcs11-provider gives up") {
             #expect(through.succeeded, "through p11fork: \(through.report)")
         }
         if !through.succeeded {
-            #expect(through.result.stderr.contains("Module re-initialization failed!"), "the workers fail as issue 13 says: \(through.report)")
+            #expect(through.result.stderr.contains("Module re-initialization failed!"), "the workers fail on the helper's C_GetInfo: \(through.report)")
         }
     }
 }
