@@ -89,8 +89,8 @@ let package = Package(
         // A forking program signing through pkcs11-provider (OpenSSL 3), the key from OSSL_STORE.
         .executableTarget(
             name: "p11fork-providerfork",
-            path: "Sources/TestTools/ProviderFork",
-            linkerSettings: [.linkedLibrary("crypto")]
+            dependencies: ["ProviderScenario"],
+            path: "Sources/TestTools/ProviderFork"
         ),
         // The 3.0 interface calls and 3.0 functions through a 3.0 list, as a comparable transcript.
         .executableTarget(
@@ -127,9 +127,15 @@ let package = Package(
         // The command-line tool: the doctor and the trace reader.
         .executableTarget(
             name: "p11fork-cli",
-            dependencies: ["DoctorScenarios", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["DoctorScenarios", "ProviderScenario", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/p11fork-cli",
-            exclude: ["DoctorScenarios"]
+            exclude: ["DoctorScenarios", "ProviderScenario"]
+        ),
+        // A forking program on OpenSSL 3's pkcs11-provider (the doctor's --consumer provider, and a test driver).
+        .target(
+            name: "ProviderScenario",
+            path: "Sources/p11fork-cli/ProviderScenario",
+            linkerSettings: [.linkedLibrary("crypto")]
         ),
         // The doctor's fork scenarios, in C (run in a helper process the doctor starts and watches).
         .target(

@@ -233,7 +233,7 @@ final class ProviderCommandLineTests: XCTestCase {
     }
 }
 
-/// Runs p11fork-providerfork (Sources/TestTools/ProviderFork): the parent loads the key through
+/// Runs p11fork-providerfork (Sources/p11fork-cli/ProviderScenario): the parent loads the key through
 /// OSSL_STORE, forks workers that sign with the inherited EVP_PKEY, and keeps signing; every
 /// signature is verified in the parent.
 struct ProviderFork {
@@ -459,5 +459,43 @@ final class ModuleLoadWithoutEnvironmentTests: XCTestCase {
         // No environment, so no P11FORK_MODULE: C_Initialize says what is missing, as it would with an empty environment.
         XCTAssertTrue(result.stdout.contains("C_Initialize rv=0x5"), result.output)
         XCTAssertTrue(result.stderr.contains("p11fork: P11FORK_MODULE is not set"), result.output)
+    }
+}
+
+/// `p11fork doctor --consumer provider`: the fork scenarios, plus the forking OpenSSL 3 program
+/// through pkcs11-provider, directly and through p11fork.
+@Suite(.serialized) struct DoctorProviderTests {
+    private func row(_ output: String, _ scenario: String) -> [String]? {
+        output.split(separator: "\n").first { $0.hasPrefix(scenario + " ") }
+            .map { $0.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) } }
+    }
+
+    @Test(.enabled(if: PKCS11Provider.available, "needs pkcs11-provider: run scripts/install-deps.sh"))
+    func doctorRunsTheProviderScenarioDirectlyAndThroughP11Fork() throws {
+        let token = try SoftHSMToken(strict: true)
+        try token.generateKeyPair(label: "doctor-key")
+        let result = try runProgram(Products.path("p11fork-cli"),
+                                    ["doctor", "--module", RealModules.softHSM, "--p11fork", Products.module, "--pin-env", "DOCTOR_PIN",
+                                     "--uri", "pkcs11:token=\(token.label);object=doctor-key", "--consumer", "provider",
+                                     "--provider", PKCS11Provider.path, "--workers", "3"],
+                                    environment: token.environment.merging(["DOCTOR_PIN": token.pin]) { $1 }, timeout: 300)
+        #expect(result.status == 0, "\(result.output)")
+        #expect(!result.output.contains(token.pin), "the PIN is in the doctor's output")
+        // Strict SoftHSM: the provider starts over in each worker by itself, directly too.
+        #expect(row(result.stdout, "pkcs11-provider, 3 forked workers") == ["pkcs11-provider, 3 forked workers", "ok", "ok"], "\(result.output)")
+        #expect(row(result.stdout, "inherited session") == ["inherited session", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(result.output)")
+    }
+
+    @Test func consumerAndProviderArgumentsAreChecked() throws {
+        let token = try SoftHSMToken()
+        let base = ["doctor", "--module", RealModules.softHSM, "--p11fork", Products.module, "--pin-env", "DOCTOR_PIN"]
+        let environment = token.environment.merging(["DOCTOR_PIN": token.pin]) { $1 }
+        let unknown = try runProgram(Products.path("p11fork-cli"), base + ["--consumer", "engine"], environment: environment, timeout: 60)
+        #expect(unknown.status == 2 && unknown.stderr.contains("--consumer engine: the one consumer the doctor runs is 'provider'"), "\(unknown.output)")
+        let alone = try runProgram(Products.path("p11fork-cli"), base + ["--provider", "/nonexistent/pkcs11.so"], environment: environment, timeout: 60)
+        #expect(alone.status == 2 && alone.stderr.contains("--provider goes with --consumer provider"), "\(alone.output)")
+        let missing = try runProgram(Products.path("p11fork-cli"), base + ["--consumer", "provider", "--provider", "/nonexistent/pkcs11.so"],
+                                     environment: environment, timeout: 60)
+        #expect(missing.status == 2 && missing.stderr.contains("--provider /nonexistent/pkcs11.so: no such file"), "\(missing.output)")
     }
 }
