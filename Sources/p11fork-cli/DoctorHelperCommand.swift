@@ -92,7 +92,7 @@ struct DoctorHelperCommand: ParsableCommand {
         if let keyID { attributes.append("id=" + Self.percentEncoded(try Self.bytes(hex: keyID), all: true)) }
         let uri = strdup("pkcs11:" + (attributes + ["type=private"]).joined(separator: ";"))!
         var options = provider_scenario_options(uri: uri, workers: Int32(min(max(workers, 1), 16)), signatures: 2,
-                                                seconds: Int32(max(timeout, 1)), stagger_ms: 200)
+                                                seconds: Int32(max(timeout, 1)), stagger_ms: 200, before_fork: nil)
         let status = provider_scenario_run(&options)
         try? FileManager.default.removeItem(at: folder)
         Foundation.exit(status)

@@ -245,6 +245,8 @@ struct ProviderFork {
     var extraEnvironment: [String: String] = [:]
     /// Milliseconds between forks (SoftHSM's file store, see the driver's header).
     var stagger = 200
+    /// The workers get an environment of TZ alone, as nginx gives its workers.
+    var scrub = false
 
     struct Outcome {
         let result: ProcessResult
@@ -273,7 +275,7 @@ struct ProviderFork {
             environment["P11FORK_TRACE_LEVEL"] = "calls"
         }
         let command = launcher + [Products.path("p11fork-providerfork"), "pkcs11:token=\(token.label);object=\(keyLabel);type=private",
-                                  String(workers), String(signatures), String(seconds), String(stagger)]
+                                  String(workers), String(signatures), String(seconds), String(stagger)] + (scrub ? ["scrub"] : [])
         let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: TimeInterval(seconds + 90))
         return Outcome(result: result, trace: (try? String(contentsOf: trace, encoding: .utf8)) ?? "")
     }
@@ -310,6 +312,24 @@ struct ProviderFork {
         #expect(!through.trace.contains("login replayed"), "\(through.report)")
         #expect(through.trace.components(separatedBy: "C_Initialize in the child: the module was already made ready for this process").count - 1 == 3,
                 "\(through.report)")
+    }
+
+    /// The driver holds `environ` itself, as nginx and haproxy do, and gives its workers an
+    /// environment of TZ alone. Directly, SoftHSM initialised again by the provider in a worker
+    /// finds no SOFTHSM2_CONF and no token. Through p11fork the worker's module gets the
+    /// environment p11fork was loaded with; under the provider's RTLD_DEEPBIND that needed
+    /// p11fork to set the program's `environ`, not the one its own symbol named (libc's, unused).
+    @Test(.enabled(if: enabled, "needs pkcs11-provider: run scripts/install-deps.sh"))
+    func workersWithAScrubbedEnvironment() throws {
+        let token = try SoftHSMToken(strict: true)
+        try token.generateKeyPair(label: "provider-key")
+        var fork = ProviderFork(token: token, keyLabel: "provider-key", realModule: RealModules.softHSM)
+        fork.scrub = true
+        let direct = try fork.run(through: false, workers: 2, seconds: 8)
+        print("SoftHSM (reset_on_fork), workers without SOFTHSM2_CONF, directly: \(direct.summary)")
+        #expect(!direct.succeeded && direct.result.stderr.contains("Provided key has invalid handle"), "directly: \(direct.report)")
+        let through = try fork.run(through: true, workers: 2, seconds: 20)
+        expectAllSigned(through, workers: 2, pin: token.pin)
     }
 
     @Test(.enabled(if: enabled && getuid() == 0, "needs pkcs11-provider (scripts/install-deps.sh) and root (unshare -m)"))

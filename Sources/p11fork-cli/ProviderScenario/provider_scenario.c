@@ -124,6 +124,7 @@ static int run(const provider_scenario_options *options) {
         printf("result: fail the parent could not sign before forking\n");
         return 1;
     }
+    if (options->before_fork) options->before_fork();
 
     pid_t pids[max_workers];
     int fds[max_workers];

@@ -10,6 +10,7 @@ typedef struct {
     int signatures;    // each worker's, 1...50
     int seconds;       // what a worker may take (its alarm); the parent's alarm is 30 s more
     int stagger_ms;    // between forks
+    void (*before_fork)(void);  // NULL, or called once the parent has loaded the key and signed
 } provider_scenario_options;
 
 /// With OPENSSL_CONF naming a configuration that activates pkcs11-provider (its
