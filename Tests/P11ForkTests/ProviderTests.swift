@@ -506,6 +506,28 @@ final class ModuleLoadWithoutEnvironmentTests: XCTestCase {
         #expect(row(result.stdout, "inherited session") == ["inherited session", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(result.output)")
     }
 
+    /// openCryptoki: its documented strategy (out-of-process) fails the provider's workers (their
+    /// C_GetInfo is p11-kit's), so the doctor goes on to the strategy that passes everything.
+    @Test(.enabled(if: PKCS11Provider.available && OpenCryptokiForkTests.available, "needs pkcs11-provider (scripts/install-deps.sh) and pkcsslotd"))
+    func doctorFindsTheStrategyForOpenCryptokiBehindTheProvider() throws {
+        let token = try OpenCryptokiToken()
+        let command = token.launcher(keyLabel: "ock-key") + [
+            Products.path("p11fork-cli"), "doctor", "--module", OpenCryptokiToken.module, "--p11fork", Products.module,
+            "--pin-env", "DOCTOR_PIN", "--token", token.label, "--key", "ock-key", "--consumer", "provider",
+            "--provider", PKCS11Provider.path, "--workers", "3", "--trace-dir", token.directory.appendingPathComponent("traces").path]
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: ["DOCTOR_PIN": token.pin], timeout: 300)
+        let traces = (try? FileManager.default.contentsOfDirectory(atPath: token.directory.appendingPathComponent("traces").path)) ?? []
+        let errors = traces.sorted().compactMap { name -> String? in
+            let text = (try? String(contentsOf: token.directory.appendingPathComponent("traces/\(name)"), encoding: .utf8)) ?? ""
+            return text.split(separator: "\n").first { $0.contains("\"error\"") }.map { "\(name): \($0)" }
+        }.joined(separator: "\n")
+        #expect(result.status == 0, "\(result.output)\ntraces' first errors:\n\(errors)")
+        #expect(!result.output.contains(token.pin), "the PIN is in the doctor's output")
+        #expect(row(result.stdout, "pkcs11-provider, 3 forked workers") == ["pkcs11-provider, 3 forked workers", "ok", "ok"], "\(result.output)")
+        #expect(result.stdout.contains("out-of-process (1 failing), reinitialize (0 failing)"), "\(result.output)")
+        #expect(result.stdout.contains("    P11FORK_STRATEGY=reinitialize\n"), "\(result.output)")
+    }
+
     @Test func consumerAndProviderArgumentsAreChecked() throws {
         let token = try SoftHSMToken()
         let base = ["doctor", "--module", RealModules.softHSM, "--p11fork", Products.module, "--pin-env", "DOCTOR_PIN"]
