@@ -427,7 +427,7 @@ struct ProviderFork {
         }
         let script = Products.packageRoot.appendingPathComponent("scripts/provider-server-check.sh").path
         return try runProgram(script, [server, token.directory.appendingPathComponent(through ? "through" : "direct").path,
-                                       token.label, "server-key", pinFile, "20"], environment: environment, timeout: 180)
+                                       token.label, "server-key", pinFile, "40"], environment: environment, timeout: 240)
     }
 
     @Test(.enabled(if: available && installed("/usr/sbin/haproxy") && installed("/usr/sbin/apache2"),
@@ -441,9 +441,9 @@ struct ProviderFork {
         let direct = try serve(server, token, through: false)
         let mode = strict ? "reset_on_fork" : "default mode"
         print("\(server) over SoftHSM (\(mode)) directly: \(direct.stdout.split(separator: "\n").filter { $0.hasPrefix("result") || $0.hasPrefix("serving") }.joined(separator: "; "))")
-        #expect(direct.stdout.contains("result: 20 of 20 served"), "directly (the provider starts over in each child): \(direct.output)")
+        #expect(direct.stdout.contains("result: 40 of 40 served"), "directly (the provider starts over in each child): \(direct.output)")
         let through = try serve(server, token, through: true)
-        #expect(through.stdout.contains("result: 20 of 20 served"), "through p11fork: \(through.output)")
+        #expect(through.stdout.contains("result: 40 of 40 served"), "through p11fork: \(through.output)")
         if server == "apache" {
             #expect(!through.stdout.contains("serving processes: 0") && !through.stdout.contains("serving processes: 1 "),
                     "more than one child served: \(through.output)")
