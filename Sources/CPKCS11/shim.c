@@ -78,6 +78,9 @@ int CPKCS11_loaded_count(const char *needle) {
     return match.count;
 }
 
+#include <sys/auxv.h>
+int CPKCS11_secure_execution(void) { return getauxval(AT_SECURE) != 0; }
+
 extern char **environ;
 char **CPKCS11_swap_environ(char **replacement) {
     char **previous = environ;

@@ -29,7 +29,14 @@ enum Core {
     nonisolated(unsafe) static var interfaceCount = 0
 
     private static let loaded: Bool = {
-        load(environment: Configuration.currentEnvironment())
+        InputTrust.secureExecution = CPKCS11_secure_execution() != 0
+        let (environment, ignored) = InputTrust.settingsEnvironment(Configuration.currentEnvironment(),
+                                                                    secure: InputTrust.secureExecution)
+        if !ignored.isEmpty {
+            let message = InputTrust.ignoredMessage(ignored) + "\n"
+            Trace.write(2, message, message.utf8.count)
+        }
+        load(environment: environment)
         return true
     }()
 
@@ -107,11 +114,8 @@ enum Core {
             Logins.replayEnabled = configuration.loginReplay
             ReplayBudget.limit = configuration.replayLimit
             if let problem = Trace.configure(configuration.trace, level: configuration.traceLevel,
-                                             format: configuration.traceFormat) {
-                // The message names the variable; the trace may have been named elsewhere.
-                let prefix = "P11FORK_TRACE="
-                loadProblem = ConfigurationProblem(problem.hasPrefix(prefix)
-                    ? "\(configuration.traceSource)=" + problem.dropFirst(prefix.count) : problem)
+                                             format: configuration.traceFormat, source: configuration.traceSource) {
+                loadProblem = ConfigurationProblem(problem)
                 break
             }
             switch RealModule.load(path: configuration.modulePath, source: configuration.moduleSource) {

@@ -224,6 +224,9 @@ const char *CPKCS11_image_path(const void *address);
 int CPKCS11_loaded_count(const char *needle);
 /// Replaces the process environment (`environ`), returning the previous one.
 char **CPKCS11_swap_environ(char **replacement);
+/// getauxval(AT_SECURE): non-zero in a process with rights its user did not give it (setuid,
+/// setgid, file capabilities), where glibc's secure_getenv returns NULL.
+int CPKCS11_secure_execution(void);
 
 /// A module copy loaded with dlmopen runs on its own libc, whose per-thread state (the ctype
 /// tables behind isspace() and friends) is set up only in the thread that loaded it: a thread

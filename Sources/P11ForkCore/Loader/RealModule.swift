@@ -31,8 +31,15 @@ struct RealModule {
             return .failure(ConfigurationProblem(
                 "\(source)=\(path): no such file: set it to the path of the real PKCS#11 module"))
         }
+        // Loaded by its resolved path, whose folders were checked: code that others can change
+        // is never run (InputTrust; docs/SECURITY.md "Files that give settings or code").
+        let resolved: String
+        switch InputTrust.checkedPath(path, rules: .current) {
+        case .success(let path): resolved = path
+        case .failure(let refusal): return .failure(ConfigurationProblem("\(source)=\(path): \(refusal.detail)"))
+        }
         let glibBefore = CPKCS11_loaded_count("libglib-2.0")
-        let opened = privateCopy ? CPKCS11_dlmopen_new(path, RTLD_NOW | RTLD_LOCAL) : dlopen(path, RTLD_NOW | RTLD_LOCAL)
+        let opened = privateCopy ? CPKCS11_dlmopen_new(resolved, RTLD_NOW | RTLD_LOCAL) : dlopen(resolved, RTLD_NOW | RTLD_LOCAL)
         guard let handle = opened else {
             let reason = dlerror().map { String(cString: $0) } ?? "unknown reason"
             return .failure(ConfigurationProblem(
