@@ -23,6 +23,7 @@ let package = Package(
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
         .executable(name: "p11fork-faults", targets: ["p11fork-faults"]),
         .executable(name: "p11fork-concurrency", targets: ["p11fork-concurrency"]),
+        .executable(name: "p11fork-setuid-probe", targets: ["p11fork-setuid-probe"]),
         // The command-line tool (`p11fork doctor`, `p11fork trace`). Its binary is p11fork-cli:
         // the name p11fork is the module's product; install it as p11fork.
         .executable(name: "p11fork-cli", targets: ["p11fork-cli"]),
@@ -111,6 +112,13 @@ let package = Package(
             dependencies: ["ToolSupport"],
             path: "Sources/TestTools/Concurrency",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
+        ),
+        // A program that loads a module as a setuid program does (the hostile-inputs tests).
+        .executableTarget(
+            name: "p11fork-setuid-probe",
+            dependencies: ["ToolSupport"],
+            path: "Sources/TestTools/SetuidProbe",
+            linkerSettings: [.linkedLibrary("dl")]
         ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         // Wraps a real module and answers the faults a control file names (its header says how).
