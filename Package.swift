@@ -24,6 +24,7 @@ let package = Package(
         .executable(name: "p11fork-faults", targets: ["p11fork-faults"]),
         .executable(name: "p11fork-concurrency", targets: ["p11fork-concurrency"]),
         .executable(name: "p11fork-setuid-probe", targets: ["p11fork-setuid-probe"]),
+        .executable(name: "p11fork-input-fuzz", targets: ["p11fork-input-fuzz"]),
         // The command-line tool (`p11fork doctor`, `p11fork trace`). Its binary is p11fork-cli:
         // the name p11fork is the module's product; install it as p11fork.
         .executable(name: "p11fork-cli", targets: ["p11fork-cli"]),
@@ -113,6 +114,13 @@ let package = Package(
             path: "Sources/TestTools/Concurrency",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
+        // Untrusted text into the settings parsers and the trace reader (scripts/fuzz-inputs.sh; tests).
+        .executableTarget(
+            name: "p11fork-input-fuzz",
+            dependencies: ["P11ForkCore", "TraceReader"],
+            path: "Sources/TestTools/InputFuzz",
+            exclude: ["seeds"]
+        ),
         // A program that loads a module as a setuid program does (the hostile-inputs tests).
         .executableTarget(
             name: "p11fork-setuid-probe",
@@ -128,10 +136,13 @@ let package = Package(
         // The command-line tool: the doctor and the trace reader.
         .executableTarget(
             name: "p11fork-cli",
-            dependencies: ["DoctorScenarios", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["DoctorScenarios", "TraceReader", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/p11fork-cli",
-            exclude: ["DoctorScenarios"]
+            exclude: ["DoctorScenarios", "TraceReader"]
         ),
+        // Reading a trace file (`p11fork trace`): a library of its own, so that the input fuzzer
+        // drives the same code as the command.
+        .target(name: "TraceReader", path: "Sources/p11fork-cli/TraceReader"),
         // The doctor's fork scenarios, in C (run in a helper process the doctor starts and watches).
         .target(
             name: "DoctorScenarios",

@@ -142,14 +142,20 @@ final class HostileInputTests: XCTestCase {
 
     // MARK: files others can change, as root
 
-    /// The one p11fork line of a pkcs11-tool run as root that must fail in C_Initialize.
-    private func refusal(_ environment: [String: String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+    /// `pkcs11-tool -L` through p11fork as root, and the one line p11fork wrote on stderr.
+    private func listSlots(_ environment: [String: String], file: StaticString, line: UInt) throws -> (ProcessResult, String) {
         let result = try runProgram("/usr/bin/pkcs11-tool", ["--module", Products.module, "-L"], environment: environment, timeout: 30)
-        XCTAssertNotEqual(result.status, 0, result.output, file: file, line: line)
-        XCTAssertTrue(result.output.contains("C_Initialize failed: rv = CKR_GENERAL_ERROR"), result.output, file: file, line: line)
         let lines = result.stderr.split(separator: "\n").filter { $0.hasPrefix("p11fork: ") }
         XCTAssertEqual(lines.count, 1, result.stderr, file: file, line: line)
-        return lines.first.map(String.init) ?? ""
+        return (result, lines.first.map(String.init) ?? "")
+    }
+
+    /// The p11fork line of a run that must fail in C_Initialize.
+    private func refusal(_ environment: [String: String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let (result, said) = try listSlots(environment, file: file, line: line)
+        XCTAssertNotEqual(result.status, 0, result.output, file: file, line: line)
+        XCTAssertTrue(result.output.contains("C_Initialize failed: rv = CKR_GENERAL_ERROR"), result.output, file: file, line: line)
+        return said
     }
 
     func testRootRefusesConfigurationFilesOthersCanChange() throws {
@@ -193,12 +199,10 @@ final class HostileInputTests: XCTestCase {
         var environment = token.environment
         environment["P11FORK_MODULE"] = RealModules.softHSM
         environment["P11FORK_TRACE"] = trace
-        let result = try runProgram("/usr/bin/pkcs11-tool", ["--module", Products.module, "-L"], environment: environment, timeout: 30)
+        let (result, said) = try listSlots(environment, file: file, line: line)
         XCTAssertEqual(result.status, 0, result.output, file: file, line: line)
         XCTAssertTrue(result.stdout.contains("token label        : \(token.label)"), result.output, file: file, line: line)
-        let lines = result.stderr.split(separator: "\n").filter { $0.hasPrefix("p11fork: ") }
-        XCTAssertEqual(lines.count, 1, result.stderr, file: file, line: line)
-        return lines.first.map(String.init) ?? ""
+        return said
     }
 
     func testAPlantedSymbolicLinkIsNotFollowed() throws {
