@@ -11,6 +11,8 @@ import Glibc
 /// when the library is loaded and a pReserved string is not consulted; otherwise they are read at
 /// the first C_Initialize (Core.settle). Daemons scrub their workers' environment, so nothing is
 /// read again later.
+/// Under AT_SECURE the P11FORK_* variables are not seen at all, and files are read only when
+/// nobody else could have changed them (InputTrust; docs/SECURITY.md).
 struct Configuration: Equatable, Sendable {
     /// Path of the real module and where it was named (for messages).
     var modulePath: String
