@@ -180,8 +180,15 @@ final class HostileInputTests: XCTestCase {
         try FileManager.default.copyItem(atPath: URL(fileURLWithPath: RealModules.softHSM).resolvingSymlinksInPath().path, toPath: copy.path)
         XCTAssertEqual(try refusal(["P11FORK_MODULE": copy.path]),
                        "p11fork: P11FORK_MODULE=\(copy.path): refused: the folder \(open.path) on its path is writable by group or others (owner root, mode 0775): anyone who can change it could run code in this privileged process: chmod go-w \(open.path)")
-        // The same module where only root can change it loads.
+        // World-writable, or another user's: refused too.
         chmod(open.path, 0o755)
+        chmod(copy.path, 0o757)
+        XCTAssertTrue(try refusal(["P11FORK_MODULE": copy.path]).contains("refused: the file is writable by group or others (owner root, mode 0757)"))
+        chmod(copy.path, 0o755)
+        chown(copy.path, 65534, 65534)
+        XCTAssertTrue(try refusal(["P11FORK_MODULE": copy.path]).contains("refused: the file is not owned by root (owner uid 65534 (nobody), mode 0755)"))
+        // The same module where only root can change it loads.
+        chown(copy.path, 0, 0)
         let token = try SoftHSMToken()
         var environment = token.environment
         environment["P11FORK_MODULE"] = copy.path
