@@ -1,7 +1,8 @@
 import CPKCS11
 
-// Key management calls (PKCS#11 2.40 section 5.14): they make new objects, which a child can
-// make again when they are session objects made by a replayable call (Replay/SessionObjects.swift).
+// Key management calls (PKCS#11 2.40 section 5.14; 3.2 adds authenticated unwrapping and key
+// encapsulation): they make new objects, which a child can make again when they are session
+// objects made by a replayable call (Replay/SessionObjects.swift).
 extension Custom {
     static let C_GenerateKey: CK_C_GenerateKey = { hSession, pMechanism, pTemplate, ulCount, phKey in
         let call = Call(.C_GenerateKey)
@@ -99,6 +100,99 @@ extension Custom {
             line.mechanism("mechanism", pMechanism)
             line.object("baseKey", hBaseKey)
             line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.newObject("key", phKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_UnwrapKeyAuthenticated: CK_C_UnwrapKeyAuthenticated = { hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen,
+                                                                        pTemplate, ulAttributeCount, pAssociatedData, ulAssociatedDataLen, phKey in
+        let call = Call(.C_UnwrapKeyAuthenticated)
+        guard let function = call.functions?.pointee.C_UnwrapKeyAuthenticated else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
+        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
+            function(realSession, mechanism, realUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount,
+                     pAssociatedData, ulAssociatedDataLen, phKey)
+        }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.unwrappedAuthenticated(phKey.pointee, session: hSession, pMechanism, key: hUnwrappingKey, wrapped: pWrappedKey,
+                                                  ulWrappedKeyLen, pTemplate, ulAttributeCount, associated: pAssociatedData, ulAssociatedDataLen)
+        }
+        AsyncOperations.noted(.C_UnwrapKeyAuthenticated, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("unwrappingKey", hUnwrappingKey)
+            line.length("wrappedKey", pWrappedKey, ulWrappedKeyLen)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.length("associatedData", pAssociatedData, ulAssociatedDataLen)
+            line.newObject("key", phKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    /// The new key holds a secret the module drew at random: a child cannot make it again
+    /// (reported lost there). The ciphertext is traced as lengths only.
+    static let C_EncapsulateKey: CK_C_EncapsulateKey = { hSession, pMechanism, hPublicKey, pTemplate, ulAttributeCount,
+                                                        pCiphertext, pulCiphertextLen, phKey in
+        let call = Call(.C_EncapsulateKey)
+        let ciphertextLengthIn = call.isTraced ? pulCiphertextLen?.pointee : nil
+        guard let function = call.functions?.pointee.C_EncapsulateKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realPublicKey = Objects.real(hPublicKey, &failure)
+        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
+            function(realSession, mechanism, realPublicKey, pTemplate, ulAttributeCount, pCiphertext, pulCiphertextLen, phKey)
+        }
+        // A length query (NULL ciphertext) makes no key.
+        if rv == CKR_OK, pCiphertext != nil, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.generated(phKey.pointee, session: hSession, by: "C_EncapsulateKey")
+        }
+        AsyncOperations.noted(.C_EncapsulateKey, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("publicKey", hPublicKey)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.output("ciphertext", pCiphertext, in: ciphertextLengthIn, out: pulCiphertextLen, rv)
+            line.newObject("key", pCiphertext != nil ? phKey : nil, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    /// The same private key and ciphertext give the same key: a child makes it again.
+    static let C_DecapsulateKey: CK_C_DecapsulateKey = { hSession, pMechanism, hPrivateKey, pTemplate, ulAttributeCount,
+                                                        pCiphertext, ulCiphertextLen, phKey in
+        let call = Call(.C_DecapsulateKey)
+        guard let function = call.functions?.pointee.C_DecapsulateKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realPrivateKey = Objects.real(hPrivateKey, &failure)
+        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
+            function(realSession, mechanism, realPrivateKey, pTemplate, ulAttributeCount, pCiphertext, ulCiphertextLen, phKey)
+        }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.decapsulated(phKey.pointee, session: hSession, pMechanism, key: hPrivateKey, pTemplate, ulAttributeCount,
+                                        ciphertext: pCiphertext, ulCiphertextLen)
+        }
+        AsyncOperations.noted(.C_DecapsulateKey, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("privateKey", hPrivateKey)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.length("ciphertext", pCiphertext, ulCiphertextLen)
             line.newObject("key", phKey, rv)
             call.finish(rv, &line)
         }
