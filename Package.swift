@@ -69,8 +69,9 @@ let package = Package(
         // The fork-safe scenarios: session objects and operations in progress in a forked child.
         .executableTarget(
             name: "p11fork-forksafe",
-            dependencies: ["ToolSupport"],
+            dependencies: ["ToolSupport", "CPKCS11"],
             path: "Sources/TestTools/ForkSafe",
+            cSettings: [.headerSearchPath("../../TestModules/NetHSM/include")],
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // A logged-in process whose memory the secrets tests inspect (where does the PIN live?).
