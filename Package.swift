@@ -62,7 +62,7 @@ let package = Package(
         // driver's own runtime cannot blur what a forked child sees.
         .executableTarget(
             name: "p11fork-forkcheck",
-            dependencies: ["ToolSupport"],
+            dependencies: ["ToolSupport", "CPKCS11"],
             path: "Sources/TestTools/ForkCheck",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
