@@ -76,6 +76,12 @@ import Testing
             #expect(through.trace.contains("operation C_VerifySignatureInit on session 0x5e000001 carried into the child: C_VerifySignatureInit (CKM_SHA256_HMAC, key 0xb000001) and 1 update(s) of 32 bytes replayed"),
                     "\(through.report)")
             #expect(through.result.stdout.contains("a wrong signature -> 0xc0"), "\(through.report)")
+        case "async-pending":
+            #expect(through.result.stdout.contains("C_AsyncComplete for the parent's operation -> 0x91, C_AsyncJoin with its ID -> 0x160")
+                    && through.result.stdout.contains("its own verification -> 0x204, completed -> 0x0"), "\(through.report)")
+            #expect(through.trace.contains("C_AsyncComplete(C_VerifySignature) on session 0x5e000002: the asynchronous operation was begun in the parent and stays the parent's; answered CKR_OPERATION_NOT_INITIALIZED without asking the module")
+                    && through.trace.contains("C_AsyncJoin(C_VerifySignature) on session 0x5e000001: the asynchronous operation was begun in the parent and stays the parent's; answered CKR_SAVED_STATE_INVALID"),
+                    "\(through.report)")
         case "decapsulate":
             #expect(through.trace.contains("made again (CKO_SECRET_KEY, session object; C_DecapsulateKey with mechanism 0xce480001")
                     && through.trace.contains("it was made by C_EncapsulateKey, and a random key cannot be made again"), "\(through.report)")
@@ -98,8 +104,10 @@ import Testing
     /// PKCS#11 3.2, over the 3.2 test module: a child continues a C_VerifySignatureInit + Update
     /// begun in its parent (the signature verifies, a wrong one is refused); a child uses a key
     /// its parent made by C_DecapsulateKey (made again from its recipe), while one made by
-    /// C_EncapsulateKey (a random secret) is reported lost with the reason.
-    @Test(arguments: ["verify-signature-update", "decapsulate"]) func pkcs11v32OverTheNetworkHSMTestModule(_ scenario: String) throws {
+    /// C_EncapsulateKey (a random secret) is reported lost with the reason; an asynchronous
+    /// operation of the parent (CKR_PENDING passed through, its ID from C_AsyncGetID) stays the
+    /// parent's: the child gets CKR_OPERATION_NOT_INITIALIZED / CKR_SAVED_STATE_INVALID for it.
+    @Test(arguments: ["verify-signature-update", "decapsulate", "async-pending"]) func pkcs11v32OverTheNetworkHSMTestModule(_ scenario: String) throws {
         try Self.directLosesThenP11ForkKeeps(try Self.netHSM(), scenario)
     }
 

@@ -67,8 +67,9 @@ final class InterfaceTests: XCTestCase {
         // What the 3.2 functions answered (the module's own codes, through p11fork as directly).
         for expected in ["C_VerifySignature rv=0x0", "C_VerifySignature rv=0xc0", "C_VerifySignatureFinal rv=0x0",
                          "C_GetSessionValidationFlags rv=0x0 flags=0x1", "C_EncapsulateKey(NULL) rv=0x0 len=65",
-                         "C_EncapsulateKey(10 bytes) rv=0x150 len=65", "C_DecapsulateKey rv=0x0", "C_AsyncJoin rv=0x160",
-                         "C_OpenSession(CKF_ASYNC_SESSION) rv=0x205", "C_UnwrapKeyAuthenticated rv=0x54"] {
+                         "C_EncapsulateKey(10 bytes) rv=0x150 len=65", "C_DecapsulateKey rv=0x0", "C_OpenSession(CKF_ASYNC_SESSION) rv=0x0",
+                         "C_VerifySignature(async session) rv=0x204", "C_AsyncGetID rv=0x0 id=given", "C_AsyncComplete rv=0x0",
+                         "C_AsyncComplete(again) rv=0x91", "C_AsyncJoin(another ID) rv=0x160", "C_UnwrapKeyAuthenticated rv=0x54"] {
             XCTAssertTrue(through.contains { $0.hasSuffix(expected) }, "\(expected) missing:\n" + through.joined(separator: "\n"))
         }
         XCTAssertTrue(through.contains("the two keys agree: yes"), through.joined(separator: "\n"))

@@ -70,7 +70,7 @@ extension Custom {
         let rv: CK_RV
         if failure != CKR_OK {
             rv = failure
-        } else if let parents = AsyncOperations.inherited(hSession, id: ulID) {
+        } else if let parents = AsyncOperations.inherited(id: ulID) {
             rv = AsyncOperations.refused("C_AsyncJoin", functionName(pFunctionName) ?? parents, hSession, CK_RV(CKR_SAVED_STATE_INVALID))
         } else {
             rv = function(realSession, pFunctionName, ulID, pData, ulData)

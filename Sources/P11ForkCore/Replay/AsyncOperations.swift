@@ -37,12 +37,16 @@ enum AsyncOperations {
         return Records.lock.withLock { pending[session]?[name].flatMap { $0.generation != generation ? $0 : nil } }
     }
 
-    /// The parent's operation in `session` that C_AsyncGetID named `id`.
-    static func inherited(_ session: CK_SESSION_HANDLE, id: CK_ULONG) -> String? {
+    /// The parent's operation that C_AsyncGetID named `id`, on any session: the ID names it
+    /// module-wide, and C_AsyncJoin may be called on another session than the one that began it.
+    static func inherited(id: CK_ULONG) -> String? {
         guard ForkDetection.generation > 0 else { return nil }
         let generation = ForkDetection.generation
         return Records.lock.withLock {
-            pending[session]?.first { $0.value.generation != generation && $0.value.id == id }?.key
+            for operations in pending.values {
+                if let found = operations.first(where: { $0.value.generation != generation && $0.value.id == id }) { return found.key }
+            }
+            return nil
         }
     }
 

@@ -363,7 +363,7 @@ static CK_RV nh_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) {
     pad(info->manufacturerID, sizeof info->manufacturerID, MANUFACTURER);
     pad(info->model, sizeof info->model, MODEL);
     memcpy(info->serialNumber, s->serial, sizeof info->serialNumber);
-    info->flags = CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED | CKF_TOKEN_INITIALIZED |
+    info->flags = CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED | CKF_TOKEN_INITIALIZED | CKF_ASYNC_SESSION_SUPPORTED |
                   pin_flags(s->user_failures, CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED) |
                   pin_flags(s->so_failures, CKF_SO_PIN_COUNT_LOW, CKF_SO_PIN_FINAL_TRY, CKF_SO_PIN_LOCKED);
     info->ulMaxSessionCount = NH_MAX_SESSIONS;
@@ -487,11 +487,11 @@ static CK_RV nh_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR applica
     if (session == NULL) return end(CKR_ARGUMENTS_BAD);
     if (slot != client.slot) return end(CKR_SLOT_ID_INVALID);
     if (!(flags & CKF_SERIAL_SESSION)) return end(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
-    if (flags & CKF_ASYNC_SESSION) return end(CKR_SESSION_ASYNC_NOT_SUPPORTED);  // no CKF_ASYNC_SESSION_SUPPORTED
     int rw = (flags & CKF_RW_SESSION) != 0;
     if (!rw && conn->login == NH_LOGIN_SO) return end(CKR_SESSION_READ_WRITE_SO_EXISTS);
     struct nh_session *se = nh_session_new(client.srv, conn, rw);
     if (se == NULL) return end(CKR_SESSION_COUNT);
+    se->async = (flags & CKF_ASYNC_SESSION) != 0;
     *session = handle_of(se->id);
     return end(CKR_OK);
 }
@@ -548,7 +548,7 @@ static CK_RV nh_GetSessionInfo(CK_SESSION_HANDLE session, CK_SESSION_INFO_PTR in
                                                      : CKS_RW_PUBLIC_SESSION;
     else
         info->state = conn->login == NH_LOGIN_USER ? CKS_RO_USER_FUNCTIONS : CKS_RO_PUBLIC_SESSION;
-    info->flags = CKF_SERIAL_SESSION | (se->rw ? CKF_RW_SESSION : 0);
+    info->flags = CKF_SERIAL_SESSION | (se->rw ? CKF_RW_SESSION : 0) | (se->async ? CKF_ASYNC_SESSION : 0);
     info->ulDeviceError = 0;
     return end(CKR_OK);
 }
@@ -1528,6 +1528,17 @@ static CK_RV nh_VerifySignatureInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR 
     return end(CKR_OK);
 }
 
+// In an asynchronous session the verification's result waits for C_AsyncComplete: the call
+// answers CKR_PENDING (the work is done at once; only its answer is held on the server).
+static CK_RV async_hold(struct nh_session *se, const char *function, CK_RV rv) {
+    if (!se->async) return rv;
+    se->async_pending = 1;
+    se->async_rv = rv;
+    se->async_id = ++client.srv->next_async_id;
+    snprintf(se->async_function, sizeof se->async_function, "%s", function);
+    return CKR_PENDING;
+}
+
 static CK_RV nh_VerifySignature(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len) {
     CK_RV rv = begin("C_VerifySignature");
     if (rv != CKR_OK) return rv;
@@ -1542,7 +1553,7 @@ static CK_RV nh_VerifySignature(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_
     nh_hmac_update(&se->hmac, data, data_len);
     uint8_t signature[NH_HMAC_LEN];
     memcpy(signature, se->op_signature, sizeof signature);
-    return end(verify_finish(se, signature, NH_HMAC_LEN));
+    return end(async_hold(se, "C_VerifySignature", verify_finish(se, signature, NH_HMAC_LEN)));
 }
 
 static CK_RV nh_VerifySignatureUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
@@ -1568,7 +1579,7 @@ static CK_RV nh_VerifySignatureFinal(CK_SESSION_HANDLE session) {
     if ((rv = op_continue(se, NH_OP_VERIFY_SIGNATURE)) != CKR_OK) return end(rv);
     uint8_t signature[NH_HMAC_LEN];
     memcpy(signature, se->op_signature, sizeof signature);
-    return end(verify_finish(se, signature, NH_HMAC_LEN));
+    return end(async_hold(se, "C_VerifySignatureFinal", verify_finish(se, signature, NH_HMAC_LEN)));
 }
 
 // CKS_LAST_VALIDATION_OK: 1 when the session's last finished verification succeeded, else 0.
@@ -1669,28 +1680,57 @@ static CK_RV nh_DecapsulateKey(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mecha
     return end(rv);
 }
 
-// No session is ever asynchronous (C_OpenSession refuses CKF_ASYNC_SESSION), so there is never
-// an operation to complete, name or join.
-static CK_RV async_answer(const char *function, CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, CK_RV none) {
+// The asynchronous calls: the held result of `name` in the session (async_hold). The ID names it
+// server-wide, so C_AsyncJoin from any session of any connection takes the result over, as a
+// network HSM's client reconnecting after C_Finalize would.
+static int async_holds(const struct nh_session *se, const char *name) {
+    return se->async_pending && strcmp(se->async_function, name) == 0;
+}
+
+static CK_RV async_begin(const char *function, CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, struct nh_session **se) {
     CK_RV rv = begin(function);
     if (rv != CKR_OK) return rv;
-    if (session_of(session) == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    return end(name == NULL ? CKR_ARGUMENTS_BAD : none);
+    if ((*se = session_of(session)) == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (name == NULL) return end(CKR_ARGUMENTS_BAD);
+    return CKR_OK;
 }
 
 static CK_RV nh_AsyncComplete(CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, CK_ASYNC_DATA_PTR result) {
-    (void)result;
-    return async_answer("C_AsyncComplete", session, name, CKR_OPERATION_NOT_INITIALIZED);
+    (void)result;  // the functions held here have no output
+    struct nh_session *se;
+    CK_RV rv = async_begin("C_AsyncComplete", session, name, &se);
+    if (rv != CKR_OK) return rv;
+    if (!async_holds(se, (const char *)name)) return end(CKR_OPERATION_NOT_INITIALIZED);
+    se->async_pending = 0;
+    return end((CK_RV)se->async_rv);
 }
 
 static CK_RV nh_AsyncGetID(CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, CK_ULONG_PTR id) {
-    (void)id;
-    return async_answer("C_AsyncGetID", session, name, CKR_OPERATION_NOT_INITIALIZED);
+    struct nh_session *se;
+    CK_RV rv = async_begin("C_AsyncGetID", session, name, &se);
+    if (rv != CKR_OK) return rv;
+    if (id == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (!async_holds(se, (const char *)name)) return end(CKR_OPERATION_NOT_INITIALIZED);
+    *id = se->async_id;
+    return end(CKR_OK);
 }
 
 static CK_RV nh_AsyncJoin(CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, CK_ULONG id, CK_BYTE_PTR data, CK_ULONG data_len) {
-    (void)id, (void)data, (void)data_len;
-    return async_answer("C_AsyncJoin", session, name, CKR_SAVED_STATE_INVALID);
+    (void)data, (void)data_len;  // no output buffer to replace
+    struct nh_session *se;
+    CK_RV rv = async_begin("C_AsyncJoin", session, name, &se);
+    if (rv != CKR_OK) return rv;
+    for (int i = 0; i < NH_MAX_SESSIONS; i++) {
+        struct nh_session *held = &client.srv->sessions[i];
+        if (!held->in_use || !async_holds(held, (const char *)name) || held->async_id != id) continue;
+        held->async_pending = 0;
+        se->async_pending = 1;
+        se->async_id = held->async_id;
+        se->async_rv = held->async_rv;
+        memcpy(se->async_function, held->async_function, sizeof se->async_function);
+        return end(CKR_OK);
+    }
+    return end(CKR_SAVED_STATE_INVALID);
 }
 
 // MARK: not supported

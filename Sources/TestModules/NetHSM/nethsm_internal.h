@@ -128,6 +128,10 @@ struct nh_session {
     struct nh_hmac hmac;
     uint8_t op_signature[NH_HMAC_LEN];  // the signature C_VerifySignatureInit was given (3.2)
     uint64_t validation_flags;          // C_GetSessionValidationFlags(CKS_LAST_VALIDATION_OK)
+    // An asynchronous session (CKF_ASYNC_SESSION, 3.2): the one result waiting for C_AsyncComplete.
+    uint32_t async, async_pending, async_id;
+    uint64_t async_rv;
+    char async_function[32];
     struct nh_sha256 digest;
     struct nh_cipher cipher;
     uint32_t find_count, find_next;
@@ -173,7 +177,7 @@ struct nh_state {
     uint32_t so_pin_len;
     uint32_t user_failures;  // consecutive wrong user PINs (locked at NH_PIN_TRIES)
     uint32_t so_failures;
-    uint32_t next_connection, next_session, next_object;
+    uint32_t next_connection, next_session, next_object, next_async_id;
     uint64_t next_seq;
     struct nh_connection connections[NH_MAX_CONNECTIONS];
     struct nh_session sessions[NH_MAX_SESSIONS];

@@ -9,7 +9,7 @@
 // (and fails if the module has no such interface); the child then never calls C_Initialize.
 // Scenarios: create-object, unwrap-derive, ecdh, generated-lost, sign-update, decrypt-update,
 // digest-update, find, context-login; and over a PKCS#11 3.2 module (the NetHSM test module),
-// verify-signature-update and decapsulate. In each, the parent computes the expected result, forks one child under
+// verify-signature-update, decapsulate and async-pending. In each, the parent computes the expected result, forks one child under
 // alarm(); the child does the same work with the inherited handles and exits 0 when its result
 // equals the parent's, else with a status saying what failed; for operations in progress the
 // parent then finishes its own operation and checks it too. Last line: "result: ok ..." (exit 0)
@@ -586,13 +586,54 @@ static int scenario_decapsulate(void) {
     return 0;
 }
 
+// An asynchronous operation of the parent (a verification whose answer, CKR_PENDING, waits on an
+// asynchronous session; its ID from C_AsyncGetID) stays the parent's: the child's C_AsyncComplete
+// gets CKR_OPERATION_NOT_INITIALIZED and its C_AsyncJoin with the ID CKR_SAVED_STATE_INVALID; an
+// operation of the child's own on the same session completes; the parent then gets its result.
+static CK_SESSION_HANDLE async_session;
+static CK_ULONG async_id;
+
+static int async_child(void) {
+    CK_UTF8CHAR_PTR name = (CK_UTF8CHAR_PTR)"C_VerifySignature";
+    CK_RV complete = p32->C_AsyncComplete(async_session, name, NULL);
+    CK_RV join = p32->C_AsyncJoin(session, name, async_id, NULL, 0);
+    tool_say("child: C_AsyncComplete for the parent's operation -> 0x%lx, C_AsyncJoin with its ID -> 0x%lx", complete, join);
+    if (complete != CKR_OPERATION_NOT_INITIALIZED || join != CKR_SAVED_STATE_INVALID) return CHILD_WRONG_ERROR;
+    CK_MECHANISM m = sign_mechanism();
+    CHECK(p32->C_VerifySignatureInit(async_session, &m, sign_key, good_signature, good_signature_length));
+    CK_RV pending = p32->C_VerifySignature(async_session, (CK_BYTE_PTR)plaintext, 64);
+    CK_RV own = p32->C_AsyncComplete(async_session, name, NULL);
+    tool_say("child: its own verification -> 0x%lx, completed -> 0x%lx", pending, own);
+    return pending == CKR_PENDING && own == CKR_OK ? CHILD_OK : CHILD_WRONG_ERROR;
+}
+
+static int scenario_async_pending(void) {
+    if (needs_32("async-pending")) return 1;
+    CK_MECHANISM m = sign_mechanism();
+    CHECK(find_one(CKO_SECRET_KEY, key_label, &sign_key));
+    good_signature_length = sizeof good_signature;
+    CHECK(p11->C_SignInit(session, &m, sign_key));
+    CHECK(p11->C_Sign(session, (CK_BYTE_PTR)plaintext, 64, good_signature, &good_signature_length));
+    CK_SESSION_INFO info;
+    CHECK(p11->C_GetSessionInfo(session, &info));
+    CHECK(p32->C_OpenSession(info.slotID, CKF_SERIAL_SESSION | CKF_ASYNC_SESSION, NULL, NULL, &async_session));
+    CHECK(p32->C_VerifySignatureInit(async_session, &m, sign_key, good_signature, good_signature_length));
+    CK_RV rv = p32->C_VerifySignature(async_session, (CK_BYTE_PTR)plaintext, 64);
+    if (rv != CKR_PENDING) return tool_fail("async-pending: the parent's C_VerifySignature answered 0x%lx, not CKR_PENDING", rv);
+    CHECK(p32->C_AsyncGetID(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignature", &async_id));
+    if (run_child("async-pending", async_child)) return 1;
+    CHECK(p32->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignature", NULL));
+    tool_say("result: ok async-pending: the parent's asynchronous operation stayed the parent's (it completed with CKR_OK after the child); the child's own completed");
+    return 0;
+}
+
 // MARK: main
 
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forksafe: %s\nusage: p11fork-forksafe --module PATH --token LABEL --pin PIN --key LABEL "
                     "[--mechanism rsa|hmac] [--fork-safe] SCENARIO\nscenarios: create-object unwrap-derive ecdh "
                     "generated-lost sign-update decrypt-update digest-update find context-login "
-                    "verify-signature-update decapsulate\n", problem);
+                    "verify-signature-update decapsulate async-pending\n", problem);
     return 2;
 }
 
@@ -659,5 +700,6 @@ int main(int argc, char **argv) {
     if (!strcmp(scenario, "context-login")) return scenario_context_login();
     if (!strcmp(scenario, "verify-signature-update")) return scenario_verify_signature_update();
     if (!strcmp(scenario, "decapsulate")) return scenario_decapsulate();
+    if (!strcmp(scenario, "async-pending")) return scenario_async_pending();
     return usage("unknown scenario");
 }

@@ -166,13 +166,21 @@ static int through32(CK_C_GetInterface get, const char *pin) {
     printf("the two keys agree: %s\n", l1 == 32 && l1 == l2 && !memcmp(v1, v2, l1) ? "yes" : "no");
     line("C_EncapsulateKey(private key)", q->C_EncapsulateKey(s32, &kem, priv, shared_t, 2, ciphertext, &len, &k1), "%s", "");
 
-    // The asynchronous calls (no operation under way) and authenticated wrapping.
+    // An asynchronous session: the answer waits for C_AsyncComplete (CKR_PENDING passes through
+    // p11fork untouched); then the async calls with nothing under way; authenticated wrapping.
     CK_ASYNC_DATA result = { 0 };
     CK_ULONG id = 0;
-    line("C_AsyncComplete", q->C_AsyncComplete(s32, (CK_UTF8CHAR_PTR)"C_Sign", &result), "%s", "");
-    line("C_AsyncGetID", q->C_AsyncGetID(s32, (CK_UTF8CHAR_PTR)"C_Sign", &id), "%s", "");
-    line("C_AsyncJoin", q->C_AsyncJoin(s32, (CK_UTF8CHAR_PTR)"C_Sign", 1, NULL, 0), "%s", "");
+    line("C_VerifySignatureInit(async session)", q->C_VerifySignatureInit(async, &hmac, mac, good, 32), "%s", "");
+    line("C_VerifySignature(async session)", q->C_VerifySignature(async, (CK_BYTE_PTR)"hello", 5), "%s", "");
+    rv = q->C_AsyncGetID(async, (CK_UTF8CHAR_PTR)"C_VerifySignature", &id);
+    line("C_AsyncGetID", rv, "id=%s", id ? "given" : "none");
+    line("C_AsyncJoin(another ID)", q->C_AsyncJoin(s32, (CK_UTF8CHAR_PTR)"C_VerifySignature", id + 1000, NULL, 0), "%s", "");
+    line("C_AsyncComplete", q->C_AsyncComplete(async, (CK_UTF8CHAR_PTR)"C_VerifySignature", &result), "%s", "");
+    line("C_AsyncComplete(again)", q->C_AsyncComplete(async, (CK_UTF8CHAR_PTR)"C_VerifySignature", &result), "%s", "");
+    line("C_AsyncComplete(nothing under way)", q->C_AsyncComplete(s32, (CK_UTF8CHAR_PTR)"C_Sign", &result), "%s", "");
+    line("C_AsyncGetID(nothing under way)", q->C_AsyncGetID(s32, (CK_UTF8CHAR_PTR)"C_Sign", &id), "%s", "");
     line("C_AsyncComplete(unknown session)", q->C_AsyncComplete(0x7777, (CK_UTF8CHAR_PTR)"C_Sign", &result), "%s", "");
+    line("C_CloseSession(async session)", q->C_CloseSession(async), "%s", "");
     len = sizeof ciphertext;
     line("C_WrapKeyAuthenticated", q->C_WrapKeyAuthenticated(s32, &hmac, mac, mac, NULL, 0, ciphertext, &len), "%s", "");
     line("C_UnwrapKeyAuthenticated",

@@ -1405,13 +1405,37 @@ static void test_v32(void) {
     EXPECT(kem(0, priv, ciphertext, &len, 0, &k2), CKR_WRAPPED_KEY_INVALID);
     printf("KEM (ECDH P-256): encapsulated and decapsulated keys agree\n");
 
-    // No asynchronous sessions; the async calls find nothing; authenticated wrapping is not offered.
-    CK_SESSION_HANDLE async_session;
-    EXPECT(f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_ASYNC_SESSION, NULL, NULL, &async_session),
-           CKR_SESSION_ASYNC_NOT_SUPPORTED);
+    // An asynchronous session: a verification's answer waits for C_AsyncComplete; its ID lets
+    // another session take it over (C_AsyncJoin). Elsewhere the async calls find nothing.
+    CK_SESSION_HANDLE async_session, joiner;
+    CK_SESSION_INFO info;
+    EXPECT_TRUE((token_flags(slot) & CKF_ASYNC_SESSION_SUPPORTED) != 0);
+    EXPECT(f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_ASYNC_SESSION, NULL, NULL, &async_session), CKR_OK);
+    EXPECT(f->C_GetSessionInfo(async_session, &info), CKR_OK);
+    EXPECT_TRUE((info.flags & CKF_ASYNC_SESSION) != 0);
+    EXPECT(f->C_VerifySignatureInit(async_session, &hmac, mac_key, good, 32), CKR_OK);
+    EXPECT(f->C_VerifySignature(async_session, (CK_BYTE_PTR)"hello", 5), CKR_PENDING);
+    EXPECT(f->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_Sign", NULL), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_AsyncComplete(async_session, NULL, NULL), CKR_ARGUMENTS_BAD);
+    EXPECT(f->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignature", NULL), CKR_OK);
+    EXPECT(f->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignature", NULL), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_VerifySignatureInit(async_session, &hmac, mac_key, bad, 32), CKR_OK);
+    EXPECT(f->C_VerifySignatureUpdate(async_session, (CK_BYTE_PTR)"hello", 5), CKR_OK);
+    EXPECT(f->C_VerifySignatureFinal(async_session), CKR_PENDING);
+    CK_ULONG id = 0;
+    EXPECT(f->C_AsyncGetID(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", &id), CKR_OK);
+    EXPECT_TRUE(id != 0);
+    EXPECT(f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &joiner), CKR_OK);
+    EXPECT(f->C_AsyncJoin(joiner, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", id + 1, NULL, 0), CKR_SAVED_STATE_INVALID);
+    EXPECT(f->C_AsyncJoin(joiner, (CK_UTF8CHAR_PTR)"C_VerifySignature", id, NULL, 0), CKR_SAVED_STATE_INVALID);
+    EXPECT(f->C_AsyncJoin(joiner, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", id, NULL, 0), CKR_OK);
+    EXPECT(f->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", NULL), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_AsyncComplete(joiner, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", NULL), CKR_SIGNATURE_INVALID);
+    EXPECT(f->C_CloseSession(joiner), CKR_OK);
+    EXPECT(f->C_CloseSession(async_session), CKR_OK);
     EXPECT(f->C_AsyncComplete(session, (CK_UTF8CHAR_PTR)"C_Sign", NULL), CKR_OPERATION_NOT_INITIALIZED);
     EXPECT(f->C_AsyncGetID(session, (CK_UTF8CHAR_PTR)"C_Sign", &n), CKR_OPERATION_NOT_INITIALIZED);
-    EXPECT(f->C_AsyncJoin(session, (CK_UTF8CHAR_PTR)"C_Sign", 1, NULL, 0), CKR_SAVED_STATE_INVALID);
+    printf("async session: C_VerifySignature answers CKR_PENDING, C_AsyncComplete the result; C_AsyncJoin takes it over by its ID\n");
     EXPECT(f->C_WrapKeyAuthenticated(session, &hmac, mac_key, mac_key, NULL, 0, NULL, &n), CKR_FUNCTION_NOT_SUPPORTED);
     EXPECT(f->C_MessageEncryptInit(session, &hmac, mac_key), CKR_FUNCTION_NOT_SUPPORTED);
 }
