@@ -9,15 +9,8 @@ extension Custom {
         let call = Call(.C_AsyncComplete)
         guard let function = call.functions?.pointee.C_AsyncComplete else { return call.unavailable() }
         let name = functionName(pFunctionName)
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv: CK_RV
-        if failure != CKR_OK {
-            rv = failure
-        } else if let name, AsyncOperations.inherited(hSession, name) != nil {
-            rv = AsyncOperations.refused("C_AsyncComplete", name, hSession, CK_RV(CKR_OPERATION_NOT_INITIALIZED))
-        } else {
-            rv = function(realSession, pFunctionName, pResult)
+        let rv = asking("C_AsyncComplete", hSession, name) { realSession in
+            let rv = function(realSession, pFunctionName, pResult)
             // The result's object handles are the module's: made the application's like any new object.
             if rv == CKR_OK, let pResult {
                 for handle in [\CK_ASYNC_DATA.hObject, \CK_ASYNC_DATA.hAdditionalObject] where pResult.pointee[keyPath: handle] != 0 {
@@ -25,6 +18,7 @@ extension Custom {
                 }
             }
             if let name { AsyncOperations.completed(name, hSession, rv) }
+            return rv
         }
         if call.isTraced {
             var line = call.line()
@@ -40,16 +34,10 @@ extension Custom {
         let call = Call(.C_AsyncGetID)
         guard let function = call.functions?.pointee.C_AsyncGetID else { return call.unavailable() }
         let name = functionName(pFunctionName)
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv: CK_RV
-        if failure != CKR_OK {
-            rv = failure
-        } else if let name, AsyncOperations.inherited(hSession, name) != nil {
-            rv = AsyncOperations.refused("C_AsyncGetID", name, hSession, CK_RV(CKR_OPERATION_NOT_INITIALIZED))
-        } else {
-            rv = function(realSession, pFunctionName, pulID)
+        let rv = asking("C_AsyncGetID", hSession, name) { realSession in
+            let rv = function(realSession, pFunctionName, pulID)
             if rv == CKR_OK, let name, let pulID { AsyncOperations.identified(name, hSession, pulID.pointee) }
+            return rv
         }
         if call.isTraced {
             var line = call.line()
@@ -85,6 +73,19 @@ extension Custom {
             call.finish(rv, &line)
         }
         return rv
+    }
+
+    /// C_AsyncComplete and C_AsyncGetID: the session made real; about an operation the parent
+    /// began, CKR_OPERATION_NOT_INITIALIZED without asking the module; else `forward`.
+    private static func asking(_ function: String, _ hSession: CK_SESSION_HANDLE, _ name: String?,
+                               forward: (CK_SESSION_HANDLE) -> CK_RV) -> CK_RV {
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        if failure != CKR_OK { return failure }
+        if let name, AsyncOperations.inherited(hSession, name) != nil {
+            return AsyncOperations.refused(function, name, hSession, CK_RV(CKR_OPERATION_NOT_INITIALIZED))
+        }
+        return forward(realSession)
     }
 
     /// The function a C_Async* call names (a NUL-terminated UTF-8 string), or nil.

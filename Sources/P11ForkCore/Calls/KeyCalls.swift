@@ -57,16 +57,11 @@ extension Custom {
     static let C_UnwrapKey: CK_C_UnwrapKey = { hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey in
         let call = Call(.C_UnwrapKey)
         guard let function = call.functions?.pointee.C_UnwrapKey else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
-        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
-            function(realSession, mechanism, realUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey)
-        }
-        if rv == CKR_OK, let phKey {
-            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
-            SessionObjects.unwrapped(phKey.pointee, session: hSession, pMechanism, key: hUnwrappingKey, wrapped: pWrappedKey,
+        let rv = keyFromKey(.C_UnwrapKey, hSession, pMechanism, hUnwrappingKey, phKey) {
+            SessionObjects.unwrapped($0, session: hSession, pMechanism, key: hUnwrappingKey, wrapped: pWrappedKey,
                                      ulWrappedKeyLen, pTemplate, ulAttributeCount)
+        } call: { session, mechanism, key in
+            function(session, mechanism, key, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey)
         }
         if call.isTraced {
             var line = call.line()
@@ -84,15 +79,10 @@ extension Custom {
     static let C_DeriveKey: CK_C_DeriveKey = { hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey in
         let call = Call(.C_DeriveKey)
         guard let function = call.functions?.pointee.C_DeriveKey else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realBaseKey = Objects.real(hBaseKey, &failure)
-        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
-            function(realSession, mechanism, realBaseKey, pTemplate, ulAttributeCount, phKey)
-        }
-        if rv == CKR_OK, let phKey {
-            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
-            SessionObjects.derived(phKey.pointee, session: hSession, pMechanism, base: hBaseKey, pTemplate, ulAttributeCount)
+        let rv = keyFromKey(.C_DeriveKey, hSession, pMechanism, hBaseKey, phKey) {
+            SessionObjects.derived($0, session: hSession, pMechanism, base: hBaseKey, pTemplate, ulAttributeCount)
+        } call: { session, mechanism, key in
+            function(session, mechanism, key, pTemplate, ulAttributeCount, phKey)
         }
         if call.isTraced {
             var line = call.line()
@@ -110,19 +100,12 @@ extension Custom {
                                                                         pTemplate, ulAttributeCount, pAssociatedData, ulAssociatedDataLen, phKey in
         let call = Call(.C_UnwrapKeyAuthenticated)
         guard let function = call.functions?.pointee.C_UnwrapKeyAuthenticated else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
-        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
-            function(realSession, mechanism, realUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount,
-                     pAssociatedData, ulAssociatedDataLen, phKey)
-        }
-        if rv == CKR_OK, let phKey {
-            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
-            SessionObjects.unwrappedAuthenticated(phKey.pointee, session: hSession, pMechanism, key: hUnwrappingKey, wrapped: pWrappedKey,
+        let rv = keyFromKey(.C_UnwrapKeyAuthenticated, hSession, pMechanism, hUnwrappingKey, phKey) {
+            SessionObjects.unwrappedAuthenticated($0, session: hSession, pMechanism, key: hUnwrappingKey, wrapped: pWrappedKey,
                                                   ulWrappedKeyLen, pTemplate, ulAttributeCount, associated: pAssociatedData, ulAssociatedDataLen)
+        } call: { session, mechanism, key in
+            function(session, mechanism, key, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, pAssociatedData, ulAssociatedDataLen, phKey)
         }
-        AsyncOperations.noted(.C_UnwrapKeyAuthenticated, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -144,18 +127,12 @@ extension Custom {
         let call = Call(.C_EncapsulateKey)
         let ciphertextLengthIn = call.isTraced ? pulCiphertextLen?.pointee : nil
         guard let function = call.functions?.pointee.C_EncapsulateKey else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realPublicKey = Objects.real(hPublicKey, &failure)
-        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
-            function(realSession, mechanism, realPublicKey, pTemplate, ulAttributeCount, pCiphertext, pulCiphertextLen, phKey)
-        }
         // A length query (NULL ciphertext) makes no key.
-        if rv == CKR_OK, pCiphertext != nil, let phKey {
-            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
-            SessionObjects.generated(phKey.pointee, session: hSession, by: "C_EncapsulateKey")
+        let rv = keyFromKey(.C_EncapsulateKey, hSession, pMechanism, hPublicKey, pCiphertext != nil ? phKey : nil) {
+            SessionObjects.generated($0, session: hSession, by: "C_EncapsulateKey")
+        } call: { session, mechanism, key in
+            function(session, mechanism, key, pTemplate, ulAttributeCount, pCiphertext, pulCiphertextLen, phKey)
         }
-        AsyncOperations.noted(.C_EncapsulateKey, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -174,18 +151,12 @@ extension Custom {
                                                         pCiphertext, ulCiphertextLen, phKey in
         let call = Call(.C_DecapsulateKey)
         guard let function = call.functions?.pointee.C_DecapsulateKey else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realPrivateKey = Objects.real(hPrivateKey, &failure)
-        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { mechanism in
-            function(realSession, mechanism, realPrivateKey, pTemplate, ulAttributeCount, pCiphertext, ulCiphertextLen, phKey)
-        }
-        if rv == CKR_OK, let phKey {
-            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
-            SessionObjects.decapsulated(phKey.pointee, session: hSession, pMechanism, key: hPrivateKey, pTemplate, ulAttributeCount,
+        let rv = keyFromKey(.C_DecapsulateKey, hSession, pMechanism, hPrivateKey, phKey) {
+            SessionObjects.decapsulated($0, session: hSession, pMechanism, key: hPrivateKey, pTemplate, ulAttributeCount,
                                         ciphertext: pCiphertext, ulCiphertextLen)
+        } call: { session, mechanism, key in
+            function(session, mechanism, key, pTemplate, ulAttributeCount, pCiphertext, ulCiphertextLen, phKey)
         }
-        AsyncOperations.noted(.C_DecapsulateKey, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -196,6 +167,26 @@ extension Custom {
             line.newObject("key", phKey, rv)
             call.finish(rv, &line)
         }
+        return rv
+    }
+
+    /// What the calls that make a key with a mechanism and another key share (C_UnwrapKey,
+    /// C_DeriveKey; 3.2's C_UnwrapKeyAuthenticated, C_EncapsulateKey, C_DecapsulateKey): the
+    /// session, the key and handles in the mechanism parameter made real for `call`; the new key
+    /// (when `phKey` is given) exposed and handed to `record`; a CKR_PENDING noted.
+    private static func keyFromKey(_ function: Function, _ hSession: CK_SESSION_HANDLE, _ pMechanism: UnsafeMutablePointer<CK_MECHANISM>?,
+                                   _ hKey: CK_OBJECT_HANDLE, _ phKey: UnsafeMutablePointer<CK_OBJECT_HANDLE>?,
+                                   record: (CK_OBJECT_HANDLE) -> Void,
+                                   call: (CK_SESSION_HANDLE, UnsafeMutablePointer<CK_MECHANISM>?, CK_OBJECT_HANDLE) -> CK_RV) -> CK_RV {
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : MechanismHandles.withRealHandles(pMechanism) { call(realSession, $0, realKey) }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            record(phKey.pointee)
+        }
+        AsyncOperations.noted(function, hSession, rv)
         return rv
     }
 }

@@ -884,6 +884,22 @@ static CK_RV op_continue(struct nh_session *se, enum nh_op op) {
     return CKR_OK;
 }
 
+// C_SignUpdate, C_VerifyUpdate, C_VerifySignatureUpdate: more data for the HMAC of operation op.
+static CK_RV mac_update(const char *function, CK_SESSION_HANDLE session, enum nh_op op, CK_BYTE_PTR part, CK_ULONG part_len) {
+    CK_RV rv = begin(function);
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = op_continue(se, op)) != CKR_OK) return end(rv);
+    if (part == NULL && part_len > 0) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    nh_hmac_update(&se->hmac, part, part_len);
+    se->op_parts = 1;
+    return end(CKR_OK);
+}
+
 static CK_RV nh_SignInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key) {
     CK_RV rv = begin("C_SignInit");
     if (rv != CKR_OK) return rv;
@@ -913,18 +929,7 @@ static CK_RV nh_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_
 }
 
 static CK_RV nh_SignUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
-    CK_RV rv = begin("C_SignUpdate");
-    if (rv != CKR_OK) return rv;
-    struct nh_session *se = session_of(session);
-    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = op_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
-    if (part == NULL && part_len > 0) {
-        end_operation(se);
-        return end(CKR_ARGUMENTS_BAD);
-    }
-    nh_hmac_update(&se->hmac, part, part_len);
-    se->op_parts = 1;
-    return end(CKR_OK);
+    return mac_update("C_SignUpdate", session, NH_OP_SIGN, part, part_len);
 }
 
 static CK_RV nh_SignFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR signature, CK_ULONG_PTR signature_len) {
@@ -953,7 +958,7 @@ static CK_RV nh_VerifyInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism
 }
 
 // Ends the verify operation, whatever the outcome.
-static CK_RV verify_finish(struct nh_session *se, CK_BYTE_PTR signature, CK_ULONG signature_len) {
+static CK_RV verify_finish(struct nh_session *se, const uint8_t *signature, CK_ULONG signature_len) {
     uint8_t mac[NH_HMAC_LEN];
     CK_RV rv;
     if (signature_len != NH_HMAC_LEN) {
@@ -969,35 +974,32 @@ static CK_RV verify_finish(struct nh_session *se, CK_BYTE_PTR signature, CK_ULON
     return rv;
 }
 
+// C_Verify and C_VerifySignature: the whole data at once, against signature (the caller's, or the
+// one C_VerifySignatureInit was given).
+static CK_RV verify_single(struct nh_session *se, enum nh_op op, CK_BYTE_PTR data, CK_ULONG data_len,
+                           const uint8_t *signature, CK_ULONG signature_len) {
+    CK_RV rv = op_continue(se, op);
+    if (rv != CKR_OK) return rv;
+    if (se->op_parts) return CKR_OPERATION_ACTIVE;
+    if (signature == NULL || (data == NULL && data_len > 0)) {
+        end_operation(se);
+        return CKR_ARGUMENTS_BAD;
+    }
+    nh_hmac_update(&se->hmac, data, data_len);
+    return verify_finish(se, signature, signature_len);
+}
+
 static CK_RV nh_Verify(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR signature,
                        CK_ULONG signature_len) {
     CK_RV rv = begin("C_Verify");
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = op_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
-    if (se->op_parts) return end(CKR_OPERATION_ACTIVE);
-    if (signature == NULL || (data == NULL && data_len > 0)) {
-        end_operation(se);
-        return end(CKR_ARGUMENTS_BAD);
-    }
-    nh_hmac_update(&se->hmac, data, data_len);
-    return end(verify_finish(se, signature, signature_len));
+    return end(verify_single(se, NH_OP_VERIFY, data, data_len, signature, signature_len));
 }
 
 static CK_RV nh_VerifyUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
-    CK_RV rv = begin("C_VerifyUpdate");
-    if (rv != CKR_OK) return rv;
-    struct nh_session *se = session_of(session);
-    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = op_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
-    if (part == NULL && part_len > 0) {
-        end_operation(se);
-        return end(CKR_ARGUMENTS_BAD);
-    }
-    nh_hmac_update(&se->hmac, part, part_len);
-    se->op_parts = 1;
-    return end(CKR_OK);
+    return mac_update("C_VerifyUpdate", session, NH_OP_VERIFY, part, part_len);
 }
 
 static CK_RV nh_VerifyFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR signature, CK_ULONG signature_len) {
@@ -1528,10 +1530,11 @@ static CK_RV nh_VerifySignatureInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR 
     return end(CKR_OK);
 }
 
-// In an asynchronous session the verification's result waits for C_AsyncComplete: the call
-// answers CKR_PENDING (the work is done at once; only its answer is held on the server).
+// In an asynchronous session the verification's result (CKR_OK, CKR_SIGNATURE_INVALID,
+// CKR_SIGNATURE_LEN_RANGE) waits for C_AsyncComplete: the call answers CKR_PENDING (the work is
+// done at once; only its answer is held on the server). Other errors are answered at once.
 static CK_RV async_hold(struct nh_session *se, const char *function, CK_RV rv) {
-    if (!se->async) return rv;
+    if (!se->async || (rv != CKR_OK && rv != CKR_SIGNATURE_INVALID && rv != CKR_SIGNATURE_LEN_RANGE)) return rv;
     se->async_pending = 1;
     se->async_rv = rv;
     se->async_id = ++client.srv->next_async_id;
@@ -1544,31 +1547,12 @@ static CK_RV nh_VerifySignature(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = op_continue(se, NH_OP_VERIFY_SIGNATURE)) != CKR_OK) return end(rv);
-    if (se->op_parts) return end(CKR_OPERATION_ACTIVE);
-    if (data == NULL && data_len > 0) {
-        end_operation(se);
-        return end(CKR_ARGUMENTS_BAD);
-    }
-    nh_hmac_update(&se->hmac, data, data_len);
-    uint8_t signature[NH_HMAC_LEN];
-    memcpy(signature, se->op_signature, sizeof signature);
-    return end(async_hold(se, "C_VerifySignature", verify_finish(se, signature, NH_HMAC_LEN)));
+    rv = verify_single(se, NH_OP_VERIFY_SIGNATURE, data, data_len, se->op_signature, NH_HMAC_LEN);
+    return end(async_hold(se, "C_VerifySignature", rv));
 }
 
 static CK_RV nh_VerifySignatureUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
-    CK_RV rv = begin("C_VerifySignatureUpdate");
-    if (rv != CKR_OK) return rv;
-    struct nh_session *se = session_of(session);
-    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = op_continue(se, NH_OP_VERIFY_SIGNATURE)) != CKR_OK) return end(rv);
-    if (part == NULL && part_len > 0) {
-        end_operation(se);
-        return end(CKR_ARGUMENTS_BAD);
-    }
-    nh_hmac_update(&se->hmac, part, part_len);
-    se->op_parts = 1;
-    return end(CKR_OK);
+    return mac_update("C_VerifySignatureUpdate", session, NH_OP_VERIFY_SIGNATURE, part, part_len);
 }
 
 static CK_RV nh_VerifySignatureFinal(CK_SESSION_HANDLE session) {
@@ -1577,9 +1561,7 @@ static CK_RV nh_VerifySignatureFinal(CK_SESSION_HANDLE session) {
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
     if ((rv = op_continue(se, NH_OP_VERIFY_SIGNATURE)) != CKR_OK) return end(rv);
-    uint8_t signature[NH_HMAC_LEN];
-    memcpy(signature, se->op_signature, sizeof signature);
-    return end(async_hold(se, "C_VerifySignatureFinal", verify_finish(se, signature, NH_HMAC_LEN)));
+    return end(async_hold(se, "C_VerifySignatureFinal", verify_finish(se, se->op_signature, NH_HMAC_LEN)));
 }
 
 // CKS_LAST_VALIDATION_OK: 1 when the session's last finished verification succeeded, else 0.
