@@ -86,6 +86,23 @@ final class InterfaceTests: XCTestCase {
         XCTAssertFalse(trace.contains(token.pin), "the PIN in the trace")
     }
 
+    /// The settings only in C_Initialize's pReserved: the interface list was made before the
+    /// module was known, so it stays 3.0 and 2.40 even over a 3.2 module (docs/FORK.md "PKCS#11
+    /// 3.0 and 3.2"); the module then works through the 3.0 list.
+    func testThreePointTwoModuleNamedOnlyInPReservedGetsNo32List() throws {
+        let token = try NetHSMToken()
+        let result = try runProgram(Products.path("p11fork-interfaces"),
+                                    ["--module", Products.module, "--reserved", "p11fork: module=\(NetHSMToken.module)"],
+                                    environment: token.environment)
+        XCTAssertEqual(result.status, 0, result.output)
+        let lines = result.stdout.split(separator: "\n").map(String.init)
+        XCTAssertEqual(lines.filter { $0.contains(" interface ") }, ["04 interface rv=0x0 'PKCS 11' 3.0", "05 interface rv=0x0 'PKCS 11' 2.40"])
+        XCTAssertTrue(lines.contains { $0.hasSuffix("C_Initialize (3.0 list) rv=0x0") }, result.output)
+        XCTAssertTrue(lines.contains("after C_Initialize: 2 interface(s), the first 3.0"), result.output)
+        XCTAssertTrue(lines.contains { $0.hasSuffix("C_OpenSession rv=0x0") }, result.output)
+        XCTAssertFalse(lines.contains { $0.contains("3.2") }, result.output)
+    }
+
     /// The 3.2 test module's own known-answer checks (its self-test: the NIST CAVS P-256 vector
     /// through C_DecapsulateKey, HMAC-SHA256 through C_VerifySignature*, the interface list).
     func testThreePointTwoTestModulePassesItsKnownAnswerChecks() throws {

@@ -8,7 +8,9 @@
 // Each interface's flags are on a line of their own ("flags ..."): p11fork adds
 // CKF_INTERFACE_FORK_SAFE, so those lines are compared apart.
 //
-//   p11fork-interfaces --module PATH [--nss-nodb] [--pin PIN]
+//   p11fork-interfaces --module PATH [--nss-nodb] [--pin PIN] [--reserved TEXT]
+// --reserved: C_Initialize's pReserved (p11fork's settings, "p11fork: module=..."); the interface
+// list is then asked again after it, on a line "after C_Initialize: ..."
 #include <CPKCS11.h>
 #include <nethsm.h>
 #include <dlfcn.h>
@@ -192,11 +194,12 @@ static int through32(CK_C_GetInterface get, const char *pin) {
 
 int main(int argc, char **argv) {
     const char *module = NULL;
-    const char *pin = NULL;
+    const char *pin = NULL, *reserved = NULL;
     int nss = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--module") && i + 1 < argc) module = argv[++i];
         else if (!strcmp(argv[i], "--pin") && i + 1 < argc) pin = argv[++i];
+        else if (!strcmp(argv[i], "--reserved") && i + 1 < argc) reserved = argv[++i];
         else if (!strcmp(argv[i], "--nss-nodb")) nss = 1;
     }
     if (!module) { fprintf(stderr, "usage: p11fork-interfaces --module PATH [--nss-nodb]\n"); return 2; }
@@ -247,7 +250,14 @@ int main(int argc, char **argv) {
     CK_FUNCTION_LIST_3_0_PTR p = (CK_FUNCTION_LIST_3_0_PTR)chosen->pFunctionList;
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
     if (nss) args.pReserved = "configdir='' certPrefix='' keyPrefix='' secmod='' flags=readOnly,noCertDB,noModDB,forceOpen,optimizeSpace";
+    if (reserved) args.pReserved = (void *)reserved;
     line("C_Initialize (3.0 list)", p->C_Initialize(&args), "%s", "");
+    if (reserved) {
+        CK_ULONG after = 8;
+        rv = list(interfaces, &after);
+        printf("after C_Initialize: %lu interface(s), the first %d.%d\n", after, ((CK_VERSION *)interfaces[0].pFunctionList)->major,
+               ((CK_VERSION *)interfaces[0].pFunctionList)->minor);
+    }
     CK_SLOT_ID slots[8];
     CK_ULONG n = 8;
     rv = p->C_GetSlotList(CK_FALSE, slots, &n);
