@@ -86,10 +86,7 @@ extension Custom {
         }
         if call.isTraced {
             var line = call.line()
-            line.session("session", hSession)
-            line.mechanism("mechanism", pMechanism)
-            line.object("baseKey", hBaseKey)
-            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.keyCall(hSession, pMechanism, "baseKey", hBaseKey, pTemplate, ulAttributeCount)
             line.newObject("key", phKey, rv)
             call.finish(rv, &line)
         }
@@ -135,10 +132,7 @@ extension Custom {
         }
         if call.isTraced {
             var line = call.line()
-            line.session("session", hSession)
-            line.mechanism("mechanism", pMechanism)
-            line.object("publicKey", hPublicKey)
-            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.keyCall(hSession, pMechanism, "publicKey", hPublicKey, pTemplate, ulAttributeCount)
             line.output("ciphertext", pCiphertext, in: ciphertextLengthIn, out: pulCiphertextLen, rv)
             line.newObject("key", pCiphertext != nil ? phKey : nil, rv)
             call.finish(rv, &line)
@@ -159,10 +153,7 @@ extension Custom {
         }
         if call.isTraced {
             var line = call.line()
-            line.session("session", hSession)
-            line.mechanism("mechanism", pMechanism)
-            line.object("privateKey", hPrivateKey)
-            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.keyCall(hSession, pMechanism, "privateKey", hPrivateKey, pTemplate, ulAttributeCount)
             line.length("ciphertext", pCiphertext, ulCiphertextLen)
             line.newObject("key", phKey, rv)
             call.finish(rv, &line)
@@ -188,5 +179,17 @@ extension Custom {
         }
         AsyncOperations.noted(function, hSession, rv)
         return rv
+    }
+}
+
+extension TraceLine {
+    /// How C_DeriveKey, C_EncapsulateKey and C_DecapsulateKey begin their line: the session, the
+    /// mechanism, the key they use (named `keyName`), the new key's template.
+    mutating func keyCall(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?, _ keyName: StaticString,
+                          _ key: CK_OBJECT_HANDLE, _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG) {
+        self.session("session", session)
+        self.mechanism("mechanism", mechanism)
+        object(keyName, key)
+        self.template("template", template, count, valuesShown: true)
     }
 }
