@@ -64,15 +64,16 @@ let package = Package(
         // driver's own runtime cannot blur what a forked child sees.
         .executableTarget(
             name: "p11fork-forkcheck",
-            dependencies: ["ToolSupport"],
+            dependencies: ["ToolSupport", "CPKCS11"],
             path: "Sources/TestTools/ForkCheck",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         // The fork-safe scenarios: session objects and operations in progress in a forked child.
         .executableTarget(
             name: "p11fork-forksafe",
-            dependencies: ["ToolSupport"],
+            dependencies: ["ToolSupport", "CPKCS11"],
             path: "Sources/TestTools/ForkSafe",
+            cSettings: [.headerSearchPath("../../TestModules/NetHSM/include")],
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // A logged-in process whose memory the secrets tests inspect (where does the PIN live?).
@@ -87,11 +88,13 @@ let package = Package(
             path: "Sources/TestTools/EngineFork",
             linkerSettings: [.linkedLibrary("crypto")]
         ),
-        // The 3.0 interface calls and 3.0 functions through a 3.0 list, as a comparable transcript.
+        // The 3.0 interface calls and 3.0 functions through a 3.0 list, and the 3.2 functions through a
+        // 3.2 list (the NetHSM test module's header names its KEM), as a comparable transcript.
         .executableTarget(
             name: "p11fork-interfaces",
             dependencies: ["CPKCS11"],
             path: "Sources/TestTools/Interfaces",
+            cSettings: [.headerSearchPath("../../TestModules/NetHSM/include")],
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // Measurements for scripts/bench.sh (direct and through p11fork, side by side).
@@ -132,7 +135,9 @@ let package = Package(
         // Wraps a real module and answers the faults a control file names (its header says how).
         .target(name: "FaultyModule", path: "Sources/TestModules/FaultyModule", linkerSettings: [.linkedLibrary("dl")]),
         // Behaves like a network-HSM client that knows nothing about fork (its README says how).
-        .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"], linkerSettings: [.linkedLibrary("crypto")]),
+        // Its 3.2 declarations are p11fork's own (the CPKCS11 header only: nothing of that target is linked in).
+        .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"],
+                cSettings: [.headerSearchPath("../../CPKCS11/include")], linkerSettings: [.linkedLibrary("crypto")]),
         // The command-line tool: the doctor and the trace reader.
         .executableTarget(
             name: "p11fork-cli",

@@ -12,6 +12,7 @@ packages=(
   openssl
   libengine-pkcs11-openssl  # OpenSSL's pkcs11 engine (tests)
   libssl-dev                # OpenSSL headers, for the test program that forks with the engine
+  gcc                       # builds the NetHSM test module's self-test (its known answers, InterfaceTests)
   opencryptoki              # openCryptoki's soft token and pkcsslotd (fork tests)
   # tpm2-pkcs11 on a software TPM (fork tests)
   libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools tpm2-tools swtpm swtpm-tools
