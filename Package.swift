@@ -24,6 +24,8 @@ let package = Package(
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
         .executable(name: "p11fork-faults", targets: ["p11fork-faults"]),
         .executable(name: "p11fork-concurrency", targets: ["p11fork-concurrency"]),
+        .executable(name: "p11fork-setuid-probe", targets: ["p11fork-setuid-probe"]),
+        .executable(name: "p11fork-input-fuzz", targets: ["p11fork-input-fuzz"]),
         // The command-line tool (`p11fork doctor`, `p11fork trace`). Its binary is p11fork-cli:
         // the name p11fork is the module's product; install it as p11fork.
         .executable(name: "p11fork-cli", targets: ["p11fork-cli"]),
@@ -63,15 +65,16 @@ let package = Package(
         // driver's own runtime cannot blur what a forked child sees.
         .executableTarget(
             name: "p11fork-forkcheck",
-            dependencies: ["ToolSupport"],
+            dependencies: ["ToolSupport", "CPKCS11"],
             path: "Sources/TestTools/ForkCheck",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         // The fork-safe scenarios: session objects and operations in progress in a forked child.
         .executableTarget(
             name: "p11fork-forksafe",
-            dependencies: ["ToolSupport"],
+            dependencies: ["ToolSupport", "CPKCS11"],
             path: "Sources/TestTools/ForkSafe",
+            cSettings: [.headerSearchPath("../../TestModules/NetHSM/include")],
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // A logged-in process whose memory the secrets tests inspect (where does the PIN live?).
@@ -92,11 +95,13 @@ let package = Package(
             dependencies: ["ProviderScenario"],
             path: "Sources/TestTools/ProviderFork"
         ),
-        // The 3.0 interface calls and 3.0 functions through a 3.0 list, as a comparable transcript.
+        // The 3.0 interface calls and 3.0 functions through a 3.0 list, and the 3.2 functions through a
+        // 3.2 list (the NetHSM test module's header names its KEM), as a comparable transcript.
         .executableTarget(
             name: "p11fork-interfaces",
             dependencies: ["CPKCS11"],
             path: "Sources/TestTools/Interfaces",
+            cSettings: [.headerSearchPath("../../TestModules/NetHSM/include")],
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // Measurements for scripts/bench.sh (direct and through p11fork, side by side).
@@ -119,17 +124,33 @@ let package = Package(
             path: "Sources/TestTools/Concurrency",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
+        // Untrusted text into the settings parsers and the trace reader (scripts/fuzz-inputs.sh; tests).
+        .executableTarget(
+            name: "p11fork-input-fuzz",
+            dependencies: ["P11ForkCore", "TraceReader"],
+            path: "Sources/TestTools/InputFuzz",
+            exclude: ["seeds"]
+        ),
+        // A program that loads a module as a setuid program does (the hostile-inputs tests).
+        .executableTarget(
+            name: "p11fork-setuid-probe",
+            dependencies: ["ToolSupport"],
+            path: "Sources/TestTools/SetuidProbe",
+            linkerSettings: [.linkedLibrary("dl")]
+        ),
         .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
         // Wraps a real module and answers the faults a control file names (its header says how).
         .target(name: "FaultyModule", path: "Sources/TestModules/FaultyModule", linkerSettings: [.linkedLibrary("dl")]),
         // Behaves like a network-HSM client that knows nothing about fork (its README says how).
-        .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"], linkerSettings: [.linkedLibrary("crypto")]),
+        // Its 3.2 declarations are p11fork's own (the CPKCS11 header only: nothing of that target is linked in).
+        .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"],
+                cSettings: [.headerSearchPath("../../CPKCS11/include")], linkerSettings: [.linkedLibrary("crypto")]),
         // The command-line tool: the doctor and the trace reader.
         .executableTarget(
             name: "p11fork-cli",
-            dependencies: ["DoctorScenarios", "ProviderScenario", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["DoctorScenarios", "ProviderScenario", "TraceReader", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/p11fork-cli",
-            exclude: ["DoctorScenarios", "ProviderScenario"]
+            exclude: ["DoctorScenarios", "ProviderScenario", "TraceReader"]
         ),
         // A forking program on OpenSSL 3's pkcs11-provider (the doctor's --consumer provider, and a test driver).
         .target(
@@ -137,6 +158,9 @@ let package = Package(
             path: "Sources/p11fork-cli/ProviderScenario",
             linkerSettings: [.linkedLibrary("crypto")]
         ),
+        // Reading a trace file (`p11fork trace`): a library of its own, so that the input fuzzer
+        // drives the same code as the command.
+        .target(name: "TraceReader", path: "Sources/p11fork-cli/TraceReader"),
         // The doctor's fork scenarios, in C (run in a helper process the doctor starts and watches).
         .target(
             name: "DoctorScenarios",

@@ -75,6 +75,9 @@ def operation_hook(name, params, hook):
     what, *rest = hook
     key = next((ns[0] for k, ns in params if k == "object" and ns[0] == "hKey"), None)
     if what == "init":
+        if len(rest) > 1:
+            data, length = rest[1].split(",")
+            return f"Operations.started(.{rest[0]}, hSession, pMechanism, key: {key or '0'}, rv, signature: {data}, {length})"
         return f"Operations.started(.{rest[0]}, hSession, pMechanism, key: {key or '0'}, rv)"
     if what == "end":
         query = f"{rest[1]} == nil" if len(rest) > 1 else "false"
@@ -179,6 +182,9 @@ def forwarder(name, params):
         out.append(f"        let rv = function({', '.join(call_args)})")
     for p in post:
         out.append(f"        {p}")
+    if any(k == "session" for k, _ in params):
+        # PKCS#11 3.2: CKR_PENDING passes through; p11fork notes the operation (Replay/AsyncOperations.swift).
+        out.append(f"        AsyncOperations.noted(.{name}, hSession, rv)")
     out.append("        if call.isTraced {")
     out.append("            var line = call.line()")
     for t in trace:
@@ -215,8 +221,8 @@ def write_table(functions):
     lines.append("        }")
     lines.append("    }")
     lines.append("}\n")
-    lines.append("/// Fills a 3.0-layout function list with p11fork's entry points.")
-    lines.append("func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) {")
+    lines.append("/// Fills a 3.2-layout function list (the 3.0 and 2.40 layouts are its beginning) with p11fork's entry points.")
+    lines.append("func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {")
     for n, p in functions:
         source = "Custom" if p is None else "Forwarders"
         lines.append(f"    list.pointee.{n} = {source}.{n}")

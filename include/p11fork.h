@@ -18,6 +18,10 @@
  * When P11FORK_MODULE or P11FORK_CONFIG is set, the settings are read when the module is first
  * asked for its function list (and pReserved settings are not used); otherwise at the first
  * C_Initialize, which loads the real module then.
+ * A setuid, setgid or file-capability program (AT_SECURE) ignores the P11FORK_* variables. As
+ * root or AT_SECURE, a settings file or the real module is used only when it and every folder
+ * above it are owned by root (or the process's own user) and not writable by group or others;
+ * any process refuses one that anyone may write (docs/SECURITY.md).
  *
  *   P11FORK_MODULE        Path of the real PKCS#11 module. Required, unless another source
  *                         names it.
@@ -32,7 +36,9 @@
  *                         '#' starts a comment; a value may be in double quotes. A variable
  *                         that is set wins over the same key in the file.
  *   P11FORK_TRACE         Where trace lines go: "stderr", or a file path (opened for appending;
- *                         "%p" becomes the process id). Unset: no tracing.
+ *                         "%p" becomes the process id, and such a file is always created new).
+ *                         Never a symbolic link, FIFO, device or another user's file: those
+ *                         are refused with one stderr line, and nothing is traced. Unset: no tracing.
  *   P11FORK_TRACE_LEVEL   error (p11fork's own problems), fork (+ fork events and recovery
  *                         steps), calls (+ every call: arguments, return code, duration; the
  *                         default), full (+ templates, mechanism parameter lengths, real handles).
@@ -46,7 +52,7 @@
  *                         again in a child (default 1048576; 64k, 4m also work; 0 keeps nothing).
  *
  * A configuration problem (no module named, file missing, not a PKCS#11 module, unknown key,
- * bad value, in a variable, a file or pReserved) makes C_Initialize write one line on stderr, naming the problem and the fix, and
+ * bad value, in a variable, a file or pReserved, a file others could change) makes C_Initialize write one line on stderr, naming the problem and the fix, and
  * return CKR_GENERAL_ERROR.
  *
  * Handles: slot IDs, session handles and object handles seen by the application are p11fork's

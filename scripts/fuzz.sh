@@ -5,6 +5,8 @@
 #
 #   scripts/fuzz.sh [SECONDS]        fuzz for SECONDS (default 60), print the figures, exit 1 on a finding
 #   scripts/fuzz.sh --repro FILE     run one input (a finding) again and print its calls
+#   scripts/fuzz.sh --v32 [SECONDS]  the PKCS#11 3.2 functions instead: p11fork over the NetHSM test
+#                                    module against a second NetHSM (Sources/TestTools/Fuzz32)
 #
 # Environment:
 #   P11FUZZ_CORPUS=DIR   keep the corpus in DIR (default: a temporary one, started from the seeds)
@@ -21,6 +23,11 @@ cd "$(dirname "$0")/.."
 source scripts/swift-env.sh
 
 repro=""
+v32=0
+if [ "${1:-}" = "--v32" ]; then
+  v32=1
+  shift
+fi
 if [ "${1:-}" = "--repro" ]; then
   repro=${2:?usage: scripts/fuzz.sh --repro FILE}
   seconds=0
@@ -61,6 +68,37 @@ else
     -Xswiftc -sanitize=address,fuzzer -Xswiftc -use-ld=lld -Xlinker -z -Xlinker undefs > .build-fuzz/build.log 2>&1 ||
     { tail -30 .build-fuzz/build.log >&2; echo "p11fuzz: building the instrumented libp11fork.so failed (.build-fuzz/build.log)" >&2; exit 2; }
   lib=$PWD/.build-fuzz/debug/libp11fork.so
+fi
+
+# The 3.2 target: its own harness, the NetHSM test module on both sides (swift build makes it).
+if [ "$v32" = 1 ]; then
+  nethsm=$PWD/.build/debug/libp11fork-test-nethsm.so
+  [ -f "$nethsm" ] || { echo "p11fuzz32: $nethsm is missing: run swift build first" >&2; exit 2; }
+  "$cc" -g -O1 -Wall -Wextra -fsanitize=fuzzer,address -fuse-ld=lld -I Sources/CPKCS11/include \
+    -I Sources/TestModules/NetHSM/include -I Sources/TestTools/Support/include Sources/TestTools/Fuzz32/fuzz32.c \
+    Sources/TestTools/Support/tool_support.c -o .build-fuzz/p11fuzz32 -ldl
+  work=$(mktemp -d /tmp/p11fuzz32.XXXXXX)
+  trap 'rm -rf "$work"' EXIT
+  export P11FUZZ_P11FORK=$lib P11FUZZ_NETHSM=$nethsm P11FUZZ_DIR=$work
+  export ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0:${ASAN_OPTIONS:-}
+  mkdir -p "$work/corpus"
+  if [ -n "$repro" ]; then .build-fuzz/p11fuzz32 -runs=1 "$repro"; exit $?; fi
+  set +e
+  .build-fuzz/p11fuzz32 -max_total_time="$seconds" -max_len=256 -timeout=30 -print_final_stats=1 \
+    -artifact_prefix="$PWD/.build-fuzz/findings/v32-" ${P11FUZZ_FLAGS:-} "$work/corpus" > "$work/fuzz.log" 2>&1
+  status=$?
+  set -e
+  cp "$work/fuzz.log" .build-fuzz/last-fuzz32.log
+  echo "p11fuzz32: executions $(sed -n 's/^stat::number_of_executed_units: *//p' "$work/fuzz.log" | tail -1)," \
+       "$(sed -n 's/^stat::average_exec_per_sec: *//p' "$work/fuzz.log" | tail -1) per second;" \
+       "$(grep -E '^#[0-9]+' "$work/fuzz.log" | tail -1 | sed -n 's/.* cov: \([0-9]*\).*/coverage \1 edges/p')"
+  if [ "$status" -ne 0 ]; then
+    grep -E 'FINDING|ERROR: (AddressSanitizer|libFuzzer)' "$work/fuzz.log" | head -5
+    echo "p11fuzz32: FINDING (libFuzzer exit status $status); the whole log: .build-fuzz/last-fuzz32.log"
+    exit 1
+  fi
+  echo "p11fuzz32: no finding"
+  exit 0
 fi
 
 # The harness.

@@ -13,6 +13,7 @@ packages=(
   libengine-pkcs11-openssl  # OpenSSL's pkcs11 engine (tests)
   libssl-dev                # OpenSSL headers: the test programs that fork with the engine and the provider
   meson ninja-build pkg-config  # to build pkcs11-provider from ../shared/vendor (below)
+  gcc                       # builds the NetHSM test module's self-test (its known answers, InterfaceTests)
   opencryptoki              # openCryptoki's soft token and pkcsslotd (fork tests)
   # tpm2-pkcs11 on a software TPM (fork tests)
   libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools tpm2-tools swtpm swtpm-tools

@@ -78,6 +78,9 @@ int CPKCS11_loaded_count(const char *needle) {
     return match.count;
 }
 
+#include <sys/auxv.h>
+int CPKCS11_secure_execution(void) { return getauxval(AT_SECURE) != 0; }
+
 extern char **environ;
 
 // The environment libc reads. Under RTLD_DEEPBIND (pkcs11-provider opens its module so) this

@@ -7,7 +7,7 @@ import Glibc
 /// module then too when the environment names the module, else at the first C_Initialize.
 enum Core {
     /// The real module's functions; nil when it could not be loaded (see `loadProblem`).
-    nonisolated(unsafe) static var functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
+    nonisolated(unsafe) static var functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>?
     /// Session and object handles are valid in the epoch they were issued in; C_Finalize and a
     /// child's new module start a new one.
     nonisolated(unsafe) static var epoch: UInt = 1
@@ -23,13 +23,21 @@ enum Core {
     nonisolated(unsafe) static var loadProblem: ConfigurationProblem?
 
     /// The lists and interfaces handed to the application.
+    nonisolated(unsafe) static var list32: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>!
     nonisolated(unsafe) static var list30: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>!
     nonisolated(unsafe) static var list240: UnsafeMutablePointer<CK_FUNCTION_LIST>!
     nonisolated(unsafe) static var interfaces: UnsafeMutablePointer<CK_INTERFACE>!
     nonisolated(unsafe) static var interfaceCount = 0
 
     private static let loaded: Bool = {
-        load(environment: Configuration.currentEnvironment())
+        InputTrust.secureExecution = CPKCS11_secure_execution() != 0
+        let (environment, ignored) = InputTrust.settingsEnvironment(Configuration.currentEnvironment(),
+                                                                    secure: InputTrust.secureExecution)
+        if !ignored.isEmpty {
+            let message = InputTrust.ignoredMessage(ignored) + "\n"
+            Trace.write(2, message, message.utf8.count)
+        }
+        load(environment: environment)
         return true
     }()
 
@@ -107,11 +115,8 @@ enum Core {
             Logins.replayEnabled = configuration.loginReplay
             ReplayBudget.limit = configuration.replayLimit
             if let problem = Trace.configure(configuration.trace, level: configuration.traceLevel,
-                                             format: configuration.traceFormat) {
-                // The message names the variable; the trace may have been named elsewhere.
-                let prefix = "P11FORK_TRACE="
-                loadProblem = ConfigurationProblem(problem.hasPrefix(prefix)
-                    ? "\(configuration.traceSource)=" + problem.dropFirst(prefix.count) : problem)
+                                             format: configuration.traceFormat, source: configuration.traceSource) {
+                loadProblem = ConfigurationProblem(problem)
                 break
             }
             // Before the module loads: the handler must run after the module's own exit handlers.
@@ -122,7 +127,7 @@ enum Core {
             case .success(let module):
                 self.module = module
                 functions = module.functions
-                Trace.event(.fork, "loaded \(module.path) (\(module.offers30 ? "PKCS#11 3.0 interface" : "PKCS#11 2.x function list")); fork detection by \(ProcessMark.wipedByKernel ? "MADV_WIPEONFORK page" : "pthread_atfork handler")")
+                Trace.event(.fork, "loaded \(module.path) (\(module.offers32 ? "PKCS#11 3.2 interface" : module.offers30 ? "PKCS#11 3.0 interface" : "PKCS#11 2.x function list")); fork detection by \(ProcessMark.wipedByKernel ? "MADV_WIPEONFORK page" : "pthread_atfork handler")")
                 Trace.event(.fork, "the module was named by \(configuration.moduleSource)")
             }
         }
@@ -138,7 +143,7 @@ enum Core {
     private static func initializeGlobals() {
         keep(Configuration.keys, RealModule.ownHandle as Any, SessionNotifications.relays, SessionNotifications.trampoline,
              Recovery.searchSessions, Recovery.lost, Logins.kept, Logins.states, Records.tokens, Records.sessions,
-             Records.objects, Records.objectsByIdentity, Operations.records, SessionObjects.recipes,
+             Records.objects, Records.objectsByIdentity, Operations.records, AsyncOperations.pending, SessionObjects.recipes,
              KeptTemplate.nestedTypes, ProtectedMemory.sizes, ProtectedMemory.free, ProtectedMemory.regions,
              ParameterLayout.flatMechanisms, ParameterLayout.stringData, ParameterLayout.structures,
              MechanismHandles.handleCarriers, CK_FLAGS.sessionFlagNames, CK_FLAGS.initializeFlagNames,
@@ -150,26 +155,33 @@ enum Core {
     private static func keep(_ values: Any...) { _ = values.count }
 
     private static func buildLists() {
+        list32 = .allocate(capacity: 1)
+        UnsafeMutableRawPointer(list32).initializeMemory(as: UInt8.self, repeating: 0,
+                                                         count: MemoryLayout<CK_FUNCTION_LIST_3_2>.size)
+        fillFunctionList(list32)
+        list32.pointee.version = CK_VERSION(major: 3, minor: 2)
+        // The 3.0 and 2.40 lists are the beginning of the 3.2 one.
         list30 = .allocate(capacity: 1)
-        UnsafeMutableRawPointer(list30).initializeMemory(as: UInt8.self, repeating: 0,
-                                                         count: MemoryLayout<CK_FUNCTION_LIST_3_0>.size)
-        fillFunctionList(list30)
+        UnsafeMutableRawPointer(list30).copyMemory(from: list32, byteCount: MemoryLayout<CK_FUNCTION_LIST_3_0>.size)
         list30.pointee.version = CK_VERSION(major: 3, minor: 0)
         list240 = .allocate(capacity: 1)
-        UnsafeMutableRawPointer(list240).copyMemory(from: list30, byteCount: MemoryLayout<CK_FUNCTION_LIST>.size)
+        UnsafeMutableRawPointer(list240).copyMemory(from: list32, byteCount: MemoryLayout<CK_FUNCTION_LIST>.size)
         list240.pointee.version = CK_VERSION(major: 2, minor: 40)
 
         let name = strdup("PKCS 11")!.withMemoryRebound(to: CK_UTF8CHAR.self, capacity: 8) { $0 }
-        interfaces = .allocate(capacity: 2)
+        interfaces = .allocate(capacity: 3)
         interfaceCount = 0
         // p11fork keeps the fork-safe promise (PKCS#11 3.0 section 5.4; README "What a child
-        // gets") whatever the real module is, so both interfaces carry CKF_INTERFACE_FORK_SAFE.
+        // gets") whatever the real module is, so every interface carries CKF_INTERFACE_FORK_SAFE.
         // The 3.0 one is offered over a 2.x module too: its 3.0-only functions then answer
-        // CKR_FUNCTION_NOT_SUPPORTED, as a module may.
+        // CKR_FUNCTION_NOT_SUPPORTED, as a module may. The 3.2 one only over a module that
+        // offers 3.2 when p11fork loads it (docs/FORK.md "PKCS#11 3.0 and 3.2"), newest first.
         let forkSafe = CK_FLAGS(CKF_INTERFACE_FORK_SAFE)
-        interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: UnsafeMutableRawPointer(list30), flags: forkSafe)
-        interfaceCount += 1
-        interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: UnsafeMutableRawPointer(list240), flags: forkSafe)
-        interfaceCount += 1
+        var offered: [UnsafeMutableRawPointer] = [UnsafeMutableRawPointer(list30), UnsafeMutableRawPointer(list240)]
+        if module?.offers32 == true { offered.insert(UnsafeMutableRawPointer(list32), at: 0) }
+        for list in offered {
+            interfaces[interfaceCount] = CK_INTERFACE(pInterfaceName: name, pFunctionList: list, flags: forkSafe)
+            interfaceCount += 1
+        }
     }
 }

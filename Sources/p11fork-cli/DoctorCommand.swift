@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import TraceReader
 
 /// `p11fork doctor`: what fork does to your module, directly and through p11fork, and the
 /// configuration that makes every scenario pass.

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import TraceReader
 
 /// `p11fork trace FILE`: a trace written with P11FORK_TRACE_FORMAT=json, per process.
 struct TraceCommand: ParsableCommand {
@@ -30,10 +31,7 @@ struct TraceCommand: ParsableCommand {
     var errors = false
 
     func run() throws {
-        guard let data = FileManager.default.contents(atPath: file) else {
-            throw UsageError("\(file): cannot read the file: name a trace written with P11FORK_TRACE=FILE P11FORK_TRACE_FORMAT=json")
-        }
-        let traceFile = TraceFile(bytes: [UInt8](data))
+        let traceFile = TraceFile(bytes: try Self.read(file))
         guard !traceFile.records.isEmpty else {
             throw CommandFailure("\(file): no trace lines (\(traceFile.malformedLines.count) malformed): is it a p11fork trace (P11FORK_TRACE_FORMAT=json)?")
         }
@@ -50,5 +48,20 @@ struct TraceCommand: ParsableCommand {
         }
         text += report.summary(style: style)
         Output.standard(text)
+    }
+
+    /// The bytes of a regular file. A trace may come from someone else: a FIFO or a device is
+    /// refused without waiting or reading without end.
+    static func read(_ path: String) throws -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+        guard fd >= 0 else {
+            throw UsageError("\(path): cannot read the file (\(String(cString: strerror(errno)))): name a trace written with P11FORK_TRACE=FILE P11FORK_TRACE_FORMAT=json")
+        }
+        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        var status = stat()
+        guard fstat(fd, &status) == 0, status.st_mode & S_IFMT == S_IFREG else {
+            throw UsageError("\(path): not a regular file: name a trace file")
+        }
+        return [UInt8](handle.readDataToEndOfFile())
     }
 }

@@ -5,7 +5,9 @@ import Testing
 /// and searches carried into a forked child (Sources/TestTools/ForkSafe). Each scenario runs
 /// directly first, where the child loses everything, then through p11fork, with the function
 /// list taken from C_GetInterface(..., CKF_INTERFACE_FORK_SAFE): the child never calls
-/// C_Initialize, and its results equal the parent's.
+/// C_Initialize, and its results equal the parent's. Over the 3.2 test module (NetHSM) the
+/// fork-safe interface is the 3.2 one, and the 3.2 scenarios run too (docs/FORK.md "PKCS#11 3.0
+/// and 3.2").
 @Suite(.serialized) struct ForkSafeTests {
     static let scenarios = ["create-object", "unwrap-derive", "ecdh", "generated-lost", "sign-update", "decrypt-update",
                             "digest-update", "find"]
@@ -15,18 +17,20 @@ import Testing
         let module: String
         let mechanism: String
         let directShows: String
+        /// The version of the interface C_GetInterface(NULL, NULL, ..., CKF_INTERFACE_FORK_SAFE) gives.
+        let forkSafeVersion: String
     }
 
     static func softHSM() throws -> Setup {
         let token = try SoftHSMToken(strict: true)
         try token.generateKeyPair(label: "fork-key")
-        return Setup(token: token, module: RealModules.softHSM, mechanism: "rsa", directShows: "-> 0x190")
+        return Setup(token: token, module: RealModules.softHSM, mechanism: "rsa", directShows: "-> 0x190", forkSafeVersion: "3.0")
     }
 
     static func netHSM() throws -> Setup {
         let token = try NetHSMToken()
         try token.generateSecretKey(label: "fork-key")
-        return Setup(token: token, module: NetHSMToken.module, mechanism: "hmac", directShows: "-> 0x30")
+        return Setup(token: token, module: NetHSMToken.module, mechanism: "hmac", directShows: "-> 0x30", forkSafeVersion: "3.2")
     }
 
     struct Outcome {
@@ -56,7 +60,7 @@ import Testing
         #expect(!direct.succeeded && direct.result.output.contains(setup.directShows), "directly: \(direct.report)")
         let through = try run(setup, scenario, throughP11Fork: true)
         #expect(through.succeeded, "through p11fork: \(through.report)")
-        #expect(through.result.stdout.contains("fork-safe interface: 'PKCS 11' 3.0"), "\(through.report)")
+        #expect(through.result.stdout.contains("fork-safe interface: 'PKCS 11' \(setup.forkSafeVersion)"), "\(through.report)")
         #expect(!through.trace.contains(setup.token.pin), "the PIN is in the trace")
         switch scenario {
         case "generated-lost":
@@ -68,6 +72,19 @@ import Testing
             #expect(through.trace.contains("context-specific login replayed"), "\(through.report)")
         case "find":
             #expect(through.trace.contains("2 already returned to the parent, 3 left"), "\(through.report)")
+        case "verify-signature-update":
+            #expect(through.trace.contains("operation C_VerifySignatureInit on session 0x5e000001 carried into the child: C_VerifySignatureInit (CKM_SHA256_HMAC, key 0xb000001) and 1 update(s) of 32 bytes replayed"),
+                    "\(through.report)")
+            #expect(through.result.stdout.contains("a wrong signature -> 0xc0"), "\(through.report)")
+        case "async-pending":
+            #expect(through.result.stdout.contains("C_AsyncComplete for the parent's operation -> 0x91, C_AsyncJoin with its ID -> 0x160")
+                    && through.result.stdout.contains("its own verification -> 0x204, completed -> 0x0"), "\(through.report)")
+            #expect(through.trace.contains("C_AsyncComplete(C_VerifySignature) on session 0x5e000002: the asynchronous operation was begun in the parent and stays the parent's; answered CKR_OPERATION_NOT_INITIALIZED without asking the module")
+                    && through.trace.contains("C_AsyncJoin(C_VerifySignature) on session 0x5e000001: the asynchronous operation was begun in the parent and stays the parent's; answered CKR_SAVED_STATE_INVALID"),
+                    "\(through.report)")
+        case "decapsulate":
+            #expect(through.trace.contains("made again (CKO_SECRET_KEY, session object; C_DecapsulateKey with mechanism 0xce480001")
+                    && through.trace.contains("it was made by C_EncapsulateKey, and a random key cannot be made again"), "\(through.report)")
         case "unwrap-derive":
             #expect(through.trace.contains("C_UnwrapKey with CKM_AES_KEY_WRAP") && through.trace.contains("C_DeriveKey with"), "\(through.report)")
         default:
@@ -81,6 +98,16 @@ import Testing
     }
 
     @Test(arguments: scenarios) func networkHSMTestModule(_ scenario: String) throws {
+        try Self.directLosesThenP11ForkKeeps(try Self.netHSM(), scenario)
+    }
+
+    /// PKCS#11 3.2, over the 3.2 test module: a child continues a C_VerifySignatureInit + Update
+    /// begun in its parent (the signature verifies, a wrong one is refused); a child uses a key
+    /// its parent made by C_DecapsulateKey (made again from its recipe), while one made by
+    /// C_EncapsulateKey (a random secret) is reported lost with the reason; an asynchronous
+    /// operation of the parent (CKR_PENDING passed through, its ID from C_AsyncGetID) stays the
+    /// parent's: the child gets CKR_OPERATION_NOT_INITIALIZED / CKR_SAVED_STATE_INVALID for it.
+    @Test(arguments: ["verify-signature-update", "decapsulate", "async-pending"]) func pkcs11v32OverTheNetworkHSMTestModule(_ scenario: String) throws {
         try Self.directLosesThenP11ForkKeeps(try Self.netHSM(), scenario)
     }
 

@@ -36,4 +36,25 @@ import Testing
                 "\(Self.counts(outcome.result.stdout))")
         print("fork storm, network-HSM test module: \(Self.counts(outcome.result.stdout))")
     }
+
+    /// Over the 3.2 test module, with a signature-first verification (C_VerifySignatureInit +
+    /// Update) in progress in the parent at every fork: each of 1,000 children signs, verifies and
+    /// finishes the parent's verification (the signature verifies); each grandchild verifies its
+    /// own signature through C_VerifySignature; the parent finishes its own at the end.
+    @Test func pkcs11v32ModuleThousandChildrenFinishTheParentsVerification() throws {
+        let token = try NetHSMToken()
+        try token.generateSecretKey(label: "hmac-key")
+        var check = ForkCheck(token: token, keyLabel: "hmac-key", mechanism: "hmac")
+        check.realModule = NetHSMToken.module
+        let direct = try check.run("storm", throughP11Fork: false, children: 10, extra: ["--in-flight", "3", "--verify-signature"])
+        #expect(!direct.succeeded && direct.result.stdout.contains("0 signed and verified"), "directly: \(direct.report)")
+        let outcome = try check.run("storm", throughP11Fork: true, children: 1000, extra: ["--in-flight", "3", "--verify-signature"])
+        #expect(outcome.succeeded, "\(outcome.report)")
+        #expect(outcome.result.stdout.contains("1000 signed and verified, 0 failed, 0 hung, 0 crashed; 0 grandchild problem(s)"),
+                "\(Self.counts(outcome.result.stdout))")
+        #expect(outcome.result.stdout.contains("every child finished the parent's C_VerifySignatureInit + Update (signature verified); so did the parent"),
+                "\(outcome.report)")
+        #expect(outcome.trace.components(separatedBy: "operation C_VerifySignatureInit on session").count - 1 >= 1000, "\(Self.counts(outcome.result.stdout))")
+        print("fork storm, 3.2 test module with a verification in progress: \(Self.counts(outcome.result.stdout))")
+    }
 }

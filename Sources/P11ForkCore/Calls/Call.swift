@@ -14,7 +14,7 @@ struct Call: ~Copyable {
     private let gate: UnsafeMutablePointer<Atomic<Int>>?
     /// The real module's functions for this call; nil without a module, or while the application
     /// has not initialised the library (the gate refused the call).
-    let functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
+    let functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>?
 
     @inline(__always)
     init(_ function: Function) {
@@ -63,9 +63,9 @@ struct Call: ~Copyable {
     }
 
     /// Whether the module's list has this call's function: `Function` is in the order of
-    /// CK_FUNCTION_LIST_3_0's entries (generated from the same description).
-    private func moduleHas(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> Bool {
-        let first = MemoryLayout<CK_FUNCTION_LIST_3_0>.offset(of: \.C_Initialize)!
+    /// CK_FUNCTION_LIST_3_2's entries (generated from the same description).
+    private func moduleHas(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> Bool {
+        let first = MemoryLayout<CK_FUNCTION_LIST_3_2>.offset(of: \.C_Initialize)!
         let stride = MemoryLayout<UnsafeRawPointer?>.stride
         return UnsafeRawPointer(list).load(fromByteOffset: first + function.rawValue * stride, as: UnsafeRawPointer?.self) != nil
     }

@@ -86,6 +86,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPin, ulPinLen)
+        AsyncOperations.noted(.C_InitPIN, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -102,6 +103,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pOperationState, pulOperationStateLen)
+        AsyncOperations.noted(.C_GetOperationState, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -120,6 +122,7 @@ enum Forwarders {
         let realAuthenticationKey = Objects.real(hAuthenticationKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pOperationState, ulOperationStateLen, realEncryptionKey, realAuthenticationKey)
         Operations.stateSet(hSession, rv)
+        AsyncOperations.noted(.C_SetOperationState, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -138,6 +141,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realObject = Objects.real(hObject, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, realObject, pulSize)
+        AsyncOperations.noted(.C_GetObjectSize, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -155,6 +159,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let realObject = Objects.real(hObject, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
+        AsyncOperations.noted(.C_GetAttributeValue, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -173,6 +178,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.encrypt, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_EncryptInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -191,6 +197,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen)
         Operations.finished(.encrypt, hSession, rv, lengthQuery: pEncryptedData == nil)
+        AsyncOperations.noted(.C_Encrypt, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -209,6 +216,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
         Operations.fed(.encrypt, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
+        AsyncOperations.noted(.C_EncryptUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -227,6 +235,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pLastEncryptedPart, pulLastEncryptedPartLen)
         Operations.finished(.encrypt, hSession, rv, lengthQuery: pLastEncryptedPart == nil)
+        AsyncOperations.noted(.C_EncryptFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -244,6 +253,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.decrypt, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_DecryptInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -262,6 +272,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedData, ulEncryptedDataLen, pData, pulDataLen)
         Operations.finished(.decrypt, hSession, rv, lengthQuery: pData == nil)
+        AsyncOperations.noted(.C_Decrypt, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -280,6 +291,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
         Operations.fed(.decrypt, hSession, rv, pEncryptedPart, ulEncryptedPartLen, lengthQuery: pPart == nil)
+        AsyncOperations.noted(.C_DecryptUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -298,6 +310,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pLastPart, pulLastPartLen)
         Operations.finished(.decrypt, hSession, rv, lengthQuery: pLastPart == nil)
+        AsyncOperations.noted(.C_DecryptFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -314,6 +327,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism)
         Operations.started(.digest, hSession, pMechanism, key: 0, rv)
+        AsyncOperations.noted(.C_DigestInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -331,6 +345,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pDigest, pulDigestLen)
         Operations.finished(.digest, hSession, rv, lengthQuery: pDigest == nil)
+        AsyncOperations.noted(.C_Digest, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -348,6 +363,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
         Operations.fed(.digest, hSession, rv, pPart, ulPartLen, lengthQuery: false)
+        AsyncOperations.noted(.C_DigestUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -365,6 +381,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, realKey)
         Operations.fedKey(hSession, hKey, rv)
+        AsyncOperations.noted(.C_DigestKey, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -382,6 +399,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pDigest, pulDigestLen)
         Operations.finished(.digest, hSession, rv, lengthQuery: pDigest == nil)
+        AsyncOperations.noted(.C_DigestFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -399,6 +417,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.sign, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_SignInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -417,6 +436,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, pulSignatureLen)
         Operations.finished(.sign, hSession, rv, lengthQuery: pSignature == nil)
+        AsyncOperations.noted(.C_Sign, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -434,6 +454,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
         Operations.fed(.sign, hSession, rv, pPart, ulPartLen, lengthQuery: false)
+        AsyncOperations.noted(.C_SignUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -451,6 +472,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, pulSignatureLen)
         Operations.finished(.sign, hSession, rv, lengthQuery: pSignature == nil)
+        AsyncOperations.noted(.C_SignFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -468,6 +490,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.signRecover, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_SignRecoverInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -486,6 +509,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, pulSignatureLen)
         Operations.finished(.signRecover, hSession, rv, lengthQuery: pSignature == nil)
+        AsyncOperations.noted(.C_SignRecover, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -504,6 +528,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.verify, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_VerifyInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -521,6 +546,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen, pSignature, ulSignatureLen)
         Operations.finished(.verify, hSession, rv, lengthQuery: false)
+        AsyncOperations.noted(.C_Verify, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -538,6 +564,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
         Operations.fed(.verify, hSession, rv, pPart, ulPartLen, lengthQuery: false)
+        AsyncOperations.noted(.C_VerifyUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -554,6 +581,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, ulSignatureLen)
         Operations.finished(.verify, hSession, rv, lengthQuery: false)
+        AsyncOperations.noted(.C_VerifyFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -571,6 +599,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.verifyRecover, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_VerifyRecoverInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -589,6 +618,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSignature, ulSignatureLen, pData, pulDataLen)
         Operations.finished(.verifyRecover, hSession, rv, lengthQuery: pData == nil)
+        AsyncOperations.noted(.C_VerifyRecover, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -608,6 +638,7 @@ enum Forwarders {
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
         Operations.fed(.digest, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
         Operations.fed(.encrypt, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
+        AsyncOperations.noted(.C_DigestEncryptUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -627,6 +658,7 @@ enum Forwarders {
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
         Operations.fed(.decrypt, hSession, rv, pEncryptedPart, ulEncryptedPartLen, lengthQuery: pPart == nil)
         Operations.fed(.digest, hSession, rv, pPart, pulPartLen?.pointee ?? 0, lengthQuery: pPart == nil)
+        AsyncOperations.noted(.C_DecryptDigestUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -646,6 +678,7 @@ enum Forwarders {
         let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen)
         Operations.fed(.sign, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
         Operations.fed(.encrypt, hSession, rv, pPart, ulPartLen, lengthQuery: pEncryptedPart == nil)
+        AsyncOperations.noted(.C_SignEncryptUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -665,6 +698,7 @@ enum Forwarders {
         let rv = failure != CKR_OK ? failure : function(realSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen)
         Operations.fed(.decrypt, hSession, rv, pEncryptedPart, ulEncryptedPartLen, lengthQuery: pPart == nil)
         Operations.fed(.verify, hSession, rv, pPart, pulPartLen?.pointee ?? 0, lengthQuery: pPart == nil)
+        AsyncOperations.noted(.C_DecryptVerifyUpdate, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -684,6 +718,7 @@ enum Forwarders {
         let realWrappingKey = Objects.real(hWrappingKey, &failure)
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realWrappingKey, realKey, pWrappedKey, pulWrappedKeyLen)
+        AsyncOperations.noted(.C_WrapKey, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -702,6 +737,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pSeed, ulSeedLen)
+        AsyncOperations.noted(.C_SeedRandom, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -717,6 +753,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pRandomData, ulRandomLen)
+        AsyncOperations.noted(.C_GenerateRandom, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -732,6 +769,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
+        AsyncOperations.noted(.C_GetFunctionStatus, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -746,6 +784,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
+        AsyncOperations.noted(.C_CancelFunction, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -761,6 +800,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, flags)
         Operations.cancelled(hSession, flags, rv)
+        AsyncOperations.noted(.C_SessionCancel, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -778,6 +818,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.messageEncrypt, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_MessageEncryptInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -795,6 +836,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pPlaintext, ulPlaintextLen, pCiphertext, pulCiphertextLen)
+        AsyncOperations.noted(.C_EncryptMessage, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -814,6 +856,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
         Operations.message(.messageEncrypt, hSession, open: true, rv)
+        AsyncOperations.noted(.C_EncryptMessageBegin, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -832,6 +875,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pPlaintextPart, ulPlaintextPartLen, pCiphertextPart, pulCiphertextPartLen, flags)
         Operations.message(.messageEncrypt, hSession, open: flags & CK_FLAGS(CKF_END_OF_MESSAGE) == 0, rv)
+        AsyncOperations.noted(.C_EncryptMessageNext, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -851,6 +895,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
         Operations.finished(.messageEncrypt, hSession, rv, lengthQuery: false)
+        AsyncOperations.noted(.C_MessageEncryptFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -867,6 +912,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.messageDecrypt, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_MessageDecryptInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -884,6 +930,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen, pCiphertext, ulCiphertextLen, pPlaintext, pulPlaintextLen)
+        AsyncOperations.noted(.C_DecryptMessage, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -903,6 +950,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pAssociatedData, ulAssociatedDataLen)
         Operations.message(.messageDecrypt, hSession, open: true, rv)
+        AsyncOperations.noted(.C_DecryptMessageBegin, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -921,6 +969,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pCiphertextPart, ulCiphertextPartLen, pPlaintextPart, pulPlaintextPartLen, flags)
         Operations.message(.messageDecrypt, hSession, open: flags & CK_FLAGS(CKF_END_OF_MESSAGE) == 0, rv)
+        AsyncOperations.noted(.C_DecryptMessageNext, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -940,6 +989,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
         Operations.finished(.messageDecrypt, hSession, rv, lengthQuery: false)
+        AsyncOperations.noted(.C_MessageDecryptFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -956,6 +1006,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.messageSign, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_MessageSignInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -973,6 +1024,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
+        AsyncOperations.noted(.C_SignMessage, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -991,6 +1043,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen)
         Operations.message(.messageSign, hSession, open: true, rv)
+        AsyncOperations.noted(.C_SignMessageBegin, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1008,6 +1061,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, pulSignatureLen)
         Operations.message(.messageSign, hSession, open: pSignature == nil, rv)
+        AsyncOperations.noted(.C_SignMessageNext, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1026,6 +1080,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
         Operations.finished(.messageSign, hSession, rv, lengthQuery: false)
+        AsyncOperations.noted(.C_MessageSignFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1042,6 +1097,7 @@ enum Forwarders {
         let realKey = Objects.real(hKey, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey)
         Operations.started(.messageVerify, hSession, pMechanism, key: hKey, rv)
+        AsyncOperations.noted(.C_MessageVerifyInit, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1058,6 +1114,7 @@ enum Forwarders {
         var failure = CK_RV(CKR_OK)
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
+        AsyncOperations.noted(.C_VerifyMessage, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1076,6 +1133,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen)
         Operations.message(.messageVerify, hSession, open: true, rv)
+        AsyncOperations.noted(.C_VerifyMessageBegin, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1092,6 +1150,7 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession, pParameter, ulParameterLen, pData, ulDataLen, pSignature, ulSignatureLen)
         Operations.message(.messageVerify, hSession, open: pSignature == nil, rv)
+        AsyncOperations.noted(.C_VerifyMessageNext, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
@@ -1110,9 +1169,120 @@ enum Forwarders {
         let realSession = Sessions.real(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(realSession)
         Operations.finished(.messageVerify, hSession, rv, lengthQuery: false)
+        AsyncOperations.noted(.C_MessageVerifyFinal, hSession, rv)
         if call.isTraced {
             var line = call.line()
             line.session("session", hSession)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_VerifySignatureInit: CK_C_VerifySignatureInit = { hSession, pMechanism, hKey, pSignature, ulSignatureLen in
+        let call = Call(.C_VerifySignatureInit)
+        guard let function = call.functions?.pointee.C_VerifySignatureInit else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realKey, pSignature, ulSignatureLen)
+        Operations.started(.verifySignature, hSession, pMechanism, key: hKey, rv, signature: pSignature, ulSignatureLen)
+        AsyncOperations.noted(.C_VerifySignatureInit, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("key", hKey)
+            line.length("signature", pSignature, ulSignatureLen)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_VerifySignature: CK_C_VerifySignature = { hSession, pData, ulDataLen in
+        let call = Call(.C_VerifySignature)
+        guard let function = call.functions?.pointee.C_VerifySignature else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pData, ulDataLen)
+        Operations.finished(.verifySignature, hSession, rv, lengthQuery: false)
+        AsyncOperations.noted(.C_VerifySignature, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.length("data", pData, ulDataLen)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_VerifySignatureUpdate: CK_C_VerifySignatureUpdate = { hSession, pPart, ulPartLen in
+        let call = Call(.C_VerifySignatureUpdate)
+        guard let function = call.functions?.pointee.C_VerifySignatureUpdate else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pPart, ulPartLen)
+        Operations.fed(.verifySignature, hSession, rv, pPart, ulPartLen, lengthQuery: false)
+        AsyncOperations.noted(.C_VerifySignatureUpdate, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.length("part", pPart, ulPartLen)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_VerifySignatureFinal: CK_C_VerifySignatureFinal = { hSession in
+        let call = Call(.C_VerifySignatureFinal)
+        guard let function = call.functions?.pointee.C_VerifySignatureFinal else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession)
+        Operations.finished(.verifySignature, hSession, rv, lengthQuery: false)
+        AsyncOperations.noted(.C_VerifySignatureFinal, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_GetSessionValidationFlags: CK_C_GetSessionValidationFlags = { hSession, type, pFlags in
+        let call = Call(.C_GetSessionValidationFlags)
+        guard let function = call.functions?.pointee.C_GetSessionValidationFlags else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, type, pFlags)
+        AsyncOperations.noted(.C_GetSessionValidationFlags, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.number("type", type)
+            line.pointer("flags", pFlags)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_WrapKeyAuthenticated: CK_C_WrapKeyAuthenticated = { hSession, pMechanism, hWrappingKey, hKey, pAssociatedData, ulAssociatedDataLen, pWrappedKey, pulWrappedKeyLen in
+        let call = Call(.C_WrapKeyAuthenticated)
+        let pulWrappedKeyLenIn = call.isTraced ? pulWrappedKeyLen?.pointee : nil
+        guard let function = call.functions?.pointee.C_WrapKeyAuthenticated else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realWrappingKey = Objects.real(hWrappingKey, &failure)
+        let realKey = Objects.real(hKey, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, realWrappingKey, realKey, pAssociatedData, ulAssociatedDataLen, pWrappedKey, pulWrappedKeyLen)
+        AsyncOperations.noted(.C_WrapKeyAuthenticated, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("wrappingKey", hWrappingKey)
+            line.object("key", hKey)
+            line.length("associatedData", pAssociatedData, ulAssociatedDataLen)
+            line.output("wrappedKey", pWrappedKey, in: pulWrappedKeyLenIn, out: pulWrappedKeyLen, rv)
             call.finish(rv, &line)
         }
         return rv

@@ -96,6 +96,18 @@ enum Function: Int, CaseIterable, Sendable {
     case C_VerifyMessageBegin
     case C_VerifyMessageNext
     case C_MessageVerifyFinal
+    case C_EncapsulateKey
+    case C_DecapsulateKey
+    case C_VerifySignatureInit
+    case C_VerifySignature
+    case C_VerifySignatureUpdate
+    case C_VerifySignatureFinal
+    case C_GetSessionValidationFlags
+    case C_AsyncComplete
+    case C_AsyncGetID
+    case C_AsyncJoin
+    case C_WrapKeyAuthenticated
+    case C_UnwrapKeyAuthenticated
 
     var name: StaticString {
         switch self {
@@ -191,12 +203,24 @@ enum Function: Int, CaseIterable, Sendable {
         case .C_VerifyMessageBegin: return "C_VerifyMessageBegin"
         case .C_VerifyMessageNext: return "C_VerifyMessageNext"
         case .C_MessageVerifyFinal: return "C_MessageVerifyFinal"
+        case .C_EncapsulateKey: return "C_EncapsulateKey"
+        case .C_DecapsulateKey: return "C_DecapsulateKey"
+        case .C_VerifySignatureInit: return "C_VerifySignatureInit"
+        case .C_VerifySignature: return "C_VerifySignature"
+        case .C_VerifySignatureUpdate: return "C_VerifySignatureUpdate"
+        case .C_VerifySignatureFinal: return "C_VerifySignatureFinal"
+        case .C_GetSessionValidationFlags: return "C_GetSessionValidationFlags"
+        case .C_AsyncComplete: return "C_AsyncComplete"
+        case .C_AsyncGetID: return "C_AsyncGetID"
+        case .C_AsyncJoin: return "C_AsyncJoin"
+        case .C_WrapKeyAuthenticated: return "C_WrapKeyAuthenticated"
+        case .C_UnwrapKeyAuthenticated: return "C_UnwrapKeyAuthenticated"
         }
     }
 }
 
-/// Fills a 3.0-layout function list with p11fork's entry points.
-func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) {
+/// Fills a 3.2-layout function list (the 3.0 and 2.40 layouts are its beginning) with p11fork's entry points.
+func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_Initialize = Custom.C_Initialize
     list.pointee.C_Finalize = Custom.C_Finalize
     list.pointee.C_GetInfo = Forwarders.C_GetInfo
@@ -289,4 +313,16 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) {
     list.pointee.C_VerifyMessageBegin = Forwarders.C_VerifyMessageBegin
     list.pointee.C_VerifyMessageNext = Forwarders.C_VerifyMessageNext
     list.pointee.C_MessageVerifyFinal = Forwarders.C_MessageVerifyFinal
+    list.pointee.C_EncapsulateKey = Custom.C_EncapsulateKey
+    list.pointee.C_DecapsulateKey = Custom.C_DecapsulateKey
+    list.pointee.C_VerifySignatureInit = Forwarders.C_VerifySignatureInit
+    list.pointee.C_VerifySignature = Forwarders.C_VerifySignature
+    list.pointee.C_VerifySignatureUpdate = Forwarders.C_VerifySignatureUpdate
+    list.pointee.C_VerifySignatureFinal = Forwarders.C_VerifySignatureFinal
+    list.pointee.C_GetSessionValidationFlags = Forwarders.C_GetSessionValidationFlags
+    list.pointee.C_AsyncComplete = Custom.C_AsyncComplete
+    list.pointee.C_AsyncGetID = Custom.C_AsyncGetID
+    list.pointee.C_AsyncJoin = Custom.C_AsyncJoin
+    list.pointee.C_WrapKeyAuthenticated = Forwarders.C_WrapKeyAuthenticated
+    list.pointee.C_UnwrapKeyAuthenticated = Custom.C_UnwrapKeyAuthenticated
 }

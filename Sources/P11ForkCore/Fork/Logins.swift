@@ -103,7 +103,7 @@ enum Logins {
     /// Makes sure `slot` is logged in as the parent was, through `session` of this process's
     /// module: at most one replay per slot per process. Returns the replay's failure, if any.
     static func ensure(slot: CK_SLOT_ID, session: CK_SESSION_HANDLE,
-                       functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> CK_RV {
+                       functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> CK_RV {
         let (state, k) = Records.lock.withLock { (states[slot], kept[slot]) }
         switch state {
         case .failed(let rv): return rv
@@ -144,7 +144,7 @@ enum Logins {
         return rv
     }
 
-    private static func login(_ k: Kept, session: CK_SESSION_HANDLE, functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> CK_RV {
+    private static func login(_ k: Kept, session: CK_SESSION_HANDLE, functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> CK_RV {
         if let username = k.username, let loginUser = functions.pointee.C_LoginUser {
             return loginUser(session, k.userType, k.pin?.bytes, CK_ULONG(k.pin?.count ?? 0), username.bytes, CK_ULONG(username.count))
         }

@@ -41,6 +41,7 @@ enum Records {
             for session in closed { if let record = sessions.removeValue(forKey: session) { slots.insert(record.slot) } }
             for record in sessions.values { slots.remove(record.slot) }
             Operations.forgetLocked(closed)
+            AsyncOperations.forgetLocked(closed)
             return (slots, SessionObjects.forgetLocked(sessions: Set(closed)))
         }
         for object in objectsGone {
@@ -84,6 +85,7 @@ enum Records {
             objects.removeAll()
             objectsByIdentity.removeAll()
             Operations.forgetAllLocked()
+            AsyncOperations.forgetAllLocked()
             SessionObjects.forgetAllLocked()
         }
     }

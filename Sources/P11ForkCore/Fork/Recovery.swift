@@ -189,7 +189,7 @@ enum Recovery {
         return (matched, missing, absent)
     }
 
-    private static func tokenPresent(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>, slot: CK_SLOT_ID) -> Bool {
+    private static func tokenPresent(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>, slot: CK_SLOT_ID) -> Bool {
         var info = CK_SLOT_INFO()
         guard functions.pointee.C_GetSlotInfo?(slot, &info) == CKR_OK else { return true }
         return info.flags & CK_FLAGS(CKF_TOKEN_PRESENT) != 0
@@ -289,7 +289,7 @@ enum Recovery {
     }
 
     /// A session of this child's own on `slot`, logged in as the parent was, to search with.
-    private static func searchSessionLocked(_ slot: CK_SLOT_ID, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>,
+    private static func searchSessionLocked(_ slot: CK_SLOT_ID, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>,
                                             _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
         if let session = searchSessions[slot] { return session }
         guard let openSession = functions.pointee.C_OpenSession else { return 0 }
@@ -309,7 +309,7 @@ enum Recovery {
     }
 
     private static func find(_ identity: ObjectIdentity, session: CK_SESSION_HANDLE,
-                             _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> [CK_OBJECT_HANDLE] {
+                             _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> [CK_OBJECT_HANDLE] {
         guard let initFind = functions.pointee.C_FindObjectsInit, let findObjects = functions.pointee.C_FindObjects,
               let finalFind = functions.pointee.C_FindObjectsFinal else { return [] }
         let started = identity.withSearchTemplate { template, count in initFind(session, template, count) }

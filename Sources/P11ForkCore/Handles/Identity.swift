@@ -24,7 +24,7 @@ struct TokenIdentity: Hashable {
     }
 
     /// The identity of the token in `slot` of a module, if it has one.
-    static func read(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>, slot: CK_SLOT_ID) -> TokenIdentity? {
+    static func read(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>, slot: CK_SLOT_ID) -> TokenIdentity? {
         var info = CK_TOKEN_INFO()
         guard functions.pointee.C_GetTokenInfo?(slot, &info) == CKR_OK else { return nil }
         return TokenIdentity(info)
@@ -68,7 +68,7 @@ struct ObjectIdentity: Hashable {
 
     /// Reads the identity of `object` through `session` of a module (three C_GetAttributeValue
     /// calls). Nil when the object cannot be read at all.
-    static func read(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>, session: CK_SESSION_HANDLE,
+    static func read(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>, session: CK_SESSION_HANDLE,
                      object: CK_OBJECT_HANDLE) -> ObjectIdentity? {
         guard let getAttributes = functions.pointee.C_GetAttributeValue else { return nil }
         var identity = ObjectIdentity()

@@ -11,6 +11,8 @@ import Glibc
 /// when the library is loaded and a pReserved string is not consulted; otherwise they are read at
 /// the first C_Initialize (Core.settle). Daemons scrub their workers' environment, so nothing is
 /// read again later.
+/// Under AT_SECURE the P11FORK_* variables are not seen at all, and files are read only when
+/// nobody else could have changed them (InputTrust; docs/SECURITY.md).
 struct Configuration: Equatable, Sendable {
     /// Path of the real module and where it was named (for messages).
     var modulePath: String
@@ -55,7 +57,7 @@ struct Configuration: Equatable, Sendable {
         var settings: Settings = [:]
         // Lowest first: each layer overwrites what the one below set.
         if let path = environment["P11FORK_CONFIG"], !path.isEmpty {
-            switch readSettings(path, readFile, unreadable: { "P11FORK_CONFIG=\(path): cannot read the file (\($0)): create it, or unset P11FORK_CONFIG" }) {
+            switch readSettings(path, readFile, label: "P11FORK_CONFIG=\(path)", unreadable: { "cannot read the file (\($0)): create it, or unset P11FORK_CONFIG" }) {
             case .success(let fromFile): settings.merge(fromFile) { $1 }
             case .failure(let problem): return .failure(problem)
             }
@@ -64,7 +66,7 @@ struct Configuration: Equatable, Sendable {
             switch parseReserved(reserved) {
             case .success(let (inline, config)):
                 if let config {
-                    switch readSettings(config, readFile, unreadable: { "pReserved config=\(config): cannot read the file (\($0)): create it, or change the p11fork: settings given to C_Initialize (p11-kit: x-init-reserved)" }) {
+                    switch readSettings(config, readFile, label: "pReserved config=\(config)", unreadable: { "cannot read the file (\($0)): create it, or change the p11fork: settings given to C_Initialize (p11-kit: x-init-reserved)" }) {
                     case .success(let fromFile): settings.merge(fromFile) { $1 }
                     case .failure(let problem): return .failure(problem)
                     }
@@ -84,6 +86,8 @@ struct Configuration: Equatable, Sendable {
                 case .success(let fromFile): settings.merge(fromFile) { current, _ in current }
                 case .failure(let problem): return .failure(problem)
                 }
+            case .failure(let problem) where problem.refused:
+                return .failure(ConfigurationProblem("\(systemFile): \(problem.reason)"))
             case .failure(let problem) where !problem.missing:
                 return .failure(ConfigurationProblem("\(systemFile): cannot read the file (\(problem.reason)): make it readable, or remove it"))
             case .failure: break
@@ -92,12 +96,14 @@ struct Configuration: Equatable, Sendable {
         return make(settings)
     }
 
-    /// Reads and parses one settings file; `unreadable` makes the message from the reason.
-    private static func readSettings(_ path: String, _ readFile: (String) -> Result<String, FileProblem>,
+    /// Reads and parses one settings file; the message starts with `label`, and `unreadable`
+    /// makes the rest from the reason.
+    private static func readSettings(_ path: String, _ readFile: (String) -> Result<String, FileProblem>, label: String,
                                      unreadable: (String) -> String) -> Result<Settings, ConfigurationProblem> {
         switch readFile(path) {
         case .success(let text): return parse(text, path: path)
-        case .failure(let problem): return .failure(ConfigurationProblem(unreadable(problem.reason)))
+        case .failure(let problem) where problem.refused: return .failure(ConfigurationProblem("\(label): \(problem.reason)"))
+        case .failure(let problem): return .failure(ConfigurationProblem("\(label): \(unreadable(problem.reason))"))
         }
     }
 
@@ -195,14 +201,32 @@ struct Configuration: Equatable, Sendable {
         return .success(settings)
     }
 
-    /// Reads a settings file of at most 1 MiB.
+    /// Reads a settings file of at most 1 MiB, when the process's file rules allow it
+    /// (InputTrust; docs/SECURITY.md "Files that give settings or code").
     static func readFile(_ path: String) -> Result<String, FileProblem> {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        readFile(path, rules: .current)
+    }
+
+    static func readFile(_ path: String, rules: InputTrust.FileRules) -> Result<String, FileProblem> {
+        let resolved: String
+        switch InputTrust.checkedPath(path, rules: rules) {
+        case .success(let path): resolved = path
+        case .failure(let refusal): return .failure(FileProblem(reason: refusal.detail, refused: true))
+        }
+        // Never waits: a FIFO or a device named as a settings file is refused, not read.
+        let fd = open(resolved, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY)
         guard fd >= 0 else {
             let missing = errno == ENOENT
             return .failure(FileProblem(reason: String(cString: strerror(errno)), missing: missing))
         }
         defer { close(fd) }
+        var status = stat()
+        guard fstat(fd, &status) == 0, status.st_mode & S_IFMT == S_IFREG else {
+            return .failure(FileProblem(reason: "not a regular file"))
+        }
+        if let refusal = InputTrust.checkedOpenFile(status, path: resolved, rules: rules) {
+            return .failure(FileProblem(reason: refusal.detail, refused: true))
+        }
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
@@ -293,6 +317,8 @@ struct Configuration: Equatable, Sendable {
 struct FileProblem: Error, Equatable, Sendable {
     let reason: String
     var missing = false
+    /// Refused by the file rules (InputTrust): `reason` is the whole refusal and its fix.
+    var refused = false
 }
 
 /// A configuration or loading problem, as the single line written to stderr.

@@ -3,14 +3,19 @@ import Glibc
 
 /// The real (vendor) module, loaded in process with dlopen.
 ///
-/// Its functions are copied into a 3.0-layout list owned by p11fork (the 3.0 part empty when
-/// the module offers only 2.40), so every forwarder reads one table whatever the module's age.
+/// Its functions are copied into a 3.2-layout list owned by p11fork (the 3.2 part empty when the
+/// module offers 3.0, the 3.0 part too when it offers only 2.40), so every forwarder reads one
+/// table whatever the module's age.
 struct RealModule {
     let path: String
     let handle: UnsafeMutableRawPointer
-    let functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>
-    /// True when the module offered the "PKCS 11" 3.0 interface through C_GetInterface.
-    let offers30: Bool
+    let functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>
+    /// The newest "PKCS 11" interface the module offered through C_GetInterface: 2.40 (only
+    /// C_GetFunctionList), 3.0 or 3.2 (docs/FORK.md "PKCS#11 3.0 and 3.2").
+    let offered: Offered
+    enum Offered: Comparable { case v240, v30, v32 }
+    var offers30: Bool { offered >= .v30 }
+    var offers32: Bool { offered >= .v32 }
     /// How many GLib images were loaded before this module. A module whose stack brings GLib in
     /// (when loaded, or later, as tpm2-pkcs11's TCTI does in C_Initialize) cannot be loaded a
     /// second time in one process: GObject crashes (MODULES-AFTER-FORK.md).
@@ -31,8 +36,15 @@ struct RealModule {
             return .failure(ConfigurationProblem(
                 "\(source)=\(path): no such file: set it to the path of the real PKCS#11 module"))
         }
+        // Loaded by its resolved path, whose folders were checked: code that others can change
+        // is never run (InputTrust; docs/SECURITY.md "Files that give settings or code").
+        let resolved: String
+        switch InputTrust.checkedPath(path, rules: .current) {
+        case .success(let path): resolved = path
+        case .failure(let refusal): return .failure(ConfigurationProblem("\(source)=\(path): \(refusal.detail)"))
+        }
         let glibBefore = CPKCS11_loaded_count("libglib-2.0")
-        let opened = privateCopy ? CPKCS11_dlmopen_new(path, RTLD_NOW | RTLD_LOCAL) : dlopen(path, RTLD_NOW | RTLD_LOCAL)
+        let opened = privateCopy ? CPKCS11_dlmopen_new(resolved, RTLD_NOW | RTLD_LOCAL) : dlopen(resolved, RTLD_NOW | RTLD_LOCAL)
         guard let handle = opened else {
             let reason = dlerror().map { String(cString: $0) } ?? "unknown reason"
             return .failure(ConfigurationProblem(
@@ -48,14 +60,16 @@ struct RealModule {
                 "\(source)=\(path) is p11fork itself: point it at the real PKCS#11 module, not at libp11fork.so"))
         }
 
-        let functions = UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>.allocate(capacity: 1)
+        let functions = UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>.allocate(capacity: 1)
         UnsafeMutableRawPointer(functions).initializeMemory(as: UInt8.self, repeating: 0,
-                                                            count: MemoryLayout<CK_FUNCTION_LIST_3_0>.size)
-        var offers30 = false
+                                                            count: MemoryLayout<CK_FUNCTION_LIST_3_2>.size)
+        var offered = Offered.v240
         if let getInterface = dlsym(handle, "C_GetInterface"),
-           let list = Self.interface30(unsafeBitCast(getInterface, to: CK_C_GetInterface.self)) {
-            functions.pointee = list.pointee
-            offers30 = true
+           let (list, version) = Self.interface3(unsafeBitCast(getInterface, to: CK_C_GetInterface.self)) {
+            // Only as much as the module's list holds is read: a 3.0 list ends where 3.2 adds on.
+            offered = version
+            let size = version == .v32 ? MemoryLayout<CK_FUNCTION_LIST_3_2>.size : MemoryLayout<CK_FUNCTION_LIST_3_0>.size
+            UnsafeMutableRawPointer(functions).copyMemory(from: list, byteCount: size)
         } else {
             var list: UnsafeMutablePointer<CK_FUNCTION_LIST>?
             let rv = unsafeBitCast(getList, to: CK_C_GetFunctionList.self)(&list)
@@ -66,26 +80,32 @@ struct RealModule {
             }
             UnsafeMutableRawPointer(functions).copyMemory(from: list, byteCount: MemoryLayout<CK_FUNCTION_LIST>.size)
         }
-        return .success(RealModule(path: path, handle: handle, functions: functions, offers30: offers30,
+        return .success(RealModule(path: path, handle: handle, functions: functions, offered: offered,
                                    glibBaseline: glibBefore, isPrivateCopy: privateCopy))
     }
 
-    /// The module's "PKCS 11" 3.x function list, if it has one.
-    private static func interface30(_ getInterface: CK_C_GetInterface) -> UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>? {
+    /// The module's newest "PKCS 11" 3.x function list, if it has one: 3.2 when it offers it,
+    /// else 3.0 (asked by version first, then for any version).
+    private static func interface3(_ getInterface: CK_C_GetInterface) -> (UnsafeRawPointer, Offered)? {
         var name = Array("PKCS 11".utf8CString).map { CK_UTF8CHAR(bitPattern: $0) }
-        var version = CK_VERSION(major: 3, minor: 0)
-        var interface: UnsafeMutablePointer<CK_INTERFACE>?
-        var rv = getInterface(&name, &version, &interface, 0)
-        if rv != CKR_OK || interface == nil {
-            rv = getInterface(&name, nil, &interface, 0)
+        for wanted in [CK_VERSION(major: 3, minor: 2), CK_VERSION(major: 3, minor: 0)] {
+            var version = wanted
+            var interface: UnsafeMutablePointer<CK_INTERFACE>?
+            if getInterface(&name, &version, &interface, 0) == CKR_OK, let found = usable(interface) { return found }
         }
-        guard rv == CKR_OK, let interface, let list = interface.pointee.pFunctionList,
+        var interface: UnsafeMutablePointer<CK_INTERFACE>?
+        guard getInterface(&name, nil, &interface, 0) == CKR_OK else { return nil }
+        return usable(interface)
+    }
+
+    private static func usable(_ interface: UnsafeMutablePointer<CK_INTERFACE>?) -> (UnsafeRawPointer, Offered)? {
+        guard let interface, let list = interface.pointee.pFunctionList,
               let interfaceName = interface.pointee.pInterfaceName,
               String(cString: UnsafeRawPointer(interfaceName).assumingMemoryBound(to: CChar.self)) == "PKCS 11"
         else { return nil }
-        let functions = list.assumingMemoryBound(to: CK_FUNCTION_LIST_3_0.self)
-        guard functions.pointee.version.major >= 3 else { return nil }
-        return functions
+        let version = list.assumingMemoryBound(to: CK_VERSION.self).pointee
+        guard version.major >= 3 else { return nil }
+        return (UnsafeRawPointer(list), version.major > 3 || version.minor >= 2 ? .v32 : .v30)
     }
 
     /// p11fork's own image, to refuse being pointed at itself.

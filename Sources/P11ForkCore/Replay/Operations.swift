@@ -6,6 +6,8 @@ import Synchronization
 enum OperationKind: Int, CaseIterable {
     case encrypt, decrypt, digest, sign, verify, signRecover, verifyRecover, find
     case messageEncrypt, messageDecrypt, messageSign, messageVerify
+    /// PKCS#11 3.2: a verification given its signature at C_VerifySignatureInit.
+    case verifySignature
 
     /// In the session's state word: the operation is in progress...
     @inline(__always) var active: UInt { 1 << UInt(rawValue) }
@@ -31,6 +33,7 @@ enum OperationKind: Int, CaseIterable {
         case .messageDecrypt: CK_FLAGS(CKF_MESSAGE_DECRYPT)
         case .messageSign: CK_FLAGS(CKF_MESSAGE_SIGN)
         case .messageVerify: CK_FLAGS(CKF_MESSAGE_VERIFY)
+        case .verifySignature: CK_FLAGS(CKF_VERIFY)
         }
     }
 
@@ -49,6 +52,7 @@ enum OperationKind: Int, CaseIterable {
         case .messageDecrypt: "C_MessageDecryptInit"
         case .messageSign: "C_MessageSignInit"
         case .messageVerify: "C_MessageVerifyInit"
+        case .verifySignature: "C_VerifySignatureInit"
         }
     }
 }
@@ -65,6 +69,8 @@ final class OperationRecord {
     let mechanism: KeptMechanism?
     let key: CK_OBJECT_HANDLE
     let template: KeptTemplate?
+    /// The signature C_VerifySignatureInit was given (3.2).
+    let signature: KeptBytes?
     var parts: [Part] = []
     /// The data parts, one after the other.
     var data: KeptBytes?
@@ -80,11 +86,12 @@ final class OperationRecord {
     var reserved = 0
     var fedBytes = 0
 
-    init(kind: OperationKind, mechanism: KeptMechanism?, key: CK_OBJECT_HANDLE, template: KeptTemplate?) {
+    init(kind: OperationKind, mechanism: KeptMechanism?, key: CK_OBJECT_HANDLE, template: KeptTemplate?, signature: KeptBytes? = nil) {
         self.kind = kind
         self.mechanism = mechanism
         self.key = key
         self.template = template
+        self.signature = signature
     }
 
     /// The same init again (under Records.lock): what was fed is wiped and given back to the
@@ -147,6 +154,14 @@ enum Operations {
         begin(kind, session, mechanism: mechanism, key: key, template: nil, count: 0)
     }
 
+    /// After C_VerifySignatureInit (3.2): the signature is kept with the operation.
+    static func started(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
+                        key: CK_OBJECT_HANDLE, _ rv: CK_RV, signature: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG) {
+        guard rv == CKR_OK else { return }
+        if mechanism == nil { return end(kind, session) }
+        begin(kind, session, mechanism: mechanism, key: key, template: nil, count: 0, signature: signature, signatureLength: length)
+    }
+
     /// After C_FindObjectsInit.
     static func searchStarted(_ session: CK_SESSION_HANDLE, _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG, _ rv: CK_RV) {
         guard rv == CKR_OK else { return }
@@ -204,12 +219,14 @@ enum Operations {
 
     @inline(never)
     private static func begin(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
-                              key: CK_OBJECT_HANDLE, template: UnsafeMutablePointer<CK_ATTRIBUTE>?, count: CK_ULONG) {
+                              key: CK_OBJECT_HANDLE, template: UnsafeMutablePointer<CK_ATTRIBUTE>?, count: CK_ULONG,
+                              signature: UnsafeMutablePointer<CK_BYTE>? = nil, signatureLength: CK_ULONG = 0) {
         guard let entry = Sessions.view.entry(session), !ReplayBudget.isOff else { return }
         // The common case on a signing path: the same init again on a session whose last one of
         // this kind was never fed anything. The record is kept as it is.
         // Its fed data is wiped and its buffers are kept: no allocation in a steady state.
-        if kind != .find, let mechanism, Records.lock.withLock({ () -> Bool in
+        // (Not for a verification given its signature: that signature is new each time.)
+        if kind != .find, kind != .verifySignature, let mechanism, Records.lock.withLock({ () -> Bool in
             guard let operations = records[session], let old = operations.list[kind.rawValue], old.key == key,
                   old.mechanism?.isSame(as: mechanism) == true else { return false }
             old.restart()
@@ -231,9 +248,14 @@ enum Operations {
             case .notReplayable(let reason): why = reason
             }
         }
-        let record = OperationRecord(kind: kind, mechanism: kept, key: key, template: keptTemplate)
+        var keptSignature: KeptBytes?
+        if kind == .verifySignature, why == nil, signatureLength > 0 {
+            keptSignature = KeptBytes(copying: signature, count: Int(signatureLength))
+            if keptSignature == nil { why = "no memory was left to keep its signature" }
+        }
+        let record = OperationRecord(kind: kind, mechanism: kept, key: key, template: keptTemplate, signature: keptSignature)
         record.notReplayable = why
-        let size = (kept?.byteCount ?? 0) + (keptTemplate?.byteCount ?? 0)
+        let size = (kept?.byteCount ?? 0) + (keptTemplate?.byteCount ?? 0) + (keptSignature?.count ?? 0)
         let replayable = Records.lock.withLock { () -> Bool in
             let operations = records[session] ?? SessionOperations()
             if records[session] == nil { records[session] = operations }
@@ -387,7 +409,7 @@ enum Operations {
 
     /// In a child, when `virtual` has been re-opened as `real` (and logged in): starts again every
     /// operation the parent had in progress on it. Under Recovery.lock.
-    static func replay(_ virtual: CK_SESSION_HANDLE, real: CK_SESSION_HANDLE, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) {
+    static func replay(_ virtual: CK_SESSION_HANDLE, real: CK_SESSION_HANDLE, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
         guard let entry = Sessions.view.entry(virtual) else { return }
         let state = entry.pointee.state.load(ordering: .relaxed)
         var carried: UInt = 0
@@ -419,7 +441,7 @@ enum Operations {
     }
 
     private static func replay(_ record: OperationRecord, _ virtual: CK_SESSION_HANDLE, _ real: CK_SESSION_HANDLE,
-                               _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> Outcome {
+                               _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> Outcome {
         if let why = record.notReplayable { return .failure(why) }
         if record.kind == .find { return replaySearch(record, virtual, real, functions) }
         guard let mechanism = record.mechanism else { return .failure("nothing was recorded about its mechanism") }
@@ -446,6 +468,9 @@ enum Operations {
             case .messageDecrypt: functions.pointee.C_MessageDecryptInit?(real, pointer, realKey) ?? notSupported
             case .messageSign: functions.pointee.C_MessageSignInit?(real, pointer, realKey) ?? notSupported
             case .messageVerify: functions.pointee.C_MessageVerifyInit?(real, pointer, realKey) ?? notSupported
+            case .verifySignature:
+                functions.pointee.C_VerifySignatureInit?(real, pointer, realKey, record.signature?.pointer,
+                                                         CK_ULONG(record.signature?.count ?? 0)) ?? notSupported
             case .find: notSupported
             }
         }
@@ -484,11 +509,12 @@ enum Operations {
     /// Feeds one recorded part again; what an encryption or decryption gives back was already
     /// given to the parent, and is wiped.
     private static func update(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ data: UnsafeMutablePointer<UInt8>?, _ count: Int,
-                               _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> CK_RV {
+                               _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> CK_RV {
         switch kind {
         case .digest: return functions.pointee.C_DigestUpdate?(session, data, CK_ULONG(count)) ?? notSupported
         case .sign: return functions.pointee.C_SignUpdate?(session, data, CK_ULONG(count)) ?? notSupported
         case .verify: return functions.pointee.C_VerifyUpdate?(session, data, CK_ULONG(count)) ?? notSupported
+        case .verifySignature: return functions.pointee.C_VerifySignatureUpdate?(session, data, CK_ULONG(count)) ?? notSupported
         case .encrypt, .decrypt:
             guard let function = kind == .encrypt ? functions.pointee.C_EncryptUpdate : functions.pointee.C_DecryptUpdate else { return notSupported }
             var capacity = count + 256
@@ -511,7 +537,7 @@ enum Operations {
     /// A search: run again to its end in the child; what the parent was already given is left
     /// out, the rest is handed out by C_FindObjects from p11fork's list.
     private static func replaySearch(_ record: OperationRecord, _ virtual: CK_SESSION_HANDLE, _ real: CK_SESSION_HANDLE,
-                                     _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>) -> Outcome {
+                                     _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> Outcome {
         guard let template = record.template, let initFind = functions.pointee.C_FindObjectsInit,
               let findObjects = functions.pointee.C_FindObjects, let finalFind = functions.pointee.C_FindObjectsFinal
         else { return .failure("nothing was recorded about its template") }

@@ -2,14 +2,17 @@ import CPKCS11
 
 /// How a session object was made, kept so that a child can make it again (DESIGN.md "Recovery
 /// in the child", step 5). Only what can be replayed exactly is kept: an object made by
-/// C_CreateObject, C_CopyObject, C_UnwrapKey or C_DeriveKey; one made by C_GenerateKey or
-/// C_GenerateKeyPair holds a random key no replay could give again, and is kept as lost.
+/// C_CreateObject, C_CopyObject, C_UnwrapKey, C_DeriveKey, or (3.2) C_UnwrapKeyAuthenticated and
+/// C_DecapsulateKey; one made by C_GenerateKey, C_GenerateKeyPair or C_EncapsulateKey holds a
+/// random key no replay could give again, and is kept as lost.
 final class ObjectRecipe {
     enum Origin {
         case created(KeptTemplate)
         case copied(source: CK_OBJECT_HANDLE, KeptTemplate)
         case unwrapped(KeptMechanism, key: CK_OBJECT_HANDLE, wrapped: KeptBytes?, KeptTemplate)
         case derived(KeptMechanism, base: CK_OBJECT_HANDLE, KeptTemplate)
+        case unwrappedAuthenticated(KeptMechanism, key: CK_OBJECT_HANDLE, wrapped: KeptBytes?, associated: KeptBytes?, KeptTemplate)
+        case decapsulated(KeptMechanism, key: CK_OBJECT_HANDLE, ciphertext: KeptBytes?, KeptTemplate)
         case lost(String)
 
         var byteCount: Int {
@@ -17,6 +20,9 @@ final class ObjectRecipe {
             case .created(let template), .copied(_, let template): template.byteCount
             case .unwrapped(let mechanism, _, let wrapped, let template): mechanism.byteCount + (wrapped?.count ?? 0) + template.byteCount
             case .derived(let mechanism, _, let template): mechanism.byteCount + template.byteCount
+            case .unwrappedAuthenticated(let mechanism, _, let wrapped, let associated, let template):
+                mechanism.byteCount + (wrapped?.count ?? 0) + (associated?.count ?? 0) + template.byteCount
+            case .decapsulated(let mechanism, _, let ciphertext, let template): mechanism.byteCount + (ciphertext?.count ?? 0) + template.byteCount
             case .lost: 0
             }
         }
@@ -58,12 +64,46 @@ enum SessionObjects {
             switch KeptMechanism.copy(mechanism) {
             case .notReplayable(let why): return .lost(why)
             case .kept(let kept):
-                guard let template = KeptTemplate.copy(template, count) else { return nil }
-                let bytes = wrappedLength > 0 ? KeptBytes(copying: wrapped, count: Int(wrappedLength)) : nil
-                if wrappedLength > 0 && bytes == nil { return nil }
+                guard let template = KeptTemplate.copy(template, count), let bytes = keep(wrapped, wrappedLength) else { return nil }
                 return .unwrapped(kept, key: key, wrapped: bytes, template)
             }
         }
+    }
+
+    /// After C_UnwrapKeyAuthenticated (3.2): C_UnwrapKey's inputs and the associated data.
+    static func unwrappedAuthenticated(_ object: CK_OBJECT_HANDLE, session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
+                                       key: CK_OBJECT_HANDLE, wrapped: UnsafeMutablePointer<CK_BYTE>?, _ wrappedLength: CK_ULONG,
+                                       _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG,
+                                       associated: UnsafeMutablePointer<CK_BYTE>?, _ associatedLength: CK_ULONG) {
+        record(object, session) {
+            switch KeptMechanism.copy(mechanism) {
+            case .notReplayable(let why): return .lost(why)
+            case .kept(let kept):
+                guard let template = KeptTemplate.copy(template, count), let bytes = keep(wrapped, wrappedLength),
+                      let data = keep(associated, associatedLength) else { return nil }
+                return .unwrappedAuthenticated(kept, key: key, wrapped: bytes, associated: data, template)
+            }
+        }
+    }
+
+    /// After C_DecapsulateKey (3.2): the same private key and ciphertext give the same key again.
+    static func decapsulated(_ object: CK_OBJECT_HANDLE, session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
+                             key: CK_OBJECT_HANDLE, _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG,
+                             ciphertext: UnsafeMutablePointer<CK_BYTE>?, _ ciphertextLength: CK_ULONG) {
+        record(object, session) {
+            switch KeptMechanism.copy(mechanism) {
+            case .notReplayable(let why): return .lost(why)
+            case .kept(let kept):
+                guard let template = KeptTemplate.copy(template, count), let bytes = keep(ciphertext, ciphertextLength) else { return nil }
+                return .decapsulated(kept, key: key, ciphertext: bytes, template)
+            }
+        }
+    }
+
+    /// A copy of an input buffer: .some(nil) for an empty one, nil when there is no memory.
+    private static func keep(_ bytes: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG) -> KeptBytes?? {
+        guard length > 0 else { return .some(nil) }
+        return KeptBytes(copying: bytes, count: Int(length)).map { .some($0) }
     }
 
     static func derived(_ object: CK_OBJECT_HANDLE, session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
@@ -176,7 +216,7 @@ enum SessionObjects {
     }
 
     /// Makes a session object of the parent again in this child's module. Under Recovery.lock.
-    static func remake(_ virtual: CK_OBJECT_HANDLE, _ recipe: ObjectRecipe, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>,
+    static func remake(_ virtual: CK_OBJECT_HANDLE, _ recipe: ObjectRecipe, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>,
                        _ failure: inout CK_RV) -> Remade {
         let result = attempt(virtual, recipe, functions, &failure)
         // Lost for good in this child (Recovery.lost): the values kept to make it are wiped now.
@@ -184,7 +224,7 @@ enum SessionObjects {
         return result
     }
 
-    private static func attempt(_ virtual: CK_OBJECT_HANDLE, _ recipe: ObjectRecipe, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>,
+    private static func attempt(_ virtual: CK_OBJECT_HANDLE, _ recipe: ObjectRecipe, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>,
                                 _ failure: inout CK_RV) -> Remade {
         let invalid = CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
         if case .lost(let why) = recipe.origin { return .lost(why) }
@@ -227,6 +267,27 @@ enum SessionObjects {
             how = "C_DeriveKey with \(mechanism.name), base key 0x\(Recovery.hex(base))"
             let result = mechanism.withMechanism(resolve: resolve) { pointer in
                 template.withTemplate { functions.pointee.C_DeriveKey?(session, pointer, realBase, $0, $1, &real) ?? notSupported }
+            }
+            guard let result else { return .lost("a key named in its \(mechanism.name) parameter is lost in this child") }
+            rv = result
+        case .unwrappedAuthenticated(let mechanism, let key, let wrapped, let associated, let template):
+            guard let realKey = resolve(key) else { return .lost("its unwrapping key 0x\(Recovery.hex(key)) is lost in this child") }
+            how = "C_UnwrapKeyAuthenticated with \(mechanism.name), unwrapping key 0x\(Recovery.hex(key))"
+            let result = mechanism.withMechanism(resolve: resolve) { pointer in
+                template.withTemplate {
+                    functions.pointee.C_UnwrapKeyAuthenticated?(session, pointer, realKey, wrapped?.pointer, CK_ULONG(wrapped?.count ?? 0), $0, $1,
+                                                                associated?.pointer, CK_ULONG(associated?.count ?? 0), &real) ?? notSupported
+                }
+            }
+            guard let result else { return .lost("a key named in its \(mechanism.name) parameter is lost in this child") }
+            rv = result
+        case .decapsulated(let mechanism, let key, let ciphertext, let template):
+            guard let realKey = resolve(key) else { return .lost("its private key 0x\(Recovery.hex(key)) is lost in this child") }
+            how = "C_DecapsulateKey with \(mechanism.name), private key 0x\(Recovery.hex(key))"
+            let result = mechanism.withMechanism(resolve: resolve) { pointer in
+                template.withTemplate {
+                    functions.pointee.C_DecapsulateKey?(session, pointer, realKey, $0, $1, ciphertext?.pointer, CK_ULONG(ciphertext?.count ?? 0), &real) ?? notSupported
+                }
             }
             guard let result else { return .lost("a key named in its \(mechanism.name) parameter is lost in this child") }
             rv = result

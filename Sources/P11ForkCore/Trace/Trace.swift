@@ -55,22 +55,31 @@ enum Trace {
     nonisolated(unsafe) static var fd: Int32 = -1
     nonisolated(unsafe) static var destination: TraceDestination?
 
-    /// Opens the destination; returns a problem message if the file cannot be opened.
-    static func configure(_ destination: TraceDestination?, level: TraceLevel, format: TraceFormat) -> String? {
+    /// Where the destination was named (for messages).
+    nonisolated(unsafe) static var source = "P11FORK_TRACE"
+
+    /// Opens the destination. A file that cannot be opened is a configuration problem: returns
+    /// its message. A file refused because someone else could have planted it (openFile) is not:
+    /// one line on stderr, and no trace (docs/SECURITY.md "Trace files").
+    static func configure(_ destination: TraceDestination?, level: TraceLevel, format: TraceFormat, source: String) -> String? {
         guard let destination, level != .off else { return nil }
         self.format = format
         self.destination = destination
+        self.source = source
         switch destination {
         case .standardError:
             fd = 2
         case .file(let template):
             let path = expand(template, pid: getpid())
-            let opened = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
-            guard opened >= 0 else {
-                let reason = String(cString: strerror(errno))
-                return "P11FORK_TRACE=\(template): cannot open the trace file (\(reason)): name a writable file, or use P11FORK_TRACE=stderr"
+            switch openFile(path, exclusive: template.contains("%p")) {
+            case .success(let opened):
+                fd = opened
+            case .failure(.refused(let reason)):
+                refused(template, path, reason, where: "")
+                return nil
+            case .failure(.failed(let reason)):
+                return "\(source)=\(template): cannot open the trace file (\(reason)): name a writable file, or use \(source == "P11FORK_TRACE" ? "P11FORK_TRACE=stderr" : "trace=stderr")"
             }
-            fd = opened
         }
         self.level = level
         return nil
@@ -80,15 +89,87 @@ enum Trace {
         template.replacing("%p", with: String(pid))
     }
 
-    /// In a new child: a file named with `%p` is re-opened under the child's pid.
+    /// In a new child: a file named with `%p` is made anew under the child's pid. Where the
+    /// child cannot create it (a worker that switched to a user who may not write there), its
+    /// lines go on in the file inherited from the parent, which was checked when it was opened.
     static func adoptChild() {
-        guard case .file(let template) = destination, template.contains("%p") else { return }
-        let opened = open(expand(template, pid: getpid()), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
-        if opened >= 0 {
+        guard case .file(let template) = destination, template.contains("%p"), level != .off else { return }
+        let path = expand(template, pid: getpid())
+        switch openFile(path, exclusive: true) {
+        case .success(let opened):
             let inherited = fd
             fd = opened
             close(inherited)
+        case .failure(.refused(let reason)):
+            // The inherited descriptor stays open: another thread of the child may be writing to it.
+            level = .off
+            refused(template, path, reason, where: " in this child")
+        case .failure(.failed(let reason)):
+            event(.fork, "cannot create this child's trace file \(path) (\(reason); the child runs as \(InputTrust.userName(geteuid()))): its lines go on in the parent's file")
         }
+    }
+
+    private static func refused(_ template: String, _ path: String, _ reason: String, where place: String) {
+        let named = template == path ? "" : " (\(path))"
+        let message = "p11fork: \(source)=\(template)\(named): refused the trace file\(place): \(reason); nothing is traced\n"
+        write(2, message, message.utf8.count)
+    }
+
+    enum OpenProblem: Error, Equatable {
+        /// The file is not one p11fork would write to.
+        case refused(String)
+        /// It could not be opened (the reason, from errno).
+        case failed(String)
+    }
+
+    /// Opens a trace file for appending, never one someone else could have planted: not through a
+    /// symbolic link, only a regular file owned by the effective user with one name; with
+    /// `exclusive` (names with `%p`), only a file this call creates. A FIFO or a device is refused
+    /// without being opened (opening one may wait, or act).
+    static func openFile(_ path: String, exclusive: Bool) -> Result<Int32, OpenProblem> {
+        var status = stat()
+        if lstat(path, &status) == 0, let reason = refusal(status, exclusive: exclusive) {
+            return .failure(.refused(reason))
+        }
+        let flags = O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | (exclusive ? O_EXCL : 0)
+        let opened = open(path, flags, 0o600)
+        guard opened >= 0 else {
+            let error = errno
+            // The file changed since lstat: read what it is now.
+            if [ELOOP, EEXIST, ENXIO].contains(error), lstat(path, &status) == 0,
+               let reason = refusal(status, exclusive: exclusive) {
+                return .failure(.refused(reason))
+            }
+            return .failure(.failed(String(cString: strerror(error))))
+        }
+        // What was opened is what is checked: the name may have changed since lstat.
+        if fstat(opened, &status) == 0, let reason = refusal(status, exclusive: false) {
+            close(opened)
+            return .failure(.refused(reason))
+        }
+        _ = fcntl(opened, F_SETFL, fcntl(opened, F_GETFL) & ~O_NONBLOCK)
+        return .success(opened)
+    }
+
+    /// Why an existing file is not one to trace to, if it is not.
+    private static func refusal(_ status: stat, exclusive: Bool) -> String? {
+        switch status.st_mode & S_IFMT {
+        case S_IFREG: break
+        case S_IFLNK: return "it is a symbolic link, which p11fork never follows to write a trace (anyone who could write in its folder may have planted it): name the file itself"
+        case S_IFIFO: return "it is a FIFO, not a regular file: name a regular file, or use stderr"
+        case S_IFDIR: return "it is a folder: name a file in it"
+        default: return "it is a device or a socket, not a regular file: name a regular file, or use stderr"
+        }
+        if exclusive {
+            return "it exists already, and a trace named with %p is always a new file (one made there by someone else could be a trap): remove the old trace files"
+        }
+        if status.st_uid != geteuid() {
+            return "it belongs to \(InputTrust.userName(status.st_uid)), not to this process's user (\(InputTrust.userName(geteuid()))): p11fork appends only to its own user's files; remove it, or name another file"
+        }
+        if status.st_nlink > 1 {
+            return "it has \(status.st_nlink) names (hard links), and another name may be someone else's file: remove it, or name another file"
+        }
+        return nil
     }
 
     /// A line about p11fork itself (not a call), written when `level` is enabled.

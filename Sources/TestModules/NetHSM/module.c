@@ -1,4 +1,4 @@
-// NetHSM test module: the PKCS#11 2.40 entry points.
+// NetHSM test module: the PKCS#11 entry points (2.40, the 3.0 interface calls, the 3.2 functions).
 //
 // The module plays the client library of a network HSM that knows nothing about fork. One
 // C_Initialize of one loaded copy in one process is one "connection" to the server (the state
@@ -303,8 +303,8 @@ static CK_RV nh_GetInfo(CK_INFO_PTR info) {
     if (rv != CKR_OK) return rv;
     if (info == NULL) return end(CKR_ARGUMENTS_BAD);
     memset(info, 0, sizeof *info);
-    info->cryptokiVersion.major = 2;
-    info->cryptokiVersion.minor = 40;
+    info->cryptokiVersion.major = 3;  // the newest interface it offers (README "PKCS#11 3.2")
+    info->cryptokiVersion.minor = 2;
     pad(info->manufacturerID, sizeof info->manufacturerID, MANUFACTURER);
     info->flags = 0;
     pad(info->libraryDescription, sizeof info->libraryDescription, DESCRIPTION);
@@ -312,8 +312,6 @@ static CK_RV nh_GetInfo(CK_INFO_PTR info) {
     info->libraryVersion.minor = 0;
     return end(CKR_OK);
 }
-
-static CK_FUNCTION_LIST function_list;
 
 // MARK: slots and tokens
 
@@ -365,7 +363,7 @@ static CK_RV nh_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) {
     pad(info->manufacturerID, sizeof info->manufacturerID, MANUFACTURER);
     pad(info->model, sizeof info->model, MODEL);
     memcpy(info->serialNumber, s->serial, sizeof info->serialNumber);
-    info->flags = CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED | CKF_TOKEN_INITIALIZED |
+    info->flags = CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED | CKF_TOKEN_INITIALIZED | CKF_ASYNC_SESSION_SUPPORTED |
                   pin_flags(s->user_failures, CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED) |
                   pin_flags(s->so_failures, CKF_SO_PIN_COUNT_LOW, CKF_SO_PIN_FINAL_TRY, CKF_SO_PIN_LOCKED);
     info->ulMaxSessionCount = NH_MAX_SESSIONS;
@@ -402,6 +400,7 @@ static const struct {
     {CKM_ECDH1_DERIVE, 256, 256, CKF_DERIVE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS},
     {CKM_CONCATENATE_BASE_AND_DATA, 1, NH_MAX_VALUE, CKF_DERIVE},
     {CKM_SHA256_KEY_DERIVATION, 1, NH_MAX_VALUE, CKF_DERIVE},
+    {CKM_NETHSM_ECDH_P256_KEM, 256, 256, CKF_ENCAPSULATE | CKF_DECAPSULATE | CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS},
 };
 #define MECHANISM_COUNT (sizeof mechanisms / sizeof mechanisms[0])
 
@@ -492,6 +491,7 @@ static CK_RV nh_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR applica
     if (!rw && conn->login == NH_LOGIN_SO) return end(CKR_SESSION_READ_WRITE_SO_EXISTS);
     struct nh_session *se = nh_session_new(client.srv, conn, rw);
     if (se == NULL) return end(CKR_SESSION_COUNT);
+    se->async = (flags & CKF_ASYNC_SESSION) != 0;
     *session = handle_of(se->id);
     return end(CKR_OK);
 }
@@ -548,7 +548,7 @@ static CK_RV nh_GetSessionInfo(CK_SESSION_HANDLE session, CK_SESSION_INFO_PTR in
                                                      : CKS_RW_PUBLIC_SESSION;
     else
         info->state = conn->login == NH_LOGIN_USER ? CKS_RO_USER_FUNCTIONS : CKS_RO_PUBLIC_SESSION;
-    info->flags = CKF_SERIAL_SESSION | (se->rw ? CKF_RW_SESSION : 0);
+    info->flags = CKF_SERIAL_SESSION | (se->rw ? CKF_RW_SESSION : 0) | (se->async ? CKF_ASYNC_SESSION : 0);
     info->ulDeviceError = 0;
     return end(CKR_OK);
 }
@@ -884,6 +884,22 @@ static CK_RV op_continue(struct nh_session *se, enum nh_op op) {
     return CKR_OK;
 }
 
+// C_SignUpdate, C_VerifyUpdate, C_VerifySignatureUpdate: more data for the HMAC of operation op.
+static CK_RV mac_update(const char *function, CK_SESSION_HANDLE session, enum nh_op op, CK_BYTE_PTR part, CK_ULONG part_len) {
+    CK_RV rv = begin(function);
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = op_continue(se, op)) != CKR_OK) return end(rv);
+    if (part == NULL && part_len > 0) {
+        end_operation(se);
+        return end(CKR_ARGUMENTS_BAD);
+    }
+    nh_hmac_update(&se->hmac, part, part_len);
+    se->op_parts = 1;
+    return end(CKR_OK);
+}
+
 static CK_RV nh_SignInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key) {
     CK_RV rv = begin("C_SignInit");
     if (rv != CKR_OK) return rv;
@@ -913,18 +929,7 @@ static CK_RV nh_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_
 }
 
 static CK_RV nh_SignUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
-    CK_RV rv = begin("C_SignUpdate");
-    if (rv != CKR_OK) return rv;
-    struct nh_session *se = session_of(session);
-    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = op_continue(se, NH_OP_SIGN)) != CKR_OK) return end(rv);
-    if (part == NULL && part_len > 0) {
-        end_operation(se);
-        return end(CKR_ARGUMENTS_BAD);
-    }
-    nh_hmac_update(&se->hmac, part, part_len);
-    se->op_parts = 1;
-    return end(CKR_OK);
+    return mac_update("C_SignUpdate", session, NH_OP_SIGN, part, part_len);
 }
 
 static CK_RV nh_SignFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR signature, CK_ULONG_PTR signature_len) {
@@ -953,7 +958,7 @@ static CK_RV nh_VerifyInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism
 }
 
 // Ends the verify operation, whatever the outcome.
-static CK_RV verify_finish(struct nh_session *se, CK_BYTE_PTR signature, CK_ULONG signature_len) {
+static CK_RV verify_finish(struct nh_session *se, const uint8_t *signature, CK_ULONG signature_len) {
     uint8_t mac[NH_HMAC_LEN];
     CK_RV rv;
     if (signature_len != NH_HMAC_LEN) {
@@ -965,7 +970,23 @@ static CK_RV verify_finish(struct nh_session *se, CK_BYTE_PTR signature, CK_ULON
         rv = diff == 0 ? CKR_OK : CKR_SIGNATURE_INVALID;
     }
     end_operation(se);
+    se->validation_flags = rv == CKR_OK ? CKS_LAST_VALIDATION_OK : 0;
     return rv;
+}
+
+// C_Verify and C_VerifySignature: the whole data at once, against signature (the caller's, or the
+// one C_VerifySignatureInit was given).
+static CK_RV verify_single(struct nh_session *se, enum nh_op op, CK_BYTE_PTR data, CK_ULONG data_len,
+                           const uint8_t *signature, CK_ULONG signature_len) {
+    CK_RV rv = op_continue(se, op);
+    if (rv != CKR_OK) return rv;
+    if (se->op_parts) return CKR_OPERATION_ACTIVE;
+    if (signature == NULL || (data == NULL && data_len > 0)) {
+        end_operation(se);
+        return CKR_ARGUMENTS_BAD;
+    }
+    nh_hmac_update(&se->hmac, data, data_len);
+    return verify_finish(se, signature, signature_len);
 }
 
 static CK_RV nh_Verify(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR signature,
@@ -974,29 +995,11 @@ static CK_RV nh_Verify(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG dat
     if (rv != CKR_OK) return rv;
     struct nh_session *se = session_of(session);
     if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = op_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
-    if (se->op_parts) return end(CKR_OPERATION_ACTIVE);
-    if (signature == NULL || (data == NULL && data_len > 0)) {
-        end_operation(se);
-        return end(CKR_ARGUMENTS_BAD);
-    }
-    nh_hmac_update(&se->hmac, data, data_len);
-    return end(verify_finish(se, signature, signature_len));
+    return end(verify_single(se, NH_OP_VERIFY, data, data_len, signature, signature_len));
 }
 
 static CK_RV nh_VerifyUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
-    CK_RV rv = begin("C_VerifyUpdate");
-    if (rv != CKR_OK) return rv;
-    struct nh_session *se = session_of(session);
-    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
-    if ((rv = op_continue(se, NH_OP_VERIFY)) != CKR_OK) return end(rv);
-    if (part == NULL && part_len > 0) {
-        end_operation(se);
-        return end(CKR_ARGUMENTS_BAD);
-    }
-    nh_hmac_update(&se->hmac, part, part_len);
-    se->op_parts = 1;
-    return end(CKR_OK);
+    return mac_update("C_VerifyUpdate", session, NH_OP_VERIFY, part, part_len);
 }
 
 static CK_RV nh_VerifyFinal(CK_SESSION_HANDLE session, CK_BYTE_PTR signature, CK_ULONG signature_len) {
@@ -1503,6 +1506,215 @@ static CK_RV nh_CancelFunction(CK_SESSION_HANDLE session) {
     return CKR_FUNCTION_NOT_PARALLEL;
 }
 
+// MARK: PKCS#11 3.2 (README "PKCS#11 3.2")
+
+// C_VerifySignatureInit: CKM_SHA256_HMAC like C_VerifyInit, with the signature given now (its
+// length is checked now: CKR_SIGNATURE_LEN_RANGE starts nothing). A NULL mechanism ends an
+// operation in progress.
+static CK_RV nh_VerifySignatureInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key,
+                                    CK_BYTE_PTR signature, CK_ULONG signature_len) {
+    CK_RV rv = begin("C_VerifySignatureInit");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL) {
+        if (se->op != NH_OP_VERIFY_SIGNATURE) return end(CKR_OPERATION_NOT_INITIALIZED);
+        end_operation(se);
+        return end(CKR_OK);
+    }
+    if (signature == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (se->op == NH_OP_NONE && signature_len != NH_HMAC_LEN) return end(CKR_SIGNATURE_LEN_RANGE);
+    if ((rv = mac_init(se, mechanism, key, 0)) != CKR_OK) return end(rv);
+    memcpy(se->op_signature, signature, NH_HMAC_LEN);
+    se->op = NH_OP_VERIFY_SIGNATURE;
+    return end(CKR_OK);
+}
+
+// In an asynchronous session the verification's result (CKR_OK, CKR_SIGNATURE_INVALID,
+// CKR_SIGNATURE_LEN_RANGE) waits for C_AsyncComplete: the call answers CKR_PENDING (the work is
+// done at once; only its answer is held on the server). Other errors are answered at once.
+static CK_RV async_hold(struct nh_session *se, const char *function, CK_RV rv) {
+    if (!se->async || (rv != CKR_OK && rv != CKR_SIGNATURE_INVALID && rv != CKR_SIGNATURE_LEN_RANGE)) return rv;
+    se->async_pending = 1;
+    se->async_rv = rv;
+    se->async_id = ++client.srv->next_async_id;
+    snprintf(se->async_function, sizeof se->async_function, "%s", function);
+    return CKR_PENDING;
+}
+
+static CK_RV nh_VerifySignature(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len) {
+    CK_RV rv = begin("C_VerifySignature");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    rv = verify_single(se, NH_OP_VERIFY_SIGNATURE, data, data_len, se->op_signature, NH_HMAC_LEN);
+    return end(async_hold(se, "C_VerifySignature", rv));
+}
+
+static CK_RV nh_VerifySignatureUpdate(CK_SESSION_HANDLE session, CK_BYTE_PTR part, CK_ULONG part_len) {
+    return mac_update("C_VerifySignatureUpdate", session, NH_OP_VERIFY_SIGNATURE, part, part_len);
+}
+
+static CK_RV nh_VerifySignatureFinal(CK_SESSION_HANDLE session) {
+    CK_RV rv = begin("C_VerifySignatureFinal");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if ((rv = op_continue(se, NH_OP_VERIFY_SIGNATURE)) != CKR_OK) return end(rv);
+    return end(async_hold(se, "C_VerifySignatureFinal", verify_finish(se, se->op_signature, NH_HMAC_LEN)));
+}
+
+// CKS_LAST_VALIDATION_OK: 1 when the session's last finished verification succeeded, else 0.
+static CK_RV nh_GetSessionValidationFlags(CK_SESSION_HANDLE session, CK_SESSION_VALIDATION_FLAGS_TYPE type, CK_FLAGS *flags) {
+    CK_RV rv = begin("C_GetSessionValidationFlags");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (flags == NULL || type != CKS_LAST_VALIDATION_OK) return end(CKR_ARGUMENTS_BAD);
+    *flags = se->validation_flags;
+    return end(CKR_OK);
+}
+
+// The EC key of a key encapsulation: of class klass, allowed by its CKA_ENCAPSULATE/CKA_DECAPSULATE.
+static CK_RV kem_key(CK_OBJECT_HANDLE handle, CK_OBJECT_CLASS klass, struct nh_object **out) {
+    struct nh_object *o = object_of(handle);
+    if (o == NULL || !is_key_object(o)) return CKR_KEY_HANDLE_INVALID;
+    CK_RV rv = may_use(o);
+    if (rv != CKR_OK) return rv;
+    if (o->klass != klass || o->key_type != CKK_EC) return CKR_KEY_TYPE_INCONSISTENT;
+    if (!(klass == CKO_PUBLIC_KEY ? o->encapsulate : o->decapsulate)) return CKR_KEY_FUNCTION_NOT_PERMITTED;
+    *out = o;
+    return CKR_OK;
+}
+
+// The new secret key of C_EncapsulateKey / C_DecapsulateKey: its template (a generic secret of
+// 32 bytes unless it says otherwise: CKA_VALUE_LEN 1-32, or an AES key of 16, 24 or 32 bytes),
+// its value the leading bytes of SHA-256 of the shared x coordinate.
+static CK_RV kem_secret(struct nh_session *se, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count, const uint8_t x[NH_EC_SCALAR],
+                        CK_OBJECT_HANDLE_PTR key) {
+    struct nh_object o;
+    uint8_t secret[NH_HMAC_LEN];
+    CK_RV rv = nh_template_apply(&o, tmpl, count, NH_UNWRAP, CKO_SECRET_KEY, NH_FROM_TEMPLATE);
+    if (rv == CKR_OK && o.value_len == 0) o.value_len = o.key_type == CKK_AES ? 32 : NH_HMAC_LEN;
+    if (rv == CKR_OK && (o.value_len > NH_HMAC_LEN || !nh_secret_length_ok(o.key_type, o.value_len)))
+        rv = CKR_TEMPLATE_INCONSISTENT;
+    if (rv == CKR_OK) rv = may_write(se, &o);
+    if (rv == CKR_OK) {
+        nh_sha256(x, NH_EC_SCALAR, secret);
+        memcpy(o.value, secret, o.value_len);
+        rv = store_object(se, &o, key);
+    }
+    explicit_bzero(secret, sizeof secret);
+    explicit_bzero(&o, sizeof o);
+    return rv;
+}
+
+#define NH_KEM_CIPHERTEXT NH_EC_POINT  // the ephemeral public point, uncompressed
+
+static CK_RV nh_EncapsulateKey(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE public_key,
+                               CK_ATTRIBUTE_PTR tmpl, CK_ULONG count, CK_BYTE_PTR ciphertext, CK_ULONG_PTR ciphertext_len,
+                               CK_OBJECT_HANDLE_PTR key) {
+    CK_RV rv = begin("C_EncapsulateKey");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL || ciphertext_len == NULL || key == NULL || (tmpl == NULL && count > 0))
+        return end(CKR_ARGUMENTS_BAD);
+    if ((rv = mechanism_check(mechanism, CKM_NETHSM_ECDH_P256_KEM)) != CKR_OK) return end(rv);
+    struct nh_object *pub;
+    if ((rv = kem_key(public_key, CKO_PUBLIC_KEY, &pub)) != CKR_OK) return end(rv);
+    // The output convention of PKCS#11 section 5.2: a NULL buffer asks for the length.
+    if (ciphertext == NULL || *ciphertext_len < NH_KEM_CIPHERTEXT) {
+        *ciphertext_len = NH_KEM_CIPHERTEXT;
+        return end(ciphertext == NULL ? CKR_OK : CKR_BUFFER_TOO_SMALL);
+    }
+    uint8_t ephemeral[NH_EC_SCALAR], point[NH_EC_POINT], x[NH_EC_SCALAR];
+    if (nh_ec_generate(ephemeral, point) != 0 || nh_ecdh(ephemeral, pub->ec_point + 2, x) != 0) rv = CKR_DEVICE_ERROR;
+    if (rv == CKR_OK) rv = kem_secret(se, tmpl, count, x, key);
+    if (rv == CKR_OK) {
+        memcpy(ciphertext, point, NH_KEM_CIPHERTEXT);
+        *ciphertext_len = NH_KEM_CIPHERTEXT;
+    }
+    se->validation_flags = 0;
+    explicit_bzero(ephemeral, sizeof ephemeral);
+    explicit_bzero(x, sizeof x);
+    return end(rv);
+}
+
+static CK_RV nh_DecapsulateKey(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE private_key,
+                               CK_ATTRIBUTE_PTR tmpl, CK_ULONG count, CK_BYTE_PTR ciphertext, CK_ULONG ciphertext_len,
+                               CK_OBJECT_HANDLE_PTR key) {
+    CK_RV rv = begin("C_DecapsulateKey");
+    if (rv != CKR_OK) return rv;
+    struct nh_session *se = session_of(session);
+    if (se == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (mechanism == NULL || key == NULL || ciphertext == NULL || (tmpl == NULL && count > 0)) return end(CKR_ARGUMENTS_BAD);
+    if ((rv = mechanism_check(mechanism, CKM_NETHSM_ECDH_P256_KEM)) != CKR_OK) return end(rv);
+    struct nh_object *priv;
+    if ((rv = kem_key(private_key, CKO_PRIVATE_KEY, &priv)) != CKR_OK) return end(rv);
+    if (ciphertext_len != NH_KEM_CIPHERTEXT) return end(CKR_WRAPPED_KEY_LEN_RANGE);
+    uint8_t x[NH_EC_SCALAR];
+    int result = nh_ecdh(priv->value, ciphertext, x);
+    rv = result == 0 ? CKR_OK : result == 1 ? CKR_WRAPPED_KEY_INVALID : CKR_DEVICE_ERROR;
+    if (rv == CKR_OK) rv = kem_secret(se, tmpl, count, x, key);
+    se->validation_flags = 0;
+    explicit_bzero(x, sizeof x);
+    return end(rv);
+}
+
+// The asynchronous calls: the held result of `name` in the session (async_hold). The ID names it
+// server-wide, so C_AsyncJoin from any session of any connection takes the result over, as a
+// network HSM's client reconnecting after C_Finalize would.
+static int async_holds(const struct nh_session *se, const char *name) {
+    return se->async_pending && strcmp(se->async_function, name) == 0;
+}
+
+static CK_RV async_begin(const char *function, CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, struct nh_session **se) {
+    CK_RV rv = begin(function);
+    if (rv != CKR_OK) return rv;
+    if ((*se = session_of(session)) == NULL) return end(CKR_SESSION_HANDLE_INVALID);
+    if (name == NULL) return end(CKR_ARGUMENTS_BAD);
+    return CKR_OK;
+}
+
+static CK_RV nh_AsyncComplete(CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, CK_ASYNC_DATA_PTR result) {
+    (void)result;  // the functions held here have no output
+    struct nh_session *se;
+    CK_RV rv = async_begin("C_AsyncComplete", session, name, &se);
+    if (rv != CKR_OK) return rv;
+    if (!async_holds(se, (const char *)name)) return end(CKR_OPERATION_NOT_INITIALIZED);
+    se->async_pending = 0;
+    return end((CK_RV)se->async_rv);
+}
+
+static CK_RV nh_AsyncGetID(CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, CK_ULONG_PTR id) {
+    struct nh_session *se;
+    CK_RV rv = async_begin("C_AsyncGetID", session, name, &se);
+    if (rv != CKR_OK) return rv;
+    if (id == NULL) return end(CKR_ARGUMENTS_BAD);
+    if (!async_holds(se, (const char *)name)) return end(CKR_OPERATION_NOT_INITIALIZED);
+    *id = se->async_id;
+    return end(CKR_OK);
+}
+
+static CK_RV nh_AsyncJoin(CK_SESSION_HANDLE session, CK_UTF8CHAR_PTR name, CK_ULONG id, CK_BYTE_PTR data, CK_ULONG data_len) {
+    (void)data, (void)data_len;  // no output buffer to replace
+    struct nh_session *se;
+    CK_RV rv = async_begin("C_AsyncJoin", session, name, &se);
+    if (rv != CKR_OK) return rv;
+    for (int i = 0; i < NH_MAX_SESSIONS; i++) {
+        struct nh_session *held = &client.srv->sessions[i];
+        if (!held->in_use || !async_holds(held, (const char *)name) || held->async_id != id) continue;
+        held->async_pending = 0;
+        se->async_pending = 1;
+        se->async_id = held->async_id;
+        se->async_rv = held->async_rv;
+        memcpy(se->async_function, held->async_function, sizeof se->async_function);
+        return end(CKR_OK);
+    }
+    return end(CKR_SAVED_STATE_INVALID);
+}
+
 // MARK: not supported
 
 #pragma GCC diagnostic push
@@ -1524,30 +1736,87 @@ UNSUPPORTED(DecryptDigestUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c
 UNSUPPORTED(SignEncryptUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
 UNSUPPORTED(DecryptVerifyUpdate, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
 UNSUPPORTED(WaitForSlotEvent, (CK_FLAGS a, CK_SLOT_ID_PTR b, CK_VOID_PTR c))
+// 3.0: user names and the message-based functions.
+UNSUPPORTED(LoginUser, (CK_SESSION_HANDLE a, CK_USER_TYPE b, CK_UTF8CHAR_PTR c, CK_ULONG d, CK_UTF8CHAR_PTR e, CK_ULONG f))
+UNSUPPORTED(SessionCancel, (CK_SESSION_HANDLE a, CK_FLAGS b))
+#define MESSAGE_INIT(name) UNSUPPORTED(name, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c))
+#define MESSAGE_FINAL(name) UNSUPPORTED(name, (CK_SESSION_HANDLE a))
+#define MESSAGE_BEGIN(name) UNSUPPORTED(name, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG e))
+#define MESSAGE_NEXT(name) \
+    UNSUPPORTED(name, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG e, CK_BYTE_PTR f, CK_ULONG_PTR g, CK_FLAGS h))
+#define MESSAGE_ONE(name, last) \
+    UNSUPPORTED(name, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG e, CK_BYTE_PTR f, CK_ULONG g, CK_BYTE_PTR h, last))
+MESSAGE_INIT(MessageEncryptInit) MESSAGE_INIT(MessageDecryptInit) MESSAGE_INIT(MessageSignInit) MESSAGE_INIT(MessageVerifyInit)
+MESSAGE_FINAL(MessageEncryptFinal) MESSAGE_FINAL(MessageDecryptFinal) MESSAGE_FINAL(MessageSignFinal) MESSAGE_FINAL(MessageVerifyFinal)
+MESSAGE_BEGIN(EncryptMessageBegin) MESSAGE_BEGIN(DecryptMessageBegin)
+MESSAGE_NEXT(EncryptMessageNext) MESSAGE_NEXT(DecryptMessageNext)
+MESSAGE_ONE(EncryptMessage, CK_ULONG_PTR i) MESSAGE_ONE(DecryptMessage, CK_ULONG_PTR i)
+UNSUPPORTED(SignMessageBegin, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c))
+UNSUPPORTED(VerifyMessageBegin, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c))
+UNSUPPORTED(SignMessage, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG e, CK_BYTE_PTR f, CK_ULONG_PTR g))
+UNSUPPORTED(SignMessageNext, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG e, CK_BYTE_PTR f, CK_ULONG_PTR g))
+UNSUPPORTED(VerifyMessage, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG e, CK_BYTE_PTR f, CK_ULONG g))
+UNSUPPORTED(VerifyMessageNext, (CK_SESSION_HANDLE a, CK_VOID_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG e, CK_BYTE_PTR f, CK_ULONG g))
+#undef MESSAGE_INIT
+#undef MESSAGE_FINAL
+#undef MESSAGE_BEGIN
+#undef MESSAGE_NEXT
+#undef MESSAGE_ONE
+// 3.2: authenticated key wrapping (AES-GCM/CCM message parameters, which this module lacks).
+UNSUPPORTED(WrapKeyAuthenticated, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_OBJECT_HANDLE d,
+                                   CK_BYTE_PTR e, CK_ULONG f, CK_BYTE_PTR g, CK_ULONG_PTR h))
+UNSUPPORTED(UnwrapKeyAuthenticated, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_BYTE_PTR d,
+                                     CK_ULONG e, CK_ATTRIBUTE_PTR f, CK_ULONG g, CK_BYTE_PTR h, CK_ULONG i,
+                                     CK_OBJECT_HANDLE_PTR j))
 
 #undef UNSUPPORTED
 #pragma GCC diagnostic pop
 
-// MARK: the function list, and the one export
+// MARK: the function lists and interfaces, and the three exports
 
 static CK_RV nh_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list);
+static CK_RV nh_GetInterfaceList(CK_INTERFACE_PTR interfaces, CK_ULONG_PTR count);
+static CK_RV nh_GetInterface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, CK_INTERFACE_PTR_PTR interface, CK_FLAGS flags);
 
-static CK_FUNCTION_LIST function_list = {
-    .version = {2, 40},
 #define F(name) .C_##name = nh_##name
-    F(Initialize), F(Finalize), F(GetInfo), F(GetFunctionList), F(GetSlotList), F(GetSlotInfo), F(GetTokenInfo),
-    F(GetMechanismList), F(GetMechanismInfo), F(InitToken), F(InitPIN), F(SetPIN), F(OpenSession), F(CloseSession),
-    F(CloseAllSessions), F(GetSessionInfo), F(GetOperationState), F(SetOperationState), F(Login), F(Logout),
-    F(CreateObject), F(CopyObject), F(DestroyObject), F(GetObjectSize), F(GetAttributeValue), F(SetAttributeValue),
-    F(FindObjectsInit), F(FindObjects), F(FindObjectsFinal), F(EncryptInit), F(Encrypt), F(EncryptUpdate),
-    F(EncryptFinal), F(DecryptInit), F(Decrypt), F(DecryptUpdate), F(DecryptFinal), F(DigestInit), F(Digest),
-    F(DigestUpdate), F(DigestKey), F(DigestFinal), F(SignInit), F(Sign), F(SignUpdate), F(SignFinal),
-    F(SignRecoverInit), F(SignRecover), F(VerifyInit), F(Verify), F(VerifyUpdate), F(VerifyFinal),
-    F(VerifyRecoverInit), F(VerifyRecover), F(DigestEncryptUpdate), F(DecryptDigestUpdate), F(SignEncryptUpdate),
-    F(DecryptVerifyUpdate), F(GenerateKey), F(GenerateKeyPair), F(WrapKey), F(UnwrapKey), F(DeriveKey),
-    F(SeedRandom), F(GenerateRandom), F(GetFunctionStatus), F(CancelFunction), F(WaitForSlotEvent),
-#undef F
+#define ENTRIES_240 \
+    F(Initialize), F(Finalize), F(GetInfo), F(GetFunctionList), F(GetSlotList), F(GetSlotInfo), F(GetTokenInfo), \
+    F(GetMechanismList), F(GetMechanismInfo), F(InitToken), F(InitPIN), F(SetPIN), F(OpenSession), F(CloseSession), \
+    F(CloseAllSessions), F(GetSessionInfo), F(GetOperationState), F(SetOperationState), F(Login), F(Logout), \
+    F(CreateObject), F(CopyObject), F(DestroyObject), F(GetObjectSize), F(GetAttributeValue), F(SetAttributeValue), \
+    F(FindObjectsInit), F(FindObjects), F(FindObjectsFinal), F(EncryptInit), F(Encrypt), F(EncryptUpdate), \
+    F(EncryptFinal), F(DecryptInit), F(Decrypt), F(DecryptUpdate), F(DecryptFinal), F(DigestInit), F(Digest), \
+    F(DigestUpdate), F(DigestKey), F(DigestFinal), F(SignInit), F(Sign), F(SignUpdate), F(SignFinal), \
+    F(SignRecoverInit), F(SignRecover), F(VerifyInit), F(Verify), F(VerifyUpdate), F(VerifyFinal), \
+    F(VerifyRecoverInit), F(VerifyRecover), F(DigestEncryptUpdate), F(DecryptDigestUpdate), F(SignEncryptUpdate), \
+    F(DecryptVerifyUpdate), F(GenerateKey), F(GenerateKeyPair), F(WrapKey), F(UnwrapKey), F(DeriveKey), \
+    F(SeedRandom), F(GenerateRandom), F(GetFunctionStatus), F(CancelFunction), F(WaitForSlotEvent)
+#define ENTRIES_30 \
+    F(GetInterfaceList), F(GetInterface), F(LoginUser), F(SessionCancel), F(MessageEncryptInit), F(EncryptMessage), \
+    F(EncryptMessageBegin), F(EncryptMessageNext), F(MessageEncryptFinal), F(MessageDecryptInit), F(DecryptMessage), \
+    F(DecryptMessageBegin), F(DecryptMessageNext), F(MessageDecryptFinal), F(MessageSignInit), F(SignMessage), \
+    F(SignMessageBegin), F(SignMessageNext), F(MessageSignFinal), F(MessageVerifyInit), F(VerifyMessage), \
+    F(VerifyMessageBegin), F(VerifyMessageNext), F(MessageVerifyFinal)
+
+static CK_FUNCTION_LIST function_list = {.version = {2, 40}, ENTRIES_240};
+static CK_FUNCTION_LIST_3_0 function_list_30 = {.version = {3, 0}, ENTRIES_240, ENTRIES_30};
+static CK_FUNCTION_LIST_3_2 function_list_32 = {
+    .version = {3, 2}, ENTRIES_240, ENTRIES_30,
+    F(EncapsulateKey), F(DecapsulateKey), F(VerifySignatureInit), F(VerifySignature), F(VerifySignatureUpdate),
+    F(VerifySignatureFinal), F(GetSessionValidationFlags), F(AsyncComplete), F(AsyncGetID), F(AsyncJoin),
+    F(WrapKeyAuthenticated), F(UnwrapKeyAuthenticated),
 };
+#undef ENTRIES_30
+#undef ENTRIES_240
+#undef F
+
+// Newest first: C_GetInterface with no version gives 3.2. No flags: this module is not fork safe.
+static CK_INTERFACE interfaces[] = {
+    {(CK_UTF8CHAR_PTR)"PKCS 11", &function_list_32, 0},
+    {(CK_UTF8CHAR_PTR)"PKCS 11", &function_list_30, 0},
+    {(CK_UTF8CHAR_PTR)"PKCS 11", &function_list, 0},
+};
+#define INTERFACE_COUNT (sizeof interfaces / sizeof interfaces[0])
 
 static CK_RV nh_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
     if (list == NULL) return CKR_ARGUMENTS_BAD;
@@ -1555,6 +1824,35 @@ static CK_RV nh_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
     return CKR_OK;
 }
 
-__attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
-    return nh_GetFunctionList(list);
+static CK_RV nh_GetInterfaceList(CK_INTERFACE_PTR list, CK_ULONG_PTR count) {
+    if (count == NULL) return CKR_ARGUMENTS_BAD;
+    CK_RV rv = CKR_OK;
+    if (list != NULL) {
+        if (*count < INTERFACE_COUNT)
+            rv = CKR_BUFFER_TOO_SMALL;
+        else
+            memcpy(list, interfaces, sizeof interfaces);
+    }
+    *count = INTERFACE_COUNT;
+    return rv;
+}
+
+static CK_RV nh_GetInterface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, CK_INTERFACE_PTR_PTR interface, CK_FLAGS flags) {
+    if (interface == NULL) return CKR_ARGUMENTS_BAD;
+    for (size_t i = 0; i < INTERFACE_COUNT; i++) {
+        const CK_VERSION *offered = interfaces[i].pFunctionList;
+        if (name != NULL && strcmp((const char *)name, (const char *)interfaces[i].pInterfaceName) != 0) continue;
+        if (version != NULL && (version->major != offered->major || version->minor != offered->minor)) continue;
+        if ((interfaces[i].flags & flags) != flags) continue;
+        *interface = &interfaces[i];
+        return CKR_OK;
+    }
+    return CKR_ARGUMENTS_BAD;
+}
+
+#define EXPORT __attribute__((visibility("default")))
+EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) { return nh_GetFunctionList(list); }
+EXPORT CK_RV C_GetInterfaceList(CK_INTERFACE_PTR list, CK_ULONG_PTR count) { return nh_GetInterfaceList(list, count); }
+EXPORT CK_RV C_GetInterface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, CK_INTERFACE_PTR_PTR interface, CK_FLAGS flags) {
+    return nh_GetInterface(name, version, interface, flags);
 }

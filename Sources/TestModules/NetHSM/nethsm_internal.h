@@ -91,7 +91,8 @@ extern const uint8_t nh_p256_oid[10];
 // MARK: the server state (server.c)
 
 enum nh_login { NH_LOGIN_NONE = 0, NH_LOGIN_USER = 1, NH_LOGIN_SO = 2 };
-enum nh_op { NH_OP_NONE = 0, NH_OP_FIND, NH_OP_SIGN, NH_OP_VERIFY, NH_OP_DIGEST, NH_OP_ENCRYPT, NH_OP_DECRYPT };
+enum nh_op { NH_OP_NONE = 0, NH_OP_FIND, NH_OP_SIGN, NH_OP_VERIFY, NH_OP_DIGEST, NH_OP_ENCRYPT, NH_OP_DECRYPT,
+             NH_OP_VERIFY_SIGNATURE };
 
 struct nh_connection {
     uint32_t in_use;
@@ -125,6 +126,12 @@ struct nh_session {
     uint32_t op_key_private;
     uint32_t op_needs_context_login;  // CKA_ALWAYS_AUTHENTICATE key, C_Login(CKU_CONTEXT_SPECIFIC) not yet done
     struct nh_hmac hmac;
+    uint8_t op_signature[NH_HMAC_LEN];  // the signature C_VerifySignatureInit was given (3.2)
+    uint64_t validation_flags;          // C_GetSessionValidationFlags(CKS_LAST_VALIDATION_OK)
+    // An asynchronous session (CKF_ASYNC_SESSION, 3.2): the one result waiting for C_AsyncComplete.
+    uint32_t async, async_pending, async_id;
+    uint64_t async_rv;
+    char async_function[32];
     struct nh_sha256 digest;
     struct nh_cipher cipher;
     uint32_t find_count, find_next;
@@ -143,6 +150,7 @@ struct nh_object {
     uint8_t sensitive, extractable, sign, verify, always_authenticate;
     uint8_t encrypt, decrypt, wrap, unwrap, derive;
     uint8_t local, always_sensitive, never_extractable;
+    uint8_t encapsulate, decapsulate;  // EC public / private keys (3.2)
     uint32_t label_len, ckaid_len, application_len, value_len;
     uint32_t ec_params_len, ec_point_len;
     uint8_t label[NH_MAX_SHORT];
@@ -154,7 +162,7 @@ struct nh_object {
 };
 
 #define NH_MAGIC 0x31305f4d53484e4eULL  // "NNHSM_01"
-#define NH_LAYOUT 2
+#define NH_LAYOUT 3
 
 struct nh_state {
     uint64_t magic;         // written last when the file is created
@@ -169,7 +177,7 @@ struct nh_state {
     uint32_t so_pin_len;
     uint32_t user_failures;  // consecutive wrong user PINs (locked at NH_PIN_TRIES)
     uint32_t so_failures;
-    uint32_t next_connection, next_session, next_object;
+    uint32_t next_connection, next_session, next_object, next_async_id;
     uint64_t next_seq;
     struct nh_connection connections[NH_MAX_CONNECTIONS];
     struct nh_session sessions[NH_MAX_SESSIONS];
@@ -207,7 +215,7 @@ NH_INTERNAL void nh_log(const char *path, const char *format, ...) __attribute__
 // MARK: attributes (objects.c)
 
 // NH_CREATE: C_CreateObject; NH_COPY: C_CopyObject; NH_GENERATE: C_GenerateKey and both halves of
-// C_GenerateKeyPair; NH_DERIVE: C_DeriveKey; NH_UNWRAP: C_UnwrapKey.
+// C_GenerateKeyPair; NH_DERIVE: C_DeriveKey; NH_UNWRAP: C_UnwrapKey, C_EncapsulateKey, C_DecapsulateKey.
 enum nh_template_mode { NH_CREATE, NH_GENERATE, NH_COPY, NH_DERIVE, NH_UNWRAP };
 
 // "The template chooses": the class of C_CreateObject, the key type of a derived or unwrapped

@@ -9,15 +9,15 @@
 //   CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP.
 // EC private keys (CKO_PRIVATE_KEY, CKK_EC, P-256): CKA_EC_PARAMS, CKA_VALUE (the scalar),
 //   CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE,
-//   CKA_ALWAYS_AUTHENTICATE, CKA_SIGN, CKA_DECRYPT, CKA_UNWRAP.
+//   CKA_ALWAYS_AUTHENTICATE, CKA_SIGN, CKA_DECRYPT, CKA_UNWRAP, CKA_DECAPSULATE (3.2).
 // EC public keys (CKO_PUBLIC_KEY, CKK_EC, P-256): CKA_EC_PARAMS, CKA_EC_POINT, CKA_VERIFY,
-//   CKA_ENCRYPT, CKA_WRAP.
+//   CKA_ENCRYPT, CKA_WRAP, CKA_ENCAPSULATE (3.2).
 // Data objects (CKO_DATA): CKA_APPLICATION, CKA_VALUE.
 // Anything else is CKR_ATTRIBUTE_TYPE_INVALID (in particular there is no CKA_UNIQUE_ID).
 //
 // Usage flags default to true where a mechanism of this module uses them with that key type
 // (generic secret: sign, verify; AES: encrypt, decrypt, wrap, unwrap), else false; CKA_DERIVE
-// is false unless asked for (the PKCS#11 default). Flags nothing uses (an EC key's sign, say)
+// is false unless asked for (the PKCS#11 default), and so are CKA_ENCAPSULATE and CKA_DECAPSULATE. Flags nothing uses (an EC key's sign, say)
 // are stored and reported only.
 //
 // CKA_CHECK_VALUE: AES keys, the first 3 bytes of the ECB encryption of a zero block (as
@@ -58,8 +58,10 @@ static int defined_for(const struct nh_object *o, CK_ATTRIBUTE_TYPE type) {
         return is_secret(o) || is_public_key(o);
     case CKA_EC_PARAMS:
         return is_private_key(o) || is_public_key(o);
-    case CKA_EC_POINT:
+    case CKA_EC_POINT: case CKA_ENCAPSULATE:
         return is_public_key(o);
+    case CKA_DECAPSULATE:
+        return is_private_key(o);
     default:
         return 0;
     }
@@ -71,6 +73,7 @@ static int is_bool_attribute(CK_ATTRIBUTE_TYPE type) {
     case CKA_SIGN: case CKA_VERIFY: case CKA_ALWAYS_AUTHENTICATE: case CKA_LOCAL:
     case CKA_ALWAYS_SENSITIVE: case CKA_NEVER_EXTRACTABLE:
     case CKA_ENCRYPT: case CKA_DECRYPT: case CKA_WRAP: case CKA_UNWRAP: case CKA_DERIVE:
+    case CKA_ENCAPSULATE: case CKA_DECAPSULATE:
         return 1;
     default:
         return 0;
@@ -95,6 +98,8 @@ static uint8_t *bool_field(struct nh_object *o, CK_ATTRIBUTE_TYPE type) {
     case CKA_WRAP: return &o->wrap;
     case CKA_UNWRAP: return &o->unwrap;
     case CKA_DERIVE: return &o->derive;
+    case CKA_ENCAPSULATE: return &o->encapsulate;
+    case CKA_DECAPSULATE: return &o->decapsulate;
     default: return NULL;
     }
 }
@@ -320,6 +325,7 @@ CK_RV nh_template_apply(struct nh_object *o, CK_ATTRIBUTE_PTR tmpl, CK_ULONG cou
             break;
         case CKA_SIGN: case CKA_VERIFY: case CKA_ALWAYS_AUTHENTICATE:
         case CKA_ENCRYPT: case CKA_DECRYPT: case CKA_WRAP: case CKA_UNWRAP: case CKA_DERIVE:
+        case CKA_ENCAPSULATE: case CKA_DECAPSULATE:
             if (mode == NH_COPY) {
                 if (!same_as_current(o, a)) return CKR_ATTRIBUTE_READ_ONLY;
             } else {

@@ -7,16 +7,20 @@
 //
 //   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|rsa-pkcs|ec|hmac]
 //                     [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins]
-//                     [--run-before-fork CMD] [--in-flight N] SCENARIO
+//                     [--run-before-fork CMD] [--in-flight N] [--verify-signature] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
 // pin-changed, storm. --raw-fork forks with the system call (no atfork handlers run); --twins picks the
 // last of several keys with the same label and checks children's signatures equal the parent's.
+// --verify-signature (storm, over a PKCS#11 3.2 module): the parent has a signature-first
+// verification (C_VerifySignatureInit + Update, on a session of its own) in progress when it
+// forks; every child finishes it (the signature must verify), every grandchild verifies its own
+// signature with C_VerifySignatureInit + C_VerifySignature, and the parent finishes its own at the end.
 // Last line: "result: ok ..." (exit 0) or "result: fail ..." (exit 1); usage errors exit 2.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
-#include <p11-kit-1/p11-kit/pkcs11.h>
+#include <CPKCS11.h>
 #include "tool_support.h"
 #include <pthread.h>
 #include <signal.h>
@@ -40,6 +44,10 @@ static CK_ULONG parent_signature_length;
 
 static CK_SLOT_ID slot;
 static CK_SESSION_HANDLE session;
+// --verify-signature: the module's 3.2 list, and the session with the verification in progress.
+static int verify_signature;
+static CK_FUNCTION_LIST_3_2_PTR p32;
+static CK_SESSION_HANDLE verifying_session;
 static CK_OBJECT_HANDLE private_key, verify_key;
 
 // MARK: PKCS#11 steps
@@ -417,19 +425,38 @@ static int scenario_child_threads(void) {
 // at once, about 2 children in 1,000 hit that (SoftHSM's race, not p11fork's).
 static int storm_in_flight = 1;
 
+// The half of `message` fed to the parent's signature-first verification before the fork.
+#define VERIFY_SIGNATURE_FED 16
+
+// A signature-first verification (3.2) of `signature` over `message`, in one call.
+static CK_RV verify_signature_once(CK_SESSION_HANDLE s, const unsigned char *signature, CK_ULONG length) {
+    CK_MECHANISM m = mechanism();
+    CK_RV rv = p32->C_VerifySignatureInit(s, &m, verify_key, (CK_BYTE_PTR)signature, length);
+    return rv == CKR_OK ? p32->C_VerifySignature(s, (CK_BYTE_PTR)message, sizeof message - 1) : rv;
+}
+
+// The rest of `message` fed to the verification in progress on verifying_session, then its end.
+static CK_RV verify_signature_finish(void) {
+    CK_RV rv = p32->C_VerifySignatureUpdate(verifying_session, (CK_BYTE_PTR)message + VERIFY_SIGNATURE_FED,
+                                            sizeof message - 1 - VERIFY_SIGNATURE_FED);
+    return rv == CKR_OK ? p32->C_VerifySignatureFinal(verifying_session) : rv;
+}
+
 static int storm_child(int index) {
     alarm(CHILD_TIMEOUT);
     unsigned char signature[MAX_SIGNATURE];
     CK_ULONG length;
     CK_RV rv = sign_with(session, private_key, signature, &length);
     if (rv == CKR_OK) rv = verify_in_child(session, signature, length);
+    if (rv == CKR_OK && verify_signature) rv = verify_signature_finish();
     if (rv != CKR_OK) { tool_say("storm child %d (pid %d): %s", index, getpid(), tool_rv_name(rv)); return 3; }
     if (index % 10 == 0) {
         pid_t grandchild = make_child();
         if (grandchild == 0) {
             alarm(CHILD_TIMEOUT);
             CK_RV g = sign_with(session, private_key, signature, &length);
-            if (g == CKR_OK) g = verify_in_child(session, signature, length);
+            if (g == CKR_OK) g = verify_signature ? verify_signature_once(session, signature, length)
+                                                  : verify_in_child(session, signature, length);
             if (g != CKR_OK) tool_say("storm grandchild of %d: %s", index, tool_rv_name(g));
             _exit(g == CKR_OK ? 0 : 3);
         }
@@ -470,6 +497,11 @@ static int scenario_storm(void) {
         children, storm_in_flight, ok, failed, hung, crashed, grandchildren_bad, parent_signatures, thread_failures);
     if (failed || hung || crashed || grandchildren_bad || thread_failures || ok != children)
         return tool_fail("storm: not every child signed, or the parent was harmed");
+    if (verify_signature) {
+        CK_RV rv = verify_signature_finish();
+        if (rv != CKR_OK) return tool_fail("storm: the parent's own C_VerifySignature operation: %s", tool_rv_name(rv));
+        tool_say("storm: every child finished the parent's C_VerifySignatureInit + Update (signature verified); so did the parent");
+    }
     return parent_still_signs("storm", 0, ok);
 }
 
@@ -477,7 +509,7 @@ static int scenario_storm(void) {
 
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forkcheck: %s\nusage: p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL "
-                    "[--mechanism rsa|rsa-pkcs|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] SCENARIO\n"
+                    "[--mechanism rsa|rsa-pkcs|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] [--in-flight N] [--verify-signature] SCENARIO\n"
                     "scenarios: inherited generations daemon child-initializes child-teardown threads child-threads pin-changed storm\n", problem);
     return 2;
 }
@@ -499,6 +531,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--raw-fork")) raw_fork = 1;
         else if (!strcmp(a, "--twins")) twins = 1;
         else if (!strcmp(a, "--in-flight") && v) { storm_in_flight = atoi(v); i++; }
+        else if (!strcmp(a, "--verify-signature")) verify_signature = 1;
         else if (a[0] != '-' && !scenario) scenario = a;
         else return usage("unknown or incomplete argument");
     }
@@ -527,6 +560,18 @@ int main(int argc, char **argv) {
     parent_signature_length = length;
     if ((rv = verify(signature, length)) != CKR_OK) return tool_fail("parent's own signature does not verify: %s", tool_rv_name(rv));
     if (run_before_fork && system(run_before_fork) != 0) return tool_fail("--run-before-fork command failed");
+    if (verify_signature) {
+        CK_C_GetInterface get = (CK_C_GetInterface)dlsym(library, "C_GetInterface");
+        CK_INTERFACE_PTR chosen = NULL;
+        if (!get || get((CK_UTF8CHAR_PTR)"PKCS 11", &(CK_VERSION){ 3, 2 }, &chosen, 0) != CKR_OK || !chosen)
+            return tool_fail("--verify-signature: %s offers no 'PKCS 11' 3.2 interface", module);
+        p32 = chosen->pFunctionList;
+        CK_MECHANISM m = mechanism();
+        if ((rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &verifying_session)) != CKR_OK ||
+            (rv = p32->C_VerifySignatureInit(verifying_session, &m, verify_key, signature, length)) != CKR_OK ||
+            (rv = p32->C_VerifySignatureUpdate(verifying_session, (CK_BYTE_PTR)message, VERIFY_SIGNATURE_FED)) != CKR_OK)
+            return tool_fail("parent's C_VerifySignatureInit + Update: %s", tool_rv_name(rv));
+    }
 
     int result;
     if (!strcmp(scenario, "inherited")) result = scenario_inherited();

@@ -8,7 +8,8 @@
 // --fork-safe takes the function list from C_GetInterface(NULL, NULL, &i, CKF_INTERFACE_FORK_SAFE)
 // (and fails if the module has no such interface); the child then never calls C_Initialize.
 // Scenarios: create-object, unwrap-derive, ecdh, generated-lost, sign-update, decrypt-update,
-// digest-update, find, context-login. In each, the parent computes the expected result, forks one child under
+// digest-update, find, context-login; and over a PKCS#11 3.2 module (the NetHSM test module),
+// verify-signature-update, decapsulate and async-pending. In each, the parent computes the expected result, forks one child under
 // alarm(); the child does the same work with the inherited handles and exits 0 when its result
 // equals the parent's, else with a status saying what failed; for operations in progress the
 // parent then finishes its own operation and checks it too. Last line: "result: ok ..." (exit 0)
@@ -16,7 +17,8 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
-#include <p11-kit-1/p11-kit/pkcs11.h>
+#include <CPKCS11.h>
+#include <nethsm.h>
 #include "tool_support.h"
 #include <signal.h>
 #include <stdarg.h>
@@ -35,6 +37,7 @@ typedef CK_RV (*get_interface_t)(CK_UTF8CHAR *, CK_VERSION *, interface_t **, CK
 #define CHILD_TIMEOUT 20
 
 static CK_FUNCTION_LIST_PTR p11;
+static CK_FUNCTION_LIST_3_2_PTR p32;  // the module's 3.2 list, when it offers one
 static const char *token_label, *pin, *key_label, *mechanism_name = "rsa";
 static CK_SESSION_HANDLE session;
 
@@ -499,12 +502,138 @@ static int scenario_context_login(void) {
     return 0;
 }
 
+// MARK: PKCS#11 3.2
+
+static int needs_32(const char *scenario) {
+    if (p32) return 0;
+    return tool_fail("%s: the module offers no 'PKCS 11' 3.2 interface", scenario);
+}
+
+// A signature-first verification (C_VerifySignatureInit) half fed before the fork: the child
+// feeds the rest and the signature verifies; a wrong signature is then refused (the check is real).
+static unsigned char good_signature[512];
+static CK_ULONG good_signature_length;
+
+static int verify_signature_child(void) {
+    CHECK(p32->C_VerifySignatureUpdate(session, (CK_BYTE_PTR)plaintext + 32, 32));
+    CHECK(p32->C_VerifySignatureFinal(session));
+    unsigned char wrong[512];
+    memcpy(wrong, good_signature, good_signature_length);
+    wrong[0] ^= 1;
+    CK_MECHANISM m = sign_mechanism();
+    CHECK(p32->C_VerifySignatureInit(session, &m, sign_key, wrong, good_signature_length));
+    CK_RV rv = p32->C_VerifySignature(session, (CK_BYTE_PTR)plaintext, 64);
+    tool_say("child: the parent's verification finished with CKR_OK; a wrong signature -> 0x%lx", rv);
+    return rv == CKR_SIGNATURE_INVALID ? CHILD_OK : CHILD_WRONG_ERROR;
+}
+
+static int scenario_verify_signature_update(void) {
+    if (needs_32("verify-signature-update")) return 1;
+    CK_MECHANISM m = sign_mechanism();
+    CHECK(find_one(!strcmp(mechanism_name, "hmac") ? CKO_SECRET_KEY : CKO_PRIVATE_KEY, key_label, &sign_key));
+    good_signature_length = sizeof good_signature;
+    CHECK(p11->C_SignInit(session, &m, sign_key));
+    CHECK(p11->C_Sign(session, (CK_BYTE_PTR)plaintext, 64, good_signature, &good_signature_length));
+    CHECK(p32->C_VerifySignatureInit(session, &m, sign_key, good_signature, good_signature_length));
+    CHECK(p32->C_VerifySignatureUpdate(session, (CK_BYTE_PTR)plaintext, 32));
+    if (run_child("verify-signature-update", verify_signature_child)) return 1;
+    // The parent finishes its own verification.
+    CHECK(p32->C_VerifySignatureUpdate(session, (CK_BYTE_PTR)plaintext + 32, 32));
+    CHECK(p32->C_VerifySignatureFinal(session));
+    tool_say("result: ok verify-signature-update: the child finished the parent's verification (signature verified, a wrong one refused); so did the parent");
+    return 0;
+}
+
+// Key encapsulation (the NetHSM test module's ECDH P-256 KEM) with a token key pair: the key
+// C_DecapsulateKey made in the parent encrypts alike in the child; the one C_EncapsulateKey made
+// (a random secret) is reported lost there.
+static CK_OBJECT_HANDLE decapsulated, encapsulated;
+
+static int decapsulate_child(void) {
+    unsigned char out[64];
+    CHECK(encrypt_with(decapsulated, out));
+    if (memcmp(out, expected_a, 64)) return CHILD_DIFFERENT;
+    CK_RV rv = encrypt_with(encapsulated, out);
+    tool_say("child: the decapsulated key encrypts alike; encrypting with the encapsulated key -> 0x%lx", rv);
+    return rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID ? CHILD_OK : CHILD_WRONG_ERROR;
+}
+
+static int scenario_decapsulate(void) {
+    if (needs_32("decapsulate")) return 1;
+    static const unsigned char p256[] = { 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07 };
+    CK_MECHANISM pair = { CKM_EC_KEY_PAIR_GEN, NULL, 0 }, kem = { CKM_NETHSM_ECDH_P256_KEM, NULL, 0 };
+    const char *label = "p11fork kem pair";
+    CK_ATTRIBUTE pub_t[] = { { CKA_EC_PARAMS, (void *)p256, sizeof p256 }, { CKA_ENCAPSULATE, &yes, 1 },
+                             { CKA_TOKEN, &yes, 1 }, { CKA_LABEL, (void *)label, strlen(label) } };
+    CK_ATTRIBUTE priv_t[] = { { CKA_DECAPSULATE, &yes, 1 }, { CKA_TOKEN, &yes, 1 }, { CKA_PRIVATE, &yes, 1 },
+                              { CKA_LABEL, (void *)label, strlen(label) } };
+    CK_OBJECT_HANDLE pub, priv;
+    CHECK(p32->C_GenerateKeyPair(session, &pair, pub_t, 4, priv_t, 4, &pub, &priv));
+    CK_ATTRIBUTE key_t[] = { { CKA_KEY_TYPE, &aes_type, sizeof aes_type }, { CKA_ENCRYPT, &yes, 1 }, { CKA_TOKEN, &no, 1 } };
+    unsigned char kem_ciphertext[128];
+    CK_ULONG length = sizeof kem_ciphertext;
+    CHECK(p32->C_EncapsulateKey(session, &kem, pub, key_t, 3, kem_ciphertext, &length, &encapsulated));
+    CHECK(p32->C_DecapsulateKey(session, &kem, priv, key_t, 3, kem_ciphertext, length, &decapsulated));
+    CHECK(encrypt_with(decapsulated, expected_a));
+    CHECK(encrypt_with(encapsulated, expected_b));
+    int failed = memcmp(expected_a, expected_b, 64) != 0;
+    if (failed) tool_fail("decapsulate: the encapsulated and decapsulated keys differ");
+    else failed = run_child("decapsulate", decapsulate_child);
+    p11->C_DestroyObject(session, pub);
+    p11->C_DestroyObject(session, priv);
+    if (failed) return 1;
+    tool_say("result: ok decapsulate: the decapsulated session key encrypts alike in the child, the encapsulated one is reported lost");
+    return 0;
+}
+
+// An asynchronous operation of the parent (a verification whose answer, CKR_PENDING, waits on an
+// asynchronous session; its ID from C_AsyncGetID) stays the parent's: the child's C_AsyncComplete
+// gets CKR_OPERATION_NOT_INITIALIZED and its C_AsyncJoin with the ID CKR_SAVED_STATE_INVALID; an
+// operation of the child's own on the same session completes; the parent then gets its result.
+static CK_SESSION_HANDLE async_session;
+static CK_ULONG async_id;
+
+static int async_child(void) {
+    CK_UTF8CHAR_PTR name = (CK_UTF8CHAR_PTR)"C_VerifySignature";
+    CK_RV complete = p32->C_AsyncComplete(async_session, name, NULL);
+    CK_RV join = p32->C_AsyncJoin(session, name, async_id, NULL, 0);
+    tool_say("child: C_AsyncComplete for the parent's operation -> 0x%lx, C_AsyncJoin with its ID -> 0x%lx", complete, join);
+    if (complete != CKR_OPERATION_NOT_INITIALIZED || join != CKR_SAVED_STATE_INVALID) return CHILD_WRONG_ERROR;
+    CK_MECHANISM m = sign_mechanism();
+    CHECK(p32->C_VerifySignatureInit(async_session, &m, sign_key, good_signature, good_signature_length));
+    CK_RV pending = p32->C_VerifySignature(async_session, (CK_BYTE_PTR)plaintext, 64);
+    CK_RV own = p32->C_AsyncComplete(async_session, name, NULL);
+    tool_say("child: its own verification -> 0x%lx, completed -> 0x%lx", pending, own);
+    return pending == CKR_PENDING && own == CKR_OK ? CHILD_OK : CHILD_WRONG_ERROR;
+}
+
+static int scenario_async_pending(void) {
+    if (needs_32("async-pending")) return 1;
+    CK_MECHANISM m = sign_mechanism();
+    CHECK(find_one(CKO_SECRET_KEY, key_label, &sign_key));
+    good_signature_length = sizeof good_signature;
+    CHECK(p11->C_SignInit(session, &m, sign_key));
+    CHECK(p11->C_Sign(session, (CK_BYTE_PTR)plaintext, 64, good_signature, &good_signature_length));
+    CK_SESSION_INFO info;
+    CHECK(p11->C_GetSessionInfo(session, &info));
+    CHECK(p32->C_OpenSession(info.slotID, CKF_SERIAL_SESSION | CKF_ASYNC_SESSION, NULL, NULL, &async_session));
+    CHECK(p32->C_VerifySignatureInit(async_session, &m, sign_key, good_signature, good_signature_length));
+    CK_RV rv = p32->C_VerifySignature(async_session, (CK_BYTE_PTR)plaintext, 64);
+    if (rv != CKR_PENDING) return tool_fail("async-pending: the parent's C_VerifySignature answered 0x%lx, not CKR_PENDING", rv);
+    CHECK(p32->C_AsyncGetID(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignature", &async_id));
+    if (run_child("async-pending", async_child)) return 1;
+    CHECK(p32->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignature", NULL));
+    tool_say("result: ok async-pending: the parent's asynchronous operation stayed the parent's (it completed with CKR_OK after the child); the child's own completed");
+    return 0;
+}
+
 // MARK: main
 
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forksafe: %s\nusage: p11fork-forksafe --module PATH --token LABEL --pin PIN --key LABEL "
                     "[--mechanism rsa|hmac] [--fork-safe] SCENARIO\nscenarios: create-object unwrap-derive ecdh "
-                    "generated-lost sign-update decrypt-update digest-update find context-login\n", problem);
+                    "generated-lost sign-update decrypt-update digest-update find context-login "
+                    "verify-signature-update decapsulate async-pending\n", problem);
     return 2;
 }
 
@@ -539,6 +668,12 @@ int main(int argc, char **argv) {
         CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
         if (!get || get(&p11) != CKR_OK) return tool_fail("C_GetFunctionList");
     }
+    // The 3.2 list, when the module has one (the same functions as p11's, and the 3.2 ones).
+    get_interface_t get = (get_interface_t)dlsym(library, "C_GetInterface");
+    interface_t *chosen32 = NULL;
+    CK_VERSION v32 = { 3, 2 };
+    if (get && get((CK_UTF8CHAR *)"PKCS 11", &v32, &chosen32, fork_safe ? CKF_INTERFACE_FORK_SAFE : 0) == CKR_OK && chosen32)
+        p32 = chosen32->list;
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
     CHECK(p11->C_Initialize(&args));
     CK_SLOT_ID slots[16];
@@ -563,5 +698,8 @@ int main(int argc, char **argv) {
     if (!strcmp(scenario, "digest-update")) return scenario_digest_update();
     if (!strcmp(scenario, "find")) return scenario_find();
     if (!strcmp(scenario, "context-login")) return scenario_context_login();
+    if (!strcmp(scenario, "verify-signature-update")) return scenario_verify_signature_update();
+    if (!strcmp(scenario, "decapsulate")) return scenario_decapsulate();
+    if (!strcmp(scenario, "async-pending")) return scenario_async_pending();
     return usage("unknown scenario");
 }

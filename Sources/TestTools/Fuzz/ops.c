@@ -1646,8 +1646,8 @@ static void op_GetInterfaceList(Rd *r, int side) {
     if (rv == CKR_OK && list)
         for (int k = 0; k < 2; k++)
             if (!list[k].pInterfaceName || strcmp((char *)list[k].pInterfaceName, "PKCS 11") || !list[k].pFunctionList ||
-                !(list[k].flags & CKF_INTERFACE_FORK_SAFE))
-                finding("C_GetInterfaceList: interface %d is not a fork-safe \"PKCS 11\" interface", k);
+                !(list[k].flags & CKF_INTERFACE_FORK_SAFE) || ((CK_VERSION *)list[k].pFunctionList)->minor == 2)
+                finding("C_GetInterfaceList: interface %d is not a fork-safe \"PKCS 11\" 3.0 or 2.40 interface", k);
 }
 
 static void op_GetInterface(Rd *r, int side) {
@@ -1658,10 +1658,10 @@ static void op_GetInterface(Rd *r, int side) {
     const char *name = names[b % 5];
     CK_VERSION *version = NULL;
     uint8_t vb = rd_u8(r);
-    static const CK_VERSION versions[5] = { { 3, 0 }, { 2, 40 }, { 3, 1 }, { 0, 0 }, { 2, 20 } };
-    if (vb % 6) {
+    static const CK_VERSION versions[6] = { { 3, 0 }, { 2, 40 }, { 3, 1 }, { 0, 0 }, { 2, 20 }, { 3, 2 } };
+    if (vb % 7) {
         version = arena_alloc(FORK, sizeof *version);
-        *version = versions[vb % 6 - 1];
+        *version = versions[vb % 7 - 1];
     }
     CK_INTERFACE **out = (b >> 4) % 4 == 3 ? NULL : arena_alloc(FORK, sizeof *out);
     static const CK_FLAGS flagset[4] = { 0, CKF_INTERFACE_FORK_SAFE, 2, ~0UL };
@@ -1681,6 +1681,8 @@ static void op_GetInterface(Rd *r, int side) {
             finding("C_GetInterface gave version %d.%d for %d.%d", v->major, v->minor, version->major, version->minor);
         if ((i->flags & flags) != flags) finding("C_GetInterface gave flags 0x%lx for 0x%lx", i->flags, flags);
         if (name && strcmp(name, "PKCS 11")) finding("C_GetInterface gave an interface for the name \"%s\"", name);
+        // SoftHSM 2.6 has no 3.2 list: p11fork must not offer one it cannot back (docs/FORK.md "PKCS#11 3.0 and 3.2").
+        if (v->major == 3 && v->minor == 2) finding("C_GetInterface offered a 3.2 list over a PKCS#11 2.40 module");
     } else if (out && name && !strcmp(name, "PKCS 11") && !version && !flags) {
         finding("C_GetInterface(\"PKCS 11\") answered %s", tool_rv_name(rv));
     }

@@ -1,4 +1,5 @@
 import Foundation
+import TraceReader
 
 /// What the doctor was asked to examine, arguments checked.
 struct DoctorPlan {

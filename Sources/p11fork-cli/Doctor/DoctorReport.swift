@@ -1,4 +1,5 @@
 import Foundation
+import TraceReader
 
 /// Everything the doctor found, as printed in the table and as `--json`.
 struct DoctorReport: Codable {

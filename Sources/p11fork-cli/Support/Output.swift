@@ -45,23 +45,3 @@ enum Output {
         return String(array.dropFirst(2).dropLast(2))
     }
 }
-
-/// Colour, only for a terminal that has not asked for none (NO_COLOR).
-struct Style {
-    let enabled: Bool
-
-    static func forStandardOutput() -> Style {
-        Style(enabled: isatty(1) == 1 && ProcessInfo.processInfo.environment["NO_COLOR"] == nil
-              && ProcessInfo.processInfo.environment["TERM"] != "dumb")
-    }
-
-    func red(_ text: String) -> String { wrap(text, "1;31") }
-    func green(_ text: String) -> String { wrap(text, "32") }
-    func cyan(_ text: String) -> String { wrap(text, "36") }
-    func bold(_ text: String) -> String { wrap(text, "1") }
-    func dim(_ text: String) -> String { wrap(text, "2") }
-
-    private func wrap(_ text: String, _ code: String) -> String {
-        enabled ? "\u{1B}[\(code)m\(text)\u{1B}[0m" : text
-    }
-}

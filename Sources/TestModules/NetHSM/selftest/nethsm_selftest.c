@@ -10,7 +10,8 @@
 #ifdef NETHSM_SELFTEST
 #define _GNU_SOURCE
 #include <dlfcn.h>
-#include <p11-kit-1/p11-kit/pkcs11.h>
+#include <CPKCS11.h>
+#include <nethsm.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -330,7 +331,7 @@ static void test_basics(void) {
     EXPECT(p11->C_Initialize(NULL), CKR_CRYPTOKI_ALREADY_INITIALIZED);
     EXPECT(p11->C_GetInfo(NULL), CKR_ARGUMENTS_BAD);
     EXPECT(p11->C_GetInfo(&info), CKR_OK);
-    EXPECT_TRUE(info.cryptokiVersion.major == 2 && info.cryptokiVersion.minor == 40);
+    EXPECT_TRUE(info.cryptokiVersion.major == 3 && info.cryptokiVersion.minor == 2);
     EXPECT_TRUE(memcmp(info.manufacturerID, "p11fork test                    ", 32) == 0);
     EXPECT_TRUE(memcmp(info.libraryDescription, "NetHSM test module              ", 32) == 0);
 
@@ -363,17 +364,18 @@ static void test_basics(void) {
         CKM_SHA256,      CKM_SHA256_HMAC,  CKM_GENERIC_SECRET_KEY_GEN, CKM_AES_KEY_GEN,
         CKM_AES_ECB,     CKM_AES_CBC,      CKM_AES_CBC_PAD,            CKM_AES_KEY_WRAP,
         CKM_EC_KEY_PAIR_GEN, CKM_ECDH1_DERIVE, CKM_CONCATENATE_BASE_AND_DATA, CKM_SHA256_KEY_DERIVATION,
+        CKM_NETHSM_ECDH_P256_KEM,
     };
     n = 0;
     EXPECT(p11->C_GetMechanismList(slot, NULL, &n), CKR_OK);
-    EXPECT_TRUE(n == 12);
+    EXPECT_TRUE(n == 13);
     n = 3;
     EXPECT(p11->C_GetMechanismList(slot, mechs, &n), CKR_BUFFER_TOO_SMALL);
-    EXPECT_TRUE(n == 12);
+    EXPECT_TRUE(n == 13);
     n = 16;
     EXPECT(p11->C_GetMechanismList(slot, mechs, &n), CKR_OK);
-    EXPECT_TRUE(n == 12);
-    for (size_t i = 0; i < 12; i++) EXPECT_TRUE(n == 12 && mechs[i] == expected_mechs[i]);
+    EXPECT_TRUE(n == 13);
+    for (size_t i = 0; i < 13; i++) EXPECT_TRUE(n == 13 && mechs[i] == expected_mechs[i]);
     CK_MECHANISM_INFO mi;
     EXPECT(p11->C_GetMechanismInfo(slot, CKM_AES_CBC_PAD, &mi), CKR_OK);
     EXPECT_TRUE(mi.ulMinKeySize == 16 && mi.ulMaxKeySize == 32 && mi.flags == (CKF_ENCRYPT | CKF_DECRYPT));
@@ -1274,6 +1276,170 @@ static void test_ec_and_derive(void) {
     (void)no;
 }
 
+// SHA-256 of CAVS_Z, the key C_DecapsulateKey makes from CAVS_D and the ciphertext CAVS_PEER
+// (from `echo CAVS_Z | xxd -r -p | openssl dgst -sha256`).
+#define CAVS_KEM_SECRET "e46c7bcebfe1f3f3014251b1ac7358d1568e0c50c1bf6db17d13a33c024794ec"
+
+static CK_FUNCTION_LIST_3_2 *p11_32;  // the module's 3.2 list (test_v32)
+
+static CK_RV kem(int encapsulate, CK_OBJECT_HANDLE k, unsigned char *ciphertext, CK_ULONG *len, CK_ULONG value_len,
+                 CK_OBJECT_HANDLE *out) {
+    CK_MECHANISM m = {CKM_NETHSM_ECDH_P256_KEM, NULL, 0};
+    CK_BBOOL no = CK_FALSE;
+    CK_ATTRIBUTE tmpl[] = {{CKA_SENSITIVE, &no, sizeof no}, {CKA_VALUE_LEN, &value_len, sizeof value_len}};
+    return encapsulate ? p11_32->C_EncapsulateKey(session, &m, k, tmpl, value_len ? 2 : 1, ciphertext, len, out)
+                       : p11_32->C_DecapsulateKey(session, &m, k, tmpl, value_len ? 2 : 1, ciphertext, *len, out);
+}
+
+// PKCS#11 3.2: the interfaces, C_VerifySignature*, C_GetSessionValidationFlags, the ECDH P-256 KEM.
+static void test_v32(void) {
+    void *loaded = dlopen(module_path, RTLD_NOW | RTLD_NOLOAD);
+    CK_C_GetInterfaceList list = (CK_C_GetInterfaceList)dlsym(loaded, "C_GetInterfaceList");
+    CK_C_GetInterface get = (CK_C_GetInterface)dlsym(loaded, "C_GetInterface");
+    EXPECT_TRUE(list != NULL && get != NULL);
+    if (list == NULL || get == NULL) return;
+    CK_INTERFACE interfaces[4];
+    CK_ULONG n = 0;
+    EXPECT(list(NULL, &n), CKR_OK);
+    EXPECT_TRUE(n == 3);
+    n = 2;
+    EXPECT(list(interfaces, &n), CKR_BUFFER_TOO_SMALL);
+    n = 4;
+    EXPECT(list(interfaces, &n), CKR_OK);
+    static const CK_VERSION versions[] = {{3, 2}, {3, 0}, {2, 40}};
+    for (CK_ULONG i = 0; i < 3 && n == 3; i++) {
+        const CK_VERSION *v = interfaces[i].pFunctionList;
+        EXPECT_TRUE(strcmp((char *)interfaces[i].pInterfaceName, "PKCS 11") == 0 && interfaces[i].flags == 0 &&
+                    v->major == versions[i].major && v->minor == versions[i].minor);
+    }
+    CK_INTERFACE_PTR chosen = NULL;
+    EXPECT(get(NULL, NULL, &chosen, 0), CKR_OK);
+    EXPECT_TRUE(chosen == NULL ? 0 : ((CK_VERSION *)chosen->pFunctionList)->minor == 2);
+    EXPECT(get(NULL, NULL, &chosen, CKF_INTERFACE_FORK_SAFE), CKR_ARGUMENTS_BAD);  // not fork safe
+    EXPECT(get((CK_UTF8CHAR_PTR)"PKCS 11", &(CK_VERSION){3, 2}, &chosen, 0), CKR_OK);
+    CK_FUNCTION_LIST_3_2 *f = p11_32 = chosen->pFunctionList;
+    CK_VOID_PTR *entries = (CK_VOID_PTR *)&f->C_Initialize;
+    int all = (sizeof *f - offsetof(CK_FUNCTION_LIST_3_2, C_Initialize)) / sizeof(CK_VOID_PTR) == 104;
+    for (size_t i = 0; i < 104; i++) all = all && entries[i] != NULL;
+    EXPECT_TRUE(all);
+
+    // C_VerifySignature*: the known HMAC of "hello", whole and in parts; flags after each.
+    CK_OBJECT_HANDLE mac_key = make_secret(CKK_GENERIC_SECRET, (const unsigned char *)KEY_VALUE, 32, NULL, 0);
+    CK_MECHANISM hmac = {CKM_SHA256_HMAC, NULL, 0};
+    unsigned char good[32], bad[32];
+    unhex(HELLO_HMAC, good);
+    memcpy(bad, good, 32);
+    bad[0] ^= 1;
+    CK_FLAGS flags = 99;
+    EXPECT(f->C_GetSessionValidationFlags(session, CKS_LAST_VALIDATION_OK, NULL), CKR_ARGUMENTS_BAD);
+    EXPECT(f->C_GetSessionValidationFlags(session, 7, &flags), CKR_ARGUMENTS_BAD);
+    EXPECT(f->C_VerifySignature(session, (CK_BYTE_PTR)"hello", 5), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_VerifySignatureInit(session, &hmac, mac_key, good, 31), CKR_SIGNATURE_LEN_RANGE);
+    EXPECT(f->C_VerifySignatureInit(session, &hmac, mac_key, good, 32), CKR_OK);
+    EXPECT(f->C_VerifySignatureInit(session, &hmac, mac_key, good, 32), CKR_OPERATION_ACTIVE);
+    EXPECT(f->C_VerifySignature(session, (CK_BYTE_PTR)"hello", 5), CKR_OK);
+    EXPECT(f->C_GetSessionValidationFlags(session, CKS_LAST_VALIDATION_OK, &flags), CKR_OK);
+    EXPECT_TRUE(flags == CKS_LAST_VALIDATION_OK);
+    EXPECT(f->C_VerifySignatureInit(session, &hmac, mac_key, good, 32), CKR_OK);
+    EXPECT(f->C_VerifySignatureUpdate(session, (CK_BYTE_PTR)"hel", 3), CKR_OK);
+    EXPECT(f->C_VerifySignature(session, (CK_BYTE_PTR)"lo", 2), CKR_OPERATION_ACTIVE);
+    EXPECT(f->C_VerifySignatureUpdate(session, (CK_BYTE_PTR)"lo", 2), CKR_OK);
+    EXPECT(f->C_VerifySignatureFinal(session), CKR_OK);
+    EXPECT(f->C_VerifySignatureFinal(session), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_VerifySignatureInit(session, &hmac, mac_key, bad, 32), CKR_OK);
+    EXPECT(f->C_VerifySignature(session, (CK_BYTE_PTR)"hello", 5), CKR_SIGNATURE_INVALID);
+    EXPECT(f->C_GetSessionValidationFlags(session, CKS_LAST_VALIDATION_OK, &flags), CKR_OK);
+    EXPECT_TRUE(flags == 0);
+    EXPECT(f->C_VerifySignatureInit(session, &hmac, mac_key, good, 32), CKR_OK);
+    EXPECT(f->C_VerifySignatureInit(session, NULL, 0, NULL, 0), CKR_OK);  // ends it
+    EXPECT(f->C_VerifySignatureFinal(session), CKR_OPERATION_NOT_INITIALIZED);
+    printf("C_VerifySignature: HMAC-SHA256(key, \"hello\") checked whole and in parts\n");
+
+    // The KEM: the CAVS known answer, then a round trip, then the refusals.
+    CK_BBOOL yes = CK_TRUE;
+    CK_OBJECT_CLASS priv_class = CKO_PRIVATE_KEY, pub_class = CKO_PUBLIC_KEY;
+    CK_KEY_TYPE ec = CKK_EC;
+    unsigned char d[32], q[67] = {0x04, 0x41}, ciphertext[80], value[64], other[64];
+    CK_ATTRIBUTE priv_create[] = {
+        {CKA_CLASS, &priv_class, sizeof priv_class}, {CKA_KEY_TYPE, &ec, sizeof ec},
+        {CKA_EC_PARAMS, (void *)p256_oid, sizeof p256_oid}, {CKA_VALUE, d, unhex(CAVS_D, d)},
+        {CKA_DECAPSULATE, &yes, sizeof yes},
+    };
+    unhex(CAVS_Q, q + 2);
+    CK_ATTRIBUTE pub_create[] = {
+        {CKA_CLASS, &pub_class, sizeof pub_class}, {CKA_KEY_TYPE, &ec, sizeof ec},
+        {CKA_EC_PARAMS, (void *)p256_oid, sizeof p256_oid}, {CKA_EC_POINT, q, 67}, {CKA_ENCAPSULATE, &yes, sizeof yes},
+    };
+    CK_OBJECT_HANDLE priv, pub, k1, k2, plain;
+    EXPECT(p11->C_CreateObject(session, priv_create, 5, &priv), CKR_OK);
+    EXPECT(p11->C_CreateObject(session, pub_create, 5, &pub), CKR_OK);
+    EXPECT(p11->C_CreateObject(session, pub_create, 4, &plain), CKR_OK);  // CKA_ENCAPSULATE false
+    EXPECT_TRUE(read_bool(pub, CKA_ENCAPSULATE) == CK_TRUE && read_bool(plain, CKA_ENCAPSULATE) == CK_FALSE);
+    CK_ULONG len = unhex(CAVS_PEER, ciphertext);
+    EXPECT(kem(0, priv, ciphertext, &len, 0, &k1), CKR_OK);
+    EXPECT_TRUE(read_bytes(k1, CKA_VALUE, value, sizeof value) == 32 && bytes_are(value, 32, CAVS_KEM_SECRET));
+    EXPECT(kem(0, priv, ciphertext, &len, 16, &k1), CKR_OK);
+    EXPECT_TRUE(read_bytes(k1, CKA_VALUE, value, sizeof value) == 16 && bytes_are(value, 16, "e46c7bcebfe1f3f3014251b1ac7358d1"));
+    printf("KEM (ECDH P-256): NIST CAVS count 0 decapsulation known answer checked\n");
+    len = 0;
+    EXPECT(kem(1, pub, NULL, &len, 0, &k1), CKR_OK);
+    EXPECT_TRUE(len == 65);
+    len = 64;
+    EXPECT(kem(1, pub, ciphertext, &len, 0, &k1), CKR_BUFFER_TOO_SMALL);
+    EXPECT_TRUE(len == 65);
+    len = sizeof ciphertext;
+    EXPECT(kem(1, pub, ciphertext, &len, 0, &k1), CKR_OK);
+    EXPECT_TRUE(len == 65 && ciphertext[0] == 0x04);
+    EXPECT(kem(0, priv, ciphertext, &len, 0, &k2), CKR_OK);
+    EXPECT_TRUE(read_bytes(k1, CKA_VALUE, value, sizeof value) == 32 && read_bytes(k2, CKA_VALUE, other, sizeof other) == 32 &&
+                memcmp(value, other, 32) == 0);
+    EXPECT(kem(1, pub, ciphertext, &len, 0, &k2), CKR_OK);  // a fresh ephemeral key: another secret
+    EXPECT_TRUE(read_bytes(k2, CKA_VALUE, other, sizeof other) == 32 && memcmp(value, other, 32) != 0);
+    EXPECT(kem(1, plain, ciphertext, &len, 0, &k2), CKR_KEY_FUNCTION_NOT_PERMITTED);
+    EXPECT(kem(1, priv, ciphertext, &len, 0, &k2), CKR_KEY_TYPE_INCONSISTENT);
+    EXPECT(kem(1, pub, ciphertext, &len, 33, &k2), CKR_TEMPLATE_INCONSISTENT);
+    len = 64;
+    EXPECT(kem(0, priv, ciphertext, &len, 0, &k2), CKR_WRAPPED_KEY_LEN_RANGE);
+    len = 65;
+    ciphertext[40] ^= 1;  // no longer on the curve
+    EXPECT(kem(0, priv, ciphertext, &len, 0, &k2), CKR_WRAPPED_KEY_INVALID);
+    printf("KEM (ECDH P-256): encapsulated and decapsulated keys agree\n");
+
+    // An asynchronous session: a verification's answer waits for C_AsyncComplete; its ID lets
+    // another session take it over (C_AsyncJoin). Elsewhere the async calls find nothing.
+    CK_SESSION_HANDLE async_session, joiner;
+    CK_SESSION_INFO info;
+    EXPECT_TRUE((token_flags(slot) & CKF_ASYNC_SESSION_SUPPORTED) != 0);
+    EXPECT(f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_ASYNC_SESSION, NULL, NULL, &async_session), CKR_OK);
+    EXPECT(f->C_GetSessionInfo(async_session, &info), CKR_OK);
+    EXPECT_TRUE((info.flags & CKF_ASYNC_SESSION) != 0);
+    EXPECT(f->C_VerifySignatureInit(async_session, &hmac, mac_key, good, 32), CKR_OK);
+    EXPECT(f->C_VerifySignature(async_session, (CK_BYTE_PTR)"hello", 5), CKR_PENDING);
+    EXPECT(f->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_Sign", NULL), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_AsyncComplete(async_session, NULL, NULL), CKR_ARGUMENTS_BAD);
+    EXPECT(f->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignature", NULL), CKR_OK);
+    EXPECT(f->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignature", NULL), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_VerifySignatureInit(async_session, &hmac, mac_key, bad, 32), CKR_OK);
+    EXPECT(f->C_VerifySignatureUpdate(async_session, (CK_BYTE_PTR)"hello", 5), CKR_OK);
+    EXPECT(f->C_VerifySignatureFinal(async_session), CKR_PENDING);
+    CK_ULONG id = 0;
+    EXPECT(f->C_AsyncGetID(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", &id), CKR_OK);
+    EXPECT_TRUE(id != 0);
+    EXPECT(f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &joiner), CKR_OK);
+    EXPECT(f->C_AsyncJoin(joiner, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", id + 1, NULL, 0), CKR_SAVED_STATE_INVALID);
+    EXPECT(f->C_AsyncJoin(joiner, (CK_UTF8CHAR_PTR)"C_VerifySignature", id, NULL, 0), CKR_SAVED_STATE_INVALID);
+    EXPECT(f->C_AsyncJoin(joiner, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", id, NULL, 0), CKR_OK);
+    EXPECT(f->C_AsyncComplete(async_session, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", NULL), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_AsyncComplete(joiner, (CK_UTF8CHAR_PTR)"C_VerifySignatureFinal", NULL), CKR_SIGNATURE_INVALID);
+    EXPECT(f->C_CloseSession(joiner), CKR_OK);
+    EXPECT(f->C_CloseSession(async_session), CKR_OK);
+    EXPECT(f->C_AsyncComplete(session, (CK_UTF8CHAR_PTR)"C_Sign", NULL), CKR_OPERATION_NOT_INITIALIZED);
+    EXPECT(f->C_AsyncGetID(session, (CK_UTF8CHAR_PTR)"C_Sign", &n), CKR_OPERATION_NOT_INITIALIZED);
+    printf("async session: C_VerifySignature answers CKR_PENDING, C_AsyncComplete the result; C_AsyncJoin takes it over by its ID\n");
+    EXPECT(f->C_WrapKeyAuthenticated(session, &hmac, mac_key, mac_key, NULL, 0, NULL, &n), CKR_FUNCTION_NOT_SUPPORTED);
+    EXPECT(f->C_MessageEncryptInit(session, &hmac, mac_key), CKR_FUNCTION_NOT_SUPPORTED);
+}
+
 static void test_threads(void) {
     struct worker workers[4] = {{0}};
     pthread_t threads[4];
@@ -1433,6 +1599,7 @@ int main(int argc, char **argv) {
     test_aes();
     test_key_wrap();
     test_ec_and_derive();
+    test_v32();
     test_threads();
     test_always_authenticate();
     test_fork();

@@ -22,14 +22,15 @@ enum TraceLineRole {
 }
 
 /// A trace grouped per process, with the recovery steps and errors picked out, and a summary.
-struct TraceReport {
+public struct TraceReport {
     private(set) var processes: [TracedProcess] = []
     let file: TraceFile
     var malformedLines: [Int] { file.malformedLines }
 
-    init(file: TraceFile, pid: Int? = nil) {
+    public init(file: TraceFile, pid: Int? = nil) {
         self.file = file
         var latest: [Int: Int] = [:]
+        var instances: [Int: Int] = [:]
         for record in file.records where pid == nil || record.pid == pid {
             let forkDetected = record.parentPID != nil
             var index = latest[record.pid]
@@ -38,7 +39,8 @@ struct TraceReport {
                 index = nil
             }
             if index == nil {
-                let instance = processes.filter { $0.pid == record.pid }.count + 1
+                let instance = instances[record.pid, default: 0] + 1
+                instances[record.pid] = instance
                 processes.append(TracedProcess(pid: record.pid, instance: instance))
                 index = processes.count - 1
                 latest[record.pid] = index
@@ -57,15 +59,20 @@ struct TraceReport {
     }
 
     /// Parents before their children, depth first, in order of first appearance.
+    /// Without recursion: a chain of generations may be as long as the file (pids can repeat).
     var ordered: [(process: TracedProcess, depth: Int)] {
         var result: [(TracedProcess, Int)] = []
-        func visit(_ index: Int, _ depth: Int) {
+        var pending: [(index: Int, depth: Int)] = processes.indices.reversed().filter { processes[$0].parent == nil }.map { ($0, 0) }
+        while let (index, depth) = pending.popLast() {
             result.append((processes[index], depth))
-            for child in processes[index].children { visit(child, depth + 1) }
+            pending += processes[index].children.reversed().map { ($0, depth + 1) }
         }
-        for index in processes.indices where processes[index].parent == nil { visit(index, 0) }
         return result
     }
+
+    /// Indentation shows the first generations; deeper ones keep that of the last shown (the
+    /// header names each child's parent), so the listing grows with the trace, not its square.
+    static let maximumIndent = 16
 
     static func role(of record: TraceRecord, afterFork: Bool) -> TraceLineRole {
         if record.isError { return .error }
@@ -100,7 +107,7 @@ struct TraceReport {
 
     // MARK: listing
 
-    func listing(errorsOnly: Bool, style: Style) -> String {
+    public func listing(errorsOnly: Bool, style: Style) -> String {
         var lines: [String] = []
         for (process, depth) in ordered {
             var afterFork = false
@@ -112,7 +119,7 @@ struct TraceReport {
                 body.append("  " + format(record, role: role, pid: process.pid, style: style))
             }
             if errorsOnly && body.isEmpty { continue }
-            let indent = String(repeating: "  ", count: depth)
+            let indent = String(repeating: "  ", count: min(depth, Self.maximumIndent))
             lines.append(style.bold("\(indent)process \(process.name)") + " " + header(process))
             lines += body.map { indent + $0 }
             lines.append("")
@@ -209,7 +216,7 @@ struct TraceReport {
         return steps
     }
 
-    func summary(style: Style) -> String {
+    public func summary(style: Style) -> String {
         var lines: [String] = [style.bold("summary")]
         var read = "  lines read: \(processes.reduce(0) { $0 + $1.records.count })"
         if !malformedLines.isEmpty {

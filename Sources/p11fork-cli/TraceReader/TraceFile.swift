@@ -2,24 +2,24 @@ import Foundation
 
 /// One line of a p11fork trace: a call (function, arguments, return code, duration) or an event
 /// (a level and a message: fork detection, recovery steps, p11fork's own errors).
-struct TraceRecord {
+public struct TraceRecord {
     /// A call's arguments as written: text, or where the JSON object is in the file (rendered
     /// only when shown: a summary of millions of lines never needs them).
-    enum Arguments {
+    public enum Arguments {
         case text(String)
         case json(Range<Int>)
     }
 
-    enum Kind {
+    public enum Kind {
         case call(function: String, arguments: Arguments, rv: String, microseconds: Double?)
         case event(level: String, message: String)
     }
 
     let line: Int
     let time: String
-    let pid: Int
+    public let pid: Int
     let tid: Int?
-    let kind: Kind
+    public let kind: Kind
     /// From "fork detected: this is a child of pid N (fork generation G)".
     let parentPID: Int?
     let forkGeneration: Int?
@@ -49,14 +49,14 @@ struct TraceRecord {
 
 /// A trace file read line by line: JSON lines (P11FORK_TRACE_FORMAT=json) and, as well, text
 /// lines; anything else is counted as malformed and skipped.
-struct TraceFile {
+public struct TraceFile {
     let bytes: [UInt8]
-    let records: [TraceRecord]
-    let malformedLines: [Int]
+    public let records: [TraceRecord]
+    public let malformedLines: [Int]
 
-    init(text: String) { self.init(bytes: Array(text.utf8)) }
+    public init(text: String) { self.init(bytes: Array(text.utf8)) }
 
-    init(bytes: [UInt8]) {
+    public init(bytes: [UInt8]) {
         self.bytes = bytes
         var records: [TraceRecord] = []
         var malformed: [Int] = []
@@ -282,17 +282,21 @@ struct JSONScanner {
     }
 
     mutating func skipValue() throws {
-        _ = try value(keep: false)
+        _ = try value(keep: false, depth: 0)
     }
 
     mutating func value() throws -> JSONValue {
-        try value(keep: true)
+        try value(keep: true, depth: 0)
     }
 
+    /// How deep arrays and objects may nest: p11fork writes four levels at most (a template in a
+    /// mechanism parameter); a file someone else wrote could nest until the stack ends.
+    static let maximumDepth = 32
+
     /// One value; with `keep` false only its extent is checked (nothing is built).
-    private mutating func value(keep: Bool) throws -> JSONValue {
+    private mutating func value(keep: Bool, depth: Int) throws -> JSONValue {
         skipSpace()
-        guard index < end else { throw Malformed() }
+        guard index < end, depth <= Self.maximumDepth else { throw Malformed() }
         switch buffer[index] {
         case UInt8(ascii: "{"):
             index += 1
@@ -301,7 +305,7 @@ struct JSONScanner {
             repeat {
                 let key = try string()
                 try expect(UInt8(ascii: ":"))
-                let value = try value(keep: keep)
+                let value = try value(keep: keep, depth: depth + 1)
                 if keep { fields.append((key, value)) }
             } while skip(UInt8(ascii: ","))
             try expect(UInt8(ascii: "}"))
@@ -311,7 +315,7 @@ struct JSONScanner {
             var values: [JSONValue] = []
             if skip(UInt8(ascii: "]")) { return .array(values) }
             repeat {
-                let value = try value(keep: keep)
+                let value = try value(keep: keep, depth: depth + 1)
                 if keep { values.append(value) }
             } while skip(UInt8(ascii: ","))
             try expect(UInt8(ascii: "]"))
