@@ -288,6 +288,13 @@ struct ProviderFork {
 @Suite(.serialized) struct ProviderForkTests {
     static let enabled = PKCS11Provider.available
 
+    /// The direct half, bounded (each worker 8 seconds), printed as it ended.
+    private func runDirectly(_ fork: ProviderFork, _ name: String, workers: Int = 3) throws -> ProviderFork.Outcome {
+        let outcome = try fork.run(through: false, workers: workers, seconds: 8)
+        print("\(name) directly: \(outcome.summary)")
+        return outcome
+    }
+
     /// The checks every run through p11fork must pass.
     private func expectAllSigned(_ outcome: ProviderFork.Outcome, workers: Int = 3, pin: String) {
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
@@ -301,8 +308,7 @@ struct ProviderFork {
         let token = try SoftHSMToken(strict: strict)
         try token.generateKeyPair(label: "provider-key")
         let fork = ProviderFork(token: token, keyLabel: "provider-key", realModule: RealModules.softHSM)
-        let direct = try fork.run(through: false, seconds: 8)
-        print("SoftHSM (\(strict ? "reset_on_fork" : "default mode")) directly: \(direct.summary)")
+        let direct = try runDirectly(fork, "SoftHSM (\(strict ? "reset_on_fork" : "default mode"))")
         // The provider starts over in each worker by itself; directly only the exit may crash.
         #expect(direct.succeeded, "directly: \(direct.report)")
         let through = try fork.run(through: true, seconds: 20)
@@ -325,8 +331,7 @@ struct ProviderFork {
         try token.generateKeyPair(label: "provider-key")
         var fork = ProviderFork(token: token, keyLabel: "provider-key", realModule: RealModules.softHSM)
         fork.scrub = true
-        let direct = try fork.run(through: false, workers: 2, seconds: 8)
-        print("SoftHSM (reset_on_fork), workers without SOFTHSM2_CONF, directly: \(direct.summary)")
+        let direct = try runDirectly(fork, "SoftHSM (reset_on_fork), workers without SOFTHSM2_CONF,", workers: 2)
         #expect(!direct.succeeded && direct.result.stderr.contains("Provided key has invalid handle"), "directly: \(direct.report)")
         let through = try fork.run(through: true, workers: 2, seconds: 20)
         expectAllSigned(through, workers: 2, pin: token.pin)
@@ -338,8 +343,7 @@ struct ProviderFork {
         try token.generateKeyPair(label: "provider-key")
         var fork = ProviderFork(token: token, keyLabel: "provider-key", realModule: RealModules.p11KitProxy)
         fork.launcher = try RealModules.p11KitLauncher(in: token.directory)
-        let direct = try fork.run(through: false, seconds: 8)
-        print("p11-kit's proxy directly: \(direct.summary)")
+        let direct = try runDirectly(fork, "p11-kit's proxy")
         #expect(direct.result.stdout.contains("result:"), "directly the driver ran to its end: \(direct.report)")
         let through = try fork.run(through: true, seconds: 20)
         expectAllSigned(through, pin: token.pin)
@@ -351,8 +355,7 @@ struct ProviderFork {
         var fork = ProviderFork(token: token, keyLabel: "ock-key", realModule: OpenCryptokiToken.module)
         fork.launcher = token.launcher(keyLabel: "ock-key")
         fork.extraEnvironment = ["P11FORK_STRATEGY": "out-of-process"]
-        let direct = try fork.run(through: false, seconds: 8)
-        print("openCryptoki directly: \(direct.summary)")
+        let direct = try runDirectly(fork, "openCryptoki")
         #expect(direct.result.stdout.contains("result:"), "directly the driver ran to its end: \(direct.report)")
         let through = try fork.run(through: true, seconds: 20)
         print("openCryptoki through p11fork: \(through.summary)")
@@ -372,8 +375,7 @@ struct ProviderFork {
         let token = try TPM2Token()
         var fork = ProviderFork(token: token, keyLabel: "tpm-key", realModule: TPM2Token.module)
         fork.launcher = token.launcher(keyLabel: "tpm-key")
-        let direct = try fork.run(through: false, seconds: 8)
-        print("tpm2-pkcs11 directly: \(direct.summary)")
+        let direct = try runDirectly(fork, "tpm2-pkcs11")
         // Directly the workers wait for a D-Bus proxy until their alarm, and the parent, whose TPM
         // session the workers' re-initialisation flushed, can no longer sign.
         #expect(!direct.succeeded, "directly: \(direct.report)")
