@@ -81,7 +81,7 @@ if [ "$v32" = 1 ]; then
   trap 'rm -rf "$work"' EXIT
   export P11FUZZ_P11FORK=$lib P11FUZZ_NETHSM=$nethsm P11FUZZ_DIR=$work
   export ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0:${ASAN_OPTIONS:-}
-  mkdir -p "$work/corpus"
+  mkdir -p "$work/corpus" .build-fuzz/findings
   if [ -n "$repro" ]; then .build-fuzz/p11fuzz32 -runs=1 "$repro"; exit $?; fi
   set +e
   .build-fuzz/p11fuzz32 -max_total_time="$seconds" -max_len=256 -timeout=30 -print_final_stats=1 \
