@@ -1,6 +1,6 @@
 import CPKCS11
 
-// Slot IDs are the real module's (DESIGN.md "Handles"; docs/FORK.md "Handles in the child"):
+// Slot IDs are the real module's (docs/FORK.md "Handles in the child", "Slot IDs"):
 // the ones the module of the process that first initialised it reports. Session and object
 // handles are p11fork's virtual values, each kind from its own offset, so that a real value
 // passed by mistake, or a handle of the wrong kind, finds nothing. An unknown handle is

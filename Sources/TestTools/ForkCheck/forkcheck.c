@@ -8,14 +8,15 @@
 //   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|rsa-pkcs|ec|hmac]
 //                     [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins]
 //                     [--run-before-fork CMD] [--in-flight N] [--verify-signature] [--named-slot ID]
-//                     [--helper-mechanisms] SCENARIO
+//                     [--helper-mechanisms] [--ignore-mechanism-flags F] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
 // pin-changed, storm, same-view. same-view: each child first opens a session of its own on
 // --named-slot ID (default: the token's slot; never listed in the child), logs in, signs with it,
 // then compares C_GetInfo, both slot lists, every slot's CK_SLOT_INFO and CK_TOKEN_INFO (but for
-// session counts, free memory and the clock) and the token's mechanism list with the parent's
-// (with --helper-mechanisms: the parent's less those p11-kit's RPC cannot carry, in its order). --raw-fork forks with the system call (no atfork handlers run); --twins picks the
+// session counts, free memory and the clock) and the token's mechanism list and infos with the parent's
+// (with --helper-mechanisms: the parent's less those p11-kit's RPC cannot carry, in its order;
+// with --ignore-mechanism-flags F, infos are compared without the flag bits F). --raw-fork forks with the system call (no atfork handlers run); --twins picks the
 // last of several keys with the same label and checks children's signatures equal the parent's.
 // --verify-signature (storm, over a PKCS#11 3.2 module): the parent has a signature-first
 // verification (C_VerifySignatureInit + Update, on a session of its own) in progress when it
@@ -439,10 +440,14 @@ struct view {
     CK_SLOT_INFO slot_info[VIEW_SLOTS];
     CK_TOKEN_INFO token_info[VIEW_SLOTS];
     CK_MECHANISM_TYPE mechanisms[VIEW_MECHANISMS];
+    CK_RV mechanism_rv[VIEW_MECHANISMS];
+    CK_MECHANISM_INFO mechanism_info[VIEW_MECHANISMS];
 };
 static struct view parent_view;
 static CK_SLOT_ID named_slot;
 static int named_slot_given, helper_mechanisms;
+// --ignore-mechanism-flags F: mechanism flag bits a layer between (p11-kit's RPC) adds.
+static CK_FLAGS ignored_mechanism_flags;
 
 // True if `part` is `whole` in the same order with some left out (and, unless `whole` is empty, not empty).
 static int is_ordered_part(const CK_MECHANISM_TYPE *part, CK_ULONG part_count, const CK_MECHANISM_TYPE *whole, CK_ULONG whole_count) {
@@ -471,6 +476,8 @@ static void take_view(struct view *v) {
     }
     v->mechanism_count = VIEW_MECHANISMS;
     v->mechanisms_rv = p11->C_GetMechanismList(slot, v->mechanisms, &v->mechanism_count);
+    for (CK_ULONG i = 0; v->mechanisms_rv == CKR_OK && i < v->mechanism_count && i < VIEW_MECHANISMS; i++)
+        v->mechanism_rv[i] = p11->C_GetMechanismInfo(slot, v->mechanisms[i], &v->mechanism_info[i]);
 }
 
 static int same_view_child(int fd, int index) {
@@ -525,7 +532,21 @@ static int same_view_child(int fd, int index) {
                  tool_rv_name(v.mechanisms_rv), v.mechanism_count, tool_rv_name(w->mechanisms_rv), w->mechanism_count);
         status = 5;
     }
-    if (status == 0) tool_say("child %d: C_GetInfo, %lu slots, their infos and %lu mechanisms (of %lu) are the parent's", index, v.count,
+    for (CK_ULONG i = 0; same_mechanisms && i < v.mechanism_count; i++) {
+        CK_ULONG j = 0;
+        while (j < w->mechanism_count && w->mechanisms[j] != v.mechanisms[i]) j++;
+        CK_MECHANISM_INFO mine = v.mechanism_info[i], theirs = j < w->mechanism_count ? w->mechanism_info[j] : mine;
+        mine.flags &= ~ignored_mechanism_flags;
+        theirs.flags &= ~ignored_mechanism_flags;
+        if (j == w->mechanism_count || v.mechanism_rv[i] != w->mechanism_rv[j] || memcmp(&mine, &theirs, sizeof mine)) {
+            const CK_MECHANISM_INFO *m = &v.mechanism_info[i], *n = j < w->mechanism_count ? &w->mechanism_info[j] : m;
+            tool_say("child %d: CK_MECHANISM_INFO of mechanism 0x%lx: %s, keys %lu..%lu, flags 0x%lx; the parent's %lu..%lu, 0x%lx", index,
+                     v.mechanisms[i], tool_rv_name(v.mechanism_rv[i]), m->ulMinKeySize, m->ulMaxKeySize, m->flags, n->ulMinKeySize,
+                     n->ulMaxKeySize, n->flags);
+            status = 5;
+        }
+    }
+    if (status == 0) tool_say("child %d: C_GetInfo, %lu slots, their infos and %lu mechanisms (of %lu) with theirs are the parent's", index, v.count,
                               v.mechanism_count, w->mechanism_count);
     return status;
 }
@@ -655,6 +676,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--in-flight") && v) { storm_in_flight = atoi(v); i++; }
         else if (!strcmp(a, "--verify-signature")) verify_signature = 1;
         else if (!strcmp(a, "--helper-mechanisms")) helper_mechanisms = 1;
+        else if (!strcmp(a, "--ignore-mechanism-flags") && v) { ignored_mechanism_flags = strtoul(v, NULL, 0); i++; }
         else if (!strcmp(a, "--named-slot") && v) { named_slot = strtoul(v, NULL, 0); named_slot_given = 1; i++; }
         else if (a[0] != '-' && !scenario) scenario = a;
         else return usage("unknown or incomplete argument");
