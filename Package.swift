@@ -19,6 +19,7 @@ let package = Package(
         .executable(name: "p11fork-forksafe", targets: ["p11fork-forksafe"]),
         .executable(name: "p11fork-secrets", targets: ["p11fork-secrets"]),
         .executable(name: "p11fork-enginefork", targets: ["p11fork-enginefork"]),
+        .executable(name: "p11fork-providerfork", targets: ["p11fork-providerfork"]),
         .executable(name: "p11fork-interfaces", targets: ["p11fork-interfaces"]),
         .executable(name: "p11fork-bench", targets: ["p11fork-bench"]),
         .executable(name: "p11fork-faults", targets: ["p11fork-faults"]),
@@ -88,6 +89,12 @@ let package = Package(
             path: "Sources/TestTools/EngineFork",
             linkerSettings: [.linkedLibrary("crypto")]
         ),
+        // A forking program signing through pkcs11-provider (OpenSSL 3), the key from OSSL_STORE.
+        .executableTarget(
+            name: "p11fork-providerfork",
+            dependencies: ["ProviderScenario"],
+            path: "Sources/TestTools/ProviderFork"
+        ),
         // The 3.0 interface calls and 3.0 functions through a 3.0 list, and the 3.2 functions through a
         // 3.2 list (the NetHSM test module's header names its KEM), as a comparable transcript.
         .executableTarget(
@@ -141,9 +148,15 @@ let package = Package(
         // The command-line tool: the doctor and the trace reader.
         .executableTarget(
             name: "p11fork-cli",
-            dependencies: ["DoctorScenarios", "TraceReader", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["DoctorScenarios", "ProviderScenario", "TraceReader", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/p11fork-cli",
-            exclude: ["DoctorScenarios", "TraceReader"]
+            exclude: ["DoctorScenarios", "ProviderScenario", "TraceReader"]
+        ),
+        // A forking program on OpenSSL 3's pkcs11-provider (the doctor's --consumer provider, and a test driver).
+        .target(
+            name: "ProviderScenario",
+            path: "Sources/p11fork-cli/ProviderScenario",
+            linkerSettings: [.linkedLibrary("crypto")]
         ),
         // Reading a trace file (`p11fork trace`): a library of its own, so that the input fuzzer
         // drives the same code as the command.

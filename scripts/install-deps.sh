@@ -11,7 +11,8 @@ packages=(
   opensc                    # pkcs11-tool
   openssl
   libengine-pkcs11-openssl  # OpenSSL's pkcs11 engine (tests)
-  libssl-dev                # OpenSSL headers, for the test program that forks with the engine
+  libssl-dev                # OpenSSL headers: the test programs that fork with the engine and the provider
+  meson ninja-build pkg-config  # to build pkcs11-provider from ../shared/vendor (below)
   gcc                       # builds the NetHSM test module's self-test (its known answers, InterfaceTests)
   opencryptoki              # openCryptoki's soft token and pkcsslotd (fork tests)
   # tpm2-pkcs11 on a software TPM (fork tests)
@@ -20,6 +21,7 @@ packages=(
   libnss3                   # NSS's softoken, a PKCS#11 3.0 module (interface tests)
   gdb                       # gcore: core dumps of a logged-in process (secrets tests)
   nginx apache2 curl        # HTTPS servers with a token key, and their client (server tests, examples/)
+  haproxy                   # haproxy 2.6 with a key through pkcs11-provider (provider tests, examples/haproxy)
   python3
   python3-venv              # the venv .venv with the Python examples' packages (PyKCS11, python-pkcs11, gunicorn)
   gnutls-bin                # p11tool, certtool: GnuTLS through p11-kit's module files (tests)
@@ -57,4 +59,39 @@ if ! cmp -s "$requirements" .venv/installed-requirements.txt 2>/dev/null; then
   [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check --only-binary=:all: -r "$requirements"
   cp "$requirements" .venv/installed-requirements.txt
+fi
+
+# pkcs11-provider (OpenSSL 3's PKCS#11 provider; Debian 12 has no package of it), built from the
+# upstream release in ../shared/vendor into .deps/pkcs11-provider (ignored by git), never into
+# OpenSSL's own module folder. Built again only when it is missing or the tarball changed.
+# P11FORK_REQUIRE_PROVIDER=1 (CI) makes a missing tarball an error instead of a notice.
+vendor=../shared/vendor
+tarball=pkcs11-provider-1.2.0.tar.gz
+prefix=.deps/pkcs11-provider
+provider=$prefix/lib/ossl-modules/pkcs11.so
+if [ ! -f "$vendor/$tarball" ]; then
+  echo "p11fork: $vendor/$tarball not found: pkcs11-provider is not built; its tests will be skipped" >&2
+  [ "${P11FORK_REQUIRE_PROVIDER:-0}" != 1 ] || exit 1
+else
+  (cd "$vendor" && sha256sum --quiet -c "$tarball.sha256") \
+    || { echo "p11fork: $vendor/$tarball does not match $tarball.sha256: not building it" >&2; exit 1; }
+  checksum=$(sha256sum "$vendor/$tarball" | cut -d' ' -f1)
+  if [ ! -f "$provider" ] || [ "$(cat "$prefix/source.sha256" 2>/dev/null)" != "$checksum" ]; then
+    echo "p11fork: building pkcs11-provider from $vendor/$tarball into $prefix"
+    started=$(date +%s)
+    rm -rf "$prefix" .deps/build
+    mkdir -p .deps/build "$prefix/lib/ossl-modules"
+    tar -xzf "$vendor/$tarball" -C .deps/build
+    source_dir=.deps/build/${tarball%.tar.gz}
+    # Only the module is built (its test programs are not needed). No `meson install`: the
+    # project installs into the folder OpenSSL's pkg-config names, the system's.
+    meson setup "$source_dir/build" "$source_dir" >.deps/build/setup.log 2>&1 \
+      || { tail -n 20 .deps/build/setup.log >&2; exit 1; }
+    ninja -C "$source_dir/build" src/pkcs11.so >.deps/build/ninja.log 2>&1 \
+      || { tail -n 20 .deps/build/ninja.log >&2; exit 1; }
+    install -m 0755 "$source_dir/build/src/pkcs11.so" "$provider"
+    echo "$checksum" >"$prefix/source.sha256"
+    rm -rf .deps/build
+    echo "p11fork: pkcs11-provider built in $(( $(date +%s) - started )) s: $provider"
+  fi
 fi

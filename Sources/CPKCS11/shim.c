@@ -82,9 +82,24 @@ int CPKCS11_loaded_count(const char *needle) {
 int CPKCS11_secure_execution(void) { return getauxval(AT_SECURE) != 0; }
 
 extern char **environ;
+
+// The environment libc reads. Under RTLD_DEEPBIND (pkcs11-provider opens its module so) this
+// library's `environ` can be libc's own, unused variable rather than the program's copy of it
+// (environment.c): the program's, found through the program's own scope, is the one to change.
+static char ***process_environ(void) {
+    static char ***found;
+    if (!found) {
+        void *program = dlopen(NULL, RTLD_NOW);
+        char ***symbol = program ? dlsym(program, "environ") : NULL;
+        found = symbol ? symbol : &environ;
+    }
+    return found;
+}
+
 char **CPKCS11_swap_environ(char **replacement) {
-    char **previous = environ;
-    environ = replacement;
+    char ***variable = process_environ();
+    char **previous = *variable;
+    *variable = replacement;
     return previous;
 }
 

@@ -119,6 +119,8 @@ enum Core {
                 loadProblem = ConfigurationProblem(problem)
                 break
             }
+            // Before the module loads: the handler must run after the module's own exit handlers.
+            FinalizeGate.closeAtExit()
             switch RealModule.load(path: configuration.modulePath, source: configuration.moduleSource) {
             case .failure(let problem):
                 loadProblem = problem

@@ -59,6 +59,12 @@ struct DoctorCommand: ParsableCommand {
     @Option(name: .customLong("trace-dir"), help: ArgumentHelp("Keep the JSON traces of the runs through p11fork here (read them with 'p11fork trace').", valueName: "dir"))
     var traceDirectory: String?
 
+    @Option(help: ArgumentHelp("'provider': also run a forking OpenSSL 3 program through pkcs11-provider (its own fork handling on top of the module's).", valueName: "consumer"))
+    var consumer: String?
+
+    @Option(help: ArgumentHelp("pkcs11-provider's module, with --consumer provider (default: OpenSSL's module folder, or .deps/pkcs11-provider).", valueName: "path"))
+    var provider: String?
+
     func run() throws {
         let plan = try makePlan()
         // A helper that exits early must not kill the doctor while it writes the PIN to it.
@@ -134,9 +140,37 @@ struct DoctorCommand: ParsableCommand {
         }
         guard (5...300).contains(timeout) else { throw UsageError("--timeout \(timeout): give a number of seconds from 5 to 300") }
         guard (2...16).contains(workers) else { throw UsageError("--workers \(workers): give a number of children from 2 to 16") }
-        return DoctorPlan(module: modulePath, p11fork: p11forkPath, pin: pinValue, tokenLabel: tokenLabel, tokenSerial: tokenSerial,
+        let providerPath = try providerModule()
+        var plan = DoctorPlan(module: modulePath, p11fork: p11forkPath, pin: pinValue, tokenLabel: tokenLabel, tokenSerial: tokenSerial,
                           keyLabel: keyLabel, keyID: keyID, keyClass: keyClass, allowSessionObjects: allowSessionObjects,
                           timeout: timeout, workers: workers,
                           traceDirectory: traceDirectory.map { URL(fileURLWithPath: ModuleLocator.absolute($0)) })
+        plan.provider = providerPath
+        return plan
+    }
+
+    /// pkcs11-provider's module when --consumer provider asks for it; nil otherwise.
+    func providerModule() throws -> String? {
+        switch consumer {
+        case nil:
+            guard provider == nil else { throw UsageError("--provider goes with --consumer provider") }
+            return nil
+        case "provider"?:
+            if let provider {
+                let path = ModuleLocator.absolute(provider)
+                guard FileManager.default.isReadableFile(atPath: path) else {
+                    throw UsageError("--provider \(provider): no such file: give the path of pkcs11-provider's pkcs11.so")
+                }
+                return path
+            }
+            let candidates = ["/usr/lib/x86_64-linux-gnu/ossl-modules/pkcs11.so", "/usr/lib64/ossl-modules/pkcs11.so",
+                              ".deps/pkcs11-provider/lib/ossl-modules/pkcs11.so"]
+            guard let found = candidates.first(where: { FileManager.default.isReadableFile(atPath: $0) }) else {
+                throw UsageError("pkcs11-provider not found in OpenSSL's module folder or .deps/pkcs11-provider: give --provider PATH (its pkcs11.so)")
+            }
+            return ModuleLocator.absolute(found)
+        case let other?:
+            throw UsageError("--consumer \(other): the one consumer the doctor runs is 'provider' (pkcs11-provider, OpenSSL 3)")
+        }
     }
 }

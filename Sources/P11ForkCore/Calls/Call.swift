@@ -26,7 +26,9 @@ struct Call: ~Copyable {
             functions = admitted ? Core.functions : nil
         } else {
             gate = nil
-            functions = Core.functions
+            // Not gated (C_Initialize, C_Finalize, C_WaitForSlotEvent): none reaches a module
+            // whose exit handlers have run.
+            functions = FinalizeGate.moduleGone ? nil : Core.functions
         }
     }
 

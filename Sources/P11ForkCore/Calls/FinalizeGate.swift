@@ -85,7 +85,7 @@ enum FinalizeGate {
                words.pointee.compareExchange(expected: state, desired: closed, ordering: .sequentiallyConsistent).exchanged { break }
             pause()
         }
-        defer { words.pointee.store(Core.appInitialized ? open : uninitialized, ordering: .releasing) }
+        defer { words.pointee.store(Core.appInitialized && !moduleGone ? open : uninitialized, ordering: .releasing) }
         for i in 1...counters {
             while words[i * stride].load(ordering: .sequentiallyConsistent) != 0 { pause() }
         }
@@ -98,8 +98,33 @@ enum FinalizeGate {
     static func resetInChild() {
         guard let words else { return }
         for i in 1..<(counters + 1) * stride { words[i].store(0, ordering: .relaxed) }
-        words.pointee.store(Core.appInitialized ? open : uninitialized, ordering: .relaxed)
+        words.pointee.store(Core.appInitialized && !moduleGone ? open : uninitialized, ordering: .relaxed)
     }
+
+    /// True once the process is exiting and the real module's own exit handlers have run.
+    nonisolated(unsafe) private(set) static var moduleGone = false
+
+    /// Called just before the real module is loaded. Exit handlers run in the reverse order of
+    /// their registration, so this one runs right after everything the module registered when it
+    /// was loaded or initialised (C++ static destructors: SoftHSM's) and before the handlers
+    /// registered earlier, such as OpenSSL's cleanup, whose pkcs11-provider then closes sessions
+    /// and finalizes (measured: SoftHSM crashes in C_CloseSession then). From that point every
+    /// call answers CKR_CRYPTOKI_NOT_INITIALIZED without reaching the module: the gate's word
+    /// says "not initialised", so the calls pay nothing for it. An atexit handler of a shared
+    /// library also runs when the library is unloaded, which it then is.
+    static func closeAtExit() {
+        guard !exitHandlerRegistered else { return }
+        exitHandlerRegistered = true
+        atexit {
+            let wasInitialized = Core.appInitialized
+            FinalizeGate.moduleGone = true
+            FinalizeGate.words?.pointee.store(FinalizeGate.uninitialized, ordering: .sequentiallyConsistent)
+            if wasInitialized {
+                Trace.event(.fork, "process exiting: the real module's exit handlers have run; calls from now on answer CKR_CRYPTOKI_NOT_INITIALIZED without reaching it")
+            }
+        }
+    }
+    nonisolated(unsafe) private static var exitHandlerRegistered = false
 
     /// Waiting costs the waiting thread nothing else: a call in flight may take milliseconds.
     private static func pause() {

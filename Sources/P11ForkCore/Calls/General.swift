@@ -35,7 +35,10 @@ enum Custom {
         -> (rv: CK_RV, claimed: Bool, settledNow: Bool) {
         let (claimed, settledNow) = Core.settle(reserved: args?.pointee.pReserved.map { UnsafeRawPointer($0) })
         let rv: CK_RV
-        if let problem = Core.loadProblem {
+        if FinalizeGate.moduleGone {
+            // The process is exiting and the module's exit handlers have run (FinalizeGate.closeAtExit).
+            rv = CK_RV(CKR_GENERAL_ERROR)
+        } else if let problem = Core.loadProblem {
             // One line on stderr naming the problem and the fix, every time the app tries.
             let message = "p11fork: \(problem.message)\n"
             Trace.write(2, message, message.utf8.count)
@@ -89,7 +92,7 @@ enum Custom {
 
     static let C_Finalize: CK_C_Finalize = { pReserved in
         let call = Call(.C_Finalize)
-        guard Recovery.moduleInherited || Core.functions?.pointee.C_Finalize != nil else { return call.unavailable() }
+        guard !FinalizeGate.moduleGone, Recovery.moduleInherited || Core.functions?.pointee.C_Finalize != nil else { return call.unavailable() }
         // Other threads' calls end first and new ones wait (FinalizeGate): the module frees what
         // they use, and so does forgetting the handles.
         let rv: CK_RV = FinalizeGate.whileClosed {

@@ -16,8 +16,10 @@ struct DoctorPlan {
     var workers: Int
     /// Where to keep the traces of the runs through p11fork (nil: not kept).
     var traceDirectory: URL?
+    /// pkcs11-provider's pkcs11.so, with --consumer provider: its scenario runs too.
+    var provider: String? = nil
 
-    var scenarios: [DoctorScenario] { DoctorScenario.allCases }
+    var scenarios: [DoctorScenario] { DoctorScenario.allCases.filter { $0 != .providerWorkers || provider != nil } }
     var keyNamed: Bool { keyLabel != nil || keyID != nil }
 }
 
@@ -65,6 +67,9 @@ struct Doctor {
         if let label { arguments += ["--key-label", label] }
         if let id { arguments += ["--key-id", id] }
         if let keyClass = key?.keyClass ?? plan.keyClass { arguments += ["--key-class", keyClass] }
+        if scenario == DoctorScenario.providerWorkers.rawValue, let provider = plan.provider {
+            arguments += ["--provider", provider]
+        }
         return arguments
     }
 
@@ -103,6 +108,11 @@ struct Doctor {
         }
         let run = try runHelper(scenario.rawValue, route, key: key)
         var outcome = ScenarioOutcome(run: run)
+        if scenario == .providerWorkers, outcome.isBroken,
+           let said = run.stderr.split(separator: "\n").first(where: { $0.contains(":error:") }) {
+            // OpenSSL's error line names the provider's reason ("Module re-initialization failed!").
+            outcome.detail += "; OpenSSL says: \(said.split(separator: ":", maxSplits: 5).last ?? said)"
+        }
         if outcome.isBroken, let trace = traceFile(scenario.rawValue, route),
            let text = try? String(contentsOf: trace, encoding: .utf8) {
             let errors = TraceFile(text: text).records.compactMap { record -> String? in

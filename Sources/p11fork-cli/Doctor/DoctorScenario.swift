@@ -14,6 +14,9 @@ enum DoctorScenario: String, CaseIterable, Codable, Sendable {
     case sessionObject = "session-object"
     /// C_SignInit and a first C_SignUpdate in the parent, the rest and C_SignFinal in the child.
     case operationInProgress = "operation-in-progress"
+    /// Through OpenSSL 3's pkcs11-provider (--consumer provider): the parent loads the key
+    /// through OSSL_STORE, forked workers sign with it, the parent keeps signing.
+    case providerWorkers = "provider-workers"
 
     func title(workers: Int) -> String {
         switch self {
@@ -23,6 +26,7 @@ enum DoctorScenario: String, CaseIterable, Codable, Sendable {
         case .workerPool: return "worker pool (\(workers) children)"
         case .sessionObject: return "session object"
         case .operationInProgress: return "operation in progress"
+        case .providerWorkers: return "pkcs11-provider, \(workers) forked workers"
         }
     }
 }

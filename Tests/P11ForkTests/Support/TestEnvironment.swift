@@ -31,11 +31,15 @@ enum RealModules {
 }
 
 struct ProcessResult {
+    /// The exit status, or the number of the signal that ended the program (see `signaled`).
     let status: Int32
     let stdout: String
     let stderr: String
     let timedOut: Bool
+    var signaled = false
     var output: String { stdout + stderr }
+    /// How the program ended, for messages: "exit status 0", "killed by signal 11", "timed out".
+    var ending: String { timedOut ? "timed out" : signaled ? "killed by signal \(status)" : "exit status \(status)" }
 }
 
 /// Runs a program with a clean environment (no P11FORK_* or SOFTHSM2_CONF from the caller)
@@ -90,7 +94,8 @@ func runProgram(_ executable: String, _ arguments: [String], environment: [Strin
     process.waitUntilExit()
     group.wait()
     return ProcessResult(status: process.terminationStatus, stdout: String(decoding: collected.stdout, as: UTF8.self),
-                         stderr: String(decoding: collected.stderr, as: UTF8.self), timedOut: timedOut)
+                         stderr: String(decoding: collected.stderr, as: UTF8.self), timedOut: timedOut,
+                         signaled: process.terminationReason == .uncaughtSignal)
 }
 
 /// A throw-away token a test makes for itself.

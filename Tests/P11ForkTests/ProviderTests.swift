@@ -1,0 +1,545 @@
+import Foundation
+import Testing
+import XCTest
+
+/// pkcs11-provider, OpenSSL 3's PKCS#11 provider, built by scripts/install-deps.sh from its
+/// release tarball into .deps/pkcs11-provider (TEST_PKCS11_PROVIDER overrides).
+enum PKCS11Provider {
+    static var path: String {
+        ProcessInfo.processInfo.environment["TEST_PKCS11_PROVIDER"]
+            ?? Products.packageRoot.appendingPathComponent(".deps/pkcs11-provider/lib/ossl-modules/pkcs11.so").path
+    }
+    static var available: Bool { FileManager.default.fileExists(atPath: path) }
+    static var missing: String {
+        "pkcs11-provider is not built (no \(path)): run scripts/install-deps.sh, which builds it from the pkcs11-provider 1.2.0 release tarball it names"
+    }
+    static var configuration: String { Products.example("openssl-provider/openssl.cnf") }
+
+    /// The example configuration plus the PIN file the provider logs in with (also in a forked
+    /// child, where it logs in again by itself).
+    static func configuration(withPINFile pinFile: String, in directory: URL) throws -> String {
+        let text = try String(contentsOfFile: configuration, encoding: .utf8)
+        XCTAssertTrue(text.contains("pkcs11-module-path = ${ENV::LIBP11FORK}"), "the example's module line changed")
+        let file = directory.appendingPathComponent("openssl-provider-\(UUID().uuidString).cnf")
+        try (text + "pkcs11-module-token-pin = file:\(pinFile)\n").write(to: file, atomically: true, encoding: .utf8)
+        return file.path
+    }
+
+    /// A file holding the PIN (and a newline), readable by its owner only.
+    static func pinFile(_ pin: String, in directory: URL) throws -> String {
+        let file = directory.appendingPathComponent("pin-\(UUID().uuidString)")
+        guard FileManager.default.createFile(atPath: file.path, contents: Data("\(pin)\n".utf8), attributes: [.posixPermissions: 0o600])
+        else { throw TestFailure("cannot write \(file.path)") }
+        return file.path
+    }
+}
+
+/// The OpenSSL command line through pkcs11-provider over SoftHSM, each directly first, then with
+/// libp11fork.so as the provider's module: RSA and EC signatures that openssl verifies with the
+/// token's public key alone, a self-signed certificate made with the token key, the PIN from a
+/// file (pin-source), the provider named by a configuration file or on the command line.
+///
+/// Directly, every openssl command that used the token crashes at exit (SIGSEGV) after its work
+/// is done: OpenSSL's cleanup makes the provider close its sessions after SoftHSM's own exit
+/// handlers ran. Through p11fork it exits 0 (docs/FORK.md, "A process that exits").
+final class ProviderCommandLineTests: XCTestCase {
+    private var token: SoftHSMToken!
+    private var pinFile: String!
+    private var work: URL { token.directory }
+
+    override func setUpWithError() throws {
+        guard PKCS11Provider.available else { throw XCTSkip(PKCS11Provider.missing) }
+        token = try SoftHSMToken()
+        try token.generateKeyPair(label: "provider-rsa", type: "rsa:2048", id: "01")
+        try token.generateKeyPair(label: "provider-ec", type: "EC:prime256v1", id: "02")
+        pinFile = try PKCS11Provider.pinFile(token.pin, in: work)
+    }
+
+    override func tearDown() { token = nil }
+
+    private var trace: URL { work.appendingPathComponent("trace.log") }
+
+    /// openssl with the provider from the example configuration, its module SoftHSM or p11fork.
+    private func openssl(_ arguments: [String], through: Bool, configuration: String = PKCS11Provider.configuration,
+                         extra: [String: String] = [:]) throws -> ProcessResult {
+        var environment = token.environment
+        environment["OPENSSL_CONF"] = configuration
+        environment["PKCS11_PROVIDER"] = PKCS11Provider.path
+        environment["LIBP11FORK"] = through ? Products.module : RealModules.softHSM
+        if through {
+            environment["P11FORK_MODULE"] = RealModules.softHSM
+            environment["P11FORK_TRACE"] = trace.path
+            environment["P11FORK_TRACE_LEVEL"] = "calls"
+        }
+        environment.merge(extra) { $1 }
+        return try runProgram("/usr/bin/openssl", arguments, environment: environment, timeout: 30)
+    }
+
+    /// openssl without any provider but the default one.
+    private func software(_ arguments: [String]) throws -> ProcessResult {
+        try runProgram("/usr/bin/openssl", arguments, environment: ["OPENSSL_CONF": "/dev/null"], timeout: 30)
+    }
+
+    private func uri(_ key: String, _ type: String, pin: Bool = false) -> String {
+        "pkcs11:token=\(token.label);object=\(key);type=\(type)" + (pin ? "?pin-source=file:\(pinFile!)" : "")
+    }
+
+    /// A public key as PEM with a named curve (pkcs11-provider writes an EC key's curve as
+    /// explicit parameters into a certificate: the same key, another encoding).
+    private func canonical(publicKey pem: String) throws -> String {
+        let input = try file("public-\(UUID().uuidString).pem", pem)
+        let result = try software(["pkey", "-pubin", "-in", input, "-ec_param_enc", "named_curve"])
+        XCTAssertEqual(result.status, 0, result.output)
+        return result.stdout
+    }
+
+    /// The token's public key as PEM, read directly from SoftHSM (no provider involved).
+    private func tokenPublicKey(_ key: String) throws -> String {
+        let der = work.appendingPathComponent("\(key)-public.der").path
+        let read = try runProgram("/usr/bin/pkcs11-tool", ["--module", RealModules.softHSM, "--token-label", token.label,
+                                                           "--read-object", "--type", "pubkey", "--label", key, "-o", der],
+                                  environment: token.environment)
+        XCTAssertEqual(read.status, 0, read.output)
+        let pem = try software(["pkey", "-pubin", "-inform", "DER", "-in", der])
+        XCTAssertEqual(pem.status, 0, pem.output)
+        return pem.stdout
+    }
+
+    private func file(_ name: String, _ contents: String) throws -> String {
+        let url = work.appendingPathComponent(name)
+        try contents.write(to: url, atomically: true, encoding: .utf8)
+        return url.path
+    }
+
+    /// Signs a digest with `key` through the provider; returns the run and whether the signature
+    /// verifies with the token's public key in software.
+    private func signDigest(_ key: String, through: Bool, arguments extra: [String] = [], configuration: String = PKCS11Provider.configuration,
+                            environment: [String: String] = [:]) throws -> (ProcessResult, Bool) {
+        let data = try file("data.txt", "signed through pkcs11-provider\n")
+        let digest = work.appendingPathComponent("digest").path
+        XCTAssertEqual(try software(["dgst", "-sha256", "-binary", "-out", digest, data]).status, 0)
+        let signature = work.appendingPathComponent("signature-\(UUID().uuidString)").path
+        let run = try openssl(["pkeyutl"] + extra + ["-sign", "-inkey", uri(key, "private", pin: true), "-in", digest, "-out", signature],
+                              through: through, configuration: configuration, extra: environment)
+        let publicKey = try file("\(key)-public.pem", try tokenPublicKey(key))
+        let check = try software(["pkeyutl", "-verify", "-pubin", "-inkey", publicKey, "-in", digest, "-sigfile", signature])
+        let verified = FileManager.default.fileExists(atPath: signature) && check.stdout.contains("Signature Verified Successfully")
+        return (run, verified)
+    }
+
+    private func checkSignature(_ key: String) throws {
+        let (direct, directVerified) = try signDigest(key, through: false)
+        print("directly over SoftHSM, openssl pkeyutl -sign with \(key): \(direct.ending), signature verifies: \(directVerified)")
+        // Directly openssl usually crashes at exit, after the signature was written: how often
+        // depends on what SoftHSM's freed memory holds then (RSA crashed in every run here, EC in
+        // most), so only the signature is asserted.
+        XCTAssertTrue(directVerified, "directly the signature is made: \(direct.output)")
+
+        let (through, throughVerified) = try signDigest(key, through: true)
+        XCTAssertEqual(through.ending, "exit status 0", "through p11fork: \(through.output)")
+        XCTAssertTrue(throughVerified, "through p11fork the signature verifies: \(through.output)")
+        let text = try String(contentsOf: trace, encoding: .utf8)
+        // At exit the provider's C_CloseSession and C_Finalize come after SoftHSM's exit handlers:
+        // p11fork answers them without reaching SoftHSM.
+        let exiting = try XCTUnwrap(text.range(of: "process exiting: the real module's exit handlers have run"), text)
+        XCTAssertTrue(text[exiting.upperBound...].contains("C_Finalize() = CKR_CRYPTOKI_NOT_INITIALIZED"), text)
+        XCTAssertFalse(text.contains(token.pin), "the PIN is in the trace")
+    }
+
+    func testRSASignatureVerifiesAndOpenSSLExitsCleanlyThroughP11Fork() throws { try checkSignature("provider-rsa") }
+    func testECSignatureVerifiesAndOpenSSLExitsCleanlyThroughP11Fork() throws { try checkSignature("provider-ec") }
+
+    /// `openssl req -x509` with the token key: the certificate verifies with its own key, which
+    /// is the token's.
+    func testSelfSignedCertificateWithTheTokenKey() throws {
+        let expected = try canonical(publicKey: try tokenPublicKey("provider-ec"))
+        for through in [false, true] {
+            let certificate = work.appendingPathComponent("cert-\(through).pem").path
+            let made = try openssl(["req", "-new", "-x509", "-key", uri("provider-ec", "private", pin: true),
+                                    "-subj", "/CN=p11fork provider test", "-days", "1", "-out", certificate], through: through)
+            let how = through ? "through p11fork" : "directly"
+            print("\(how), openssl req -x509: \(made.ending)")
+            XCTAssertTrue(FileManager.default.fileExists(atPath: certificate), "\(how): no certificate: \(made.output)")
+            XCTAssertTrue(try software(["verify", "-CAfile", certificate, certificate]).stdout.contains(": OK"), how)
+            let key = try canonical(publicKey: try software(["x509", "-in", certificate, "-noout", "-pubkey"]).stdout)
+            XCTAssertEqual(key, expected, "\(how): the certificate holds the token's key")
+            if through { XCTAssertEqual(made.ending, "exit status 0", made.output) }
+        }
+    }
+
+    /// No configuration file: `-provider-path`, `-provider default -provider pkcs11`, the module
+    /// from PKCS11_PROVIDER_MODULE. (Named the other way round, `-provider pkcs11` first, OpenSSL
+    /// takes SHA-256 from the token as well, and SoftHSM then hangs in C_OpenSession, with or
+    /// without p11fork: docs/FORK.md.)
+    func testProviderNamedOnTheCommandLine() throws {
+        let options = ["-provider-path", URL(fileURLWithPath: PKCS11Provider.path).deletingLastPathComponent().path,
+                       "-provider", "default", "-provider", "pkcs11"]
+        let (direct, directVerified) = try signDigest("provider-rsa", through: false, arguments: options, configuration: "/dev/null",
+                                                      environment: ["PKCS11_PROVIDER_MODULE": RealModules.softHSM])
+        print("directly, -provider pkcs11: \(direct.ending), signature verifies: \(directVerified)")
+        XCTAssertTrue(directVerified, direct.output)
+        let (through, throughVerified) = try signDigest("provider-rsa", through: true, arguments: options, configuration: "/dev/null",
+                                                        environment: ["PKCS11_PROVIDER_MODULE": Products.module])
+        XCTAssertEqual(through.ending, "exit status 0", through.output)
+        XCTAssertTrue(throughVerified, through.output)
+        XCTAssertTrue(try String(contentsOf: trace, encoding: .utf8).contains("C_SignInit"), "the signature went through p11fork")
+    }
+
+    /// examples/openssl-provider/sign-with-openssl-provider.sh: sign, certificate, checks.
+    func testExampleScriptSignsThroughP11Fork() throws {
+        let data = try file("example.txt", "signed by the example\n")
+        for key in ["provider-rsa", "provider-ec"] {
+            let result = try runProgram(Products.example("openssl-provider/sign-with-openssl-provider.sh"),
+                                        [PKCS11Provider.path, Products.module, token.label, key, pinFile, data],
+                                        environment: token.environment.merging(["P11FORK_MODULE": RealModules.softHSM]) { $1 }, timeout: 60)
+            XCTAssertEqual(result.status, 0, "\(key): \(result.output)")
+            XCTAssertTrue(result.stdout.contains("Signature Verified Successfully"), result.output)
+            XCTAssertTrue(result.stdout.contains(": OK"), result.output)
+            XCTAssertTrue(result.stdout.contains("certificate key: the token's"), result.output)
+        }
+        // Directly the script stops at its first provider command, which crashes at exit.
+        let direct = try runProgram(Products.example("openssl-provider/sign-with-openssl-provider.sh"),
+                                    [PKCS11Provider.path, RealModules.softHSM, token.label, "provider-rsa", pinFile, data],
+                                    environment: token.environment, timeout: 60)
+        print("the example directly over SoftHSM: \(direct.ending)")
+        XCTAssertNotEqual(direct.status, 0, direct.output)
+    }
+}
+
+/// The same command line over tpm2-pkcs11 (software TPM, scripts/with-tpm2.sh): the example
+/// script (RSA signature, self-signed certificate, pin-source), directly and through p11fork.
+@Suite(.serialized) struct ProviderOverTPM2Tests {
+    @Test(.enabled(if: PKCS11Provider.available && TPM2Token.available, "needs pkcs11-provider (scripts/install-deps.sh) and swtpm"))
+    func exampleScriptSignsDirectlyAndThroughP11Fork() throws {
+        let token = try TPM2Token()
+        let pinFile = try PKCS11Provider.pinFile(token.pin, in: token.directory)
+        let data = token.directory.appendingPathComponent("data.txt")
+        try "signed with a TPM key through pkcs11-provider\n".write(to: data, atomically: true, encoding: .utf8)
+        let trace = token.directory.appendingPathComponent("trace.log").path
+        for through in [false, true] {
+            let module = through ? Products.module : TPM2Token.module
+            let command = token.launcher(keyLabel: "tpm-key") + ["/usr/bin/env", "P11FORK_MODULE=\(TPM2Token.module)", "P11FORK_TRACE=\(trace)",
+                Products.example("openssl-provider/sign-with-openssl-provider.sh"), PKCS11Provider.path, module, token.label, "tpm-key", pinFile, data.path]
+            let result = try runProgram(command[0], Array(command.dropFirst()), timeout: 120)
+            let how = through ? "through p11fork" : "directly"
+            print("tpm2-pkcs11 \(how): \(result.ending)")
+            #expect(result.status == 0, "\(how): \(result.output)")
+            #expect(result.stdout.contains("Signature Verified Successfully"), "\(how): \(result.output)")
+            #expect(result.stdout.contains("certificate key: the token's"), "\(how): \(result.output)")
+        }
+        let text = try String(contentsOfFile: trace, encoding: .utf8)
+        #expect(text.contains("C_Sign"), "the signatures went through p11fork")
+        #expect(!text.contains(token.pin), "the PIN is in the trace")
+    }
+}
+
+/// Runs p11fork-providerfork (Sources/p11fork-cli/ProviderScenario): the parent loads the key through
+/// OSSL_STORE, forks workers that sign with the inherited EVP_PKEY, and keeps signing; every
+/// signature is verified in the parent.
+struct ProviderFork {
+    let token: any TestToken
+    var keyLabel: String
+    var realModule: String
+    /// A command the driver runs under (the private p11-kit, openCryptoki or TPM set-ups).
+    var launcher: [String] = []
+    var extraEnvironment: [String: String] = [:]
+    /// Milliseconds between forks (SoftHSM's file store, see the driver's header).
+    var stagger = 200
+    /// The workers get an environment of TZ alone, as nginx gives its workers.
+    var scrub = false
+
+    struct Outcome {
+        let result: ProcessResult
+        let trace: String
+        var succeeded: Bool { result.stdout.contains("result: ok") }
+        var report: String { "\(result.ending)\n\(result.output)\ntrace:\n\(trace.suffix(6000))" }
+        /// How it ended, one line per worker and the result, for the test's log.
+        var summary: String {
+            result.stdout.split(separator: "\n").filter { $0.hasPrefix("worker") || $0.hasPrefix("parent") || $0.hasPrefix("result") }
+                .joined(separator: "; ") + " (\(result.ending))"
+        }
+    }
+
+    /// `seconds`: what each worker may take (its alarm); the parent's alarm is 30 s more.
+    func run(through: Bool, workers: Int = 3, signatures: Int = 2, seconds: Int) throws -> Outcome {
+        let pinFile = try PKCS11Provider.pinFile(token.pin, in: token.directory)
+        let configuration = try PKCS11Provider.configuration(withPINFile: pinFile, in: token.directory)
+        let trace = token.directory.appendingPathComponent("trace-\(UUID().uuidString).log")
+        var environment = token.environment.merging(extraEnvironment) { $1 }
+        environment["OPENSSL_CONF"] = configuration
+        environment["PKCS11_PROVIDER"] = PKCS11Provider.path
+        environment["LIBP11FORK"] = through ? Products.module : realModule
+        if through {
+            environment["P11FORK_MODULE"] = realModule
+            environment["P11FORK_TRACE"] = trace.path
+            environment["P11FORK_TRACE_LEVEL"] = "calls"
+        }
+        let command = launcher + [Products.path("p11fork-providerfork"), "pkcs11:token=\(token.label);object=\(keyLabel);type=private",
+                                  String(workers), String(signatures), String(seconds), String(stagger)] + (scrub ? ["scrub"] : [])
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: TimeInterval(seconds + 90))
+        return Outcome(result: result, trace: (try? String(contentsOf: trace, encoding: .utf8)) ?? "")
+    }
+}
+
+/// A forking OpenSSL 3 program over each real module, directly (bounded: each worker has 8
+/// seconds) and through p11fork. pkcs11-provider handles fork itself: in a worker it finalizes and
+/// initialises the module again, logs in again with the configured PIN, finds its keys again,
+/// and gives up when C_GetInfo differs from what it saw in the parent.
+@Suite(.serialized) struct ProviderForkTests {
+    static let enabled = PKCS11Provider.available
+
+    /// The direct half, bounded (each worker 8 seconds), printed as it ended.
+    private func runDirectly(_ fork: ProviderFork, _ name: String, workers: Int = 3) throws -> ProviderFork.Outcome {
+        let outcome = try fork.run(through: false, workers: workers, seconds: 8)
+        print("\(name) directly: \(outcome.summary)")
+        return outcome
+    }
+
+    /// The checks every run through p11fork must pass.
+    private func expectAllSigned(_ outcome: ProviderFork.Outcome, workers: Int = 3, pin: String) {
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        #expect(outcome.result.stdout.contains("result: ok \(workers) worker(s)"), "\(outcome.report)")
+        #expect(outcome.result.ending == "exit status 0", "through p11fork the program exits cleanly: \(outcome.report)")
+        #expect(!outcome.trace.contains(pin), "the PIN is in the trace")
+    }
+
+    @Test(.enabled(if: enabled, "needs pkcs11-provider: run scripts/install-deps.sh"), arguments: [false, true])
+    func softHSM(strict: Bool) throws {
+        let token = try SoftHSMToken(strict: strict)
+        try token.generateKeyPair(label: "provider-key")
+        let fork = ProviderFork(token: token, keyLabel: "provider-key", realModule: RealModules.softHSM)
+        let direct = try runDirectly(fork, "SoftHSM (\(strict ? "reset_on_fork" : "default mode"))")
+        // The provider starts over in each worker by itself; directly only the exit may crash.
+        #expect(direct.succeeded, "directly: \(direct.report)")
+        let through = try fork.run(through: true, seconds: 20)
+        expectAllSigned(through, pin: token.pin)
+        // The worker's C_Finalize makes p11fork forget what it inherited: no login replay, no
+        // object re-found by p11fork; the provider's own C_Initialize finds a module ready.
+        #expect(!through.trace.contains("login replayed"), "\(through.report)")
+        #expect(through.trace.components(separatedBy: "C_Initialize in the child: the module was already made ready for this process").count - 1 == 3,
+                "\(through.report)")
+    }
+
+    /// The driver holds `environ` itself, as nginx and haproxy do, and gives its workers an
+    /// environment of TZ alone. Directly, SoftHSM initialised again by the provider in a worker
+    /// finds no SOFTHSM2_CONF and no token. Through p11fork the worker's module gets the
+    /// environment p11fork was loaded with; under the provider's RTLD_DEEPBIND that needed
+    /// p11fork to set the program's `environ`, not the one its own symbol named (libc's, unused).
+    @Test(.enabled(if: enabled, "needs pkcs11-provider: run scripts/install-deps.sh"))
+    func workersWithAScrubbedEnvironment() throws {
+        let token = try SoftHSMToken(strict: true)
+        try token.generateKeyPair(label: "provider-key")
+        var fork = ProviderFork(token: token, keyLabel: "provider-key", realModule: RealModules.softHSM)
+        fork.scrub = true
+        let direct = try runDirectly(fork, "SoftHSM (reset_on_fork), workers without SOFTHSM2_CONF,", workers: 2)
+        #expect(!direct.succeeded && direct.result.stderr.contains("Provided key has invalid handle"), "directly: \(direct.report)")
+        let through = try fork.run(through: true, workers: 2, seconds: 20)
+        expectAllSigned(through, workers: 2, pin: token.pin)
+    }
+
+    @Test(.enabled(if: enabled && getuid() == 0, "needs pkcs11-provider (scripts/install-deps.sh) and root (unshare -m)"))
+    func p11KitProxy() throws {
+        let token = try SoftHSMToken(strict: true)
+        try token.generateKeyPair(label: "provider-key")
+        var fork = ProviderFork(token: token, keyLabel: "provider-key", realModule: RealModules.p11KitProxy)
+        fork.launcher = try RealModules.p11KitLauncher(in: token.directory)
+        let direct = try runDirectly(fork, "p11-kit's proxy")
+        #expect(direct.result.stdout.contains("result:"), "directly the driver ran to its end: \(direct.report)")
+        let through = try fork.run(through: true, seconds: 20)
+        expectAllSigned(through, pin: token.pin)
+    }
+
+    @Test(.enabled(if: enabled && OpenCryptokiForkTests.available, "needs pkcs11-provider (scripts/install-deps.sh) and pkcsslotd"))
+    func openCryptoki() throws {
+        let token = try OpenCryptokiToken()
+        var fork = ProviderFork(token: token, keyLabel: "ock-key", realModule: OpenCryptokiToken.module)
+        fork.launcher = token.launcher(keyLabel: "ock-key")
+        fork.extraEnvironment = ["P11FORK_STRATEGY": "out-of-process"]
+        let direct = try runDirectly(fork, "openCryptoki")
+        #expect(direct.result.stdout.contains("result:"), "directly the driver ran to its end: \(direct.report)")
+        let through = try fork.run(through: true, seconds: 20)
+        print("openCryptoki through p11fork: \(through.summary)")
+        #expect(through.result.stdout.contains("parent signs after the workers: yes"), "the parent keeps signing: \(through.report)")
+        try expectWorkersSignOnceIdentifiersAreTransparent(through, pin: token.pin)
+        // Until then: re-initialised in place, openCryptoki describes itself in the worker as in
+        // the parent (docs/FORK.md says when this strategy is safe: no parent thread inside the
+        // module at the fork; this program has none).
+        fork.extraEnvironment = ["P11FORK_STRATEGY": "reinitialize"]
+        let reinitialized = try fork.run(through: true, seconds: 20)
+        print("openCryptoki through p11fork, P11FORK_STRATEGY=reinitialize: \(reinitialized.summary)")
+        expectAllSigned(reinitialized, pin: token.pin)
+    }
+
+    @Test(.enabled(if: enabled && TPM2Token.available, "needs pkcs11-provider (scripts/install-deps.sh) and swtpm"))
+    func tpm2() throws {
+        let token = try TPM2Token()
+        var fork = ProviderFork(token: token, keyLabel: "tpm-key", realModule: TPM2Token.module)
+        fork.launcher = token.launcher(keyLabel: "tpm-key")
+        let direct = try runDirectly(fork, "tpm2-pkcs11")
+        // Directly the workers wait for a D-Bus proxy until their alarm, and the parent, whose TPM
+        // session the workers' re-initialisation flushed, can no longer sign.
+        #expect(!direct.succeeded, "directly: \(direct.report)")
+        #expect(direct.result.stdout.contains("parent signs after the workers: no"), "directly the parent is harmed: \(direct.report)")
+        let through = try fork.run(through: true, seconds: 20)
+        print("tpm2-pkcs11 through p11fork: \(through.summary)")
+        #expect(through.result.stdout.contains("parent signs while the workers run: yes"), "\(through.report)")
+        #expect(through.result.stdout.contains("parent signs after the workers: yes"), "the parent is never harmed: \(through.report)")
+        try expectWorkersSignOnceIdentifiersAreTransparent(through, pin: token.pin)
+    }
+
+    /// Over a module p11fork runs in a helper process for each worker (tpm2-pkcs11 by default,
+    /// openCryptoki by P11FORK_STRATEGY), a worker's C_GetInfo describes p11-kit's RPC client, not
+    /// the real module, and pkcs11-provider gives up on a module that changed ("Module
+    /// re-initialization failed!"). Once every child sees the real module's C_GetInfo (transparent
+    /// identifiers, not done yet), this known issue stops being recorded and the test fails: then
+    /// expect every worker to sign.
+    private func expectWorkersSignOnceIdentifiersAreTransparent(_ through: ProviderFork.Outcome, pin: String) throws {
+        #expect(!through.trace.contains(pin), "the PIN is in the trace")
+        #expect(through.trace.contains("running it in a helper process") || through.trace.contains("module running in a helper process"),
+                "the workers' module runs in a helper: \(through.report)")
+        withKnownIssue("in a helper-served worker C_GetInfo describes p11-kit's client, not the real module, and pkcs11-provider gives up") {
+            #expect(through.succeeded, "through p11fork: \(through.summary)")
+        }
+        if !through.succeeded {
+            #expect(through.result.stderr.contains("Module re-initialization failed!"), "the workers fail on the helper's C_GetInfo: \(through.report)")
+        }
+    }
+}
+
+/// Servers that fork, with a token key through pkcs11-provider and no engine (driven by
+/// scripts/provider-server-check.sh): haproxy 2.6 in master-worker mode (examples/haproxy), and
+/// Apache 2.4 prefork with children as www-data (examples/apache/p11fork-ssl-provider.conf).
+/// Neither takes a key URI here: the key is the provider's URI PEM block, read as a key file. The
+/// parent loads the key, the forked processes sign every handshake; the provider starts over in
+/// each of them by itself. Through p11fork under haproxy this needs p11fork to load under
+/// pkcs11-provider's RTLD_DEEPBIND in a program with its own copy of `environ`: before that was
+/// fixed, haproxy crashed loading p11fork.
+@Suite(.serialized) struct ProviderServerTests {
+    static func installed(_ path: String) -> Bool { FileManager.default.isExecutableFile(atPath: path) }
+    static let available = PKCS11Provider.available && installed("/usr/bin/curl") && getuid() == 0
+
+    private func serve(_ server: String, _ token: SoftHSMToken, through: Bool) throws -> ProcessResult {
+        let pinFile = try PKCS11Provider.pinFile(token.pin, in: token.directory)
+        var environment = token.environment
+        environment["PKCS11_PROVIDER"] = PKCS11Provider.path
+        environment["LIBP11FORK"] = through ? Products.module : RealModules.softHSM
+        if through {
+            environment["P11FORK_MODULE"] = RealModules.softHSM
+            environment["P11FORK_TRACE"] = token.directory.appendingPathComponent("trace-%p.log").path
+        }
+        let script = Products.packageRoot.appendingPathComponent("scripts/provider-server-check.sh").path
+        return try runProgram(script, [server, token.directory.appendingPathComponent(through ? "through" : "direct").path,
+                                       token.label, "server-key", pinFile, "40"], environment: environment, timeout: 240)
+    }
+
+    @Test(.enabled(if: available && installed("/usr/sbin/haproxy") && installed("/usr/sbin/apache2"),
+                   "needs pkcs11-provider (scripts/install-deps.sh), haproxy, apache2, curl and root"),
+          arguments: ["haproxy", "apache"], [false, true])
+    func forkedProcessesServeWithATokenKey(server: String, strict: Bool) throws {
+        let token = try SoftHSMToken(strict: strict)
+        try token.generateKeyPair(label: "server-key")
+        // Apache's children (www-data) reach the token and the traces as the parent does.
+        _ = try runProgram("/bin/chmod", ["-R", "a+rwX", token.directory.path])
+        let direct = try serve(server, token, through: false)
+        let mode = strict ? "reset_on_fork" : "default mode"
+        print("\(server) over SoftHSM (\(mode)) directly: \(direct.stdout.split(separator: "\n").filter { $0.hasPrefix("result") || $0.hasPrefix("serving") }.joined(separator: "; "))")
+        #expect(direct.stdout.contains("result: 40 of 40 served"), "directly (the provider starts over in each child): \(direct.output)")
+        let through = try serve(server, token, through: true)
+        #expect(through.stdout.contains("result: 40 of 40 served"), "through p11fork: \(through.output)")
+        if server == "apache" {
+            #expect(!through.stdout.contains("serving processes: 0") && !through.stdout.contains("serving processes: 1 "),
+                    "more than one child served: \(through.output)")
+        }
+        let traces = try FileManager.default.contentsOfDirectory(atPath: token.directory.path).filter { $0.hasPrefix("trace-") }
+            .map { try String(contentsOfFile: token.directory.appendingPathComponent($0).path, encoding: .utf8) }.joined()
+        #expect(traces.contains("fork detected"), "the children went through p11fork: \(traces.suffix(3000))")
+        #expect(traces.contains("C_Sign"), "\(traces.suffix(3000))")
+        #expect(!traces.contains(token.pin), "the PIN is in a trace")
+    }
+}
+
+/// libp11fork.so loads when the process has no environment array (`environ` NULL): after
+/// clearenv(), and, in a program with its own copy of `environ`, under RTLD_DEEPBIND, as
+/// pkcs11-provider opens its module (then the library sees libc's own `environ`, never set).
+/// Both crashed in the Swift runtime's start-up before p11fork made it an empty environment.
+final class ModuleLoadWithoutEnvironmentTests: XCTestCase {
+    func testLoadsAfterClearenv() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") else { throw XCTSkip("python3 is not installed") }
+        let program = """
+        import ctypes, os, sys
+        ctypes.CDLL(None).clearenv()
+        library = ctypes.CDLL(sys.argv[1], os.RTLD_NOW | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
+        functions = ctypes.c_void_p()
+        print("C_GetFunctionList rv=%d" % library.C_GetFunctionList(ctypes.byref(functions)))
+        # CK_FUNCTION_LIST: the version (padded to a pointer), then C_Initialize.
+        initialize = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)(ctypes.cast(functions, ctypes.POINTER(ctypes.c_void_p * 2))[0][1])
+        print("C_Initialize rv=0x%x" % initialize(None))
+        """
+        let result = try runProgram("/usr/bin/python3", ["-c", program, Products.module], timeout: 30)
+        XCTAssertEqual(result.ending, "exit status 0", result.output)
+        XCTAssertTrue(result.stdout.contains("C_GetFunctionList rv=0"), result.output)
+        // No environment, so no P11FORK_MODULE: C_Initialize says what is missing, as it would with an empty environment.
+        XCTAssertTrue(result.stdout.contains("C_Initialize rv=0x5"), result.output)
+        XCTAssertTrue(result.stderr.contains("p11fork: P11FORK_MODULE is not set"), result.output)
+    }
+}
+
+/// `p11fork doctor --consumer provider`: the fork scenarios, plus the forking OpenSSL 3 program
+/// through pkcs11-provider, directly and through p11fork.
+@Suite(.serialized) struct DoctorProviderTests {
+    private func row(_ output: String, _ scenario: String) -> [String]? {
+        output.split(separator: "\n").first { $0.hasPrefix(scenario + " ") }
+            .map { $0.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) } }
+    }
+
+    @Test(.enabled(if: PKCS11Provider.available, "needs pkcs11-provider: run scripts/install-deps.sh"))
+    func doctorRunsTheProviderScenarioDirectlyAndThroughP11Fork() throws {
+        let token = try SoftHSMToken(strict: true)
+        try token.generateKeyPair(label: "doctor-key")
+        let result = try runProgram(Products.path("p11fork-cli"),
+                                    ["doctor", "--module", RealModules.softHSM, "--p11fork", Products.module, "--pin-env", "DOCTOR_PIN",
+                                     "--uri", "pkcs11:token=\(token.label);object=doctor-key", "--consumer", "provider",
+                                     "--provider", PKCS11Provider.path, "--workers", "3"],
+                                    environment: token.environment.merging(["DOCTOR_PIN": token.pin]) { $1 }, timeout: 300)
+        #expect(result.status == 0, "\(result.output)")
+        #expect(!result.output.contains(token.pin), "the PIN is in the doctor's output")
+        // Strict SoftHSM: the provider starts over in each worker by itself, directly too.
+        #expect(row(result.stdout, "pkcs11-provider, 3 forked workers") == ["pkcs11-provider, 3 forked workers", "ok", "ok"], "\(result.output)")
+        #expect(row(result.stdout, "inherited session") == ["inherited session", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(result.output)")
+    }
+
+    /// openCryptoki: its documented strategy (out-of-process) fails the provider's workers (their
+    /// C_GetInfo is p11-kit's), so the doctor goes on to the strategy that passes everything.
+    @Test(.enabled(if: PKCS11Provider.available && OpenCryptokiForkTests.available, "needs pkcs11-provider (scripts/install-deps.sh) and pkcsslotd"))
+    func doctorFindsTheStrategyForOpenCryptokiBehindTheProvider() throws {
+        let token = try OpenCryptokiToken()
+        let command = token.launcher(keyLabel: "ock-key") + [
+            Products.path("p11fork-cli"), "doctor", "--module", OpenCryptokiToken.module, "--p11fork", Products.module,
+            "--pin-env", "DOCTOR_PIN", "--token", token.label, "--key", "ock-key", "--consumer", "provider",
+            "--provider", PKCS11Provider.path, "--workers", "3", "--trace-dir", token.directory.appendingPathComponent("traces").path]
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: ["DOCTOR_PIN": token.pin], timeout: 300)
+        let traces = (try? FileManager.default.contentsOfDirectory(atPath: token.directory.appendingPathComponent("traces").path)) ?? []
+        let errors = traces.sorted().compactMap { name -> String? in
+            let text = (try? String(contentsOf: token.directory.appendingPathComponent("traces/\(name)"), encoding: .utf8)) ?? ""
+            return text.split(separator: "\n").first { $0.contains("\"error\"") }.map { "\(name): \($0)" }
+        }.joined(separator: "\n")
+        #expect(result.status == 0, "\(result.output)\ntraces' first errors:\n\(errors)")
+        #expect(!result.output.contains(token.pin), "the PIN is in the doctor's output")
+        #expect(row(result.stdout, "pkcs11-provider, 3 forked workers") == ["pkcs11-provider, 3 forked workers", "ok", "ok"], "\(result.output)")
+        #expect(result.stdout.contains("out-of-process (1 failing), reinitialize (0 failing)"), "\(result.output)")
+        #expect(result.stdout.contains("    P11FORK_STRATEGY=reinitialize\n"), "\(result.output)")
+    }
+
+    @Test func consumerAndProviderArgumentsAreChecked() throws {
+        let token = try SoftHSMToken()
+        let base = ["doctor", "--module", RealModules.softHSM, "--p11fork", Products.module, "--pin-env", "DOCTOR_PIN"]
+        let environment = token.environment.merging(["DOCTOR_PIN": token.pin]) { $1 }
+        let unknown = try runProgram(Products.path("p11fork-cli"), base + ["--consumer", "engine"], environment: environment, timeout: 60)
+        #expect(unknown.status == 2 && unknown.stderr.contains("--consumer engine: the one consumer the doctor runs is 'provider'"), "\(unknown.output)")
+        let alone = try runProgram(Products.path("p11fork-cli"), base + ["--provider", "/nonexistent/pkcs11.so"], environment: environment, timeout: 60)
+        #expect(alone.status == 2 && alone.stderr.contains("--provider goes with --consumer provider"), "\(alone.output)")
+        let missing = try runProgram(Products.path("p11fork-cli"), base + ["--consumer", "provider", "--provider", "/nonexistent/pkcs11.so"],
+                                     environment: environment, timeout: 60)
+        #expect(missing.status == 2 && missing.stderr.contains("--provider /nonexistent/pkcs11.so: no such file"), "\(missing.output)")
+    }
+}
