@@ -55,10 +55,12 @@
  * bad value, in a variable, a file or pReserved, a file others could change) makes C_Initialize write one line on stderr, naming the problem and the fix, and
  * return CKR_GENERAL_ERROR.
  *
- * Handles: slot IDs, session handles and object handles seen by the application are p11fork's
- * own values (slots from 0x51000001, sessions from 0x5e000001, objects from 0x0b000001), stable
- * for the life of the process and across fork: a forked child keeps using the sessions, login
- * and token keys its parent had (docs/FORK.md). Traces never contain PINs, secret attribute
+ * Handles: slot IDs are the real module's, valid from the first call after C_Initialize (a
+ * configured slot ID needs no C_GetSlotList first); in a forked child whose module numbers slots
+ * differently they are translated to the slots holding the same tokens. Session and object
+ * handles are p11fork's own values (sessions from 0x5e000001, objects from 0x0b000001). All are
+ * stable for the life of the process and across fork: a forked child keeps using the slots,
+ * sessions, login and token keys its parent had (docs/FORK.md "Handles in the child"). Traces never contain PINs, secret attribute
  * values or data.
  *
  * This header declares the three symbols libp11fork.so exports; the PKCS#11 types come from a

@@ -143,7 +143,8 @@ enum Core {
     private static func initializeGlobals() {
         keep(Configuration.keys, RealModule.ownHandle as Any, SessionNotifications.relays, SessionNotifications.trampoline,
              Recovery.searchSessions, Recovery.lost, Logins.kept, Logins.states, Records.tokens, Records.sessions,
-             Records.objects, Records.objectsByIdentity, Operations.records, AsyncOperations.pending, SessionObjects.recipes,
+             Records.objects, Records.objectsByIdentity, Records.knownSlots, Recovery.slotToReal, Recovery.slotFromReal,
+             Recovery.parentSlots, Records.moduleInfo as Any, Operations.records, AsyncOperations.pending, SessionObjects.recipes,
              KeptTemplate.nestedTypes, ProtectedMemory.sizes, ProtectedMemory.free, ProtectedMemory.regions,
              ParameterLayout.flatMechanisms, ParameterLayout.stringData, ParameterLayout.structures,
              MechanismHandles.handleCarriers, CK_FLAGS.sessionFlagNames, CK_FLAGS.initializeFlagNames,

@@ -27,7 +27,32 @@ final class ConsumerTests: XCTestCase {
         let result = try runProgram("/usr/bin/pkcs11-tool", ["--module", Products.module, "-L"], environment: environment)
         XCTAssertEqual(result.status, 0, result.output)
         XCTAssertTrue(result.stdout.contains("token label        : \(token.label)"), result.stdout)
-        XCTAssertTrue(result.stdout.contains("(0x51000001)"), "slots are p11fork's virtual IDs: \(result.stdout)")
+        XCTAssertTrue(result.stdout.contains("(0x\(String(token.slot, radix: 16)))"), "slots are SoftHSM's own IDs: \(result.stdout)")
+        let direct = try runProgram("/usr/bin/pkcs11-tool", ["--module", RealModules.softHSM, "-L"], environment: environment)
+        XCTAssertEqual(direct.status, 0, direct.output)
+        XCTAssertEqual(result.stdout, direct.stdout, "the slot list through p11fork is not SoftHSM's")
+    }
+
+    /// A new process naming the slot by the ID the module reports, without listing slots first.
+    func testPkcs11ToolUsesTheModulesSlotIDInANewProcess() throws {
+        try token.generateKeyPair(label: "named-slot", type: "EC:prime256v1", id: "07")
+        func objects(_ module: String, slot: UInt) throws -> ProcessResult {
+            try runProgram("/usr/bin/pkcs11-tool", ["--module", module, "--slot", String(slot), "--login", "--pin", token.pin, "-O"],
+                           environment: environment)
+        }
+        let direct = try objects(RealModules.softHSM, slot: token.slot)
+        XCTAssertEqual(direct.status, 0, direct.output)
+        XCTAssertTrue(direct.stdout.contains("label:      named-slot"), direct.output)
+        let through = try objects(Products.module, slot: token.slot)
+        XCTAssertEqual(through.status, 0, through.output)
+        XCTAssertEqual(through.stdout, direct.stdout)
+        // A slot the module does not have: the module's own answer, through p11fork as directly.
+        let unknownDirect = try objects(RealModules.softHSM, slot: token.slot &+ 77)
+        let unknownThrough = try objects(Products.module, slot: token.slot &+ 77)
+        XCTAssertNotEqual(unknownDirect.status, 0)
+        XCTAssertTrue(unknownDirect.output.contains("CKR_SLOT_ID_INVALID"), unknownDirect.output)
+        XCTAssertEqual(unknownThrough.status, unknownDirect.status)
+        XCTAssertEqual(unknownThrough.output, unknownDirect.output)
     }
 
     func testPkcs11ToolSignatureVerifiesWithOpenSSL() throws {

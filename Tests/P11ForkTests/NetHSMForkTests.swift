@@ -24,6 +24,18 @@ import Testing
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)\nlog:\n\(token.log)")
     }
 
+    /// The module gives each connection a slot ID of its own, so a child's fresh copy numbers the
+    /// token's slot anew: the child's first call opens a session on its parent's slot ID (never
+    /// listed in the child), and it sees the parent's C_GetInfo, slot list, slot and token infos
+    /// and mechanisms, through translation.
+    @Test func childUsesTheParentsSlotIDThoughItsModuleNumbersItAnew() throws {
+        let (token, check) = try setUp()
+        let outcome = try check.run("same-view", throughP11Fork: true, children: 2)
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)\nlog:\n\(token.log)")
+        #expect(outcome.result.stdout.contains("C_GetInfo, 1 slots, their infos and"), "\(outcome.report)")
+        #expect(outcome.trace.contains("renumbered by this module: slot "), "\(outcome.report)")
+    }
+
     @Test func childSignsWithParentSessionAndKey() throws {
         try directFailsThenP11ForkWorks("inherited", directShows: "CKR_DEVICE_ERROR")
     }

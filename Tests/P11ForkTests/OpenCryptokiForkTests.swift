@@ -44,4 +44,33 @@ import Testing
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
         _ = token
     }
+
+    /// openCryptoki numbers its slots in opencryptoki.conf (the soft token is slot 3): a new
+    /// process naming slot 3 gets through p11fork what it gets directly.
+    @Test(.enabled(if: available))
+    func pkcs11ToolUsesSlot3ThroughP11ForkAsDirectly() throws {
+        let (token, _) = try setUp()
+        func objects(_ module: String, _ environment: [String: String]) throws -> ProcessResult {
+            let command = token.launcher(keyLabel: "ock-key") + ["/usr/bin/pkcs11-tool", "--module", module, "--slot", "3",
+                                                                 "--login", "--pin", token.pin, "-O"]
+            return try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: 120)
+        }
+        let direct = try objects(OpenCryptokiToken.module, [:])
+        #expect(direct.status == 0 && direct.stdout.contains("label:      ock-key"), "directly: \(direct.output)")
+        let through = try objects(Products.module, ["P11FORK_MODULE": OpenCryptokiToken.module])
+        #expect(through.status == 0, "through p11fork: \(through.output)")
+        #expect(through.stdout == direct.stdout, "through p11fork: \(through.output)\ndirectly: \(direct.output)")
+    }
+
+    /// A child's first call opens a session on slot 3 (never listed in the child); the child sees
+    /// its parent's C_GetInfo, slot lists, slot and token infos, and mechanisms (but for what
+    /// p11-kit's RPC cannot carry), through the helper.
+    @Test(.enabled(if: available))
+    func childOpensSlot3AndSeesTheParentsModule() throws {
+        let (token, check) = try setUp()
+        let outcome = try check.run("same-view", throughP11Fork: true, children: 2, extra: ["--named-slot", "3", "--helper-mechanisms"])
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        #expect(outcome.result.stdout.contains("their infos and"), "\(outcome.report)")
+        _ = token
+    }
 }

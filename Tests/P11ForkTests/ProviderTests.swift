@@ -360,10 +360,9 @@ struct ProviderFork {
         let through = try fork.run(through: true, seconds: 20)
         print("openCryptoki through p11fork: \(through.summary)")
         #expect(through.result.stdout.contains("parent signs after the workers: yes"), "the parent keeps signing: \(through.report)")
-        try expectWorkersSignOnceIdentifiersAreTransparent(through, pin: token.pin)
-        // Until then: re-initialised in place, openCryptoki describes itself in the worker as in
-        // the parent (docs/FORK.md says when this strategy is safe: no parent thread inside the
-        // module at the fork; this program has none).
+        try expectWorkersSignThroughTheHelper(through, pin: token.pin)
+        // Re-initialised in place too (docs/FORK.md says when this strategy is safe: no parent
+        // thread inside the module at the fork; this program has none).
         fork.extraEnvironment = ["P11FORK_STRATEGY": "reinitialize"]
         let reinitialized = try fork.run(through: true, seconds: 20)
         print("openCryptoki through p11fork, P11FORK_STRATEGY=reinitialize: \(reinitialized.summary)")
@@ -384,25 +383,20 @@ struct ProviderFork {
         print("tpm2-pkcs11 through p11fork: \(through.summary)")
         #expect(through.result.stdout.contains("parent signs while the workers run: yes"), "\(through.report)")
         #expect(through.result.stdout.contains("parent signs after the workers: yes"), "the parent is never harmed: \(through.report)")
-        try expectWorkersSignOnceIdentifiersAreTransparent(through, pin: token.pin)
+        try expectWorkersSignThroughTheHelper(through, pin: token.pin)
     }
 
     /// Over a module p11fork runs in a helper process for each worker (tpm2-pkcs11 by default,
-    /// openCryptoki by P11FORK_STRATEGY), a worker's C_GetInfo describes p11-kit's RPC client, not
-    /// the real module, and pkcs11-provider gives up on a module that changed ("Module
-    /// re-initialization failed!"). Once every child sees the real module's C_GetInfo (transparent
-    /// identifiers, not done yet), this known issue stops being recorded and the test fails: then
-    /// expect every worker to sign.
-    private func expectWorkersSignOnceIdentifiersAreTransparent(_ through: ProviderFork.Outcome, pin: String) throws {
+    /// openCryptoki by P11FORK_STRATEGY), the module answering in the worker is p11-kit's RPC
+    /// client; pkcs11-provider gives up on a module whose C_GetInfo changed ("Module
+    /// re-initialization failed!"), and every worker signs only because p11fork tells it the real
+    /// module's (docs/FORK.md "What else a child sees").
+    private func expectWorkersSignThroughTheHelper(_ through: ProviderFork.Outcome, pin: String) throws {
         #expect(!through.trace.contains(pin), "the PIN is in the trace")
         #expect(through.trace.contains("running it in a helper process") || through.trace.contains("module running in a helper process"),
                 "the workers' module runs in a helper: \(through.report)")
-        withKnownIssue("in a helper-served worker C_GetInfo describes p11-kit's client, not the real module, and pkcs11-provider gives up") {
-            #expect(through.succeeded, "through p11fork: \(through.summary)")
-        }
-        if !through.succeeded {
-            #expect(through.result.stderr.contains("Module re-initialization failed!"), "the workers fail on the helper's C_GetInfo: \(through.report)")
-        }
+        #expect(through.succeeded, "through p11fork: \(through.report)")
+        #expect(!through.result.stderr.contains("Module re-initialization failed!"), "\(through.report)")
     }
 }
 
@@ -508,8 +502,9 @@ final class ModuleLoadWithoutEnvironmentTests: XCTestCase {
         #expect(row(result.stdout, "inherited session") == ["inherited session", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(result.output)")
     }
 
-    /// openCryptoki: its documented strategy (out-of-process) fails the provider's workers (their
-    /// C_GetInfo is p11-kit's), so the doctor goes on to the strategy that passes everything.
+    /// openCryptoki behind the provider: the doctor tries the strategies in turn and stops at its
+    /// documented one (out-of-process), which passes every scenario, the provider's workers too
+    /// (their C_GetInfo is the real module's, not p11-kit's client's).
     @Test(.enabled(if: PKCS11Provider.available && OpenCryptokiForkTests.available, "needs pkcs11-provider (scripts/install-deps.sh) and pkcsslotd"))
     func doctorFindsTheStrategyForOpenCryptokiBehindTheProvider() throws {
         let token = try OpenCryptokiToken()
@@ -526,8 +521,8 @@ final class ModuleLoadWithoutEnvironmentTests: XCTestCase {
         #expect(result.status == 0, "\(result.output)\ntraces' first errors:\n\(errors)")
         #expect(!result.output.contains(token.pin), "the PIN is in the doctor's output")
         #expect(row(result.stdout, "pkcs11-provider, 3 forked workers") == ["pkcs11-provider, 3 forked workers", "ok", "ok"], "\(result.output)")
-        #expect(result.stdout.contains("out-of-process (1 failing), reinitialize (0 failing)"), "\(result.output)")
-        #expect(result.stdout.contains("    P11FORK_STRATEGY=reinitialize\n"), "\(result.output)")
+        #expect(result.stdout.contains("out-of-process (0 failing)"), "\(result.output)")
+        #expect(result.stdout.contains("    P11FORK_STRATEGY=out-of-process\n"), "\(result.output)")
     }
 
     @Test func consumerAndProviderArgumentsAreChecked() throws {

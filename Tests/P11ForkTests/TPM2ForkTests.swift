@@ -42,4 +42,19 @@ import Testing
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
         _ = token
     }
+
+    /// A child served by the helper sees the real module, not p11-kit's RPC client: C_GetInfo,
+    /// the slot lists and IDs (the helper's p11-kit numbers them its own way), every CK_SLOT_INFO /
+    /// CK_TOKEN_INFO, the mechanism list but for what p11-kit's RPC cannot carry; its first call
+    /// opens a session on the token's slot ID, which it never listed.
+    @Test(.enabled(if: TPM2Token.available))
+    func childServedByTheHelperSeesTheParentsModule() throws {
+        let (token, check) = try setUp()
+        let outcome = try check.run("same-view", throughP11Fork: true, children: 2, extra: ["--helper-mechanisms"])
+        #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        #expect(outcome.trace.contains("renumbered by this module: slot "), "\(outcome.report)")
+        #expect(outcome.result.stdout.contains("their infos and"), "\(outcome.report)")
+        #expect(outcome.trace.contains("running it in a helper process"), "\(outcome.report)")
+        _ = token
+    }
 }

@@ -236,10 +236,15 @@ final class JavaConsumerTests: ToolTestCase {
         try bench.storeCertificate(id: "02", label: "tool-ec")
     }
 
-    private func sign(library: String, alias: String, environment extra: [String: String] = [:]) throws -> ProcessResult {
-        let config = try String(contentsOfFile: Products.example("java/p11fork.cfg"), encoding: .utf8)
+    /// `slot`: the configuration names the slot by its ID (`slot = N`) instead of `slotListIndex`.
+    private func sign(library: String, alias: String, slot: UInt? = nil, environment extra: [String: String] = [:]) throws -> ProcessResult {
+        var config = try String(contentsOfFile: Products.example("java/p11fork.cfg"), encoding: .utf8)
             .replacingOccurrences(of: "library = /usr/local/lib/libp11fork.so", with: "library = \(library)")
         XCTAssertTrue(config.contains("library = \(library)"), "the example's library line changed")
+        if let slot {
+            XCTAssertTrue(config.contains("\nslotListIndex = 0"), "the example's slotListIndex line changed")
+            config = config.replacingOccurrences(of: "\nslotListIndex = 0", with: "\nslot = \(slot)")
+        }
         let file = try bench.file("java-\(UUID().uuidString).cfg", config)
         let environment = bench.token.environment.merging(["PIN": bench.token.pin]) { $1 }.merging(extra) { $1 }
         return try runProgram("/usr/bin/java", [Products.example("java/Sign.java"), file.path, alias],
@@ -258,6 +263,22 @@ final class JavaConsumerTests: ToolTestCase {
             XCTAssertTrue(result.stdout.contains("alias: \(alias)"), result.output)
             XCTAssertTrue(result.stdout.contains("signature verified: \(algorithm)"), result.output)
         }
+        try bench.assertSignedThroughP11Fork()
+    }
+
+    /// SunPKCS11 uses a configured slot ID without listing slots: SoftHSM's own ID works through
+    /// p11fork as directly, from the first call.
+    func testSunPKCS11WithTheModulesSlotIDThroughP11ForkAndDirectly() throws {
+        let direct = try sign(library: RealModules.softHSM, alias: "tool-ec", slot: bench.token.slot)
+        XCTAssertEqual(direct.status, 0, "directly: \(direct.output)")
+        XCTAssertTrue(direct.stdout.contains("signature verified: SHA256withECDSA"), direct.output)
+        let through = try sign(library: Products.module, alias: "tool-ec", slot: bench.token.slot,
+                               environment: ["P11FORK_MODULE": RealModules.softHSM, "P11FORK_TRACE": bench.traceTemplate])
+        XCTAssertEqual(through.status, 0, "through p11fork: \(through.output)")
+        XCTAssertTrue(through.stdout.contains("signature verified: SHA256withECDSA"), through.output)
+        let trace = try bench.traceText()
+        XCTAssertFalse(trace.contains("C_GetSlotList"), "SunPKCS11 listed the slots: the test does not show what it should")
+        XCTAssertTrue(trace.contains("C_GetSlotInfo"), trace.suffix(2000).description)
         try bench.assertSignedThroughP11Fork()
     }
 }

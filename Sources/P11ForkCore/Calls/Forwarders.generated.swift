@@ -5,18 +5,6 @@ import CPKCS11
 /// One forwarder per PKCS#11 function with no special handling: translate handles,
 /// call the real module, expose new object handles, trace. See Calls/Call.swift.
 enum Forwarders {
-    static let C_GetInfo: CK_C_GetInfo = { pInfo in
-        let call = Call(.C_GetInfo)
-        guard let function = call.functions?.pointee.C_GetInfo else { return call.unavailable() }
-        let rv = function(pInfo)
-        if call.isTraced {
-            var line = call.line()
-            line.pointer("info", pInfo)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
     static let C_GetSlotInfo: CK_C_GetSlotInfo = { slotID, pInfo in
         let call = Call(.C_GetSlotInfo)
         guard let function = call.functions?.pointee.C_GetSlotInfo else { return call.unavailable() }

@@ -223,7 +223,7 @@ enum Function: Int, CaseIterable, Sendable {
 func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_Initialize = Custom.C_Initialize
     list.pointee.C_Finalize = Custom.C_Finalize
-    list.pointee.C_GetInfo = Forwarders.C_GetInfo
+    list.pointee.C_GetInfo = Custom.C_GetInfo
     list.pointee.C_GetFunctionList = Custom.C_GetFunctionList
     list.pointee.C_GetSlotList = Custom.C_GetSlotList
     list.pointee.C_GetSlotInfo = Forwarders.C_GetSlotInfo

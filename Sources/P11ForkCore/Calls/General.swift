@@ -57,6 +57,7 @@ enum Custom {
                 if rv == CKR_OK {
                     Core.appInitialized = true
                     ModuleRecovery.keepInitArguments(passed)
+                    if !Slots.translating { Records.noteModule(Core.functions!) }
                 }
                 return rv
             }
@@ -70,6 +71,23 @@ enum Custom {
             rv = Core.unusable ?? CK_RV(CKR_GENERAL_ERROR)
         }
         return (rv, claimed, settledNow)
+    }
+
+    static let C_GetInfo: CK_C_GetInfo = { pInfo in
+        let call = Call(.C_GetInfo)
+        guard let function = call.functions?.pointee.C_GetInfo else { return call.unavailable() }
+        let rv = function(pInfo)
+        // Through the helper, the module answering is p11-kit's RPC client: the application is
+        // told what its own module said (the error codes stay the module's).
+        if rv == CKR_OK, let pInfo, Core.module?.isHelperClient == true, let kept = Records.moduleInfo {
+            pInfo.pointee = kept
+        }
+        if call.isTraced {
+            var line = call.line()
+            line.pointer("info", pInfo)
+            call.finish(rv, &line)
+        }
+        return rv
     }
 
     static let C_Finalize: CK_C_Finalize = { pReserved in

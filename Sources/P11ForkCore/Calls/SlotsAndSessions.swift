@@ -9,7 +9,10 @@ extension Custom {
         guard let function = call.functions?.pointee.C_GetSlotList else { return call.unavailable() }
         let rv = function(tokenPresent, pSlotList, pulCount)
         if rv == CKR_OK, let pSlotList, let pulCount {
-            for i in 0..<Int(pulCount.pointee) { pSlotList[i] = Slots.expose(real: pSlotList[i]) }
+            if Slots.translating {
+                for i in 0..<Int(pulCount.pointee) { pSlotList[i] = Slots.expose(real: pSlotList[i]) }
+            }
+            Records.noteSlots(UnsafeBufferPointer(start: pSlotList, count: Int(pulCount.pointee)))
         }
         if call.isTraced {
             var line = call.line()
@@ -128,7 +131,7 @@ extension Custom {
         let call = Call(.C_CloseAllSessions)
         var rv: CK_RV
         if Recovery.moduleInherited {
-            let known = Slots.view.lookupAnyEpoch(slotID) != nil
+            let known = Records.knowsSlot(slotID)
             rv = known ? CK_RV(CKR_OK) : (Core.appInitialized ? CK_RV(CKR_SLOT_ID_INVALID) : CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED))
         } else if let function = call.functions?.pointee.C_CloseAllSessions {
             // In a child this reaches only the child's own module and sessions.
@@ -160,7 +163,7 @@ extension Custom {
         var failure = CK_RV(CKR_OK)
         let session = Sessions.resolve(hSession, &failure)
         let rv = failure != CKR_OK ? failure : function(session?.real ?? CK_SESSION_HANDLE(CK_INVALID_HANDLE), pInfo)
-        // The module reports its own slot ID; the application knows the virtual one.
+        // The module reports its own slot ID: in a translating child, the application knows another.
         if rv == CKR_OK, let pInfo, let session { pInfo.pointee.slotID = session.slot }
         if call.isTraced { traceSessionInfo(call, hSession, pInfo, rv) }
         return rv

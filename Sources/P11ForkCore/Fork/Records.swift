@@ -13,6 +13,7 @@ enum Records {
     // All guarded by `lock`.
     nonisolated(unsafe) static var tokens: [CK_SLOT_ID: TokenIdentity] = [:]
     nonisolated(unsafe) static var sessions: [CK_SESSION_HANDLE: Session] = [:]
+    nonisolated(unsafe) static var knownSlots: Set<CK_SLOT_ID> = []
     nonisolated(unsafe) static var objects: [CK_OBJECT_HANDLE: ObjectIdentity] = [:]
     /// Object handles by identity, to give a re-found object its inherited handle back.
     nonisolated(unsafe) static var objectsByIdentity: [ObjectIdentity: [CK_OBJECT_HANDLE]] = [:]
@@ -25,6 +26,38 @@ enum Records {
 
     static func token(_ slot: CK_SLOT_ID) -> TokenIdentity? {
         lock.withLock { tokens[slot] }
+    }
+
+    /// What the application's first module said of itself (C_GetInfo); a child whose module
+    /// is reached through the helper answers it (docs/FORK.md "Handles in the child").
+    nonisolated(unsafe) static var moduleInfo: CK_INFO?
+
+    /// After the application's C_Initialize, in a process whose module numbers its slots: the
+    /// module's own description and every slot's token, so that a child whose module numbers
+    /// slots differently still finds the token behind any slot ID the application may name.
+    static func noteModule(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
+        var info = CK_INFO()
+        let described = functions.pointee.C_GetInfo?(&info) == CKR_OK
+        let slots = Slots.all(functions)
+        let found = slots.compactMap { slot in TokenIdentity.read(functions, slot: slot).map { (slot, $0) } }
+        lock.withLock {
+            if described { moduleInfo = info }
+            for (slot, identity) in found { tokens[slot] = identity }
+            knownSlots.formUnion(slots)
+        }
+    }
+
+    static func allTokens() -> [CK_SLOT_ID: TokenIdentity] {
+        lock.withLock { tokens }
+    }
+
+    /// Slot IDs the application was given or used successfully in this process or its parents.
+    static func noteSlots(_ slots: UnsafeBufferPointer<CK_SLOT_ID>) {
+        lock.withLock { for slot in slots { knownSlots.insert(slot) } }
+    }
+
+    static func knowsSlot(_ slot: CK_SLOT_ID) -> Bool {
+        lock.withLock { knownSlots.contains(slot) || tokens[slot] != nil || sessions.values.contains { $0.slot == slot } }
     }
 
     static func noteSession(_ session: CK_SESSION_HANDLE, slot: CK_SLOT_ID, flags: CK_FLAGS) {

@@ -46,6 +46,7 @@ enum Recovery {
             // Every inherited handle is now stale: each is recovered when first used.
             Core.epoch &+= 1
             Core.slotEpoch &+= 1
+            lock.withLock { startSlotTranslation() }
             initializationUnclaimed = true
             Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy, \(milliseconds(since: started)))")
         case .failure(let why):
@@ -101,15 +102,67 @@ enum Recovery {
 
     // MARK: slots
 
-    static func slot(_ virtual: CK_SLOT_ID, _ failure: inout CK_RV) -> CK_SLOT_ID {
-        guard failure == CKR_OK, Slots.view.lookupAnyEpoch(virtual) != nil else { return Slots.invalidReal }
-        return lock.withLock { slotLocked(virtual) }
+    // The translation of the application's slot IDs to this module's (docs/FORK.md "Handles in
+    // the child"), made once per module, after its replacement. Guarded by `lock`.
+    /// The application's slot ID -> this module's.
+    nonisolated(unsafe) static var slotToReal: [CK_SLOT_ID: CK_SLOT_ID] = [:]
+    /// This module's slot ID -> the application's.
+    nonisolated(unsafe) static var slotFromReal: [CK_SLOT_ID: CK_SLOT_ID] = [:]
+    /// The parent's module's slot ID for an application slot, where it was not the same value.
+    nonisolated(unsafe) static var parentSlots: [CK_SLOT_ID: CK_SLOT_ID] = [:]
+
+    /// At the replacement of the module: the parent's translation becomes what this one starts from.
+    private static func startSlotTranslation() {
+        parentSlots = Slots.translating ? parentSlots.merging(slotToReal) { $1 } : [:]
+        slotToReal = [:]
+        slotFromReal = [:]
+        Slots.translating = true
     }
 
-    private static func slotLocked(_ virtual: CK_SLOT_ID) -> CK_SLOT_ID {
-        if let real = Slots.view.real(virtual, epoch: Core.slotEpoch) { return real }
+    static func slot(_ slot: CK_SLOT_ID, _ failure: inout CK_RV) -> CK_SLOT_ID {
+        guard failure == CKR_OK else { return Slots.invalidReal }
+        return lock.withLock { slotLocked(slot) }
+    }
+
+    private static func slotLocked(_ slot: CK_SLOT_ID) -> CK_SLOT_ID {
         matchSlotsLocked()
-        return Slots.view.real(virtual, epoch: Core.slotEpoch) ?? Slots.invalidReal
+        if let real = slotToReal[slot] { return real }
+        // A token the application used that this module does not have: an unknown slot here.
+        if Records.token(slot) != nil { return Slots.invalidReal }
+        // A slot the application never looked into: the parent's number, if this module has it
+        // and it does not hold another application slot's token.
+        let candidate = parentSlots[slot] ?? slot
+        guard slotFromReal[candidate] == nil, Core.functions.map(Slots.all)?.contains(candidate) == true else { return Slots.invalidReal }
+        bind(slot, to: candidate)
+        return candidate
+    }
+
+    /// The application's slot ID for one this module reports: the inherited slot holding the
+    /// same token, else the same value, else (that value names another token for the
+    /// application) a value no application slot has.
+    static func applicationSlot(real: CK_SLOT_ID) -> CK_SLOT_ID {
+        lock.withLock {
+            matchSlotsLocked()
+            if let known = slotFromReal[real] { return known }
+            var slot = real
+            if slotToReal[slot] != nil || Records.token(slot) != nil {
+                slot = CK_SLOT_ID(Slots.freshBase)
+                while slotToReal[slot] != nil || Records.token(slot) != nil { slot += 1 }
+                Trace.event(.fork, "slot 0x\(hex(real)) of this module is shown as slot 0x\(hex(slot)): its own number names another token for the application")
+            }
+            bind(slot, to: real)
+            return slot
+        }
+    }
+
+    private static func bind(_ slot: CK_SLOT_ID, to real: CK_SLOT_ID) {
+        slotToReal[slot] = real
+        slotFromReal[real] = slot
+    }
+
+    /// Real slot ID for the trace (a full trace in a translating child); nil when not translated.
+    static func translatedSlot(_ slot: CK_SLOT_ID) -> CK_SLOT_ID? {
+        lock.withLock { slotToReal[slot] }
     }
 
     /// Before exposing real slot IDs of a recovered module: match the inherited slots first.
@@ -118,8 +171,8 @@ enum Recovery {
         lock.withLock { matchSlotsLocked() }
     }
 
-    /// Finds each inherited slot in this module by its token's identity (or, for a slot whose
-    /// token was never seen, by the same slot ID). Once per module.
+    /// Finds each slot whose token the application used in this module by the token's identity
+    /// (or, for a slot whose token was never seen, by the parent's slot ID). Once per module.
     private static func matchSlotsLocked() {
         guard slotsMatchedEpoch != Core.slotEpoch, Core.functions != nil else { return }
         slotsMatchedEpoch = Core.slotEpoch
@@ -141,8 +194,11 @@ enum Recovery {
         // A slot the module still lists without its token: the token was removed (no retry helps).
         let removed = absent.isEmpty ? "" : "; no token present in the slot of token \(absent.joined(separator: ", ")) (removed?): its calls answer what the module answers for an empty slot"
         let retried = tries > 0 ? ", after initialising the module again \(tries) time(s)" : ""
+        let moved = slotToReal.filter { $0.key != $0.value }.sorted { $0.key < $1.key }
+            .map { "0x\(hex($0.key)) is 0x\(hex($0.value))" }
+        let renumbered = moved.isEmpty ? "" : "; renumbered by this module: slot \(moved.joined(separator: ", "))"
         Trace.event(missing.isEmpty && absent.isEmpty ? .fork : .error,
-                    "slots matched by token identity: \(matched) of \(Slots.table.liveCount)\(notFound)\(removed)\(retried) (\(milliseconds(since: started)))")
+                    "slots matched by token identity: \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried) (\(milliseconds(since: started)))")
     }
 
     /// True while the child has no session of its own on its module (so it may re-initialise it).
@@ -150,17 +206,13 @@ enum Recovery {
         searchSessions.isEmpty && !Sessions.table.entries().contains { $0.epoch == Core.epoch }
     }
 
-    /// One pass over the module's slots; returns how many inherited slots matched, the labels of
-    /// the tokens not found, and those whose slot is still there but empty (bound to that slot).
+    /// One pass over the module's slots; returns how many slots with a recorded token matched, the
+    /// labels of the tokens not found, and those whose slot is still there but empty (bound to that slot).
     private static func matchSlotsOnce() -> (matched: Int, missing: [String], absent: [String]) {
-        guard let functions = Core.functions, let getSlotList = functions.pointee.C_GetSlotList else { return (0, [], []) }
-        var count: CK_ULONG = 0
-        var reals: [CK_SLOT_ID] = []
-        if getSlotList(CK_BBOOL(CK_FALSE), nil, &count) == CKR_OK, count > 0 {
-            reals = [CK_SLOT_ID](repeating: 0, count: Int(count))
-            if getSlotList(CK_BBOOL(CK_FALSE), &reals, &count) != CKR_OK { reals = [] }
-            reals = Array(reals.prefix(Int(count)))
-        }
+        guard let functions = Core.functions else { return (0, [], []) }
+        slotToReal = [:]
+        slotFromReal = [:]
+        let reals = Slots.all(functions)
         var byIdentity: [TokenIdentity: CK_SLOT_ID] = [:]
         for real in reals {
             if let identity = TokenIdentity.read(functions, slot: real), byIdentity[identity] == nil {
@@ -170,20 +222,16 @@ enum Recovery {
         var matched = 0
         var missing: [String] = []
         var absent: [String] = []
-        for (virtual, parentReal, _) in Slots.table.entries() {
-            if let identity = Records.token(virtual) {
-                if let real = byIdentity[identity] {
-                    Slots.table.rebind(virtual, real: real, epoch: Core.slotEpoch)
-                    matched += 1
-                } else if reals.contains(parentReal), !tokenPresent(functions, slot: parentReal) {
-                    Slots.table.rebind(virtual, real: parentReal, epoch: Core.slotEpoch)
-                    absent.append("'\(identity.labelText)'")
-                } else {
-                    missing.append("'\(identity.labelText)'")
-                }
-            } else if reals.contains(parentReal) {
-                Slots.table.rebind(virtual, real: parentReal, epoch: Core.slotEpoch)
+        for (slot, identity) in Records.allTokens().sorted(by: { $0.key < $1.key }) {
+            let parentReal = parentSlots[slot] ?? slot
+            if let real = byIdentity[identity], slotFromReal[real] == nil {
+                bind(slot, to: real)
                 matched += 1
+            } else if reals.contains(parentReal), slotFromReal[parentReal] == nil, !tokenPresent(functions, slot: parentReal) {
+                bind(slot, to: parentReal)
+                absent.append("'\(identity.labelText)'")
+            } else {
+                missing.append("'\(identity.labelText)'")
             }
         }
         return (matched, missing, absent)

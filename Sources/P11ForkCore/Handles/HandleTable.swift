@@ -8,7 +8,7 @@ import Synchronization
 /// 32 bits afterwards, so a stale handle never reaches the object that later took its index.
 /// Each entry holds the real handle, the epoch in which that real handle is valid (handles of
 /// an earlier epoch are stale: the module was finalized, or the process forked), and one more
-/// word of the owner's choosing (`aux`: a session's or object's virtual slot).
+/// word of the owner's choosing (`aux`: a session's or object's slot, as the application knows it).
 final class HandleTable: @unchecked Sendable {
     struct Entry: ~Copyable {
         /// The virtual handle currently issued for this index; 0 when free.

@@ -1,31 +1,45 @@
 import CPKCS11
 
-// The three kinds of virtual handle an application sees (DESIGN.md "Handles"). Each starts at
-// its own offset, so a real value passed by mistake, or a handle of the wrong kind, finds
-// nothing. An unknown virtual handle is forwarded as a value the real module must reject, so
-// the application gets exactly the error (and the order of checks) of the real module.
+// Slot IDs are the real module's (docs/FORK.md "Handles in the child", "Slot IDs"):
+// the ones the module of the process that first initialised it reports. Session and object
+// handles are p11fork's virtual values, each kind from its own offset, so that a real value
+// passed by mistake, or a handle of the wrong kind, finds nothing. An unknown handle is
+// forwarded as a value the real module must reject, so the application gets exactly the error
+// (and the order of checks) of the real module.
 
-/// Virtual slot IDs: stable for the life of the process, whatever the real module numbers.
+/// Slot IDs: passed through unchanged until a child's module replaces the inherited one; from
+/// then on the application's IDs (its first module's) are translated to that module's.
 enum Slots {
-    static let base: UInt = 0x5100_0000
-    /// What an unknown virtual slot is forwarded as: no module issues this slot ID.
+    /// What a slot ID unknown in a child is forwarded as: no module issues this slot ID.
     static let invalidReal: CK_SLOT_ID = .max
-    nonisolated(unsafe) static var view = HandleView()
-    nonisolated(unsafe) static var table: HandleTable!
+    /// Where the values for a child's slots whose own number names another token start.
+    static let freshBase: UInt = 0x5100_0000
+    /// True once this process's module is not the one that numbered the application's slots.
+    /// Set only while the process's other threads wait (ForkDetection), like Core.functions.
+    nonisolated(unsafe) static var translating = false
 
-    /// The real slot ID; in a forked child, an inherited slot is first matched by its token.
+    /// This module's slot ID for the application's.
     @inline(__always)
     static func real(_ slot: CK_SLOT_ID, _ failure: inout CK_RV) -> CK_SLOT_ID {
-        if let real = view.real(slot, epoch: Core.slotEpoch) { return real }
+        if !translating { return slot }
         let resolved = Recovery.resolveSlot(slot, after: failure)
         failure = resolved.failure
         return resolved.real
     }
 
-    /// The virtual ID for a real slot ID the module reported.
+    /// Every slot `functions` lists, with or without a token.
+    static func all(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> [CK_SLOT_ID] {
+        guard let getSlotList = functions.pointee.C_GetSlotList else { return [] }
+        var count: CK_ULONG = 0
+        guard getSlotList(CK_BBOOL(CK_FALSE), nil, &count) == CKR_OK, count > 0 else { return [] }
+        var slots = [CK_SLOT_ID](repeating: 0, count: Int(count))
+        guard getSlotList(CK_BBOOL(CK_FALSE), &slots, &count) == CKR_OK else { return [] }
+        return Array(slots.prefix(Int(count)))
+    }
+
+    /// The application's slot ID for one this module reported.
     static func expose(real: CK_SLOT_ID) -> CK_SLOT_ID {
-        Recovery.matchSlots()
-        return table.expose(real: real, epoch: Core.slotEpoch) ?? invalidReal
+        translating ? Recovery.applicationSlot(real: real) : real
     }
 }
 
@@ -44,7 +58,7 @@ enum Sessions {
         return resolved.real
     }
 
-    /// The real handle and virtual slot of a session, recovering an inherited one first.
+    /// The real handle and the (application's) slot of a session, recovering an inherited one first.
     @inline(__always)
     static func resolve(_ session: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> (real: CK_SESSION_HANDLE, slot: CK_SLOT_ID)? {
         if let bound = view.lookup(session, epoch: Core.epoch) { return (bound.real, bound.aux) }
@@ -58,7 +72,7 @@ enum Sessions {
         return bound.epoch != Core.epoch
     }
 
-    /// The real handle and the virtual slot of a session.
+    /// The real handle and the (application's) slot of a session.
     @inline(__always)
     static func lookup(_ session: CK_SESSION_HANDLE) -> (real: CK_SESSION_HANDLE, slot: CK_SLOT_ID)? {
         view.lookup(session, epoch: Core.epoch).map { ($0.real, $0.aux) }
@@ -105,10 +119,8 @@ enum Objects {
 
 extension Core {
     static func installHandleTables() {
-        Slots.table = HandleTable(base: Slots.base, lock: ForkDetection.register(ForkSafeLock()))
         Sessions.table = HandleTable(base: Sessions.base, lock: ForkDetection.register(ForkSafeLock()))
         Objects.table = HandleTable(base: Objects.base, lock: ForkDetection.register(ForkSafeLock()))
-        Slots.view = Slots.table.view
         Sessions.view = Sessions.table.view
         Objects.view = Objects.table.view
     }

@@ -16,7 +16,9 @@ extension TraceLine {
         key(name)
         symbol { line in
             line.appendHex(slot)
-            if line.full, let real = Slots.view.real(slot, epoch: 0) { line.append(" real "); line.appendHex(real) }
+            if line.full, Slots.translating, let real = Recovery.translatedSlot(slot), real != slot {
+                line.append(" real "); line.appendHex(real)
+            }
         }
     }
 

@@ -2,12 +2,13 @@
 // transcript, one line per step: "<step> <CKR_...> <outputs>". The conformance test runs it
 // directly against the real module and through libp11fork.so on the same token and requires
 // identical transcripts. What legitimately differs between a module and a proxy is
-// normalised: slot IDs, session and object handles become ordinals (slot#1, session#2,
-// object#3) in order of first appearance; outputs made from random or generated keys are
+// normalised: session and object handles become ordinals (session#2, object#3) in order of
+// first appearance (slot IDs are printed as they are: they must be the module's); outputs made from random or generated keys are
 // recorded as lengths and as a verification done in the same run. Deterministic outputs
 // (digests, AES ciphertext under an imported key, info structures, attributes) are printed.
 //
-//   p11fork-conformance --module PATH --token LABEL --pin PIN
+//   p11fork-conformance --module PATH --token LABEL --pin PIN [--slot ID]
+// With --slot, the first calls after C_Initialize use that slot ID, never listed before.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <p11-kit-1/p11-kit/pkcs11.h>
@@ -67,6 +68,7 @@ static const char *ordinal(int kind, CK_ULONG value) {
     static int next;
     static const char *names[] = { "slot", "session", "object" };
     char *out = buffers[next++ % 8];
+    if (kind == SLOT) { snprintf(out, 32, "slot=0x%lx", value); return out; }
     int i;
     for (i = 0; i < seen_count[kind]; i++) if (seen[kind][i] == value) break;
     if (i == seen_count[kind] && i < 256) seen[kind][seen_count[kind]++] = value;
@@ -436,15 +438,34 @@ static void object_steps(CK_SESSION_HANDLE rw) {
     line("C_GetFunctionStatus", p->C_GetFunctionStatus(rw), "%s", "");
 }
 
+// A slot named on the command line, used before anything lists slots (as configurations do).
+static void named_slot_steps(CK_SLOT_ID slot) {
+    CK_SLOT_INFO slot_info;
+    CK_RV rv = p->C_GetSlotInfo(slot, &slot_info);
+    line("C_GetSlotInfo(named slot, first call)", rv, "%s description='%s' flags=0x%lx", ordinal(SLOT, slot),
+         rv == CKR_OK ? text_of(slot_info.slotDescription, 64) : "", rv == CKR_OK ? slot_info.flags : 0);
+    CK_TOKEN_INFO token;
+    rv = p->C_GetTokenInfo(slot, &token);
+    line("C_GetTokenInfo(named slot)", rv, "label='%s'", rv == CKR_OK ? text_of(token.label, 32) : "");
+    CK_SESSION_HANDLE session = 0;
+    rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &session);
+    line("C_OpenSession(named slot)", rv, "%s", ordinal(SESSION, session));
+    CK_SESSION_INFO info;
+    rv = p->C_GetSessionInfo(session, &info);
+    line("C_GetSessionInfo(named slot)", rv, "%s", rv == CKR_OK ? ordinal(SLOT, info.slotID) : "");
+    line("C_CloseSession(named slot)", p->C_CloseSession(session), "%s", "");
+}
+
 int main(int argc, char **argv) {
-    const char *module = NULL;
+    const char *module = NULL, *named_slot = NULL;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--module")) module = argv[i + 1];
         else if (!strcmp(argv[i], "--token")) token_label = argv[i + 1];
         else if (!strcmp(argv[i], "--pin")) pin = argv[i + 1];
+        else if (!strcmp(argv[i], "--slot")) named_slot = argv[i + 1];
     }
     if (!module || !token_label || !pin) {
-        fprintf(stderr, "usage: p11fork-conformance --module PATH --token LABEL --pin PIN\n");
+        fprintf(stderr, "usage: p11fork-conformance --module PATH --token LABEL --pin PIN [--slot ID]\n");
         return 2;
     }
     alarm(60);
@@ -467,6 +488,7 @@ int main(int argc, char **argv) {
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
     line("C_Initialize(CKF_OS_LOCKING_OK)", p->C_Initialize(&args), "%s", "");
     line("C_Initialize(again)", p->C_Initialize(NULL), "%s", "");
+    if (named_slot) named_slot_steps(strtoul(named_slot, NULL, 0));
 
     info_steps();
     CK_SLOT_ID slot = slot_steps();

@@ -7,10 +7,16 @@
 //
 //   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|rsa-pkcs|ec|hmac]
 //                     [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins]
-//                     [--run-before-fork CMD] [--in-flight N] [--verify-signature] SCENARIO
+//                     [--run-before-fork CMD] [--in-flight N] [--verify-signature] [--named-slot ID]
+//                     [--helper-mechanisms] [--ignore-mechanism-flags F] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
-// pin-changed, storm. --raw-fork forks with the system call (no atfork handlers run); --twins picks the
+// pin-changed, storm, same-view. same-view: each child first opens a session of its own on
+// --named-slot ID (default: the token's slot; never listed in the child), logs in, signs with it,
+// then compares C_GetInfo, both slot lists, every slot's CK_SLOT_INFO and CK_TOKEN_INFO (but for
+// session counts, free memory and the clock) and the token's mechanism list and infos with the parent's
+// (with --helper-mechanisms: the parent's less those p11-kit's RPC cannot carry, in its order;
+// with --ignore-mechanism-flags F, infos are compared without the flag bits F). --raw-fork forks with the system call (no atfork handlers run); --twins picks the
 // last of several keys with the same label and checks children's signatures equal the parent's.
 // --verify-signature (storm, over a PKCS#11 3.2 module): the parent has a signature-first
 // verification (C_VerifySignatureInit + Update, on a session of its own) in progress when it
@@ -420,6 +426,143 @@ static int scenario_child_threads(void) {
 // signs once with the inherited session and key under alarm(). Counted: children (and
 // grandchildren) that signed, that failed, that hung (their alarm fired), that crashed; the
 // parent's signatures made and failed meanwhile.
+// MARK: same-view
+
+// What an application sees of the module, taken in the parent before the fork and in a child.
+#define VIEW_SLOTS 16
+#define VIEW_MECHANISMS 512
+struct view {
+    CK_RV info_rv, list_rv, present_rv, mechanisms_rv;
+    CK_INFO info;
+    CK_ULONG count, present_count, mechanism_count;
+    CK_SLOT_ID slots[VIEW_SLOTS], present[VIEW_SLOTS];
+    CK_RV slot_rv[VIEW_SLOTS], token_rv[VIEW_SLOTS];
+    CK_SLOT_INFO slot_info[VIEW_SLOTS];
+    CK_TOKEN_INFO token_info[VIEW_SLOTS];
+    CK_MECHANISM_TYPE mechanisms[VIEW_MECHANISMS];
+    CK_RV mechanism_rv[VIEW_MECHANISMS];
+    CK_MECHANISM_INFO mechanism_info[VIEW_MECHANISMS];
+};
+static struct view parent_view;
+static CK_SLOT_ID named_slot;
+static int named_slot_given, helper_mechanisms;
+// --ignore-mechanism-flags F: mechanism flag bits a layer between (p11-kit's RPC) adds.
+static CK_FLAGS ignored_mechanism_flags;
+
+// True if `part` is `whole` in the same order with some left out (and, unless `whole` is empty, not empty).
+static int is_ordered_part(const CK_MECHANISM_TYPE *part, CK_ULONG part_count, const CK_MECHANISM_TYPE *whole, CK_ULONG whole_count) {
+    CK_ULONG j = 0;
+    for (CK_ULONG i = 0; i < part_count; i++) {
+        while (j < whole_count && whole[j] != part[i]) j++;
+        if (j++ == whole_count) return 0;
+    }
+    return part_count > 0 || whole_count == 0;
+}
+
+static void take_view(struct view *v) {
+    memset(v, 0, sizeof *v);
+    v->info_rv = p11->C_GetInfo(&v->info);
+    v->count = VIEW_SLOTS;
+    v->list_rv = p11->C_GetSlotList(CK_FALSE, v->slots, &v->count);
+    v->present_count = VIEW_SLOTS;
+    v->present_rv = p11->C_GetSlotList(CK_TRUE, v->present, &v->present_count);
+    for (CK_ULONG i = 0; v->list_rv == CKR_OK && i < v->count; i++) {
+        v->slot_rv[i] = p11->C_GetSlotInfo(v->slots[i], &v->slot_info[i]);
+        v->token_rv[i] = p11->C_GetTokenInfo(v->slots[i], &v->token_info[i]);
+        // What changes with use, not with who asks: sessions open, free memory, the clock.
+        CK_TOKEN_INFO *t = &v->token_info[i];
+        t->ulSessionCount = t->ulRwSessionCount = t->ulFreePublicMemory = t->ulFreePrivateMemory = 0;
+        memset(t->utcTime, 0, sizeof t->utcTime);
+    }
+    v->mechanism_count = VIEW_MECHANISMS;
+    v->mechanisms_rv = p11->C_GetMechanismList(slot, v->mechanisms, &v->mechanism_count);
+    for (CK_ULONG i = 0; v->mechanisms_rv == CKR_OK && i < v->mechanism_count && i < VIEW_MECHANISMS; i++)
+        v->mechanism_rv[i] = p11->C_GetMechanismInfo(slot, v->mechanisms[i], &v->mechanism_info[i]);
+}
+
+static int same_view_child(int fd, int index) {
+    CK_SESSION_HANDLE s;
+    CK_OBJECT_HANDLE key;
+    CK_RV rv = p11->C_OpenSession(named_slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &s);
+    if (rv == CKR_OK) {
+        rv = p11->C_Login(s, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
+        if (rv == CKR_USER_ALREADY_LOGGED_IN) rv = CKR_OK;
+    }
+    if (rv == CKR_OK) rv = find_object(s, !strcmp(mechanism_name, "hmac") ? CKO_SECRET_KEY : CKO_PRIVATE_KEY, key_label, &key);
+    if (rv != CKR_OK) {
+        tool_say("child %d: session on slot 0x%lx: %s", index, named_slot, tool_rv_name(rv));
+        send_signature(fd, rv, NULL, 0);
+        return 3;
+    }
+    int status = child_signs(fd, index, s, key);
+    struct view v;
+    take_view(&v);
+    const struct view *w = &parent_view;
+    if (v.info_rv != w->info_rv || memcmp(&v.info, &w->info, sizeof v.info)) {
+        tool_say("child %d: C_GetInfo %s '%.32s' '%.32s' %d.%d; the parent's %s '%.32s' '%.32s' %d.%d", index, tool_rv_name(v.info_rv),
+                 v.info.manufacturerID, v.info.libraryDescription, v.info.libraryVersion.major, v.info.libraryVersion.minor,
+                 tool_rv_name(w->info_rv), w->info.manufacturerID, w->info.libraryDescription, w->info.libraryVersion.major,
+                 w->info.libraryVersion.minor);
+        status = 5;
+    }
+    if (v.list_rv != w->list_rv || v.count != w->count || memcmp(v.slots, w->slots, v.count * sizeof v.slots[0]) ||
+        v.present_rv != w->present_rv || v.present_count != w->present_count ||
+        memcmp(v.present, w->present, v.present_count * sizeof v.present[0])) {
+        tool_say("child %d: slot list (%lu, first 0x%lx; present %lu) differs from the parent's (%lu, first 0x%lx; present %lu)", index,
+                 v.count, v.slots[0], v.present_count, w->count, w->slots[0], w->present_count);
+        status = 5;
+    }
+    for (CK_ULONG i = 0; i < v.count && i < w->count; i++) {
+        if (v.slot_rv[i] != w->slot_rv[i] || memcmp(&v.slot_info[i], &w->slot_info[i], sizeof v.slot_info[i])) {
+            tool_say("child %d: CK_SLOT_INFO of slot 0x%lx differs: '%.64s' / the parent's '%.64s'", index, v.slots[i],
+                     v.slot_info[i].slotDescription, w->slot_info[i].slotDescription);
+            status = 5;
+        }
+        if (v.token_rv[i] != w->token_rv[i] || memcmp(&v.token_info[i], &w->token_info[i], sizeof v.token_info[i])) {
+            tool_say("child %d: CK_TOKEN_INFO of slot 0x%lx differs (%s, '%.32s' flags 0x%lx / the parent's %s, '%.32s' flags 0x%lx)", index,
+                     v.slots[i], tool_rv_name(v.token_rv[i]), v.token_info[i].label, v.token_info[i].flags, tool_rv_name(w->token_rv[i]),
+                     w->token_info[i].label, w->token_info[i].flags);
+            status = 5;
+        }
+    }
+    int same_mechanisms = helper_mechanisms ? is_ordered_part(v.mechanisms, v.mechanism_count, w->mechanisms, w->mechanism_count)
+        : v.mechanism_count == w->mechanism_count && !memcmp(v.mechanisms, w->mechanisms, v.mechanism_count * sizeof v.mechanisms[0]);
+    if (v.mechanisms_rv != w->mechanisms_rv || !same_mechanisms) {
+        tool_say("child %d: mechanism list of slot 0x%lx: %s, %lu mechanisms; the parent's %s, %lu", index, slot,
+                 tool_rv_name(v.mechanisms_rv), v.mechanism_count, tool_rv_name(w->mechanisms_rv), w->mechanism_count);
+        status = 5;
+    }
+    for (CK_ULONG i = 0; same_mechanisms && i < v.mechanism_count; i++) {
+        CK_ULONG j = 0;
+        while (j < w->mechanism_count && w->mechanisms[j] != v.mechanisms[i]) j++;
+        CK_MECHANISM_INFO mine = v.mechanism_info[i], theirs = j < w->mechanism_count ? w->mechanism_info[j] : mine;
+        mine.flags &= ~ignored_mechanism_flags;
+        theirs.flags &= ~ignored_mechanism_flags;
+        if (j == w->mechanism_count || v.mechanism_rv[i] != w->mechanism_rv[j] || memcmp(&mine, &theirs, sizeof mine)) {
+            const CK_MECHANISM_INFO *m = &v.mechanism_info[i], *n = j < w->mechanism_count ? &w->mechanism_info[j] : m;
+            tool_say("child %d: CK_MECHANISM_INFO of mechanism 0x%lx: %s, keys %lu..%lu, flags 0x%lx; the parent's %lu..%lu, 0x%lx", index,
+                     v.mechanisms[i], tool_rv_name(v.mechanism_rv[i]), m->ulMinKeySize, m->ulMaxKeySize, m->flags, n->ulMinKeySize,
+                     n->ulMaxKeySize, n->flags);
+            status = 5;
+        }
+    }
+    if (status == 0) tool_say("child %d: C_GetInfo, %lu slots, their infos and %lu mechanisms (of %lu) with theirs are the parent's", index, v.count,
+                              v.mechanism_count, w->mechanism_count);
+    return status;
+}
+
+static int scenario_same_view(void) {
+    take_view(&parent_view);
+    if (parent_view.info_rv != CKR_OK || parent_view.list_rv != CKR_OK || parent_view.count == 0 || parent_view.mechanisms_rv != CKR_OK)
+        return tool_fail("same-view: the parent's view: C_GetInfo %s, C_GetSlotList %s, C_GetMechanismList %s",
+                         tool_rv_name(parent_view.info_rv), tool_rv_name(parent_view.list_rv), tool_rv_name(parent_view.mechanisms_rv));
+    if (!named_slot_given) named_slot = slot;
+    int verified = 0;
+    int problems = run_children(children, same_view_child, &verified);
+    if (!problems && verified != children * signatures) return tool_fail("same-view: %d signatures verified", verified);
+    return parent_still_signs("same-view", problems, verified);
+}
+
 // --in-flight N: children alive at once (default 1). SoftHSM's file store writes the token file
 // on every login, and a process reading it at that moment may lose the token or the PIN: with 3
 // at once, about 2 children in 1,000 hit that (SoftHSM's race, not p11fork's).
@@ -532,6 +675,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--twins")) twins = 1;
         else if (!strcmp(a, "--in-flight") && v) { storm_in_flight = atoi(v); i++; }
         else if (!strcmp(a, "--verify-signature")) verify_signature = 1;
+        else if (!strcmp(a, "--helper-mechanisms")) helper_mechanisms = 1;
+        else if (!strcmp(a, "--ignore-mechanism-flags") && v) { ignored_mechanism_flags = strtoul(v, NULL, 0); i++; }
+        else if (!strcmp(a, "--named-slot") && v) { named_slot = strtoul(v, NULL, 0); named_slot_given = 1; i++; }
         else if (a[0] != '-' && !scenario) scenario = a;
         else return usage("unknown or incomplete argument");
     }
@@ -583,6 +729,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "storm")) result = scenario_storm();
     else if (!strcmp(scenario, "pin-changed")) result = scenario_pin_changed();
     else if (!strcmp(scenario, "child-threads")) result = scenario_child_threads();
+    else if (!strcmp(scenario, "same-view")) result = scenario_same_view();
     else return usage("unknown scenario");
     p11->C_Finalize(NULL);
     return result;

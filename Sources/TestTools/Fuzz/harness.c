@@ -582,7 +582,7 @@ static void compare_items(int rv_equal) {
             for (int j = 0; j < nslots; j++)
                 if (pairs[j].h[DIRECT] == s1->slotID) slot = j;
             if (slot < 0 || pairs[slot].h[FORK] != s0->slotID)
-                finding("%s: session info names slot 0x%lx through p11fork, expected the virtual ID of SoftHSM's slot 0x%lx",
+                finding("%s: session info names slot 0x%lx through p11fork, expected the ID p11fork lists for SoftHSM's slot 0x%lx",
                         C.fn, s0->slotID, s1->slotID);
             break;
         }
@@ -627,7 +627,7 @@ static void compare_items(int rv_equal) {
                 if (j == nslots) {
                     if (compare) finding("%s: SoftHSM lists slot 0x%lx that was not there at the start", C.fn, s1[i]);
                 } else if (pairs[j].h[FORK] != s0[i] && compare) {
-                    finding("%s: slot %d has virtual ID 0x%lx now, 0x%lx before", C.fn, j, s0[i], pairs[j].h[FORK]);
+                    finding("%s: slot %d has ID 0x%lx through p11fork now, 0x%lx before", C.fn, j, s0[i], pairs[j].h[FORK]);
                 }
             }
             break;

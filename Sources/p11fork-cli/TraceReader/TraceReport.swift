@@ -88,7 +88,7 @@ public struct TraceReport {
     // MARK: recovery steps
 
     /// The kind of step a fork-level message is, without its handles, numbers and details:
-    /// "session 0x5e000001 re-opened on slot 0x51000001 (…)" is "session re-opened on slot".
+    /// "session 0x5e000001 re-opened on slot 0x52166c08 (…)" is "session re-opened on slot".
     static func stepName(_ message: String) -> String {
         var text = Substring(message)
         if let cut = text.range(of: " (") { text = text[..<cut.lowerBound] }

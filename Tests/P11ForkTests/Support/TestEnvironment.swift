@@ -118,6 +118,8 @@ final class SoftHSMToken: TestToken {
     let pin: String
     let soPin: String
     let strict: Bool
+    /// The token's slot ID as SoftHSM itself reports it (softhsm2-util --init-token).
+    private(set) var slot: UInt = 0
     var configPath: String { directory.appendingPathComponent("softhsm2.conf").path }
     /// The environment a process needs to see this token.
     var environment: [String: String] { ["SOFTHSM2_CONF": configPath] }
@@ -136,7 +138,11 @@ final class SoftHSMToken: TestToken {
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
         let result = try runProgram("/usr/bin/softhsm2-util", ["--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", soPin],
                              environment: environment)
-        guard result.status == 0 else { throw TestFailure("softhsm2-util --init-token failed: \(result.output)") }
+        guard result.status == 0, let said = result.stdout.range(of: "reassigned to slot "),
+              let slot = UInt(result.stdout[said.upperBound...].prefix { $0.isNumber }) else {
+            throw TestFailure("softhsm2-util --init-token failed: \(result.output)")
+        }
+        self.slot = slot
     }
 
     deinit { try? FileManager.default.removeItem(at: directory) }
