@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 
-/// A fork storm (DESIGN.md "Threads and locks"): two threads of the parent sign without pause
+/// A fork storm (docs/DESIGN.md "Threads and locks"): two threads of the parent sign without pause
 /// while it forks 1,000 children, every tenth of which forks a grandchild; every one of them
 /// signs with the inherited session and key under alarm(). No child may fail, hang or crash, and
 /// no signature of the parent's may fail. The module alone loses every child first.

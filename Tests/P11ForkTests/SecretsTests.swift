@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 
-/// Where a PIN lives in a process that logged in (DESIGN.md "Secrets"), found by reading the
+/// Where a PIN lives in a process that logged in (docs/DESIGN.md "Secrets"), found by reading the
 /// process's memory (/proc/PID/mem) rather than by trusting the calls: the only copy p11fork keeps
 /// is in memory that is locked and left out of core dumps, it is gone after C_Logout and
 /// C_Finalize, and a core dump of the process does not hold it. The driver

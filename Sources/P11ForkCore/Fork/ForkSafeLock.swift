@@ -3,7 +3,7 @@ import Glibc
 /// A mutex that a forked child can always take.
 ///
 /// Swift's `Synchronization.Mutex` held by another thread at the moment of fork traps in the
-/// child on its next acquire (measured: SWIFT-MODULE-NOTES.md). The fork handlers take every
+/// child on its next acquire (measured: docs/DESIGN.md "Threads and locks"). The fork handlers take every
 /// such lock before a fork, release it after in the parent and make it afresh in the child, so
 /// that what a lock guards is never copied half-changed; and the lock keeps its
 /// `pthread_mutex_t` behind a pointer so that a child made without the handlers can initialise

@@ -1,7 +1,7 @@
 import CPKCS11
 import Glibc
 
-/// Logins kept for replay in a child (DESIGN.md "Recovery in the child", step 3).
+/// Logins kept for replay in a child (docs/DESIGN.md "Recovery in the child", step 3).
 ///
 /// A successful C_Login (user or SO) keeps its PIN in a `Secret`; C_Logout, C_Finalize, the
 /// close of the token's last session and a failed replay wipe it. A PIN that fails on replay

@@ -10,7 +10,7 @@ import Synchronization
 /// so a child sees 0 on its first call even when it was forked without running `pthread_atfork`
 /// handlers. Where the kernel refuses the advice (very old kernels, some sandboxes), an atfork
 /// child handler zeroes the page instead, which covers every fork made through libc.
-/// (DESIGN.md "Fork detection": `getpid()` costs ~180 ns here, far too much for every call.)
+/// (docs/DESIGN.md "Fork detection": `getpid()` costs ~180 ns here, far too much for every call.)
 enum ProcessMark {
     /// `fast` or `adopted` in the process that owns the mark; 0 in a child that has not adopted
     /// it yet, -1 while one of its threads does.

@@ -1,7 +1,7 @@
 import CPKCS11
 
 /// What the parent records as it hands out handles, so that a child can rebuild what it uses
-/// without asking the parent's state anything (DESIGN.md "Handles", "Recovery in the child").
+/// without asking the parent's state anything (docs/DESIGN.md "Handles", "Recovery in the child").
 /// Written on the calls that open sessions, log in and expose objects; never on the signing path.
 enum Records {
     struct Session {

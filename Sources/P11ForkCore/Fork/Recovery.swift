@@ -1,7 +1,7 @@
 import CPKCS11
 import Glibc
 
-/// Recovery in a forked child (DESIGN.md "Recovery in the child"): lazily, only for what the
+/// Recovery in a forked child (docs/DESIGN.md "Recovery in the child"): lazily, only for what the
 /// child uses, under one lock while the child's other threads wait.
 ///
 /// 1. The module: on the child's first call that needs it (ForkDetection.adoptChild), with the

@@ -2,7 +2,7 @@ import CPKCS11
 import Glibc
 
 /// A secret p11fork keeps (a PIN for login replay), in memory that is locked (mlock), left out
-/// of core dumps (MADV_DONTDUMP) and wiped (explicit_bzero) when given up (DESIGN.md "Secrets").
+/// of core dumps (MADV_DONTDUMP) and wiped (explicit_bzero) when given up (docs/DESIGN.md "Secrets").
 /// Never in a MADV_WIPEONFORK page: a child needs it. A child re-locks it (mlock is not
 /// inherited across fork).
 final class Secret: @unchecked Sendable {

@@ -1,7 +1,7 @@
 import CPKCS11
 
 /// What tells a token apart in a child, where slot numbers may differ: label, manufacturer,
-/// model and serial number from CK_TOKEN_INFO (DESIGN.md "Handles").
+/// model and serial number from CK_TOKEN_INFO (docs/DESIGN.md "Handles").
 struct TokenIdentity: Hashable {
     let label: [UInt8]
     let manufacturer: [UInt8]

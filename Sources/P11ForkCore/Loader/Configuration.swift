@@ -1,6 +1,6 @@
 import Glibc
 
-/// p11fork's settings, read once per process (DESIGN.md "Configuration"; README "Configuration").
+/// p11fork's settings, read once per process (docs/DESIGN.md "Configuration"; README "Configuration").
 /// Where they come from, the first that sets a key winning:
 ///  1. the P11FORK_* variables;
 ///  2. the `p11fork: key=value ...` string an application passes as C_Initialize's pReserved

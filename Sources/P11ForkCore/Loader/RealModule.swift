@@ -18,7 +18,7 @@ struct RealModule {
     var offers32: Bool { offered >= .v32 }
     /// How many GLib images were loaded before this module. A module whose stack brings GLib in
     /// (when loaded, or later, as tpm2-pkcs11's TCTI does in C_Initialize) cannot be loaded a
-    /// second time in one process: GObject crashes (MODULES-AFTER-FORK.md).
+    /// second time in one process: GObject crashes (docs/DESIGN.md "Modules across fork").
     let glibBaseline: Int32
     var loadsGLib: Bool { CPKCS11_loaded_count("libglib-2.0") > glibBaseline }
     /// True for a private copy loaded in a child (dlmopen, a new link-map namespace).

@@ -1,8 +1,8 @@
 import CPKCS11
 import Glibc
 
-/// How a child gets a working real module (DESIGN.md "Recovery in the child", step 1).
-/// MODULES-AFTER-FORK.md shows no single way works for every module.
+/// How a child gets a working real module (docs/DESIGN.md "Recovery in the child", step 1).
+/// docs/DESIGN.md "Modules across fork" shows no single way works for every module.
 enum ModuleStrategy: String, CaseIterable, Sendable {
     /// A fresh private copy, which never touches what the child inherited; re-initialise in
     /// place only where a copy cannot be had: when the module's stack loads GLib (a second GLib

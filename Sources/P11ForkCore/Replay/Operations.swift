@@ -119,7 +119,7 @@ final class OperationRecord {
     }
 }
 
-/// Operations in progress, recorded in the parent so that a child can continue them (DESIGN.md
+/// Operations in progress, recorded in the parent so that a child can continue them (docs/DESIGN.md
 /// "Recovery in the child", step 6): the init call (mechanism deep-copied, key), the data fed
 /// to updates (bounded by ReplayBudget), the handles a search returned, a context-specific login.
 ///

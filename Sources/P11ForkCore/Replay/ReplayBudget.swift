@@ -1,4 +1,4 @@
-/// The bound on what p11fork keeps for replay in a child (DESIGN.md "Recovery in the child",
+/// The bound on what p11fork keeps for replay in a child (docs/DESIGN.md "Recovery in the child",
 /// steps 5 and 6): the bytes of session-object templates and parameters, of mechanism
 /// parameters, of data fed to operations in progress and of handles a search already returned,
 /// together, in the process. Set by P11FORK_REPLAY_LIMIT (`replay_limit`); 0 keeps nothing.

@@ -1,6 +1,6 @@
 import CPKCS11
 
-/// How a session object was made, kept so that a child can make it again (DESIGN.md "Recovery
+/// How a session object was made, kept so that a child can make it again (docs/DESIGN.md "Recovery
 /// in the child", step 5). Only what can be replayed exactly is kept: an object made by
 /// C_CreateObject, C_CopyObject, C_UnwrapKey, C_DeriveKey, or (3.2) C_UnwrapKeyAuthenticated and
 /// C_DecapsulateKey; one made by C_GenerateKey, C_GenerateKeyPair or C_EncapsulateKey holds a

@@ -1,7 +1,7 @@
 import CPKCS11
 import Glibc
 
-/// How much p11fork writes (DESIGN.md "Tracing"). Each level includes the ones before it.
+/// How much p11fork writes (docs/DESIGN.md "Tracing"). Each level includes the ones before it.
 enum TraceLevel: UInt8, Comparable, Sendable, CaseIterable {
     case off = 0
     /// p11fork's own problems: configuration, loading, what could not be recovered.

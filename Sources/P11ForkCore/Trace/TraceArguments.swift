@@ -2,7 +2,7 @@ import CPKCS11
 
 /// How each kind of PKCS#11 argument appears in a trace line. Handles are the application's
 /// (virtual) values; at level `full` the real value follows. Buffers appear as lengths only,
-/// PINs not at all (DESIGN.md "Secrets").
+/// PINs not at all (docs/DESIGN.md "Secrets").
 extension TraceLine {
     mutating func session(_ name: StaticString, _ handle: CK_SESSION_HANDLE) {
         key(name)
