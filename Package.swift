@@ -14,6 +14,8 @@ let package = Package(
     name: "p11fork",
     products: [
         .library(name: "p11fork", type: .dynamic, targets: ["P11Fork"]),
+        // The broker the module starts at the application's first fork (docs/DESIGN.md "The broker").
+        .executable(name: "p11fork-broker", targets: ["p11fork-broker"]),
         .executable(name: "p11fork-conformance", targets: ["p11fork-conformance"]),
         .executable(name: "p11fork-forkcheck", targets: ["p11fork-forkcheck"]),
         .executable(name: "p11fork-forksafe", targets: ["p11fork-forksafe"]),
@@ -51,6 +53,12 @@ let package = Package(
             dependencies: ["P11ForkCore", "CPKCS11"],
             exclude: ["exports.map"],
             linkerSettings: [.unsafeFlags(moduleLinkerFlags)]
+        ),
+        // The broker: serves the real module to the application's children with the application's rights.
+        .executableTarget(
+            name: "p11fork-broker",
+            path: "Sources/Broker",
+            linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         // Runs one fixed call sequence against a module and prints a comparable transcript.
         .executableTarget(

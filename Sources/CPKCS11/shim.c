@@ -117,3 +117,24 @@ void CPKCS11_enter_copy_slow(void) {
     if (CPKCS11_copy_ctype_init) CPKCS11_copy_ctype_init();
     CPKCS11_thread_copy_generation = CPKCS11_copy_generation;
 }
+
+#include <sys/socket.h>
+
+// One message with file descriptors attached (SCM_RIGHTS), never raising SIGPIPE.
+long CPKCS11_send_with_fds(int socket, const void *bytes, size_t count, const int *fds, int fd_count) {
+    if (fd_count < 1 || fd_count > 4) return -1;
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(4 * sizeof(int))];
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec part = { .iov_base = (void *)bytes, .iov_len = count };
+    struct msghdr message = { .msg_iov = &part, .msg_iovlen = 1, .msg_control = control.bytes,
+                              .msg_controllen = CMSG_SPACE(fd_count * sizeof(int)) };
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(fd_count * sizeof(int));
+    memcpy(CMSG_DATA(header), fds, fd_count * sizeof(int));
+    return sendmsg(socket, &message, MSG_NOSIGNAL);
+}

@@ -344,6 +344,8 @@ char **CPKCS11_swap_environ(char **replacement);
 /// getauxval(AT_SECURE): non-zero in a process with rights its user did not give it (setuid,
 /// setgid, file capabilities), where glibc's secure_getenv returns NULL.
 int CPKCS11_secure_execution(void);
+/// sendmsg of `bytes` with `fd_count` (1 to 4) descriptors attached (SCM_RIGHTS), MSG_NOSIGNAL.
+long CPKCS11_send_with_fds(int socket, const void *bytes, size_t count, const int *fds, int fd_count);
 
 /// A module copy loaded with dlmopen runs on its own libc, whose per-thread state (the ctype
 /// tables behind isspace() and friends) is set up only in the thread that loaded it: a thread

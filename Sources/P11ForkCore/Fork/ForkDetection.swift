@@ -27,6 +27,7 @@ enum ForkDetection {
             // every p11fork lock, so that no other thread is half-way through changing a table
             // or a record when the process is copied.
             ModuleRecovery.prepareSpareBeforeFork()
+            ModuleRecovery.prepareBrokerBeforeFork()
             for lock in ForkDetection.locks { lock.lock() }
         }, {
             for lock in ForkDetection.locks.reversed() { lock.unlock() }

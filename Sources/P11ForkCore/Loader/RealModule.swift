@@ -27,6 +27,8 @@ struct RealModule {
     /// to a helper (the out-of-process strategy), the real module the helper runs.
     var servedModulePath: String?
     var isHelperClient: Bool { servedModulePath != nil }
+    /// True when that helper is the broker of this process tree (Broker), not one of its own.
+    var servedByBroker = false
 
     /// Loads `path`; `source` names where the path came from, for messages. With `privateCopy`,
     /// loads a fresh copy in a new link-map namespace, sharing nothing with the loaded one.

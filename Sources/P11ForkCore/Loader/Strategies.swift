@@ -22,6 +22,10 @@ enum ModuleStrategy: String, CaseIterable, Sendable {
     /// it through p11-kit's RPC client (OutOfProcess.swift). For module stacks that can neither be
     /// loaded twice in one process nor re-initialised in a child (tpm2-pkcs11: GLib and D-Bus).
     case outOfProcess = "out-of-process"
+    /// Have the broker run the module: a process the application started before its first fork,
+    /// with the application's rights (Broker.swift). For children that cannot reach the token
+    /// themselves (they switched user) or cannot run the module (GLib stacks, openCryptoki).
+    case broker
 }
 
 struct RecoveryFailure: Error {
@@ -66,8 +70,8 @@ enum ModuleRecovery {
     /// Makes a real module this child may use. The inherited copy is never finalized, closed or
     /// unloaded. Returns the module, or the trace message saying why there is none.
     static func recover(_ inherited: RealModule) -> Result<RealModule, RecoveryFailure> {
-        // A child of a child that talks to a helper gets a helper of its own.
-        if inherited.isHelperClient { return outOfProcess(inherited) }
+        // A child of a child that talks to a helper gets a connection of its own.
+        if inherited.isHelperClient { return inherited.servedByBroker ? broker(inherited) : outOfProcess(inherited) }
         switch strategy {
         case .reinitialize:
             return reinitialize(inherited)
@@ -75,23 +79,78 @@ enum ModuleRecovery {
             return freshCopy(of: inherited)
         case .outOfProcess:
             return outOfProcess(inherited)
+        case .broker:
+            return broker(inherited)
         case .auto:
-            if inherited.loadsGLib {
-                guard OutOfProcess.isAvailable else {
-                    Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process, and p11-kit's server is not installed: re-initialising in place")
-                    return reinitialize(inherited)
-                }
-                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: running it in a helper process")
-                return outOfProcess(inherited)
-            }
-            let copy = freshCopy(of: inherited)
-            guard case .failure(let why) = copy else { return copy }
-            Trace.event(.fork, "\(why.message): re-initialising the inherited module in place instead")
-            let inPlace = reinitialize(inherited)
-            guard case .failure(let again) = inPlace else { return inPlace }
-            // The clean copy's answer says more than the inherited copy's (often "already initialised").
-            return .failure(RecoveryFailure(again.message, rv: why.rv ?? again.rv))
+            return automatic(inherited)
         }
+    }
+
+    /// The `auto` choice (docs/FORK.md "How auto chooses"): a copy in the child wherever the
+    /// child can run the module itself, with no cost per call; the broker where it cannot.
+    private static func automatic(_ inherited: RealModule) -> Result<RealModule, RecoveryFailure> {
+        let brokerRuns = Broker.isRunning
+        if let change = Broker.credentialChange() {
+            if brokerRuns {
+                Trace.event(.fork, "\(change): the broker, which has the parent's rights, runs the module for this child")
+                return broker(inherited)
+            }
+            Trace.event(.fork, "\(change), and no broker runs (\(Broker.unavailable ?? "none was started")): recovering with the child's rights, which may not reach the token")
+        }
+        if inherited.loadsGLib {
+            if brokerRuns {
+                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: the broker runs it for this child")
+                return broker(inherited)
+            }
+            guard OutOfProcess.isAvailable else {
+                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process, and p11-kit's server is not installed: re-initialising in place")
+                return reinitialize(inherited)
+            }
+            Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: running it in a helper process")
+            return outOfProcess(inherited)
+        }
+        if brokerRuns, isOpenCryptoki(inherited) {
+            Trace.event(.fork, "openCryptoki's module cannot be copied into a child: the broker runs it for this child")
+            return broker(inherited)
+        }
+        let copy = freshCopy(of: inherited)
+        guard case .failure(let why) = copy else { return copy }
+        if brokerRuns {
+            Trace.event(.fork, "\(why.message): the broker runs the module for this child instead")
+            let served = broker(inherited)
+            guard case .failure(let again) = served else { return served }
+            Trace.event(.fork, "\(again.message): re-initialising the inherited module in place instead")
+        } else {
+            Trace.event(.fork, "\(why.message): re-initialising the inherited module in place instead")
+        }
+        let inPlace = reinitialize(inherited)
+        guard case .failure(let again) = inPlace else { return inPlace }
+        // The clean copy's answer says more than the inherited copy's (often "already initialised").
+        return .failure(RecoveryFailure(again.message, rv: why.rv ?? again.rv))
+    }
+
+    /// openCryptoki's library: a copy of it crashes in glibc in a child; its daemon serves a
+    /// re-initialised or brokered module.
+    private static func isOpenCryptoki(_ module: RealModule) -> Bool {
+        module.path.contains("libopencryptoki")
+    }
+
+    private static func broker(_ module: RealModule) -> Result<RealModule, RecoveryFailure> {
+        let started = Clock.monotonicNanoseconds()
+        let result = Broker.connect(serving: module.servedModulePath ?? module.path, initArguments: initArguments)
+        if case .success = result {
+            Trace.event(.fork, "module served by the broker (pid \(Broker.pid)) (\(Recovery.milliseconds(since: started)))")
+        }
+        return result
+    }
+
+    /// Called by the pthread_atfork prepare handler: the process that initialised the module
+    /// starts the broker before its first fork, so that it has this process's rights and every
+    /// child inherits the channel to it.
+    static func prepareBrokerBeforeFork() {
+        guard strategy == .auto || strategy == .broker, Core.appInitialized, !Recovery.moduleInherited,
+              let module = Core.module, !module.isHelperClient || module.servedByBroker else { return }
+        Broker.startIfNeeded(modulePath: module.servedModulePath ?? module.path, environment: loadEnvironment)
     }
 
     private static func outOfProcess(_ module: RealModule) -> Result<RealModule, RecoveryFailure> {
@@ -125,7 +184,7 @@ enum ModuleRecovery {
 
     /// Whether this configuration wants copies (so that a spare is worth loading).
     static func usesCopies(_ module: RealModule) -> Bool {
-        !module.isHelperClient && (strategy == .freshCopy || (strategy == .auto && !module.loadsGLib))
+        !module.isHelperClient && (strategy == .freshCopy || (strategy == .auto && !module.loadsGLib && !isOpenCryptoki(module)))
     }
 
     /// Called by the pthread_atfork prepare handler: a process that uses its module gets a spare

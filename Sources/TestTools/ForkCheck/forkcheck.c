@@ -8,7 +8,7 @@
 //   p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL [--mechanism rsa|rsa-pkcs|ec|hmac]
 //                     [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins]
 //                     [--run-before-fork CMD] [--in-flight N] [--verify-signature] [--named-slot ID]
-//                     [--helper-mechanisms] [--ignore-mechanism-flags F] SCENARIO
+//                     [--helper-mechanisms] [--ignore-mechanism-flags F] [--worker-user NAME] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
 // pin-changed, storm, same-view. same-view: each child first opens a session of its own on
@@ -33,6 +33,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
+#include <pwd.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -132,8 +134,23 @@ static CK_RV verify_in_child(CK_SESSION_HANDLE s, const unsigned char *signature
 
 typedef int (*child_body)(int pipe_fd, int index);
 
+// --worker-user NAME: a child switches to that user (its groups, then its gid, then its uid)
+// before its first call, as server workers do right after the fork.
+static const char *worker_user;
+static void become_worker_user(void) {
+    struct passwd *user = getpwnam(worker_user);
+    if (!user || setgroups(0, NULL) != 0 || setgid(user->pw_gid) != 0 || setuid(user->pw_uid) != 0) {
+        tool_say("child %d: cannot switch to user %s: %s", (int)getpid(), worker_user, strerror(errno));
+        _exit(3);
+    }
+}
+
 // --raw-fork: the fork system call itself, which runs no pthread_atfork handlers.
-static pid_t make_child(void) { return raw_fork ? (pid_t)syscall(SYS_fork) : fork(); }
+static pid_t make_child(void) {
+    pid_t pid = raw_fork ? (pid_t)syscall(SYS_fork) : fork();
+    if (pid == 0 && worker_user) become_worker_user();
+    return pid;
+}
 
 // Sends a signature (or a failed return code) to the parent: [rv][length][bytes].
 static void send_signature(int fd, CK_RV rv, const unsigned char *signature, CK_ULONG length) {
@@ -673,6 +690,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--stagger") && v) { stagger_ms = atoi(v); i++; }
         else if (!strcmp(a, "--raw-fork")) raw_fork = 1;
         else if (!strcmp(a, "--twins")) twins = 1;
+        else if (!strcmp(a, "--worker-user") && v) { worker_user = v; i++; }
         else if (!strcmp(a, "--in-flight") && v) { storm_in_flight = atoi(v); i++; }
         else if (!strcmp(a, "--verify-signature")) verify_signature = 1;
         else if (!strcmp(a, "--helper-mechanisms")) helper_mechanisms = 1;

@@ -1,0 +1,237 @@
+import CPKCS11
+import Glibc
+
+/// The broker (docs/DESIGN.md "The broker"): a process the application starts just before its
+/// first fork, which therefore has the application's rights, and which runs the real module for
+/// any descendant that cannot run it itself (a worker that switched to `www-data`, a module stack
+/// that cannot be loaded twice). A child reaches it only through the channel it inherited: one
+/// end of a socketpair the application made, never a path another process could open.
+///
+/// The wire is p11-kit's RPC protocol: the broker serves it with `p11_kit_remote_serve_module`,
+/// the child talks it through p11-kit's client module (the choice: docs/FORK.md "The broker").
+enum Broker {
+    /// This process tree's end of the channel (close-on-exec, inherited by forked children).
+    nonisolated(unsafe) static var channel: Int32 = -1
+    /// The broker's pid, for trace lines.
+    nonisolated(unsafe) static var pid: pid_t = 0
+    /// The credentials of the process that started the broker: a child compares its own.
+    nonisolated(unsafe) static var starter: Credentials?
+    /// The process that started the broker: the only one that starts another when it dies.
+    nonisolated(unsafe) static var starterPid: pid_t = 0
+    /// Why no broker runs, when one was wanted (for the trace and the advice).
+    nonisolated(unsafe) static var unavailable: String?
+
+    struct Credentials: Equatable {
+        var uid: uid_t, euid: uid_t, gid: gid_t, egid: gid_t
+        var groups: [gid_t]
+
+        static var current: Credentials {
+            var groups = [gid_t](repeating: 0, count: 256)
+            let count = getgroups(Int32(groups.count), &groups)
+            return Credentials(uid: getuid(), euid: geteuid(), gid: getgid(), egid: getegid(),
+                               groups: count > 0 ? Array(groups[0..<Int(count)]).sorted() : [])
+        }
+    }
+
+    /// The broker's program: beside libp11fork.so (where the build and the install put it).
+    static var program: String? {
+        guard let image = CPKCS11_image_path(#dsohandle) else { return nil }
+        let path = String(cString: image)
+        guard let slash = path.lastIndex(of: "/") else { return nil }
+        return String(path[..<slash]) + "/p11fork-broker"
+    }
+
+    /// How this child's rights differ from those of the process that started the broker, in
+    /// words for the trace; nil when they are the same (or no broker was started).
+    static func credentialChange() -> String? {
+        guard let starter else { return nil }
+        let now = Credentials.current
+        guard now != starter else { return nil }
+        if now.euid != starter.euid || now.uid != starter.uid {
+            return "the child runs as uid \(now.euid), the parent as \(starter.euid)"
+        }
+        if now.egid != starter.egid || now.gid != starter.gid {
+            return "the child runs with gid \(now.egid), the parent with \(starter.egid)"
+        }
+        return "the child's supplementary groups differ from the parent's"
+    }
+
+    /// Whether a live broker serves this process tree.
+    static var isRunning: Bool {
+        guard channel >= 0 else { return false }
+        var wait = pollfd(fd: channel, events: Int16(POLLIN), revents: 0)
+        // The broker's end closed: it has ended.
+        return !(poll(&wait, 1, 0) > 0 && wait.revents & Int16(POLLHUP | POLLERR) != 0)
+    }
+
+    // MARK: in the application, before its first fork
+
+    /// Starts the broker for `modulePath` unless one runs. Called by the prepare fork handler, so
+    /// that it runs before any child does. A broker that died is replaced at the next fork of
+    /// the process that started it; a child never starts one for its parent (it lacks its rights).
+    static func startIfNeeded(modulePath: String, environment: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) {
+        if channel >= 0 {
+            if isRunning || starterPid != getpid() { return }
+            Trace.event(.fork, "the broker (pid \(pid)) has ended: starting another one")
+            close(channel)
+            channel = -1
+        }
+        let started = Clock.monotonicNanoseconds()
+        switch start(modulePath: modulePath, environment: environment) {
+        case .success(let brokerPid):
+            pid = brokerPid
+            starter = .current
+            starterPid = getpid()
+            unavailable = nil
+            Trace.event(.fork, "broker started (pid \(brokerPid)) with this process's rights, for children that cannot run the module themselves (\(Recovery.milliseconds(since: started)))")
+        case .failure(let problem):
+            unavailable = problem.message
+            Trace.event(.fork, "no broker for this process's children: \(problem.message)")
+        }
+    }
+
+    private static func start(modulePath: String, environment: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> Result<pid_t, RecoveryFailure> {
+        guard let program else { return .failure(RecoveryFailure("p11fork cannot tell where it was loaded from")) }
+        guard access(program, X_OK) == 0 else {
+            return .failure(RecoveryFailure("\(program) is missing: install p11fork-broker beside libp11fork.so"))
+        }
+        // It runs with this process's rights: refused when someone else could have changed it.
+        if case .failure(let refusal) = InputTrust.checkedPath(program, rules: .current) {
+            return .failure(RecoveryFailure("\(program): \(refusal.detail)"))
+        }
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            return .failure(RecoveryFailure("socketpair failed: \(String(cString: strerror(errno)))"))
+        }
+        // Above every descriptor the file actions write to, so that no dup2 overwrites another's source.
+        let brokerEnd = fcntl(pair[1], F_DUPFD_CLOEXEC, 10)
+        close(pair[1])
+        let traceCopy = Trace.fd >= 0 ? fcntl(Trace.fd, F_DUPFD_CLOEXEC, 10) : -1
+        defer {
+            close(brokerEnd)
+            if traceCopy >= 0 { close(traceCopy) }
+        }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        for fd in Int32(0)...2 { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
+        posix_spawn_file_actions_adddup2(&actions, brokerEnd, 3)
+        var arguments = [program, "--module", modulePath]
+        if traceCopy >= 0 {
+            posix_spawn_file_actions_adddup2(&actions, traceCopy, 4)
+            arguments += ["--trace-format", Trace.format == .json ? "json" : "text"]
+        }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t(), all = sigset_t()
+        sigemptyset(&none)
+        sigfillset(&all)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        var argv = arguments.map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        var spawned: pid_t = 0
+        let rv = posix_spawn(&spawned, program, &actions, &attributes, &argv, environment ?? environ)
+        guard rv == 0 else {
+            close(pair[0])
+            return .failure(RecoveryFailure("starting \(program) failed: \(String(cString: strerror(rv)))"))
+        }
+        // The program forks the broker and exits at once, so the broker is nobody's child to reap.
+        var status: Int32 = 0
+        while waitpid(spawned, &status, 0) < 0 && errno == EINTR {}
+        // Its first message says it is ready (it found p11-kit's RPC server).
+        var hello = [UInt8](repeating: 0, count: 32)
+        var wait = pollfd(fd: pair[0], events: Int16(POLLIN), revents: 0)
+        var count = -1
+        if poll(&wait, 1, 5_000) > 0 { count = recv(pair[0], &hello, hello.count, 0) }
+        let text = count > 0 ? String(decoding: hello[0..<count], as: UTF8.self) : ""
+        guard text.hasPrefix("ready "), let brokerPid = pid_t(text.dropFirst(6)) else {
+            close(pair[0])
+            let why = count < 0 ? "it did not answer within 5 s" : "it cannot serve (p11-kit's library libp11-kit.so.0 is missing?)"
+            return .failure(RecoveryFailure("\(program) did not start: \(why)"))
+        }
+        channel = pair[0]
+        return .success(brokerPid)
+    }
+
+    // MARK: in a child
+
+    /// Asks the broker for a connection and loads p11-kit's client for it: a module this child
+    /// may use, running in the broker with the application's rights.
+    static func connect(serving realPath: String, initArguments: UnsafeMutablePointer<CK_C_INITIALIZE_ARGS>?) -> Result<RealModule, RecoveryFailure> {
+        guard channel >= 0 else {
+            return .failure(RecoveryFailure("no broker serves this process tree (\(unavailable ?? "the process that initialised the module did not fork through fork(), or its strategy does not start one"))"))
+        }
+        guard access(OutOfProcess.client, R_OK) == 0 else {
+            return .failure(RecoveryFailure("the broker needs p11-kit's client \(OutOfProcess.client) (Debian package p11-kit-modules)"))
+        }
+        // A folder only this child's user may enter, holding the socket for one connection.
+        var template = Array("/tmp/p11fork-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else {
+            return .failure(RecoveryFailure("no private folder for the connection to the broker: \(String(cString: strerror(errno)))"))
+        }
+        let folder = String(cString: made)
+        let socketPath = folder + "/socket"
+        defer {
+            unlink(socketPath)
+            rmdir(folder)
+        }
+        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard listener >= 0 else { return .failure(RecoveryFailure("socket failed: \(String(cString: strerror(errno)))")) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (i, byte) in socketPath.utf8.prefix(buffer.count - 1).enumerated() { buffer[i] = byte }
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, listen(listener, 1) == 0 else {
+            close(listener)
+            return .failure(RecoveryFailure("cannot listen on \(socketPath): \(String(cString: strerror(errno)))"))
+        }
+        var answer: [Int32] = [-1, -1]
+        guard pipe(&answer) == 0 else {
+            close(listener)
+            return .failure(RecoveryFailure("pipe failed: \(String(cString: strerror(errno)))"))
+        }
+        for fd in answer { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let fds = [listener, answer[1]]
+        let sent = "connect".withCString { CPKCS11_send_with_fds(channel, $0, 7, fds, 2) }
+        let sendError = errno
+        close(listener)
+        close(answer[1])
+        defer { close(answer[0]) }
+        guard sent == 7 else {
+            return .failure(RecoveryFailure("the broker (pid \(pid)) is gone: \(String(cString: strerror(sendError)))", rv: CK_RV(CKR_DEVICE_ERROR)))
+        }
+        // Its answer: the module's C_Initialize result in the broker, within a bound.
+        var wait = pollfd(fd: answer[0], events: Int16(POLLIN), revents: 0)
+        var rv: UInt64 = 0
+        guard poll(&wait, 1, 10_000) > 0, read(answer[0], &rv, 8) == 8 else {
+            return .failure(RecoveryFailure("the broker (pid \(pid)) did not answer within 10 s", rv: CK_RV(CKR_DEVICE_ERROR)))
+        }
+        guard rv == CKR_OK else {
+            return .failure(RecoveryFailure("the module in the broker answered C_Initialize with \(Recovery.name(CK_RV(rv)))", rv: CK_RV(rv)))
+        }
+        // p11-kit's client reads its server's address from the environment when it initialises.
+        setenv("P11_KIT_SERVER_ADDRESS", "unix:path=\(socketPath)", 1)
+        defer { unsetenv("P11_KIT_SERVER_ADDRESS") }
+        var loaded: RealModule
+        switch RealModule.load(path: OutOfProcess.client, source: "broker client") {
+        case .success(let module):
+            loaded = module
+            loaded.servedModulePath = realPath
+            loaded.servedByBroker = true
+        case .failure(let problem): return .failure(RecoveryFailure("loading p11-kit's RPC client failed: \(problem.message)"))
+        }
+        ModuleRecovery.announceInitialize("the module in the broker (pid \(pid))")
+        let initialized = loaded.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
+        guard initialized == CKR_OK else {
+            return .failure(RecoveryFailure("the broker's module answered C_Initialize with \(Recovery.name(initialized))", rv: initialized))
+        }
+        return .success(loaded)
+    }
+}
