@@ -11,7 +11,9 @@
 # `single` (nginx: `daemon off; master_process off;`, Apache: -X; no fork). ENV: names of
 # variables nginx keeps for its workers (`env` lines; none by default). The certificate for the
 # key is made in WORKDIR on first use. The PIN goes to a file (pin-source), never into argv or
-# the server's environment. REQUEST_TIMEOUT: seconds a request may take (5).
+# the server's environment. REQUEST_TIMEOUT: seconds a request may take (5). WORKER_USER: the
+# user nginx's workers switch to (`user` line; default: the user running the script, as Apache's
+# children always run as www-data).
 set -euo pipefail
 server=$1 work=$2 token=$3 key=$4 mode=$5 requests=$6
 shift 6
@@ -70,7 +72,9 @@ for attempt in $(seq 5); do
       sed -e "s/127.0.0.1:8443/127.0.0.1:$port/" -e "s/token=mytoken;object=mykey/token=$token;object=$key/" \
           -e "s|file:/etc/nginx/token-pin|file:$work/pin|" "$here/examples/nginx/nginx.conf" >"$run/nginx.conf"
       for name in "$@"; do sed -i "1i env $name;" "$run/nginx.conf"; done
-      globals="user $(id -un);"
+      globals="user ${WORKER_USER:-$(id -un)};"
+      # Workers of another user must reach the run's files (temporary folders, the pid file).
+      [ -n "${WORKER_USER:-}" ] && chown -R "$WORKER_USER" "$run"
       # One process: without the reuseport of the example (one listening socket per worker,
       # the kernel would hand half the connections to a socket nobody accepts on).
       if [ "$mode" = single ]; then

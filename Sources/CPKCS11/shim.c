@@ -138,3 +138,35 @@ long CPKCS11_send_with_fds(int socket, const void *bytes, size_t count, const in
     memcpy(CMSG_DATA(header), fds, fd_count * sizeof(int));
     return sendmsg(socket, &message, MSG_NOSIGNAL);
 }
+
+#include <poll.h>
+#include <signal.h>
+
+// The SIGPIPE guard of a child served by the broker (see CPKCS11.h).
+static volatile sig_atomic_t guarded_channel = -1;
+static volatile sig_atomic_t broker_gone;
+int CPKCS11_broker_gone(void) { return broker_gone; }
+
+static void CPKCS11_sigpipe(int signal_number) {
+    struct pollfd channel = { .fd = guarded_channel, .events = POLLIN };
+    if (guarded_channel >= 0 && poll(&channel, 1, 0) > 0 && (channel.revents & (POLLHUP | POLLERR))) {
+        // The broker has ended: the write that raised this was p11-kit's client's, whose call
+        // then answers an error. The application's own broken pipes still end it, as it chose.
+        broker_gone = 1;
+        return;
+    }
+    signal(SIGPIPE, SIG_DFL);
+    raise(signal_number);
+}
+
+void CPKCS11_guard_sigpipe(int channel) {
+    guarded_channel = channel;
+    struct sigaction current;
+    if (sigaction(SIGPIPE, NULL, &current) != 0 || current.sa_handler != SIG_DFL || (current.sa_flags & SA_SIGINFO)) return;
+    struct sigaction guard;
+    memset(&guard, 0, sizeof guard);
+    guard.sa_handler = CPKCS11_sigpipe;
+    guard.sa_flags = SA_RESTART;
+    sigemptyset(&guard.sa_mask);
+    sigaction(SIGPIPE, &guard, NULL);
+}

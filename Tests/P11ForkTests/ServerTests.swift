@@ -36,6 +36,8 @@ import Testing
         var keep: [String] = []
         /// When set, the server gets exactly this environment (and PATH), as a unit would give it.
         var unitEnvironment: [String: String]? = nil
+        /// nginx: the user its workers switch to (`user www-data;`, Debian's own nginx.conf).
+        var workerUser: String? = nil
     }
 
     /// Runs the plans one after another in one process tree (under `launcher`: the TPM lives
@@ -58,6 +60,7 @@ import Testing
                 prefix = "env -i PATH=\"$PATH\" PIN=\"$PIN\" "
             }
             variables["REQUEST_TIMEOUT"] = String(plan.requestTimeout)
+            if let user = plan.workerUser { variables["WORKER_USER"] = user }
             let assignments = prefix + variables.map { "\($0.key)=\(quoted($0.value))" }.sorted().joined(separator: " ")
             let arguments = [script, server, work.path, token.label, keyLabel, plan.mode, String(plan.requests)] + plan.keep
             commands.append("echo \(quoted("=== run \(plan.name)")); \(assignments) \(arguments.map(quoted).joined(separator: " "))")
@@ -151,7 +154,69 @@ import Testing
         #expect(runs["p11fork"]?.trace.contains("C_Initialize in the child") == true, "\(runs["p11fork"]?.report ?? "")")
     }
 
+    /// Debian's nginx.conf has `user www-data;` and Debian's SoftHSM keeps its tokens in a folder
+    /// only root may read: the workers cannot reach the token. Directly every handshake fails (the
+    /// workers' libp11 starts over as www-data and finds no token); through p11fork the workers'
+    /// module runs in the broker, which the master started as root.
+    @Test(.enabled(if: nginxAvailable && getuid() == 0))
+    func nginxWorkersAsWwwDataOverARootOnlyTokenServeEveryRequestThroughTheBroker() throws {
+        let token = try SoftHSMToken(strict: true)
+        try token.generateKeyPair(label: "server-key")
+        try expectRootOnly(token)
+        let runs = try serve("nginx", token: token, keyLabel: "server-key", realModule: RealModules.softHSM, plans: [
+            Plan(name: "direct", throughP11Fork: false, requests: 4, requestTimeout: 2, keep: ["SOFTHSM2_CONF"], workerUser: "www-data"),
+            Plan(name: "p11fork", workerUser: "www-data"),
+        ])
+        if let direct = runs["direct"] {
+            #expect(direct.served == 0, "directly: \(direct.report)")
+        }
+        expectEveryRequestServed(runs["p11fork"])
+        #expect(runs["p11fork"]?.trace.contains("the child runs as uid 33, the parent as 0: the broker") == true, "\(runs["p11fork"]?.report ?? "")")
+    }
+
+    /// nginx with `user www-data;` over tpm2-pkcs11, whose TPM the workers may not reach.
+    @Test(.enabled(if: nginxAvailable && TPM2Token.available && getuid() == 0))
+    func nginxWorkersAsWwwDataOverTPM2ServeEveryRequestThroughTheBroker() throws {
+        let token = try TPM2Token()
+        let runs = try serve("nginx", token: token, keyLabel: "tpm-key", realModule: TPM2Token.module,
+                             launcher: token.launcher(keyLabel: "tpm-key"), plans: [
+                                Plan(name: "direct", throughP11Fork: false, workerUser: "www-data"),
+                                Plan(name: "p11fork", workerUser: "www-data"),
+                             ])
+        if let direct = runs["direct"] {
+            #expect(direct.served < direct.requests, "directly: \(direct.report)")
+        }
+        expectEveryRequestServed(runs["p11fork"])
+        #expect(runs["p11fork"]?.trace.contains("the broker, which has the parent's rights") == true, "\(runs["p11fork"]?.report ?? "")")
+    }
+
+    /// The token folder is root's alone (0700), as Debian's /var/lib/softhsm/tokens is.
+    private func expectRootOnly(_ token: SoftHSMToken) throws {
+        let tokens = token.directory.appendingPathComponent("tokens").path
+        #expect(chmod(tokens, 0o700) == 0)
+        let probe = try runProgram("/usr/sbin/runuser", ["-u", "www-data", "--", "/bin/ls", tokens])
+        #expect(probe.status != 0, "www-data can read the token folder: \(probe.output)")
+    }
+
     // MARK: Apache
+
+    /// Apache's children always run as www-data; over a root-only token they cannot reach the
+    /// token directly, and the broker serves them through p11fork.
+    @Test(.enabled(if: apacheAvailable))
+    func apacheChildrenOverARootOnlyTokenServeEveryRequestThroughTheBroker() throws {
+        let token = try SoftHSMToken(strict: true)
+        try token.generateKeyPair(label: "server-key")
+        try expectRootOnly(token)
+        let runs = try serve("apache", token: token, keyLabel: "server-key", realModule: RealModules.softHSM, plans: [
+            Plan(name: "direct", throughP11Fork: false, requests: 4, requestTimeout: 2),
+            Plan(name: "p11fork"),
+        ])
+        if let direct = runs["direct"] {
+            #expect(direct.served == 0, "directly: \(direct.report)")
+        }
+        expectEveryRequestServed(runs["p11fork"], workers: 2...8)
+        #expect(runs["p11fork"]?.trace.contains("the child runs as uid 33, the parent as 0: the broker") == true, "\(runs["p11fork"]?.report ?? "")")
+    }
 
     /// Apache keeps its environment and libp11 starts over in each child, so strict SoftHSM works
     /// directly (measured: every request); p11fork must not spoil that. The children run as

@@ -344,6 +344,13 @@ char **CPKCS11_swap_environ(char **replacement);
 /// getauxval(AT_SECURE): non-zero in a process with rights its user did not give it (setuid,
 /// setgid, file capabilities), where glibc's secure_getenv returns NULL.
 int CPKCS11_secure_execution(void);
+/// In a child served by the broker: p11-kit's client writes to its socket without MSG_NOSIGNAL,
+/// so the broker's death would raise SIGPIPE and kill a child that left SIGPIPE at its default.
+/// Where it is at the default, a handler ignores the SIGPIPEs raised while `channel` shows the
+/// broker gone (setting CPKCS11_broker_gone) and ends the process as the default would otherwise.
+void CPKCS11_guard_sigpipe(int channel);
+/// Non-zero once the guard has seen the broker gone.
+int CPKCS11_broker_gone(void);
 /// sendmsg of `bytes` with `fd_count` (1 to 4) descriptors attached (SCM_RIGHTS), MSG_NOSIGNAL.
 long CPKCS11_send_with_fds(int socket, const void *bytes, size_t count, const int *fds, int fd_count);
 

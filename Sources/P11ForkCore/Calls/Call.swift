@@ -42,6 +42,7 @@ struct Call: ~Copyable {
     static func slowStart(_ function: Function) -> UInt64 {
         if !ProcessMark.isCurrentProcess { ForkDetection.adoptChild(function) }
         CPKCS11_enter_copy()
+        if Broker.servesThisProcess { Broker.noticeEnd() }
         return Trace.level >= .calls ? Clock.monotonicNanoseconds() : 0
     }
 

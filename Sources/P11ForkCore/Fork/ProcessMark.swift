@@ -22,7 +22,7 @@ enum ProcessMark {
 
     /// The mark of an adopted process, as things stand (trace level, module copy in use).
     static var adoptedMark: Int {
-        Trace.level < .calls && CPKCS11_copy_in_use() == 0 ? fast : adopted
+        Trace.level < .calls && CPKCS11_copy_in_use() == 0 && !Broker.servesThisProcess ? fast : adopted
     }
 
     /// After something the mark depends on changed (tracing configured, a copy in use).

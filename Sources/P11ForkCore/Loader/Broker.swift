@@ -20,6 +20,19 @@ enum Broker {
     nonisolated(unsafe) static var starterPid: pid_t = 0
     /// Why no broker runs, when one was wanted (for the trace and the advice).
     nonisolated(unsafe) static var unavailable: String?
+    /// True in a child whose module runs in the broker: its calls take the slow path, which
+    /// notices the broker's end (ProcessMark.adoptedMark).
+    nonisolated(unsafe) static var servesThisProcess = false
+    nonisolated(unsafe) static var goneTraced = false
+
+    /// On the slow path of a call in a child the broker serves: says once that the broker has
+    /// ended. Its calls answer what p11-kit's client answers for a lost server; no other broker
+    /// is started for this child (it would have the child's rights, not the application's).
+    static func noticeEnd() {
+        guard !goneTraced, CPKCS11_broker_gone() != 0 || !isRunning else { return }
+        goneTraced = true
+        Trace.event(.error, "the broker (pid \(pid)) has ended: this child's calls answer p11-kit's client's error for a lost server (CKR_DEVICE_ERROR) from now on; the process that started the broker starts another at its next fork, for new children")
+    }
 
     struct Credentials: Equatable {
         var uid: uid_t, euid: uid_t, gid: gid_t, egid: gid_t
@@ -232,6 +245,8 @@ enum Broker {
         guard initialized == CKR_OK else {
             return .failure(RecoveryFailure("the broker's module answered C_Initialize with \(Recovery.name(initialized))", rv: initialized))
         }
+        servesThisProcess = true
+        CPKCS11_guard_sigpipe(channel)
         return .success(loaded)
     }
 }

@@ -11,7 +11,7 @@
 //                     [--helper-mechanisms] [--ignore-mechanism-flags F] [--worker-user NAME] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
-// pin-changed, storm, same-view. same-view: each child first opens a session of its own on
+// pin-changed, storm, same-view, orphans, broker-dies (both described where they are written). same-view: each child first opens a session of its own on
 // --named-slot ID (default: the token's slot; never listed in the child), logs in, signs with it,
 // then compares C_GetInfo, both slot lists, every slot's CK_SLOT_INFO and CK_TOKEN_INFO (but for
 // session counts, free memory and the clock) and the token's mechanism list and infos with the parent's
@@ -33,8 +33,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -568,6 +571,88 @@ static int same_view_child(int fd, int index) {
     return status;
 }
 
+// orphans: the parent forks the children and is then killed with SIGKILL. Each child waits
+// until its parent is gone, signs, verifies its own signature and says so: the caller reads the
+// children's lines (they keep its standard output open until they end).
+static int scenario_orphans(void) {
+    pid_t parent = getpid();
+    for (int i = 0; i < children; i++) {
+        pid_t pid = make_child();
+        if (pid < 0) return tool_fail("fork: %s", strerror(errno));
+        if (pid > 0) continue;
+        alarm(CHILD_TIMEOUT);
+        for (int waited = 0; getppid() == parent && waited < 100; waited++) usleep(100000);
+        if (getppid() == parent) { tool_say("orphan %d: its parent is still alive", i + 1); _exit(1); }
+        unsigned char signature[MAX_SIGNATURE];
+        CK_ULONG length = 0;
+        CK_RV rv = sign_with(session, private_key, signature, &length);
+        if (rv == CKR_OK) rv = verify_in_child(session, signature, length);
+        tool_say("orphan %d (pid %d): signed and verified after its parent was killed: %s", i + 1, (int)getpid(), tool_rv_name(rv));
+        _exit(rv == CKR_OK ? 0 : 3);
+    }
+    kill(getpid(), SIGKILL);
+    return 1;
+}
+
+// The broker serving this run: a live process named p11fork-broker whose environment (the one
+// p11fork was loaded with) holds this run's FORKCHECK_RUN mark; 0 when there is none.
+static pid_t broker_of_this_run(void) {
+    const char *mark = getenv("FORKCHECK_RUN");
+    DIR *proc = opendir("/proc");
+    if (!proc || !mark) return 0;
+    char wanted[64];
+    snprintf(wanted, sizeof wanted, "FORKCHECK_RUN=%s", mark);
+    pid_t found = 0;
+    for (struct dirent *entry; !found && (entry = readdir(proc));) {
+        pid_t pid = (pid_t)atoi(entry->d_name);
+        if (pid <= 0) continue;
+        char path[64], stat[256] = "", environment[65536];
+        snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+        FILE *file = fopen(path, "r");
+        if (!file) continue;
+        if (!fgets(stat, sizeof stat, file)) stat[0] = 0;
+        fclose(file);
+        // "PID (p11fork-broker) STATE ...": a zombie has ended.
+        if (!strstr(stat, "(p11fork-broker) ") || strstr(stat, ") Z ")) continue;
+        snprintf(path, sizeof path, "/proc/%d/environ", (int)pid);
+        int fd = open(path, O_RDONLY);
+        if (fd < 0) continue;
+        ssize_t size = read(fd, environment, sizeof environment - 1);
+        close(fd);
+        for (ssize_t at = 0; size > 0 && at < size; at += (ssize_t)strlen(environment + at) + 1) {
+            environment[size] = 0;
+            if (!strcmp(environment + at, wanted)) { found = pid; break; }
+        }
+    }
+    closedir(proc);
+    return found;
+}
+
+// broker-dies (children served by the broker): a child signs, kills the broker its module talks
+// to, and signs again: that call must answer an error (the child's alarm catches a hang).
+static int broker_dies_child(int fd, int index) {
+    int status = child_signs(fd, index, session, private_key);
+    if (status) return status;
+    pid_t broker = broker_of_this_run();
+    if (!broker) { tool_say("child %d: no broker serves this child", index); return 4; }
+    kill(broker, SIGKILL);
+    usleep(200000);
+    for (int attempt = 1; attempt <= 2; attempt++) {
+        unsigned char signature[MAX_SIGNATURE];
+        CK_ULONG length = 0;
+        CK_RV rv = sign_with(session, private_key, signature, &length);
+        tool_say("child %d: signature %d after the broker (pid %d) was killed: %s", index, attempt, (int)broker, tool_rv_name(rv));
+        if (rv == CKR_OK) return 5;
+    }
+    return 0;
+}
+
+static int scenario_broker_dies(void) {
+    int verified = 0;
+    int problems = run_children(1, broker_dies_child, &verified);
+    return parent_still_signs("broker-dies", problems, verified);
+}
+
 static int scenario_same_view(void) {
     take_view(&parent_view);
     if (parent_view.info_rv != CKR_OK || parent_view.list_rv != CKR_OK || parent_view.count == 0 || parent_view.mechanisms_rv != CKR_OK)
@@ -706,6 +791,10 @@ int main(int argc, char **argv) {
     if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "rsa-pkcs") && strcmp(mechanism_name, "ec") &&
         strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
 
+    // A mark the broker inherits with the environment p11fork is loaded with (broker-dies finds it so).
+    char run_mark[32];
+    snprintf(run_mark, sizeof run_mark, "%d", (int)getpid());
+    setenv("FORKCHECK_RUN", run_mark, 1);
     void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
     if (!library) return tool_fail("cannot load %s: %s", module, dlerror());
     CK_C_GetFunctionList get_list = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
@@ -748,6 +837,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "pin-changed")) result = scenario_pin_changed();
     else if (!strcmp(scenario, "child-threads")) result = scenario_child_threads();
     else if (!strcmp(scenario, "same-view")) result = scenario_same_view();
+    else if (!strcmp(scenario, "orphans")) result = scenario_orphans();
+    else if (!strcmp(scenario, "broker-dies")) result = scenario_broker_dies();
     else return usage("unknown scenario");
     p11->C_Finalize(NULL);
     return result;
