@@ -206,25 +206,61 @@ static CK_RV view_close_all_sessions(CK_SLOT_ID slot) {
     return CKR_OK;
 }
 
+/// A session of the broker's own on each slot a child logged in to: the login is the
+/// application's, as long-lived as the parent's, and must not lapse when the child that made it
+/// ends (closing the last session of an application logs it out; tpm2-pkcs11 then hid the
+/// private key from the next child, which found itself "already logged in"). The next child's
+/// login replay finds the token logged in, and its first signature needs no login.
+enum { MAX_ANCHORS = 64 };
+static CK_SLOT_ID anchor_slots[MAX_ANCHORS];
+static CK_SESSION_HANDLE anchor_sessions[MAX_ANCHORS];
+static int anchors;
+
+static void keep_login(CK_SESSION_HANDLE session) {
+    CK_SESSION_INFO info;
+    if (real->C_GetSessionInfo(session, &info) != CKR_OK) return;
+    pthread_mutex_lock(&state_lock);
+    int found = 0;
+    for (int i = 0; i < anchors; i++) found |= anchor_slots[i] == info.slotID;
+    CK_SESSION_HANDLE anchor;
+    if (!found && anchors < MAX_ANCHORS && real->C_OpenSession(info.slotID, CKF_SERIAL_SESSION, NULL, NULL, &anchor) == CKR_OK) {
+        anchor_slots[anchors] = info.slotID;
+        anchor_sessions[anchors] = anchor;
+        anchors++;
+        trace("the login on slot 0x%lx is kept for the application's children (a session of the broker's own)", info.slotID);
+    }
+    pthread_mutex_unlock(&state_lock);
+}
+
 static CK_RV view_login(CK_SESSION_HANDLE session, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG length) {
     CK_RV rv = real->C_Login(session, user, pin, length);
-    if ((rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) && !current->logged_in) {
-        pthread_mutex_lock(&state_lock);
-        logins++;
-        pthread_mutex_unlock(&state_lock);
-        current->logged_in = 1;
+    if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) {
+        if (!current->logged_in) {
+            pthread_mutex_lock(&state_lock);
+            logins++;
+            pthread_mutex_unlock(&state_lock);
+            current->logged_in = 1;
+        }
+        keep_login(session);
     }
     return rv;
 }
 
-/// The login is the whole application's: a child's logout ends it only when no other child holds it.
+/// The login is the whole application's: a child's logout ends it only when no other child holds
+/// it (and then the kept sessions go too, so that a later login starts from nothing).
 static CK_RV view_logout(CK_SESSION_HANDLE session) {
     if (!current->logged_in) return real->C_Logout(session);
     pthread_mutex_lock(&state_lock);
     int others = --logins;
     pthread_mutex_unlock(&state_lock);
     current->logged_in = 0;
-    return others > 0 ? CKR_OK : real->C_Logout(session);
+    if (others > 0) return CKR_OK;
+    CK_RV rv = real->C_Logout(session);
+    pthread_mutex_lock(&state_lock);
+    for (int i = 0; i < anchors; i++) real->C_CloseSession(anchor_sessions[i]);
+    anchors = 0;
+    pthread_mutex_unlock(&state_lock);
+    return rv;
 }
 
 static void make_view(void) {

@@ -5,8 +5,9 @@ import Testing
 /// itself (a child gets CKR_CRYPTOKI_NOT_INITIALIZED), but a private copy of it cannot be
 /// initialised in one process next to the first (it loads its token library with RTLD_GLOBAL,
 /// which glibc 2.36 does not support in a dlmopen namespace), and re-initialising it in place
-/// hung a child whose parent had threads inside it at the fork (seen in CI). These tests use
-/// P11FORK_STRATEGY=out-of-process, as docs/FORK.md tells its users to.
+/// hung a child whose parent had threads inside it at the fork (seen in CI). With the default
+/// strategy (auto) the broker runs it for every child, with no setting; the operator used to
+/// have to set P11FORK_STRATEGY=out-of-process.
 @Suite(.serialized) struct OpenCryptokiForkTests {
     static let available = FileManager.default.fileExists(atPath: "/usr/sbin/pkcsslotd")
 
@@ -15,7 +16,6 @@ import Testing
         var check = ForkCheck(token: token, keyLabel: "ock-key", mechanism: "rsa-pkcs")
         check.realModule = OpenCryptokiToken.module
         check.launcher = token.launcher(keyLabel: "ock-key")
-        check.extraEnvironment = ["P11FORK_STRATEGY": "out-of-process"]
         return (token, check)
     }
 
@@ -26,6 +26,7 @@ import Testing
         #expect(!direct.succeeded && direct.result.output.contains("CKR_CRYPTOKI_NOT_INITIALIZED"), "directly: \(direct.report)")
         let outcome = try check.run(scenario, throughP11Fork: true, children: 2, signatures: 3)
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
+        #expect(outcome.trace.contains("openCryptoki's module cannot be copied into a child: the broker runs it"), "\(outcome.report)")
         _ = token
     }
 

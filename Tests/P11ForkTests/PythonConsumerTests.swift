@@ -58,10 +58,10 @@ import Testing
                 : Setup(token: token, keyLabel: "py-key", realModule: RealModules.p11KitProxy,
                         launcher: try RealModules.p11KitLauncher(in: token.directory), environment: token.environment)
         case .openCryptoki:
-            // openCryptoki needs the out-of-process strategy (see OpenCryptokiForkTests).
+            // The default strategy: the broker runs openCryptoki for the workers (OpenCryptokiForkTests).
             let token = try OpenCryptokiToken()
             return Setup(token: token, keyLabel: "py-key", realModule: OpenCryptokiToken.module,
-                         launcher: token.launcher(keyLabel: "py-key"), environment: ["P11FORK_STRATEGY": "out-of-process"])
+                         launcher: token.launcher(keyLabel: "py-key"), environment: [:])
         case .tpm2:
             let token = try TPM2Token()
             return Setup(token: token, keyLabel: "py-key", realModule: TPM2Token.module,

@@ -127,7 +127,7 @@ import Testing
             #expect(single.served == single.requests && single.requests == 40, "directly, one process: \(single.report)")
         }
         expectEveryRequestServed(runs["p11fork"])
-        #expect(runs["p11fork"]?.trace.contains("running it in a helper process") == true, "\(runs["p11fork"]?.report ?? "")")
+        #expect(runs["p11fork"]?.trace.contains("the broker runs it for this child") == true, "\(runs["p11fork"]?.report ?? "")")
     }
 
     /// Strict SoftHSM: libp11 initialises the module again in each worker, and SoftHSM then reads

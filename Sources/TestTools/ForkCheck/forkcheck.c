@@ -11,7 +11,7 @@
 //                     [--helper-mechanisms] [--ignore-mechanism-flags F] [--worker-user NAME] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
-// pin-changed, storm, same-view, orphans, broker-dies (both described where they are written). same-view: each child first opens a session of its own on
+// pin-changed, storm, same-view, orphans, broker-dies, chain (the last three described where they are written). same-view: each child first opens a session of its own on
 // --named-slot ID (default: the token's slot; never listed in the child), logs in, signs with it,
 // then compares C_GetInfo, both slot lists, every slot's CK_SLOT_INFO and CK_TOKEN_INFO (but for
 // session counts, free memory and the clock) and the token's mechanism list and infos with the parent's
@@ -571,6 +571,40 @@ static int same_view_child(int fd, int index) {
     return status;
 }
 
+// chain: a chain of --children generations (child, grandchild, ...): each signs with the
+// inherited session and key, verifies its signature, then forks the next and passes on its status.
+static int chain_level(int level) {
+    unsigned char signature[MAX_SIGNATURE];
+    CK_ULONG length = 0;
+    CK_RV rv = sign_with(session, private_key, signature, &length);
+    if (rv == CKR_OK) rv = verify_in_child(session, signature, length);
+    if (rv != CKR_OK) { tool_say("generation %d (pid %d): %s", level, (int)getpid(), tool_rv_name(rv)); return 3; }
+    if (level == children) { tool_say("generation %d (pid %d): signed and verified, the last of the chain", level, (int)getpid()); return 0; }
+    pid_t pid = make_child();
+    if (pid < 0) return 4;
+    if (pid == 0) {
+        alarm(CHILD_TIMEOUT * 3);
+        _exit(chain_level(level + 1));
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (WIFSIGNALED(status)) { tool_say("generation %d: killed by signal %d", level + 1, WTERMSIG(status)); return 5; }
+    return WEXITSTATUS(status);
+}
+
+static int scenario_chain(void) {
+    pid_t pid = make_child();
+    if (pid < 0) return tool_fail("fork: %s", strerror(errno));
+    if (pid == 0) {
+        alarm(CHILD_TIMEOUT * 3);
+        _exit(chain_level(1));
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (WIFSIGNALED(status) || WEXITSTATUS(status) != 0) return tool_fail("chain: a generation failed (status 0x%x)", status);
+    return parent_still_signs("chain", 0, children);
+}
+
 // orphans: the parent forks the children and is then killed with SIGKILL. Each child waits
 // until its parent is gone, signs, verifies its own signature and says so: the caller reads the
 // children's lines (they keep its standard output open until they end).
@@ -628,6 +662,37 @@ static pid_t broker_of_this_run(void) {
     return found;
 }
 
+// Says how many Unix sockets the broker holds and how many of them listen, that is, accept a
+// connection from a process that did not inherit it: /proc/PID/fd against /proc/net/unix, whose
+// Flags column has __SO_ACCEPTCON (0x10000) for a listening socket. (A connected socket may show
+// an address, the path its listener had or an abstract name the kernel gave it; neither accepts.)
+static void report_broker_sockets(pid_t broker) {
+    char path[64], link[64];
+    unsigned long inodes[256];
+    int count = 0, listening = 0;
+    snprintf(path, sizeof path, "/proc/%d/fd", (int)broker);
+    DIR *fds = opendir(path);
+    for (struct dirent *entry; fds && count < 256 && (entry = readdir(fds));) {
+        char fd_path[128];
+        snprintf(fd_path, sizeof fd_path, "%s/%s", path, entry->d_name);
+        ssize_t size = readlink(fd_path, link, sizeof link - 1);
+        if (size <= 0) continue;
+        link[size] = 0;
+        if (sscanf(link, "socket:[%lu]", &inodes[count]) == 1) count++;
+    }
+    if (fds) closedir(fds);
+    FILE *table = fopen("/proc/net/unix", "r");
+    char line[512];
+    while (table && fgets(line, sizeof line, table)) {
+        // Num RefCount Protocol Flags Type St Inode Path
+        unsigned long flags = 0, inode = 0;
+        if (sscanf(line, "%*s %*s %*s %lx %*s %*s %lu", &flags, &inode) < 2) continue;
+        for (int i = 0; i < count; i++) if (inodes[i] == inode && (flags & 0x10000)) listening++;
+    }
+    if (table) fclose(table);
+    tool_say("broker sockets: %d, listening: %d", count, listening);
+}
+
 // broker-dies (children served by the broker): a child signs, kills the broker its module talks
 // to, and signs again: that call must answer an error (the child's alarm catches a hang).
 static int broker_dies_child(int fd, int index) {
@@ -635,6 +700,7 @@ static int broker_dies_child(int fd, int index) {
     if (status) return status;
     pid_t broker = broker_of_this_run();
     if (!broker) { tool_say("child %d: no broker serves this child", index); return 4; }
+    report_broker_sockets(broker);
     kill(broker, SIGKILL);
     usleep(200000);
     for (int attempt = 1; attempt <= 2; attempt++) {
@@ -785,7 +851,7 @@ int main(int argc, char **argv) {
         else return usage("unknown or incomplete argument");
     }
     if (!module || !token_label || !pin || !key_label || !scenario) return usage("missing argument");
-    if (children < 1 || (children > 64 && strcmp(scenario, "storm") && strcmp(scenario, "threads")) || children > 100000 || signatures < 1)
+    if (children < 1 || (children > 64 && strcmp(scenario, "storm") && strcmp(scenario, "threads") && strcmp(scenario, "chain")) || children > 100000 || signatures < 1)
         return usage("--children is 1..64 (storm and threads: up to 100000), --signatures at least 1");
     if (storm_in_flight < 1 || storm_in_flight > 64) return usage("--in-flight is 1..64");
     if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "rsa-pkcs") && strcmp(mechanism_name, "ec") &&
@@ -838,6 +904,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "child-threads")) result = scenario_child_threads();
     else if (!strcmp(scenario, "same-view")) result = scenario_same_view();
     else if (!strcmp(scenario, "orphans")) result = scenario_orphans();
+    else if (!strcmp(scenario, "chain")) result = scenario_chain();
     else if (!strcmp(scenario, "broker-dies")) result = scenario_broker_dies();
     else return usage("unknown scenario");
     p11->C_Finalize(NULL);
