@@ -5,12 +5,14 @@
 # compared as ratios of medians, never as absolute figures alone.
 #   scripts/bench.sh            about 6 minutes; writes benchmarks/results.txt and benchmarks/recovery.png
 #   scripts/bench.sh --quick    fewer rounds and signatures (about 2 minutes)
+#   scripts/bench.sh --broker   only the broker's figures (section 6, about a minute)
 # Installs valgrind and gnuplot when missing (as root), like scripts/install-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/swift-env.sh
-quick=0
+quick=0 broker_only=0
 [ "${1:-}" = "--quick" ] && quick=1
+[ "${1:-}" = "--broker" ] && broker_only=1
 missing=()
 command -v valgrind >/dev/null || missing+=(valgrind)
 command -v gnuplot >/dev/null || missing+=(gnuplot-nox)
@@ -26,6 +28,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 swift build -c release --product p11fork 2>&1 | tail -1
 swift build -c release --product p11fork-bench 2>&1 | tail -1
+swift build -c release --product p11fork-broker 2>&1 | tail -1
 bench=$PWD/.build/release/p11fork-bench
 module=$PWD/.build/release/libp11fork.so
 softhsm=/usr/lib/softhsm/libsofthsm2.so
@@ -49,6 +52,56 @@ printf '%s\n' "p11fork benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, 
 printf '%s\n' "SoftHSM $(dpkg-query -W -f='${Version}' softhsm2 2>/dev/null) (library.reset_on_fork = true), release build of p11fork $(git describe --always --dirty 2>/dev/null || echo '')"
 printf '\n%-64s %s\n' "measure" "figure"
 row() { printf '%-64s %s\n' "$1" "$2"; }
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# 6. The broker (docs/FORK.md "The broker"): what a call costs a child it serves, next to the module
+# alone, a copy of the module in the child, and p11-kit's own client -> server path (p11-kit
+# server over SoftHSM, p11-kit-client.so): the same RPC the broker speaks. Rounds alternate.
+broker_figures() {
+  local sock=$work/p11-kit.sock client=/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so
+  p11-kit server -f -n "$sock" --provider "$softhsm" "pkcs11:" >/dev/null 2>&1 &
+  local kit=$!
+  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+  local n=20000 rounds=5 seconds=2
+  [ $quick = 1 ] && rounds=3
+  calls() { "$bench" calls --token bench "$@" $n | awk '{print $4}'; }
+  eps() { "$bench" sign --token bench --pin "$pin" --key ec --mechanism ec --threads 1 --seconds $seconds "$@" | awk '{print $5}'; }
+  : >"$work/b.calls"; : >"$work/b.eps"
+  for _ in $(seq $rounds); do
+    printf '%s %s %s %s\n' "$(calls --module "$softhsm")" \
+      "$(P11FORK_STRATEGY=fresh-copy calls --module "$module" --in-child)" \
+      "$(P11FORK_STRATEGY=broker calls --module "$module" --in-child)" \
+      "$(P11_KIT_SERVER_ADDRESS=unix:path=$sock calls --module "$client")" >>"$work/b.calls"
+    printf '%s %s %s %s\n' "$(eps --module "$softhsm")" \
+      "$(P11FORK_STRATEGY=fresh-copy eps --module "$module" --in-child)" \
+      "$(P11FORK_STRATEGY=broker eps --module "$module" --in-child)" \
+      "$(P11_KIT_SERVER_ADDRESS=unix:path=$sock eps --module "$client")" >>"$work/b.eps"
+  done
+  col() { awk -v c="$2" '{print $c}' "$1" | median; }
+  row "C_GetSessionInfo, us/call: alone / child copy / child via broker / p11-kit client" \
+      "$(for c in 1 2 3 4; do col "$work/b.calls" $c; done | awk '{printf "%s%.2f", NR > 1 ? " / " : "", $1 / 1000}')"
+  local added=$(awk '{print ($3 - $1) / ($4 - $1)}' "$work/b.calls" | median)
+  row "  what the broker adds / what p11-kit adds (goal: at most 0.5)" "$(printf '%.2f' "$added")"
+  row "EC P-256 init+sign, us: alone / child copy / child via broker / p11-kit client" \
+      "$(for c in 1 2 3 4; do col "$work/b.eps" $c; done | awk '{printf "%s%.0f", NR > 1 ? " / " : "", 1e6 / $1}')"
+  added=$(awk '{print (1e6 / $3 - 1e6 / $1) / (1e6 / $4 - 1e6 / $1)}' "$work/b.eps" | median)
+  row "  what the broker adds / what p11-kit adds (goal: at most 0.5)" "$(printf '%.2f' "$added")"
+  # Two workers at once, each a child signing on one thread: through the broker, with copies.
+  pair() {
+    P11FORK_STRATEGY=$1 eps --module "$module" --in-child >"$work/w1" & local a=$!
+    P11FORK_STRATEGY=$1 eps --module "$module" --in-child >"$work/w2" & local b=$!
+    wait $a $b
+    awk '{ s += $1 } END { printf "%.0f", s }' "$work/w1" "$work/w2"
+  }
+  row "EC signatures/s of 2 workers: via the broker / with copies in the children" "$(pair broker) / $(pair fresh-copy)"
+  # A worker's first signature through the broker (already initialised; it logs in once) against
+  # a new process doing the same with the module alone.
+  local first fresh
+  first=$(for _ in $(seq 7); do P11FORK_STRATEGY=broker "$bench" recovery --module "$module" --token bench --pin "$pin" --key ec --mechanism ec --sessions 1 --objects 0 | awk '{print $7}'; done | median)
+  fresh=$(for _ in $(seq 7); do "$bench" recovery --module "$softhsm" --token bench --pin "$pin" --key ec --mechanism ec --sessions 1 --objects 0 --fresh | awk '{print $3}'; done | median)
+  row "a worker's first signature via the broker / a new process (ms, goal: at most 0.5)" "$first / $fresh = $(awk -v a="$first" -v b="$fresh" 'BEGIN { printf "%.2f", a / b }')"
+  kill $kit 2>/dev/null || true
+}
+if [ $broker_only = 1 ]; then broker_figures; exit 0; fi
 
 # Instructions per call: the difference between two loop lengths, so that set-up cancels out.
 callgrind() {  # loops-short loops-long divisor command...
@@ -103,7 +156,6 @@ fi
 # neither), and the figure is the median of the rounds' ratios.
 rounds=9; seconds=1
 [ $quick = 1 ] && rounds=3
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 rate() { "$bench" sign --module "$1" --token bench --pin "$pin" --key "$2" --mechanism "$2" --threads "$3" --seconds $seconds | awk '{print $5}'; }
 for mech in rsa ec; do
   for t in 1 2; do
@@ -158,3 +210,5 @@ n=1000000
 first=$(sed -n '1p' "$work/steady"); last=$(tail -1 "$work/steady")
 row "heap bytes after $(echo "$first" | awk '{print $3}') / $n HMAC signatures (no growth)" "$(echo "$first" | awk '{print $5}') / $(echo "$last" | awk '{print $5}')"
 row "resident KiB after $(echo "$first" | awk '{print $3}') / $n HMAC signatures" "$(echo "$first" | awk '{print $7}') / $(echo "$last" | awk '{print $7}')"
+
+broker_figures

@@ -44,8 +44,10 @@ import Testing
         #expect(!direct.succeeded, "directly: \(direct.report)")
         let outcome = try check.run("inherited", throughP11Fork: true, children: 3, signatures: 3, extra: ["--worker-user", "nobody"])
         #expect(outcome.succeeded, "through p11fork: \(outcome.report)")
-        #expect(outcome.trace.contains("the child runs as uid 65534, the parent as 0: the broker, which has the parent's rights, runs the module for this child"),
-                "\(outcome.report)")
+        // A copy in the child runs as nobody and finds no token: the broker runs the module.
+        #expect(outcome.trace.contains("the child runs as uid 65534, the parent as 0"), "\(outcome.report)")
+        #expect(outcome.trace.contains("the broker, which has the parent's rights, runs the module for this child") ||
+                outcome.trace.contains("the broker runs the module for this child instead"), "\(outcome.report)")
         #expect(outcome.trace.components(separatedBy: "module served by the broker").count - 1 == 3, "\(outcome.report)")
         #expect(outcome.trace.contains("went away with 2 session(s) open: closed"), "\(outcome.report)")
         #expect(!outcome.trace.contains(token.pin), "the PIN is in the trace")

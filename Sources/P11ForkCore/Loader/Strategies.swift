@@ -90,11 +90,8 @@ enum ModuleRecovery {
     /// child can run the module itself, with no cost per call; the broker where it cannot.
     private static func automatic(_ inherited: RealModule) -> Result<RealModule, RecoveryFailure> {
         let brokerRuns = Broker.isRunning
-        if let change = Broker.credentialChange() {
-            if brokerRuns {
-                Trace.event(.fork, "\(change): the broker, which has the parent's rights, runs the module for this child")
-                return broker(inherited)
-            }
+        let change = Broker.credentialChange()
+        if let change, !brokerRuns {
             Trace.event(.fork, "\(change), and no broker runs (\(Broker.unavailable ?? "none was started")): recovering with the child's rights, which may not reach the token")
         }
         if inherited.loadsGLib {
@@ -114,9 +111,22 @@ enum ModuleRecovery {
             return broker(inherited)
         }
         let copy = freshCopy(of: inherited)
+        if case .success(let module) = copy {
+            // A copy runs with the child's rights: where they do not reach the parent's tokens
+            // (a worker that switched user, a token folder only root reads), the broker does.
+            guard brokerRuns else { return copy }
+            let missing = missingTokens(module)
+            guard !missing.isEmpty else {
+                if let change { Trace.event(.fork, "\(change), but the copy in the child finds the parent's tokens: the child keeps it") }
+                return copy
+            }
+            Trace.event(.fork, "\(change.map { "\($0), and the" } ?? "the") copy in the child does not find the parent's token(s) \(missing.joined(separator: ", ")): the broker, which has the parent's rights, runs the module for this child")
+            _ = module.functions.pointee.C_Finalize?(nil)
+            return broker(inherited)
+        }
         guard case .failure(let why) = copy else { return copy }
         if brokerRuns {
-            Trace.event(.fork, "\(why.message): the broker runs the module for this child instead")
+            Trace.event(.fork, "\(why.message)\(change.map { " (\($0))" } ?? ""): the broker runs the module for this child instead")
             let served = broker(inherited)
             guard case .failure(let again) = served else { return served }
             Trace.event(.fork, "\(again.message): re-initialising the inherited module in place instead")
@@ -127,6 +137,22 @@ enum ModuleRecovery {
         guard case .failure(let again) = inPlace else { return inPlace }
         // The clean copy's answer says more than the inherited copy's (often "already initialised").
         return .failure(RecoveryFailure(again.message, rv: why.rv ?? again.rv))
+    }
+
+    /// The labels of the parent's tokens that `module` does not show (by token identity).
+    private static func missingTokens(_ module: RealModule) -> [String] {
+        let functions = module.functions
+        var count: CK_ULONG = 0
+        var found = Set<TokenIdentity>()
+        if functions.pointee.C_GetSlotList?(CK_BBOOL(CK_TRUE), nil, &count) == CKR_OK, count > 0 {
+            var slots = [CK_SLOT_ID](repeating: 0, count: Int(count))
+            if functions.pointee.C_GetSlotList?(CK_BBOOL(CK_TRUE), &slots, &count) == CKR_OK {
+                for slot in slots.prefix(Int(count)) {
+                    if let identity = TokenIdentity.read(functions, slot: slot) { found.insert(identity) }
+                }
+            }
+        }
+        return Records.allTokens().values.filter { !found.contains($0) }.map { "'\($0.labelText)'" }.sorted()
     }
 
     /// openCryptoki's library: a copy of it crashes in glibc in a child; its daemon serves a

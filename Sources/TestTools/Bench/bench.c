@@ -17,6 +17,8 @@
 //   p11fork-bench recovery --module M --token T --pin P --key K --sessions S --objects O
 //                          [--fresh]                               a child's first signature, ms
 //                          (the parent holds S sessions and O session objects; the child uses one)
+// With --in-child, "calls" and "sign" measure in a forked child, after its first call (which, through
+// p11fork, recovers the module: a copy in the child, or the broker with P11FORK_STRATEGY=broker).
 // With --fresh, "recovery" measures instead what the module needs in a new process for the same
 // work (C_Initialize, C_OpenSession, C_Login, find, sign): the baseline for the child's figure.
 #define _GNU_SOURCE
@@ -99,6 +101,27 @@ static CK_RV initialize(void) {
     return rv != CKR_OK ? rv : find_slot();
 }
 
+static int in_child;
+
+// --in-child: from here on the measurement runs in a forked child, after one call that lets
+// p11fork recover the module there; the parent exits with the child's status.
+static void into_child(CK_SESSION_HANDLE s) {
+    if (!in_child) return;
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) _exit(1);
+    if (pid == 0) {
+        alarm(600);
+        CK_SESSION_INFO info;
+        CK_RV rv = p->C_GetSessionInfo(s, &info);
+        if (rv != CKR_OK) _exit(fail("the child's first call", rv));
+        return;
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
+}
+
 // MARK: calls
 
 static int bench_calls(void) {
@@ -106,6 +129,7 @@ static int bench_calls(void) {
     if (rv != CKR_OK) return fail("initialise", rv);
     CK_SESSION_HANDLE s;
     if ((rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s)) != CKR_OK) return fail("C_OpenSession", rv);
+    into_child(s);
     CK_SESSION_INFO info;
     double start = now();
     for (long i = 0; i < count; i++) p->C_GetSessionInfo(s, &info);
@@ -193,6 +217,7 @@ static int bench_sign(void) {
     CK_SESSION_HANDLE s;
     if ((rv = p->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s)) != CKR_OK) return fail("C_OpenSession", rv);
     if ((rv = p->C_Login(s, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin))) != CKR_OK) return fail("C_Login", rv);
+    into_child(s);
     pthread_t t[64];
     for (long i = 0; i < threads; i++) pthread_create(&t[i], NULL, signer, (void *)i);
     sleep((unsigned)seconds);
@@ -343,6 +368,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--sessions") && v) { sessions = atoi(v); i++; }
         else if (!strcmp(a, "--objects") && v) { objects = atoi(v); i++; }
         else if (!strcmp(a, "--fresh")) fresh = 1;
+        else if (!strcmp(a, "--in-child")) in_child = 1;
         else if (!strcmp(a, "--multipart")) multipart = 1;
         else if (!strcmp(a, "--nss")) nss = 1;
         else if (!strcmp(a, "--save-state")) save_state = 1;
