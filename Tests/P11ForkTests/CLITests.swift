@@ -166,6 +166,28 @@ import Testing
         }
     }
 
+    /// tpm2-pkcs11 (a GLib stack, on a private software TPM): `auto` has the broker run it in
+    /// every child, and the doctor gives both reasons the trace gives: GLib, and the switched user.
+    @Test(.enabled(if: TPM2Token.available, "needs tpm2-pkcs11 and swtpm: run scripts/install-deps.sh"))
+    func doctorNamesTheBrokerAndWhyForTPM2() throws {
+        let token = try TPM2Token()
+        let command = token.launcher(keyLabel: "tpm-key") + [
+            Self.cli, "doctor", "--module", TPM2Token.module, "--p11fork", Products.module, "--pin-env", "DOCTOR_PIN",
+            "--token", token.label, "--key", "tpm-key", "--workers", "3"]
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: ["DOCTOR_PIN": token.pin], timeout: 300)
+        #expect(result.status == 0, "\(result.output)")
+        expectNoPIN(result, token.pin)
+        let out = result.stdout
+        #expect(out.contains("; with p11fork all pass (auto picks broker)"), "\(out)")
+        #expect(out.contains("  broker in inherited session, child re-initialises, worker pool (3 children), 3 workers at the same instant, operation in progress: the module's stack loads GLib, which cannot be loaded twice in one process: the broker runs it for this child\n"),
+                "\(out)")
+        if Self.asRoot {
+            #expect(out.contains("  broker in 3 workers that switch to nobody: the child runs as uid "), "\(out)")
+        }
+        #expect(out.contains("p11fork starts its broker (p11fork-broker"), "\(out)")
+        #expect(!out.contains("P11FORK_STRATEGY"), "\(out)")
+    }
+
     /// A module that hangs in a child (a wrapper over SoftHSM, compiled here): the doctor reports
     /// it after its time limit instead of waiting, and p11fork's fresh copy never meets the hang.
     @Test func doctorReportsAChildThatHangsInsteadOfWaitingForIt() throws {
