@@ -53,8 +53,11 @@ struct DoctorCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Seconds a child may take before it counts as hung (5...300).", valueName: "seconds"))
     var timeout: Int = 15
 
-    @Option(help: ArgumentHelp("Children in the worker-pool scenario (2...16).", valueName: "count"))
+    @Option(help: ArgumentHelp("Children in the worker scenarios (2...16).", valueName: "count"))
     var workers: Int = 4
+
+    @Option(name: .customLong("worker-user"), help: ArgumentHelp("The user the workers switch to in the worker-switches-user scenario (run as root).", valueName: "name"))
+    var workerUser: String = "nobody"
 
     @Option(name: .customLong("trace-dir"), help: ArgumentHelp("Keep the JSON traces of the runs through p11fork here (read them with 'p11fork trace').", valueName: "dir"))
     var traceDirectory: String?
@@ -146,6 +149,9 @@ struct DoctorCommand: ParsableCommand {
                           timeout: timeout, workers: workers,
                           traceDirectory: traceDirectory.map { URL(fileURLWithPath: ModuleLocator.absolute($0)) })
         plan.provider = providerPath
+        guard let entry = getpwnam(workerUser) else { throw UsageError("--worker-user \(workerUser): no such user: name one that exists (default nobody)") }
+        guard entry.pointee.pw_uid != 0 else { throw UsageError("--worker-user \(workerUser): that is root: name a user without root's rights (default nobody)") }
+        plan.workerUser = workerUser
         return plan
     }
 

@@ -22,13 +22,15 @@ struct DoctorHelperCommand: ParsableCommand {
     @Option(name: .customLong("key-class")) var keyClass: String?
     @Option var timeout: Int = 15
     @Option var workers: Int = 4
+    /// The user the children of worker-switches-user become.
+    @Option(name: .customLong("worker-user")) var workerUser: String = "nobody"
     /// pkcs11-provider's module, for the provider-workers scenario.
     @Option var provider: String?
 
     func run() throws {
         if scenario == DoctorScenario.providerWorkers.rawValue { try runThroughProvider() }
         // Kept alive until the process exits: the C side holds pointers into them.
-        let strings: [UnsafeMutablePointer<CChar>?] = [module, scenario, token, serial, keyLabel].map { $0.flatMap { strdup($0) } }
+        let strings: [UnsafeMutablePointer<CChar>?] = [module, scenario, token, serial, keyLabel, workerUser].map { $0.flatMap { strdup($0) } }
         let id = try keyID.map(Self.bytes(hex:))
         let idBuffer = id.map { bytes -> UnsafeMutablePointer<UInt8> in
             let buffer = UnsafeMutablePointer<UInt8>.allocate(capacity: max(bytes.count, 1))
@@ -49,6 +51,7 @@ struct DoctorHelperCommand: ParsableCommand {
         }
         options.child_timeout = Int32(max(timeout, 1))
         options.workers = Int32(min(max(workers, 1), 16))
+        options.worker_user = strings[5].map { UnsafePointer($0) }
         let status = doctor_run(&options, strings[1]!, 0)
         Foundation.exit(status)
     }

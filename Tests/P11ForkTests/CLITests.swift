@@ -33,15 +33,37 @@ import Testing
 
     // MARK: doctor
 
+    static let asRoot = getuid() == 0
+
+    /// Strict SoftHSM, its token folder root's alone (as Debian's /var/lib/softhsm/tokens): the
+    /// workers that switch to nobody cannot reach it directly; through p11fork `auto` runs a fresh
+    /// copy in most children and the broker for those, and the doctor says so.
     @Test func doctorShowsStrictSoftHSMFailingAfterForkAndEveryScenarioPassingThroughP11Fork() throws {
         let token = try strictToken()
+        #expect(chmod(token.directory.appendingPathComponent("tokens").path, 0o700) == 0)
         let result = try doctor(token, ["--pin", token.pin, "--token", token.label, "--key", "fork-key", "--allow-session-objects"])
         #expect(result.status == 0, "\(result.output)")
         expectNoPIN(result, token.pin)
         let out = result.stdout
-        #expect(out.contains("your module breaks after fork in 4 of 6 scenarios; with p11fork all pass"), "\(out)")
+        let switching = "4 workers that switch to nobody"
+        if Self.asRoot {
+            #expect(out.contains("your module breaks after fork in 6 of 8 scenarios; with p11fork all pass (auto picks fresh-copy; the broker for \(switching))"),
+                    "\(out)")
+            #expect(row(out, switching) == [switching, "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(out)")
+            let nobody = try #require(getpwnam("nobody")).pointee.pw_uid
+            #expect(out.contains("  broker in \(switching): the child runs as uid \(nobody), the parent as 0: the broker, which has the parent's rights, runs the module for this child\n"),
+                    "\(out)")
+            #expect(out.contains("  p11fork starts its broker (p11fork-broker, installed in \(URL(fileURLWithPath: Products.module).deletingLastPathComponent().path) beside libp11fork.so)"),
+                    "\(out)")
+        } else {
+            #expect(out.contains("your module breaks after fork in 5 of 7 scenarios; with p11fork all pass (auto picks fresh-copy)"), "\(out)")
+            #expect(row(out, switching) == [switching, "n/a", "n/a"], "\(out)")
+        }
+        #expect(out.contains("  fresh-copy in inherited session, child re-initialises, worker pool (4 children), 4 workers at the same instant, session object, operation in progress: the child can run the module itself"),
+                "\(out)")
         #expect(row(out, "inherited session") == ["inherited session", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(out)")
         #expect(row(out, "worker pool (4 children)") == ["worker pool (4 children)", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(out)")
+        #expect(row(out, "4 workers at the same instant") == ["4 workers at the same instant", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(out)")
         #expect(row(out, "session object") == ["session object", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(out)")
         #expect(row(out, "operation in progress") == ["operation in progress", "FAIL CKR_CRYPTOKI_NOT_INITIALIZED", "ok"], "\(out)")
         // SoftHSM with reset_on_fork lets a child start again, and a child's teardown does not reach the parent.
@@ -66,8 +88,8 @@ import Testing
         let scenarios = try #require(report["scenarios"] as? [[String: Any]])
         let byID = Dictionary(uniqueKeysWithValues: scenarios.map { ($0["id"] as? String ?? "", $0) })
         func status(_ id: String, _ route: String) -> String? { (byID[id]?[route] as? [String: Any])?["status"] as? String }
-        #expect(Set(byID.keys) == ["inherited-session", "child-reinitializes", "child-finalizes", "worker-pool", "session-object",
-                                   "operation-in-progress"])
+        #expect(Set(byID.keys) == ["inherited-session", "child-reinitializes", "child-finalizes", "worker-pool", "simultaneous-workers",
+                                   "worker-switches-user", "session-object", "operation-in-progress"])
         #expect(status("inherited-session", "direct") == "fail")
         #expect(status("worker-pool", "direct") == "fail")
         #expect(status("operation-in-progress", "direct") == "fail")
@@ -75,12 +97,30 @@ import Testing
         // Nothing is created on the token unless asked.
         #expect(status("session-object", "direct") == "skipped")
         #expect(status("session-object", "p11fork") == "skipped")
-        for id in byID.keys where id != "session-object" { #expect(status(id, "p11fork") == "ok", "\(id): \(result.stdout)") }
-        #expect(report["broken_directly"] as? Int == 3)
-        #expect(report["scenarios_run"] as? Int == 5)
+        #expect(status("simultaneous-workers", "direct") == "fail")
+        let switching = Self.asRoot ? "fail" : "n/a"
+        #expect(status("worker-switches-user", "direct") == switching)
+        for id in byID.keys where !["session-object", "worker-switches-user"].contains(id) {
+            #expect(status(id, "p11fork") == "ok", "\(id): \(result.stdout)")
+        }
+        #expect(status("worker-switches-user", "p11fork") == (Self.asRoot ? "ok" : "n/a"))
+        #expect(report["broken_directly"] as? Int == (Self.asRoot ? 5 : 4))
+        #expect(report["scenarios_run"] as? Int == (Self.asRoot ? 7 : 6))
         #expect(report["all_pass_with_p11fork"] as? Bool == true)
         #expect(report["strategy"] as? String == "auto")
-        #expect((report["verdict"] as? String) == "your module breaks after fork in 3 of 5 scenarios; with p11fork all pass")
+        #expect((report["verdict"] as? String) == (Self.asRoot
+            ? "your module breaks after fork in 5 of 7 scenarios; with p11fork all pass (auto picks fresh-copy; the broker for 4 workers that switch to nobody)"
+            : "your module breaks after fork in 4 of 6 scenarios; with p11fork all pass (auto picks fresh-copy)"))
+        // What auto chose, scenario by scenario, from p11fork's trace.
+        let choices = try #require(report["auto_choices"] as? [[String: Any]], "\(result.stdout)")
+        #expect(choices.first?["strategy"] as? String == "fresh-copy")
+        #expect(choices.first?["scenarios"] as? [String] == ["inherited session", "child re-initialises", "worker pool (4 children)",
+                                                             "4 workers at the same instant", "operation in progress"])
+        if Self.asRoot {
+            #expect(choices.count == 2 && choices.last?["strategy"] as? String == "broker", "\(choices)")
+            #expect(choices.last?["scenarios"] as? [String] == ["4 workers that switch to nobody"])
+            #expect((choices.last?["why"] as? String)?.hasSuffix("the broker, which has the parent's rights, runs the module for this child") == true)
+        }
         let key = try #require(report["key"] as? [String: Any])
         #expect(key["label"] as? String == "fork-key")
         #expect(key["chosen"] as? String == "first signing key on the token")
@@ -89,6 +129,7 @@ import Testing
         #expect(configuration["environment"] as? [String] == ["P11FORK_MODULE=\(RealModules.softHSM)"])
         #expect(configuration["config_file"] as? [String] == ["module = \(RealModules.softHSM)"])
         #expect(configuration["p11fork_module"] as? String == Products.module)
+        #expect((configuration["notes"] as? [String])?.count == (Self.asRoot ? 1 : 0))
     }
 
     @Test func doctorRejectsBadArgumentsWithOneLineThatNamesTheFix() throws {
@@ -108,6 +149,8 @@ import Testing
             (["--module", RealModules.softHSM, "--pin", wrongPIN], [:], "refused the PIN"),
             (["--module", RealModules.softHSM, "--pin", token.pin, "--timeout", "0"], [:], "--timeout"),
             (["--module", RealModules.softHSM, "--pin", token.pin, "--no-such-option"], [:], "--no-such-option"),
+            (["--module", RealModules.softHSM, "--pin", token.pin, "--worker-user", "no-such-user"], [:], "--worker-user no-such-user: no such user"),
+            (["--module", RealModules.softHSM, "--pin", token.pin, "--worker-user", "root"], [:], "--worker-user root: that is root"),
         ]
         for (arguments, environment, says) in cases {
             let result = try runProgram(Self.cli, ["doctor", "--p11fork", Products.module] + arguments,
@@ -121,6 +164,28 @@ import Testing
             expectNoPIN(result, token.pin)
             expectNoPIN(result, wrongPIN)
         }
+    }
+
+    /// tpm2-pkcs11 (a GLib stack, on a private software TPM): `auto` has the broker run it in
+    /// every child, and the doctor gives both reasons the trace gives: GLib, and the switched user.
+    @Test(.enabled(if: TPM2Token.available, "needs tpm2-pkcs11 and swtpm: run scripts/install-deps.sh"))
+    func doctorNamesTheBrokerAndWhyForTPM2() throws {
+        let token = try TPM2Token()
+        let command = token.launcher(keyLabel: "tpm-key") + [
+            Self.cli, "doctor", "--module", TPM2Token.module, "--p11fork", Products.module, "--pin-env", "DOCTOR_PIN",
+            "--token", token.label, "--key", "tpm-key", "--workers", "3"]
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: ["DOCTOR_PIN": token.pin], timeout: 300)
+        #expect(result.status == 0, "\(result.output)")
+        expectNoPIN(result, token.pin)
+        let out = result.stdout
+        #expect(out.contains("; with p11fork all pass (auto picks broker)"), "\(out)")
+        #expect(out.contains("  broker in inherited session, child re-initialises, worker pool (3 children), 3 workers at the same instant, operation in progress: the module's stack loads GLib, which cannot be loaded twice in one process: the broker runs it for this child\n"),
+                "\(out)")
+        if Self.asRoot {
+            #expect(out.contains("  broker in 3 workers that switch to nobody: the child runs as uid "), "\(out)")
+        }
+        #expect(out.contains("p11fork starts its broker (p11fork-broker"), "\(out)")
+        #expect(!out.contains("P11FORK_STRATEGY"), "\(out)")
     }
 
     /// A module that hangs in a child (a wrapper over SoftHSM, compiled here): the doctor reports

@@ -19,6 +19,10 @@ import Testing
 /// five runs here (`swift test --filter PythonConsumerTests` on the shared 2-core machine; all of
 /// scripts/test.sh 4 min 22 s), so nothing is left out for CI's sake. The signatures are RSA PKCS#1 v1.5 over SHA-256, made as CKM_RSA_PKCS over a
 /// DigestInfo because openCryptoki's soft token has no CKM_SHA256_RSA_PKCS.
+///
+/// As root, both examples also run with workers that switch to `nobody` right after fork
+/// (`--worker-user nobody`) over a SoftHSM token folder only root may read: directly the workers
+/// fail, through p11fork the broker serves them (4 runs, about 10 s here).
 @Suite(.serialized) struct PythonConsumerTests {
     enum Library: String, CaseIterable, Sendable { case pykcs11, pythonPKCS11 = "python-pkcs11" }
 
@@ -84,9 +88,11 @@ import Testing
     }
 
     /// Runs an example (`script` with its trailing arguments) directly or through p11fork.
-    static func run(_ setup: Setup, _ library: Library, _ script: String, _ extra: [String], throughP11Fork: Bool) throws -> Outcome {
+    static func run(_ setup: Setup, _ library: Library, _ script: String, _ extra: [String], throughP11Fork: Bool,
+                    timeout: TimeInterval = 120) throws -> Outcome {
         let traces = setup.token.directory.appendingPathComponent("python-trace-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: traces, withIntermediateDirectories: true)
+        // Open to all: a worker that switched to another user writes its own trace file there.
+        try FileManager.default.createDirectory(at: traces, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o777])
         var environment = setup.environment
         environment["PIN"] = setup.token.pin
         if throughP11Fork {
@@ -97,7 +103,7 @@ import Testing
         let module = throughP11Fork ? Products.module : setup.realModule
         let command = setup.launcher + [python, Products.example("python/\(script)"), library.rawValue, module,
                                         setup.token.label, setup.keyLabel] + extra
-        let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: 120)
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: timeout)
         let files = (try? FileManager.default.contentsOfDirectory(at: traces, includingPropertiesForKeys: nil)) ?? []
         let trace = files.compactMap { try? String(contentsOf: $0, encoding: .utf8) }.joined()
         return Outcome(result: result, trace: trace)
@@ -165,5 +171,43 @@ import Testing
     @Test(arguments: Case.all.filter { available($0.backend) })
     func gunicornWorkersSignWithTheMastersSessionAndKey(_ testCase: Case) throws {
         try Self.check(testCase, "run_gunicorn.py", ["8"], success: "signatures verified, made by 2 worker(s)")
+    }
+
+    // MARK: workers that switch user
+
+    /// Workers that switch from root to `nobody` right after fork (the pool's initializer,
+    /// gunicorn's `user`) over SoftHSM in its default mode, its token folder root's alone (as
+    /// Debian's /var/lib/softhsm/tokens): directly they cannot reach the token and fail; through
+    /// p11fork the broker, started with the parent's rights before the first fork, runs the
+    /// module for them, and every signature verifies.
+    static func checkWorkersAsNobody(_ library: Library, _ script: String, _ extra: [String], success: String) throws {
+        let token = try SoftHSMToken()
+        try token.generateKeyPair(label: "py-key")
+        #expect(chmod(token.directory.appendingPathComponent("tokens").path, 0o700) == 0)
+        let setup = Setup(token: token, keyLabel: "py-key", realModule: RealModules.softHSM, launcher: [], environment: token.environment)
+        // Directly SoftHSM, which cannot read the key's file as nobody, answers every worker at
+        // once (CKR_OBJECT_HANDLE_INVALID here, in well under a second): 45 s covers the pool's
+        // 30 s wait and gunicorn's start, and a run that hangs past it fails the test.
+        let direct = try run(setup, library, script, extra + ["--worker-user", "nobody"], throughP11Fork: false, timeout: 45)
+        #expect(direct.result.status == 1 && !direct.result.timedOut && !direct.result.stdout.contains(success)
+                && direct.result.stdout.contains("CKR_OBJECT_HANDLE_INVALID"), "directly: \(direct.report)")
+        let through = try run(setup, library, script, extra + ["--worker-user", "nobody"], throughP11Fork: true)
+        #expect(through.result.status == 0 && through.result.stdout.contains(success), "through p11fork: \(through.report)")
+        let nobody = try #require(getpwnam("nobody")).pointee.pw_uid
+        #expect(through.trace.contains("the child runs as uid \(nobody), the parent as 0: the broker, which has the parent's rights, runs the module for this child"),
+                "through p11fork: \(through.report)")
+        #expect(through.trace.contains("module served by the broker"), "through p11fork: \(through.report)")
+        #expect(!through.trace.contains(token.pin) && !through.result.output.contains(token.pin), "the PIN appeared")
+        #expect(!direct.result.output.contains(token.pin), "the PIN appeared")
+    }
+
+    @Test(.enabled(if: getuid() == 0, "the workers switch from root to nobody"), arguments: Library.allCases)
+    func poolWorkersThatSwitchToNobodySignThroughTheBroker(_ library: Library) throws {
+        try Self.checkWorkersAsNobody(library, "pool_sign.py", ["2", "6"], success: "6 of 6 signatures made by forked workers verified")
+    }
+
+    @Test(.enabled(if: getuid() == 0, "the workers switch from root to nobody"), arguments: Library.allCases)
+    func gunicornWorkersThatSwitchToNobodySignThroughTheBroker(_ library: Library) throws {
+        try Self.checkWorkersAsNobody(library, "run_gunicorn.py", ["8"], success: "signatures verified, made by 2 worker(s)")
     }
 }

@@ -4,13 +4,18 @@ data to /sign, verifies every signature with the public key, and stops gunicorn.
 are made to sign: one request is held half-sent, which keeps the sync worker that accepted it
 busy, so the other requests go to the other worker; then the held request is completed.
 
-    PIN=... python run_gunicorn.py {pykcs11|python-pkcs11} MODULE TOKEN_LABEL KEY_LABEL [REQUESTS]
+    PIN=... python run_gunicorn.py [--worker-user USER] {pykcs11|python-pkcs11} MODULE TOKEN_LABEL KEY_LABEL [REQUESTS]
 
-Exits 0 when every signature verifies and two distinct workers signed.
+Exits 0 when every signature verifies and two distinct workers signed. With --worker-user (run
+as root), gunicorn's workers switch to USER (and its group) after fork: gunicorn.conf.py's
+`user` and `group`.
 """
+import argparse
 import base64
+import grp
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -36,10 +41,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(library, module, token_label, key_label):
+def start(library, module, token_label, key_label, worker_user=None):
     """gunicorn's master process and the base URL, once it serves; retries another port if taken."""
     environment = dict(os.environ, PKCS11_LIBRARY=library, PKCS11_MODULE=module, TOKEN_LABEL=token_label,
                        KEY_LABEL=key_label)
+    if worker_user:
+        environment.update(WORKER_USER=worker_user, WORKER_GROUP=grp.getgrgid(pwd.getpwnam(worker_user).pw_gid).gr_name)
     for _ in range(5):
         url = f"http://127.0.0.1:{free_port()}"
         log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty module cannot block gunicorn
@@ -135,11 +142,16 @@ class HeldRequest:
 
 
 def main():
-    if len(sys.argv) < 5 or "PIN" not in os.environ:
+    arguments = argparse.ArgumentParser(usage=__doc__.split("\n\n")[1].strip())
+    arguments.add_argument("--worker-user")
+    for name in ("library", "module", "token_label", "key_label"):
+        arguments.add_argument(name)
+    arguments.add_argument("requests", nargs="?", type=int, default=12)
+    options = arguments.parse_args()
+    if "PIN" not in os.environ:
         raise SystemExit(__doc__)
-    library, module, token_label, key_label = sys.argv[1:5]
-    requests = int(sys.argv[5]) if len(sys.argv) > 5 else 12
-    master, url, pem = start(library, module, token_label, key_label)
+    requests = options.requests
+    master, url, pem = start(options.library, options.module, options.token_label, options.key_label, options.worker_user)
     del os.environ["PIN"]
     public_key = serialization.load_pem_public_key(pem)
     answers = []

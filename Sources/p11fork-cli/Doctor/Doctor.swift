@@ -18,6 +18,8 @@ struct DoctorPlan {
     var traceDirectory: URL?
     /// pkcs11-provider's pkcs11.so, with --consumer provider: its scenario runs too.
     var provider: String? = nil
+    /// The user the children of the worker-switches-user scenario become.
+    var workerUser = "nobody"
 
     var scenarios: [DoctorScenario] { DoctorScenario.allCases.filter { $0 != .providerWorkers || provider != nil } }
     var keyNamed: Bool { keyLabel != nil || keyID != nil }
@@ -26,7 +28,7 @@ struct DoctorPlan {
 /// Runs the probe and the scenarios, directly and through p11fork, each in a helper process;
 /// tries the other strategies when `auto` leaves a scenario failing.
 struct Doctor {
-    static let strategies = ["auto", "fresh-copy", "out-of-process", "reinitialize"]
+    static let strategies = ["auto", "fresh-copy", "out-of-process", "reinitialize", "broker"]
 
     let plan: DoctorPlan
     let helper: HelperProcess
@@ -48,6 +50,8 @@ struct Doctor {
 
     func cleanUp() { try? FileManager.default.removeItem(at: workDirectory) }
 
+    func title(_ scenario: DoctorScenario) -> String { scenario.title(workers: plan.workers, user: plan.workerUser) }
+
     // MARK: the runs
 
     /// Through p11fork, or directly on the module.
@@ -67,6 +71,7 @@ struct Doctor {
         if let label { arguments += ["--key-label", label] }
         if let id { arguments += ["--key-id", id] }
         if let keyClass = key?.keyClass ?? plan.keyClass { arguments += ["--key-class", keyClass] }
+        if scenario == DoctorScenario.workerSwitchesUser.rawValue { arguments += ["--worker-user", plan.workerUser] }
         if scenario == DoctorScenario.providerWorkers.rawValue, let provider = plan.provider {
             arguments += ["--provider", provider]
         }
@@ -210,7 +215,7 @@ extension Doctor {
         let p11forkProblem = try probeThroughP11Fork(key)
         var direct: [DoctorScenario: ScenarioOutcome] = [:]
         for scenario in plan.scenarios {
-            if !(scenario == .sessionObject && !plan.allowSessionObjects) { progress("\(scenario.title(workers: plan.workers)), directly") }
+            if !(scenario == .sessionObject && !plan.allowSessionObjects) { progress("\(title(scenario)), directly") }
             direct[scenario] = try outcome(scenario, .direct, key: key)
         }
 
@@ -225,7 +230,7 @@ extension Doctor {
                 var outcomes: [ScenarioOutcome] = []
                 for scenario in plan.scenarios {
                     if direct[scenario]!.status == .skipped { outcomes.append(direct[scenario]!); continue }
-                    progress("\(scenario.title(workers: plan.workers)), through p11fork (strategy \(strategy))")
+                    progress("\(title(scenario)), through p11fork (strategy \(strategy))")
                     outcomes.append(try outcome(scenario, .p11fork(strategy: strategy), key: key))
                 }
                 attempts.append(attempt(strategy, outcomes, direct: direct))
@@ -236,12 +241,13 @@ extension Doctor {
         let passing = attempts.first { $0.failures == 0 }
         let shown = passing ?? attempts.min { $0.failures < $1.failures }!
         let scenarios = plan.scenarios.map { scenario in
-            DoctorReport.Scenario(id: scenario.rawValue, title: scenario.title(workers: plan.workers), direct: direct[scenario]!,
+            DoctorReport.Scenario(id: scenario.rawValue, title: title(scenario), direct: direct[scenario]!,
                                   p11fork: shown.outcomes[scenario.rawValue]!)
         }
         let counted = scenarios.filter { $0.direct.counts }
         let broken = counted.filter { $0.direct.isBroken }.count
         let strategy = p11forkProblem == nil ? passing?.strategy : nil
+        let choices = shown.strategy == "auto" && p11forkProblem == nil ? autoChoices() : []
         return DoctorReport(
             module: plan.module, p11fork: plan.p11fork, token: key.tokenLabel, tokenSerial: key.tokenSerial,
             key: DoctorReport.Key(label: key.keyLabel, id: key.keyID, keyClass: key.keyClass, type: key.keyType,
@@ -252,10 +258,45 @@ extension Doctor {
             failingWithP11fork: shown.failures, strategy: strategy, strategiesTried: attempts, p11forkProblem: p11forkProblem,
             allPassWithP11fork: shown.failures == 0 && p11forkProblem == nil,
             verdict: DoctorReport.verdict(brokenDirectly: broken, run: counted.count, failing: shown.failures,
-                                          strategy: strategy, problem: p11forkProblem),
+                                          strategy: strategy, problem: p11forkProblem, choices: choices),
             configuration: p11forkProblem == nil
-                ? DoctorReport.configuration(module: plan.module, p11fork: plan.p11fork, strategy: shown.strategy) : nil
+                ? DoctorReport.configuration(module: plan.module, p11fork: plan.p11fork, strategy: shown.strategy, choices: choices) : nil,
+            autoChoices: shown.strategy == "auto" && p11forkProblem == nil ? choices : nil
         )
+    }
+
+    /// What `auto` chose in the children of each scenario, from the lines p11fork's trace says it
+    /// with, grouped by strategy and reason.
+    private func autoChoices() -> [DoctorReport.AutoChoice] {
+        var choices: [DoctorReport.AutoChoice] = []
+        for scenario in plan.scenarios {
+            guard let trace = traceFile(scenario.rawValue, .p11fork(strategy: "auto")),
+                  let text = try? String(contentsOf: trace, encoding: .utf8) else { continue }
+            let messages = TraceFile(text: text).records.compactMap { record -> String? in
+                if case .event(let level, let message) = record.kind, level == "fork" { return message }
+                return nil
+            }
+            guard let (strategy, why) = messages.lazy.compactMap(Self.autoChoice).first else { continue }
+            if let index = choices.firstIndex(where: { $0.strategy == strategy && $0.why == why }) {
+                choices[index].scenarios.append(title(scenario))
+            } else {
+                choices.append(DoctorReport.AutoChoice(strategy: strategy, why: why, scenarios: [title(scenario)]))
+            }
+        }
+        return choices
+    }
+
+    /// The strategy and reason in one of p11fork's fork trace lines, if it says how a child recovers.
+    static func autoChoice(_ message: String) -> (strategy: String, why: String)? {
+        if message.contains("broker") && (message.contains("runs the module for this child") || message.contains("runs it for this child")) {
+            return ("broker", message)
+        }
+        if message.hasPrefix("fresh private copy of the module initialised") {
+            return ("fresh-copy", "the child can run the module itself: it loads and initialises a private copy of it")
+        }
+        if message.contains("running it in a helper process") { return ("out-of-process", message) }
+        if message.contains("re-initialising") && message.contains("in place") { return ("reinitialize", message) }
+        return nil
     }
 
     /// A scenario fails through p11fork when it breaks, or cannot run where it ran directly.

@@ -41,10 +41,19 @@ struct DoctorReport: Codable {
         var configFile: [String]
         /// The module path to give the application.
         var p11forkModule: String
+        /// What to know about the strategy auto picks (e.g. that it starts the broker).
+        var notes: [String] = []
 
         enum CodingKeys: String, CodingKey {
-            case environment, configFile = "config_file", p11forkModule = "p11fork_module"
+            case environment, notes, configFile = "config_file", p11forkModule = "p11fork_module"
         }
+    }
+
+    /// How `auto` made the module work in the children of some scenarios, and why (from p11fork's trace).
+    struct AutoChoice: Codable, Equatable {
+        var strategy: String
+        var why: String
+        var scenarios: [String]
     }
 
     var module: String
@@ -68,32 +77,58 @@ struct DoctorReport: Codable {
     var allPassWithP11fork: Bool
     var verdict: String
     var configuration: Configuration?
+    /// With `auto`: the strategy it picked in the children, scenario by scenario (nil otherwise).
+    var autoChoices: [AutoChoice]?
 
     enum CodingKeys: String, CodingKey {
         case module, p11fork, token, key, scenarios, strategy, verdict, configuration
+        case autoChoices = "auto_choices"
         case tokenSerial = "token_serial", scenariosRun = "scenarios_run", brokenDirectly = "broken_directly"
         case failingWithP11fork = "failing_with_p11fork", strategiesTried = "strategies_tried", p11forkProblem = "p11fork_problem"
         case allPassWithP11fork = "all_pass_with_p11fork"
     }
 
-    static func verdict(brokenDirectly: Int, run: Int, failing: Int, strategy: String?, problem: String?) -> String {
+    static func verdict(brokenDirectly: Int, run: Int, failing: Int, strategy: String?, problem: String?,
+                        choices: [AutoChoice] = []) -> String {
         let direct = brokenDirectly == 0
             ? "your module keeps working after fork in all \(run) scenarios"
             : "your module breaks after fork in \(brokenDirectly) of \(run) scenarios"
         if let problem { return "\(direct); p11fork cannot use the module: \(problem)" }
         if failing > 0 { return "\(direct); with p11fork \(failing) still fail (see below)" }
         let how = strategy.map { $0 == "auto" ? "" : " (with P11FORK_STRATEGY=\($0))" } ?? ""
-        return "\(direct); with p11fork all pass\(how)"
+        return "\(direct); with p11fork all pass\(how)" + (strategy == "auto" ? picks(choices).map { " (auto picks \($0))" } ?? "" : "")
     }
 
-    static func configuration(module: String, p11fork: String, strategy: String) -> Configuration {
+    /// "fresh-copy" or "fresh-copy; the broker for 4 workers switch to nobody": the strategy of most
+    /// scenarios, then the others with the scenarios they served.
+    static func picks(_ choices: [AutoChoice]) -> String? {
+        var byStrategy: [(strategy: String, scenarios: [String])] = []
+        for choice in choices {
+            if let index = byStrategy.firstIndex(where: { $0.strategy == choice.strategy }) {
+                byStrategy[index].scenarios += choice.scenarios
+            } else {
+                byStrategy.append((choice.strategy, choice.scenarios))
+            }
+        }
+        guard let main = byStrategy.max(by: { $0.scenarios.count < $1.scenarios.count }) else { return nil }
+        let others = byStrategy.filter { $0.strategy != main.strategy }
+            .map { "\($0.strategy == "broker" ? "the broker" : $0.strategy) for \($0.scenarios.joined(separator: ", "))" }
+        return ([main.strategy] + others).joined(separator: "; ")
+    }
+
+    static func configuration(module: String, p11fork: String, strategy: String, choices: [AutoChoice] = []) -> Configuration {
         var environment = ["P11FORK_MODULE=\(module)"]
         var file = ["module = \(module)"]
         if strategy != "auto" {
             environment.append("P11FORK_STRATEGY=\(strategy)")
             file.append("strategy = \(strategy)")
         }
-        return Configuration(environment: environment, configFile: file, p11forkModule: p11fork)
+        var notes: [String] = []
+        if strategy == "broker" || choices.contains(where: { $0.strategy == "broker" }) {
+            let folder = URL(fileURLWithPath: p11fork).deletingLastPathComponent().path
+            notes.append("p11fork starts its broker (p11fork-broker, installed in \(folder) beside libp11fork.so) with the application's rights before its first fork: keep it there")
+        }
+        return Configuration(environment: environment, configFile: file, p11forkModule: p11fork, notes: notes)
     }
 
     // MARK: text
@@ -144,6 +179,13 @@ struct DoctorReport: Codable {
             lines.append("")
             lines.append("not run: \(skipped.map(\.title).joined(separator: ", ")) (creates a session key on the token: add --allow-session-objects)")
         }
+        if let autoChoices, !autoChoices.isEmpty {
+            lines.append("")
+            lines.append("how auto recovers the module in the children:")
+            for choice in autoChoices {
+                lines.append("  \(choice.strategy) in \(choice.scenarios.joined(separator: ", ")): \(choice.why)")
+            }
+        }
         if strategiesTried.count > 1 {
             lines.append("")
             lines.append("strategies tried: " + strategiesTried.map { "\($0.strategy) (\($0.failures) failing)" }.joined(separator: ", "))
@@ -158,6 +200,7 @@ struct DoctorReport: Codable {
             lines.append("  or put in /etc/p11fork.conf (read when nothing else names the module), or in a file named by P11FORK_CONFIG:")
             lines += configuration.configFile.map { "    \($0)" }
             lines.append("  (the module's own settings, such as SOFTHSM2_CONF, stay as they are)")
+            lines += configuration.notes.map { "  \($0)" }
         } else {
             lines.append("no configuration to give: p11fork could not use the module (run with P11FORK_TRACE=stderr to see why)")
         }

@@ -10,6 +10,11 @@ enum DoctorScenario: String, CaseIterable, Codable, Sendable {
     case childFinalizes = "child-finalizes"
     /// Several children at once, each signing a few times with the parent's handles.
     case workerPool = "worker-pool"
+    /// The same pool, every child let go at the same instant: all recover the module at once.
+    case simultaneousWorkers = "simultaneous-workers"
+    /// Run as root, each child of the pool switches to another user (--worker-user) before its
+    /// first call, as a web server's workers do: the child lacks the rights the module needs.
+    case workerSwitchesUser = "worker-switches-user"
     /// A session key made by C_CreateObject in the parent, used in the child (opt-in).
     case sessionObject = "session-object"
     /// C_SignInit and a first C_SignUpdate in the parent, the rest and C_SignFinal in the child.
@@ -18,12 +23,14 @@ enum DoctorScenario: String, CaseIterable, Codable, Sendable {
     /// through OSSL_STORE, forked workers sign with it, the parent keeps signing.
     case providerWorkers = "provider-workers"
 
-    func title(workers: Int) -> String {
+    func title(workers: Int, user: String = "nobody") -> String {
         switch self {
         case .inheritedSession: return "inherited session"
         case .childReinitializes: return "child re-initialises"
         case .childFinalizes: return "child finalizes"
         case .workerPool: return "worker pool (\(workers) children)"
+        case .simultaneousWorkers: return "\(workers) workers at the same instant"
+        case .workerSwitchesUser: return "\(workers) workers that switch to \(user)"
         case .sessionObject: return "session object"
         case .operationInProgress: return "operation in progress"
         case .providerWorkers: return "pkcs11-provider, \(workers) forked workers"

@@ -7,6 +7,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -82,13 +84,18 @@ static void collect(int fd, child_report *report) {
 
 typedef int (*child_body)(int fd, int index);
 
+/// Children wait at this gate until all of them are forked (run_children with a stagger of -1).
+static int gate[2] = { -1, -1 };
+
 /// Forks `count` children running `body`, each after `stagger_ms` times its index (several
 /// processes logging in at the same instant race in some modules' file stores, with or without
-/// p11fork), and collects what each sent and how it ended.
+/// p11fork), and collects what each sent and how it ended. A stagger of -1 holds every child at
+/// a gate until the last one is forked, then lets them all go at once.
 static int run_children(int count, child_body body, int stagger_ms) {
     pid_t pids[MAX_CHILDREN];
     int fds[MAX_CHILDREN];
     memset(reports, 0, sizeof reports);
+    if (stagger_ms < 0 && pipe2(gate, O_CLOEXEC) != 0) return 0;
     for (int i = 0; i < count; i++) {
         int p[2];
         // Close-on-exec: a helper process the module starts in a child must not hold the pipe open.
@@ -98,12 +105,25 @@ static int run_children(int count, child_body body, int stagger_ms) {
         if (pid == 0) {
             close(p[0]);
             alarm((unsigned)doctor_opts->child_timeout);
-            if (stagger_ms) usleep((useconds_t)(i * stagger_ms * 1000));
+            if (stagger_ms < 0) {
+                // The gate opens when the parent closes its end: read() returns 0 in every child at once.
+                char byte;
+                close(gate[1]);
+                while (read(gate[0], &byte, 1) < 0 && errno == EINTR) {}
+                close(gate[0]);
+            } else if (stagger_ms) {
+                usleep((useconds_t)(i * stagger_ms * 1000));
+            }
             _exit(body(p[1], i + 1));
         }
         close(p[1]);
         pids[i] = pid;
         fds[i] = p[0];
+    }
+    if (stagger_ms < 0) {
+        close(gate[0]);
+        close(gate[1]);
+        gate[0] = gate[1] = -1;
     }
     for (int i = 0; i < count; i++) {
         collect(fds[i], &reports[i]);
@@ -263,19 +283,67 @@ static int scenario_child_finalizes(void) {
 // A pool of workers forked at once, each signing a few times with the parent's handles.
 static int pool_child(int fd, int index) { (void)index; return child_signs(fd, POOL_SIGNATURES); }
 
-static int scenario_worker_pool(void) {
+/// Forks the pool (`workers` children running `body`, each signing POOL_SIGNATURES times), checks
+/// every signature and that the parent still signs: DOCTOR_OK, or the status of the failing
+/// result it wrote. `as` follows "children" in a failure (" (as nobody)", or "").
+static int run_pool(child_body body, int stagger_ms, const char *as, int *checked) {
     char problem[400];
-    int workers = doctor_opts->workers, checked;
-    if (!run_children(workers, pool_child, 100)) return doctor_result(DOCTOR_ERROR, "fork pipe() or fork() failed: %s", strerror(errno));
+    int workers = doctor_opts->workers;
+    if (!run_children(workers, body, stagger_ms)) return doctor_result(DOCTOR_ERROR, "fork pipe() or fork() failed: %s", strerror(errno));
     int failed = 0;
     for (int i = 0; i < workers; i++) failed += child_failed(&reports[i]);
-    if (!check_signatures(workers, POOL_SIGNATURES, problem, sizeof problem, &checked)) {
-        if (failed > 1) return doctor_result(DOCTOR_FAIL, "%d of %d children failed; %s", failed, workers, problem);
-        return doctor_result(DOCTOR_FAIL, "%s", problem);
+    if (!check_signatures(workers, POOL_SIGNATURES, problem, sizeof problem, checked)) {
+        if (failed > 1) return doctor_result(DOCTOR_FAIL, "%d of %d children%s failed; %s", failed, workers, as, problem);
+        return doctor_result(DOCTOR_FAIL, "%s%s", problem, as);
     }
     if (!parent_still_signs(problem, sizeof problem)) return doctor_result(DOCTOR_FAIL, "%s", problem);
-    return doctor_result(DOCTOR_OK, "%d children signed %d times each (%d signatures %s); the parent still signs", workers,
+    return DOCTOR_OK;
+}
+
+static int scenario_worker_pool(void) {
+    int checked, status = run_pool(pool_child, 100, "", &checked);
+    if (status != DOCTOR_OK) return status;
+    return doctor_result(DOCTOR_OK, "%d children signed %d times each (%d signatures %s); the parent still signs", doctor_opts->workers,
                          POOL_SIGNATURES, checked, doctor_check_description());
+}
+
+// The same pool, all children let go at the same instant: every one recovers the module at once.
+static int scenario_simultaneous_workers(void) {
+    int checked, status = run_pool(pool_child, -1, "", &checked);
+    if (status != DOCTOR_OK) return status;
+    return doctor_result(DOCTOR_OK, "%d children, let go at the same instant, signed %d times each (%d signatures %s); the parent still signs",
+                         doctor_opts->workers, POOL_SIGNATURES, checked, doctor_check_description());
+}
+
+// Workers that drop root's rights right after fork (a web server's workers, a pool's initializer):
+// the user is looked up in the parent, the child switches to it before its first call.
+static uid_t worker_uid;
+static gid_t worker_gid;
+
+static int switching_child(int fd, int index) {
+    (void)index;
+    if (setgroups(0, NULL) != 0 || setgid(worker_gid) != 0 || setuid(worker_uid) != 0) {
+        send_text(fd, 'P', "switching to uid %u failed: %s", (unsigned)worker_uid, strerror(errno));
+        return 3;
+    }
+    return child_signs(fd, POOL_SIGNATURES);
+}
+
+static int scenario_worker_switches_user(void) {
+    const char *user = doctor_opts->worker_user ? doctor_opts->worker_user : "nobody";
+    if (geteuid() != 0)
+        return doctor_result(DOCTOR_NOT_APPLICABLE, "the children switch from root to %s: run the doctor as root to try it", user);
+    struct passwd *entry = getpwnam(user);
+    if (!entry) return doctor_result(DOCTOR_NOT_APPLICABLE, "there is no user named %s", user);
+    if (entry->pw_uid == 0) return doctor_result(DOCTOR_NOT_APPLICABLE, "%s is root: the children would not switch user", user);
+    worker_uid = entry->pw_uid;
+    worker_gid = entry->pw_gid;
+    char as[80];
+    snprintf(as, sizeof as, " (as %s)", user);
+    int checked, status = run_pool(switching_child, 100, as, &checked);
+    if (status != DOCTOR_OK) return status;
+    return doctor_result(DOCTOR_OK, "%d children switched to %s (uid %u) and signed %d times each (%d signatures %s); the parent still signs",
+                         doctor_opts->workers, user, (unsigned)worker_uid, POOL_SIGNATURES, checked, doctor_check_description());
 }
 
 // A session key made by C_CreateObject (never a token object), used in the child.
@@ -450,6 +518,8 @@ int doctor_run_fork_scenario(const char *scenario) {
         { "child-reinitializes", scenario_child_reinitializes },
         { "child-finalizes", scenario_child_finalizes },
         { "worker-pool", scenario_worker_pool },
+        { "simultaneous-workers", scenario_simultaneous_workers },
+        { "worker-switches-user", scenario_worker_switches_user },
         { "session-object", scenario_session_object },
         { "operation-in-progress", scenario_operation },
     };

@@ -19,6 +19,7 @@ typedef struct {
     int key_class;                // DOCTOR_KEY_ANY, DOCTOR_KEY_PRIVATE or DOCTOR_KEY_SECRET
     int child_timeout;            // seconds before a child counts as hung
     int workers;                  // children of the worker-pool scenario (1...16)
+    const char *worker_user;      // the user the children of worker-switches-user become (NULL: nobody)
 } doctor_options;
 
 /// Reads the PIN from `pin_fd` (to its end), runs `scenario` ("probe" or a fork scenario) and
