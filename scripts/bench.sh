@@ -5,7 +5,7 @@
 # compared as ratios of medians, never as absolute figures alone.
 #   scripts/bench.sh            about 6 minutes; writes benchmarks/results.txt and benchmarks/recovery.png
 #   scripts/bench.sh --quick    fewer rounds and signatures (about 2 minutes)
-#   scripts/bench.sh --broker   only the broker's figures (section 6, about a minute)
+#   scripts/bench.sh --broker   only the broker's figures (section 6, a few minutes; benchmarks/broker.txt)
 # Installs valgrind and gnuplot when missing (as root), like scripts/install-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +47,9 @@ tool --keypairgen --key-type rsa:2048 --label rsa --id 01
 tool --keypairgen --key-type EC:prime256v1 --label ec --id 02
 tool --keygen --key-type GENERIC:32 --label hmac --id 03
 
-exec > >(tee "$out/results.txt")
+results=results.txt
+[ $broker_only = 1 ] && results=broker.txt
+exec > >(tee "$out/$results")
 printf '%s\n' "p11fork benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)"
 printf '%s\n' "SoftHSM $(dpkg-query -W -f='${Version}' softhsm2 2>/dev/null) (library.reset_on_fork = true), release build of p11fork $(git describe --always --dirty 2>/dev/null || echo '')"
 printf '\n%-64s %s\n' "measure" "figure"
@@ -78,11 +80,11 @@ broker_figures() {
   done
   col() { awk -v c="$2" '{print $c}' "$1" | median; }
   row "C_GetSessionInfo, us/call: alone / child copy / child via broker / p11-kit client" \
-      "$(for c in 1 2 3 4; do col "$work/b.calls" $c; done | awk '{printf "%s%.2f", NR > 1 ? " / " : "", $1 / 1000}')"
+      "$(for c in 1 2 3 4; do col "$work/b.calls" $c; done | awk '{printf "%s%.2f", (NR > 1 ? " / " : ""), $1 / 1000}')"
   local added=$(awk '{print ($3 - $1) / ($4 - $1)}' "$work/b.calls" | median)
   row "  what the broker adds / what p11-kit adds (goal: at most 0.5)" "$(printf '%.2f' "$added")"
   row "EC P-256 init+sign, us: alone / child copy / child via broker / p11-kit client" \
-      "$(for c in 1 2 3 4; do col "$work/b.eps" $c; done | awk '{printf "%s%.0f", NR > 1 ? " / " : "", 1e6 / $1}')"
+      "$(for c in 1 2 3 4; do col "$work/b.eps" $c; done | awk '{printf "%s%.0f", (NR > 1 ? " / " : ""), 1e6 / $1}')"
   added=$(awk '{print (1e6 / $3 - 1e6 / $1) / (1e6 / $4 - 1e6 / $1)}' "$work/b.eps" | median)
   row "  what the broker adds / what p11-kit adds (goal: at most 0.5)" "$(printf '%.2f' "$added")"
   # Two workers at once, each a child signing on one thread: through the broker, with copies.

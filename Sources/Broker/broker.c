@@ -43,6 +43,8 @@
 enum { CONTROL_FD = 3, TRACE_FD = 4, ACCEPT_SECONDS = 10, MAX_SESSIONS = 4096 };
 
 static const char *module_path;
+/// --eager: load and initialise the module at once (P11FORK_STRATEGY=broker: every child will ask).
+static int eager;
 static int trace_fd = -1;
 static int trace_json;
 
@@ -116,6 +118,12 @@ static CK_RV module_ready(void) {
     CK_RV state = module_state;
     pthread_mutex_unlock(&module_lock);
     return state;
+}
+
+static void *load_in_background(void *unused) {
+    (void)unused;
+    module_ready();
+    return NULL;
 }
 
 // MARK: one child's view of the shared module
@@ -400,6 +408,7 @@ static int next_request(Request *request) {
 int main(int argc, char **argv) {
     for (int i = 1; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--module") == 0) module_path = argv[i + 1];
+        else if (strcmp(argv[i], "--eager") == 0) eager = strcmp(argv[i + 1], "yes") == 0;
         else if (strcmp(argv[i], "--trace-format") == 0) {
             trace_fd = TRACE_FD;
             trace_json = strcmp(argv[i + 1], "json") == 0;
@@ -436,6 +445,11 @@ int main(int argc, char **argv) {
     }
     if (send(CONTROL_FD, hello, (size_t)length, 0) != length || !serve_module) return 4;
     trace("started for the application's children (module %s)", module_path);
+    if (eager) {
+        // In the background: the application goes on with its fork meanwhile.
+        pthread_t loader;
+        if (pthread_create(&loader, NULL, load_in_background, NULL) == 0) pthread_detach(loader);
+    }
 
     for (;;) {
         Request request = { 0 };

@@ -194,8 +194,8 @@ import Testing
         let through = try run(setup, library, script, extra + ["--worker-user", "nobody"], throughP11Fork: true)
         #expect(through.result.status == 0 && through.result.stdout.contains(success), "through p11fork: \(through.report)")
         let nobody = try #require(getpwnam("nobody")).pointee.pw_uid
-        #expect(through.trace.contains("the child runs as uid \(nobody), the parent as 0: the broker, which has the parent's rights, runs the module for this child"),
-                "through p11fork: \(through.report)")
+        // The worker's own copy cannot read the root-only token folder; the broker serves it.
+        #expect(through.trace.contains("the child runs as uid \(nobody), the parent as 0"), "through p11fork: \(through.report)")
         #expect(through.trace.contains("module served by the broker"), "through p11fork: \(through.report)")
         #expect(!through.trace.contains(token.pin) && !through.result.output.contains(token.pin), "the PIN appeared")
         #expect(!direct.result.output.contains(token.pin), "the PIN appeared")

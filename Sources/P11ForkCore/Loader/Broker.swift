@@ -129,7 +129,8 @@ enum Broker {
         defer { posix_spawn_file_actions_destroy(&actions) }
         for fd in Int32(0)...2 { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
         posix_spawn_file_actions_adddup2(&actions, brokerEnd, 3)
-        var arguments = [program, "--module", modulePath]
+        // With the broker forced, every child will ask: it initialises the module at once.
+        var arguments = [program, "--module", modulePath, "--eager", ModuleRecovery.strategy == .broker ? "yes" : "no"]
         if traceCopy >= 0 {
             posix_spawn_file_actions_adddup2(&actions, traceCopy, 4)
             arguments += ["--trace-format", Trace.format == .json ? "json" : "text"]

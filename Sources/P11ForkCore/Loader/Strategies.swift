@@ -96,7 +96,7 @@ enum ModuleRecovery {
         }
         if inherited.loadsGLib {
             if brokerRuns {
-                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: the broker runs it for this child")
+                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process\(change.map { " (\($0))" } ?? ""): the broker runs it for this child")
                 return broker(inherited)
             }
             guard OutOfProcess.isAvailable else {
