@@ -71,7 +71,7 @@ def closure_params(params):
 
 
 def operation_hook(name, params, hook):
-    """The call that tells Replay/Operations.swift what this call did to an operation."""
+    """The call that tells Operations (Replay/OperationsRecording.swift) what this call did to an operation."""
     what, *rest = hook
     key = next((ns[0] for k, ns in params if k == "object" and ns[0] == "hKey"), None)
     if what == "init":

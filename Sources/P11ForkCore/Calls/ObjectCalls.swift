@@ -84,7 +84,7 @@ extension Custom {
         return rv
     }
 
-    // MARK: searching (a search the parent began is continued in a child: Replay/Operations.swift)
+    // MARK: searching (a search the parent began is continued in a child: Replay/OperationsReplay.swift)
 
     static let C_FindObjectsInit: CK_C_FindObjectsInit = { hSession, pTemplate, ulCount in
         let call = Call(.C_FindObjectsInit)
