@@ -1,50 +1,9 @@
 import CPKCS11
 
-// Object calls that hand out or take back object handles, or make session objects a child must
-// be able to make again (PKCS#11 2.40 sections 5.7 and 5.14; Replay/SessionObjects.swift).
+// Object calls that change or take back object handles a child may have to make again, and the
+// search, which a child may have to continue (PKCS#11 2.40 section 5.7; Replay/SessionObjects.swift).
+// The calls that make objects are generated (`@created` in codegen/pkcs11-functions.txt).
 extension Custom {
-    static let C_CreateObject: CK_C_CreateObject = { hSession, pTemplate, ulCount, phObject in
-        let call = Call(.C_CreateObject)
-        guard let function = call.functions?.pointee.C_CreateObject else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount, phObject)
-        if rv == CKR_OK, let phObject {
-            phObject.pointee = Objects.expose(real: phObject.pointee, session: hSession)
-            SessionObjects.created(phObject.pointee, session: hSession, pTemplate, ulCount)
-        }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            line.newObject("object", phObject, rv)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_CopyObject: CK_C_CopyObject = { hSession, hObject, pTemplate, ulCount, phNewObject in
-        let call = Call(.C_CopyObject)
-        guard let function = call.functions?.pointee.C_CopyObject else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount, phNewObject)
-        if rv == CKR_OK, let phNewObject {
-            phNewObject.pointee = Objects.expose(real: phNewObject.pointee, session: hSession)
-            SessionObjects.copied(phNewObject.pointee, from: hObject, session: hSession, pTemplate, ulCount)
-        }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.object("object", hObject)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            line.newObject("newObject", phNewObject, rv)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
     static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
         let call = Call(.C_SetAttributeValue)
         guard let function = call.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
