@@ -107,6 +107,8 @@ def operation_hook(name, params, hook):
         return "Operations.stateSet(hSession, rv)"
     if what == "created":
         return None  # written with each new object handle (created_hook)
+    if what == "ok":
+        return f"if rv == CKR_OK {{ {rest[0]}({', '.join(hook_arguments(rest[1:]))}) }}"
     raise SystemExit(f"{name}: unknown hook @{':'.join(hook)}")
 
 
@@ -120,11 +122,17 @@ def created_hook(name, params, new):
     hook = hooks[0]
     if len(hook) < 2:
         raise SystemExit(f"{name}: @created names the SessionObjects function that records the new object")
-    args = [f"{new}.pointee", "session: hSession"]
-    for arg in (hook[2].split(",") if len(hook) > 2 else []):
+    args = [f"{new}.pointee", "session: hSession"] + hook_arguments(hook[2:])
+    return f"SessionObjects.{hook[1]}({', '.join(args)})"
+
+
+def hook_arguments(rest):
+    """A hook's ARG,... (each a parameter's name or label=VALUE) as Swift arguments."""
+    args = []
+    for arg in (rest[0].split(",") if rest else []):
         label, _, value = arg.rpartition("=")
         args.append(f"{label}: {value}" if label else value)
-    return f"SessionObjects.{hook[1]}({', '.join(args)})"
+    return args
 
 
 def forwarder(name, params):

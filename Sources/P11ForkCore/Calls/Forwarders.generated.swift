@@ -84,6 +84,24 @@ enum Forwarders {
         return rv
     }
 
+    static let C_SetPIN: CK_C_SetPIN = { hSession, pOldPin, ulOldLen, pNewPin, ulNewLen in
+        let call = Call(.C_SetPIN)
+        guard let function = call.functions?.pointee.C_SetPIN else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pOldPin, ulOldLen, pNewPin, ulNewLen)
+        if rv == CKR_OK { Custom.pinChanged(hSession, pNewPin, ulNewLen) }
+        AsyncOperations.noted(.C_SetPIN, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.secret("oldPin", pOldPin)
+            line.secret("newPin", pNewPin)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_GetOperationState: CK_C_GetOperationState = { hSession, pOperationState, pulOperationStateLen in
         let call = Call(.C_GetOperationState)
         let pulOperationStateLenIn = call.isTraced ? pulOperationStateLen?.pointee : nil
@@ -166,6 +184,24 @@ enum Forwarders {
         return rv
     }
 
+    static let C_DestroyObject: CK_C_DestroyObject = { hSession, hObject in
+        let call = Call(.C_DestroyObject)
+        guard let function = call.functions?.pointee.C_DestroyObject else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject)
+        if rv == CKR_OK { Custom.objectDestroyed(hObject) }
+        AsyncOperations.noted(.C_DestroyObject, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.object("object", hObject)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_GetObjectSize: CK_C_GetObjectSize = { hSession, hObject, pulSize in
         let call = Call(.C_GetObjectSize)
         guard let function = call.functions?.pointee.C_GetObjectSize else { return call.unavailable() }
@@ -197,6 +233,25 @@ enum Forwarders {
             line.session("session", hSession)
             line.object("object", hObject)
             line.template("template", pTemplate, ulCount, valuesShown: false)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
+        let call = Call(.C_SetAttributeValue)
+        guard let function = call.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
+        if rv == CKR_OK { SessionObjects.changed(hObject, session: hSession, pTemplate, ulCount) }
+        AsyncOperations.noted(.C_SetAttributeValue, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.object("object", hObject)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
             call.finish(rv, &line)
         }
         return rv

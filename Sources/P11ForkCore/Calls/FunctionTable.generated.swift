@@ -232,7 +232,7 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_GetMechanismInfo = Forwarders.C_GetMechanismInfo
     list.pointee.C_InitToken = Forwarders.C_InitToken
     list.pointee.C_InitPIN = Forwarders.C_InitPIN
-    list.pointee.C_SetPIN = Custom.C_SetPIN
+    list.pointee.C_SetPIN = Forwarders.C_SetPIN
     list.pointee.C_OpenSession = Custom.C_OpenSession
     list.pointee.C_CloseSession = Custom.C_CloseSession
     list.pointee.C_CloseAllSessions = Custom.C_CloseAllSessions
@@ -243,10 +243,10 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_Logout = Custom.C_Logout
     list.pointee.C_CreateObject = Forwarders.C_CreateObject
     list.pointee.C_CopyObject = Forwarders.C_CopyObject
-    list.pointee.C_DestroyObject = Custom.C_DestroyObject
+    list.pointee.C_DestroyObject = Forwarders.C_DestroyObject
     list.pointee.C_GetObjectSize = Forwarders.C_GetObjectSize
     list.pointee.C_GetAttributeValue = Forwarders.C_GetAttributeValue
-    list.pointee.C_SetAttributeValue = Custom.C_SetAttributeValue
+    list.pointee.C_SetAttributeValue = Forwarders.C_SetAttributeValue
     list.pointee.C_FindObjectsInit = Custom.C_FindObjectsInit
     list.pointee.C_FindObjects = Custom.C_FindObjects
     list.pointee.C_FindObjectsFinal = Custom.C_FindObjectsFinal

@@ -1,46 +1,15 @@
 import CPKCS11
 
-// Object calls that change or take back object handles a child may have to make again, and the
-// search, which a child may have to continue (PKCS#11 2.40 section 5.7; Replay/SessionObjects.swift).
-// The calls that make objects are generated (`@created` in codegen/pkcs11-functions.txt).
+// The search, which a child may have to continue (PKCS#11 2.40 section 5.7), and what the
+// generated C_DestroyObject does afterwards. The calls that make or change objects are generated
+// (`@created`, `@ok` in codegen/pkcs11-functions.txt; Replay/SessionObjects.swift).
 extension Custom {
-    static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
-        let call = Call(.C_SetAttributeValue)
-        guard let function = call.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
-        if rv == CKR_OK { SessionObjects.changed(hObject, session: hSession, pTemplate, ulCount) }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.object("object", hObject)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_DestroyObject: CK_C_DestroyObject = { hSession, hObject in
-        let call = Call(.C_DestroyObject)
-        guard let function = call.functions?.pointee.C_DestroyObject else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject)
-        if rv == CKR_OK {
-            Objects.table.release(hObject)
-            Records.forgetObject(hObject)
-            SessionObjects.forget(hObject)
-        }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.object("object", hObject)
-            call.finish(rv, &line)
-        }
-        return rv
+    /// What the generated C_DestroyObject does once the module destroyed the object (`@ok` in
+    /// codegen/pkcs11-functions.txt): the handle, and what was kept to find or make it again, go.
+    static func objectDestroyed(_ hObject: CK_OBJECT_HANDLE) {
+        Objects.table.release(hObject)
+        Records.forgetObject(hObject)
+        SessionObjects.forget(hObject)
     }
 
     // MARK: searching (a search the parent began is continued in a child: Replay/OperationsReplay.swift)
