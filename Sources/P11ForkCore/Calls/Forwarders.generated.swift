@@ -20,6 +20,22 @@ enum Forwarders {
         return rv
     }
 
+    static let C_GetTokenInfo: CK_C_GetTokenInfo = { slotID, pInfo in
+        let call = Call(.C_GetTokenInfo)
+        guard let function = call.functions?.pointee.C_GetTokenInfo else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSlot = Slots.real(slotID, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSlot, pInfo)
+        if rv == CKR_OK { Custom.tokenNoted(slotID, pInfo) }
+        if call.isTraced {
+            var line = call.line()
+            line.slot("slot", slotID)
+            line.pointer("info", pInfo)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_GetMechanismList: CK_C_GetMechanismList = { slotID, pMechanismList, pulCount in
         let call = Call(.C_GetMechanismList)
         let pulCountIn = call.isTraced ? pulCount?.pointee : nil

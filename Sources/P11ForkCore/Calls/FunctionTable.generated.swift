@@ -227,7 +227,7 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_GetFunctionList = Custom.C_GetFunctionList
     list.pointee.C_GetSlotList = Custom.C_GetSlotList
     list.pointee.C_GetSlotInfo = Forwarders.C_GetSlotInfo
-    list.pointee.C_GetTokenInfo = Custom.C_GetTokenInfo
+    list.pointee.C_GetTokenInfo = Forwarders.C_GetTokenInfo
     list.pointee.C_GetMechanismList = Forwarders.C_GetMechanismList
     list.pointee.C_GetMechanismInfo = Forwarders.C_GetMechanismInfo
     list.pointee.C_InitToken = Forwarders.C_InitToken

@@ -24,21 +24,10 @@ extension Custom {
         return rv
     }
 
-    static let C_GetTokenInfo: CK_C_GetTokenInfo = { slotID, pInfo in
-        let call = Call(.C_GetTokenInfo)
-        guard let function = call.functions?.pointee.C_GetTokenInfo else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSlot = Slots.real(slotID, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSlot, pInfo)
-        // The token's identity is how a child finds this slot again.
-        if rv == CKR_OK, let pInfo { Records.noteToken(slotID, TokenIdentity(pInfo.pointee)) }
-        if call.isTraced {
-            var line = call.line()
-            line.slot("slot", slotID)
-            line.pointer("info", pInfo)
-            call.finish(rv, &line)
-        }
-        return rv
+    /// What the generated C_GetTokenInfo does with an answer (`@ok` in codegen/pkcs11-functions.txt):
+    /// the token's identity is how a child finds this slot again.
+    static func tokenNoted(_ slotID: CK_SLOT_ID, _ pInfo: UnsafeMutablePointer<CK_TOKEN_INFO>?) {
+        if let pInfo { Records.noteToken(slotID, TokenIdentity(pInfo.pointee)) }
     }
 
     static let C_WaitForSlotEvent: CK_C_WaitForSlotEvent = { flags, pSlot, pReserved in
