@@ -65,13 +65,15 @@ def trace_key(cname):
 def closure_params(params):
     names = []
     for kind, ns in params:
-        if kind != "hook":
+        if kind == "newobject":
+            names.append(ns[0])  # its second name is another parameter's
+        elif kind != "hook":
             names.extend(ns)
     return names
 
 
 def operation_hook(name, params, hook):
-    """The call that tells Replay/Operations.swift what this call did to an operation."""
+    """The call that tells Operations (Replay/OperationsRecording.swift) what this call did to an operation."""
     what, *rest = hook
     key = next((ns[0] for k, ns in params if k == "object" and ns[0] == "hKey"), None)
     if what == "init":
@@ -103,7 +105,34 @@ def operation_hook(name, params, hook):
         return "Operations.cancelled(hSession, flags, rv)"
     if what == "setstate":
         return "Operations.stateSet(hSession, rv)"
+    if what == "created":
+        return None  # written with each new object handle (created_hook)
+    if what == "ok":
+        return f"if rv == CKR_OK {{ {rest[0]}({', '.join(hook_arguments(rest[1:]))}) }}"
     raise SystemExit(f"{name}: unknown hook @{':'.join(hook)}")
+
+
+def created_hook(name, params, new):
+    """What @created:RECORDER[:ARG,...] writes once a new object handle `new` is exposed: the
+    session object it may be is recorded (Replay/SessionObjects.swift), so that a child can make
+    it again. An ARG is one of the call's parameters, or label=VALUE."""
+    hooks = [ns for k, ns in params if k == "hook" and ns[0] == "created"]
+    if not hooks:
+        return None
+    hook = hooks[0]
+    if len(hook) < 2:
+        raise SystemExit(f"{name}: @created names the SessionObjects function that records the new object")
+    args = [f"{new}.pointee", "session: hSession"] + hook_arguments(hook[2:])
+    return f"SessionObjects.{hook[1]}({', '.join(args)})"
+
+
+def hook_arguments(rest):
+    """A hook's ARG,... (each a parameter's name or label=VALUE) as Swift arguments."""
+    args = []
+    for arg in (rest[0].split(",") if rest else []):
+        label, _, value = arg.rpartition("=")
+        args.append(f"{label}: {value}" if label else value)
+    return args
 
 
 def forwarder(name, params):
@@ -112,7 +141,9 @@ def forwarder(name, params):
     for kind, ns in params:
         key = trace_key(ns[0])
         if kind == "hook":
-            post.append(operation_hook(name, params, ns))
+            hook = operation_hook(name, params, ns)
+            if hook:
+                post.append(hook)
         elif kind == "session":
             call_args.append(f"Sessions.real({ns[0]}, &failure)")
             trace.append(f'line.session("{key}", {ns[0]})')
@@ -124,9 +155,18 @@ def forwarder(name, params):
             trace.append(f'line.object("{key}", {ns[0]})')
         elif kind == "newobject":
             call_args.append(ns[0])
-            post.append(f"if rv == CKR_OK, let out = {ns[0]} {{ out.pointee = Objects.expose(real: out.pointee, session: hSession) }}")
-            trace.append(f'line.newObject("{key}", {ns[0]}, rv)')
-        elif kind == "mechanism":
+            # newobject:ph,P: no object is made when P is NULL (a length query).
+            made = f"{ns[1]} != nil" if len(ns) > 1 else None
+            expose = f"{ns[0]}.pointee = Objects.expose(real: {ns[0]}.pointee, session: hSession)"
+            record = created_hook(name, params, ns[0])
+            condition = ", ".join(c for c in ("rv == CKR_OK", made, f"let {ns[0]}") if c)
+            if record:
+                post.append(f"if {condition} {{\n            {expose}\n            {record}\n        }}")
+            else:
+                post.append(f"if {condition} {{ {expose} }}")
+            shown = f"{made} ? {ns[0]} : nil" if made else ns[0]
+            trace.append(f'line.newObject("{key}", {shown}, rv)')
+        elif kind in ("mechanism", "keymechanism"):
             call_args.append(ns[0])
             trace.append(f'line.mechanism("{key}", {ns[0]})')
         elif kind in ("template", "attributes"):
@@ -177,7 +217,14 @@ def forwarder(name, params):
                 resolved.append(var)
             else:
                 resolved.append(a)
-        out.append(f"        let rv = failure != CKR_OK ? failure : function({', '.join(resolved)})")
+        keymechanism = next((ns[0] for k, ns in params if k == "keymechanism"), None)
+        if keymechanism:
+            # The object handles in the mechanism's parameter are made real too.
+            resolved = ["$0" if a == keymechanism else a for a in resolved]
+            out.append(f"        let rv = failure != CKR_OK ? failure")
+            out.append(f"            : MechanismHandles.withRealHandles({keymechanism}) {{ function({', '.join(resolved)}) }}")
+        else:
+            out.append(f"        let rv = failure != CKR_OK ? failure : function({', '.join(resolved)})")
     else:
         out.append(f"        let rv = function({', '.join(call_args)})")
     for p in post:

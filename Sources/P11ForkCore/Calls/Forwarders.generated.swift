@@ -20,6 +20,22 @@ enum Forwarders {
         return rv
     }
 
+    static let C_GetTokenInfo: CK_C_GetTokenInfo = { slotID, pInfo in
+        let call = Call(.C_GetTokenInfo)
+        guard let function = call.functions?.pointee.C_GetTokenInfo else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSlot = Slots.real(slotID, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSlot, pInfo)
+        if rv == CKR_OK { Custom.tokenNoted(slotID, pInfo) }
+        if call.isTraced {
+            var line = call.line()
+            line.slot("slot", slotID)
+            line.pointer("info", pInfo)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_GetMechanismList: CK_C_GetMechanismList = { slotID, pMechanismList, pulCount in
         let call = Call(.C_GetMechanismList)
         let pulCountIn = call.isTraced ? pulCount?.pointee : nil
@@ -84,6 +100,24 @@ enum Forwarders {
         return rv
     }
 
+    static let C_SetPIN: CK_C_SetPIN = { hSession, pOldPin, ulOldLen, pNewPin, ulNewLen in
+        let call = Call(.C_SetPIN)
+        guard let function = call.functions?.pointee.C_SetPIN else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pOldPin, ulOldLen, pNewPin, ulNewLen)
+        if rv == CKR_OK { Custom.pinChanged(hSession, pNewPin, ulNewLen) }
+        AsyncOperations.noted(.C_SetPIN, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.secret("oldPin", pOldPin)
+            line.secret("newPin", pNewPin)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_GetOperationState: CK_C_GetOperationState = { hSession, pOperationState, pulOperationStateLen in
         let call = Call(.C_GetOperationState)
         let pulOperationStateLenIn = call.isTraced ? pulOperationStateLen?.pointee : nil
@@ -122,6 +156,68 @@ enum Forwarders {
         return rv
     }
 
+    static let C_CreateObject: CK_C_CreateObject = { hSession, pTemplate, ulCount, phObject in
+        let call = Call(.C_CreateObject)
+        guard let function = call.functions?.pointee.C_CreateObject else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount, phObject)
+        if rv == CKR_OK, let phObject {
+            phObject.pointee = Objects.expose(real: phObject.pointee, session: hSession)
+            SessionObjects.created(phObject.pointee, session: hSession, pTemplate, ulCount)
+        }
+        AsyncOperations.noted(.C_CreateObject, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
+            line.newObject("object", phObject, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_CopyObject: CK_C_CopyObject = { hSession, hObject, pTemplate, ulCount, phNewObject in
+        let call = Call(.C_CopyObject)
+        guard let function = call.functions?.pointee.C_CopyObject else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount, phNewObject)
+        if rv == CKR_OK, let phNewObject {
+            phNewObject.pointee = Objects.expose(real: phNewObject.pointee, session: hSession)
+            SessionObjects.copied(phNewObject.pointee, session: hSession, from: hObject, pTemplate, ulCount)
+        }
+        AsyncOperations.noted(.C_CopyObject, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.object("object", hObject)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
+            line.newObject("newObject", phNewObject, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_DestroyObject: CK_C_DestroyObject = { hSession, hObject in
+        let call = Call(.C_DestroyObject)
+        guard let function = call.functions?.pointee.C_DestroyObject else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject)
+        if rv == CKR_OK { Custom.objectDestroyed(hObject) }
+        AsyncOperations.noted(.C_DestroyObject, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.object("object", hObject)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_GetObjectSize: CK_C_GetObjectSize = { hSession, hObject, pulSize in
         let call = Call(.C_GetObjectSize)
         guard let function = call.functions?.pointee.C_GetObjectSize else { return call.unavailable() }
@@ -153,6 +249,25 @@ enum Forwarders {
             line.session("session", hSession)
             line.object("object", hObject)
             line.template("template", pTemplate, ulCount, valuesShown: false)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
+        let call = Call(.C_SetAttributeValue)
+        guard let function = call.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realObject = Objects.real(hObject, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
+        if rv == CKR_OK { SessionObjects.changed(hObject, session: hSession, pTemplate, ulCount) }
+        AsyncOperations.noted(.C_SetAttributeValue, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.object("object", hObject)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
             call.finish(rv, &line)
         }
         return rv
@@ -697,6 +812,56 @@ enum Forwarders {
         return rv
     }
 
+    static let C_GenerateKey: CK_C_GenerateKey = { hSession, pMechanism, pTemplate, ulCount, phKey in
+        let call = Call(.C_GenerateKey)
+        guard let function = call.functions?.pointee.C_GenerateKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, pTemplate, ulCount, phKey)
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.generated(phKey.pointee, session: hSession, by: "C_GenerateKey")
+        }
+        AsyncOperations.noted(.C_GenerateKey, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.template("template", pTemplate, ulCount, valuesShown: true)
+            line.newObject("key", phKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_GenerateKeyPair: CK_C_GenerateKeyPair = { hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount, pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey in
+        let call = Call(.C_GenerateKeyPair)
+        guard let function = call.functions?.pointee.C_GenerateKeyPair else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount, pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey)
+        if rv == CKR_OK, let phPublicKey {
+            phPublicKey.pointee = Objects.expose(real: phPublicKey.pointee, session: hSession)
+            SessionObjects.generated(phPublicKey.pointee, session: hSession, by: "C_GenerateKeyPair")
+        }
+        if rv == CKR_OK, let phPrivateKey {
+            phPrivateKey.pointee = Objects.expose(real: phPrivateKey.pointee, session: hSession)
+            SessionObjects.generated(phPrivateKey.pointee, session: hSession, by: "C_GenerateKeyPair")
+        }
+        AsyncOperations.noted(.C_GenerateKeyPair, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.template("publicKeyTemplate", pPublicKeyTemplate, ulPublicKeyAttributeCount, valuesShown: true)
+            line.template("privateKeyTemplate", pPrivateKeyTemplate, ulPrivateKeyAttributeCount, valuesShown: true)
+            line.newObject("publicKey", phPublicKey, rv)
+            line.newObject("privateKey", phPrivateKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_WrapKey: CK_C_WrapKey = { hSession, pMechanism, hWrappingKey, hKey, pWrappedKey, pulWrappedKeyLen in
         let call = Call(.C_WrapKey)
         let pulWrappedKeyLenIn = call.isTraced ? pulWrappedKeyLen?.pointee : nil
@@ -714,6 +879,57 @@ enum Forwarders {
             line.object("wrappingKey", hWrappingKey)
             line.object("key", hKey)
             line.output("wrappedKey", pWrappedKey, in: pulWrappedKeyLenIn, out: pulWrappedKeyLen, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_UnwrapKey: CK_C_UnwrapKey = { hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey in
+        let call = Call(.C_UnwrapKey)
+        guard let function = call.functions?.pointee.C_UnwrapKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
+        let rv = failure != CKR_OK ? failure
+            : MechanismHandles.withRealHandles(pMechanism) { function(realSession, $0, realUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, phKey) }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.unwrapped(phKey.pointee, session: hSession, pMechanism, key: hUnwrappingKey, wrapped: pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount)
+        }
+        AsyncOperations.noted(.C_UnwrapKey, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("unwrappingKey", hUnwrappingKey)
+            line.length("wrappedKey", pWrappedKey, ulWrappedKeyLen)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.newObject("key", phKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_DeriveKey: CK_C_DeriveKey = { hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey in
+        let call = Call(.C_DeriveKey)
+        guard let function = call.functions?.pointee.C_DeriveKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realBaseKey = Objects.real(hBaseKey, &failure)
+        let rv = failure != CKR_OK ? failure
+            : MechanismHandles.withRealHandles(pMechanism) { function(realSession, $0, realBaseKey, pTemplate, ulAttributeCount, phKey) }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.derived(phKey.pointee, session: hSession, pMechanism, base: hBaseKey, pTemplate, ulAttributeCount)
+        }
+        AsyncOperations.noted(.C_DeriveKey, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("baseKey", hBaseKey)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.newObject("key", phKey, rv)
             call.finish(rv, &line)
         }
         return rv
@@ -1166,6 +1382,59 @@ enum Forwarders {
         return rv
     }
 
+    static let C_EncapsulateKey: CK_C_EncapsulateKey = { hSession, pMechanism, hPublicKey, pTemplate, ulAttributeCount, pCiphertext, pulCiphertextLen, phKey in
+        let call = Call(.C_EncapsulateKey)
+        let pulCiphertextLenIn = call.isTraced ? pulCiphertextLen?.pointee : nil
+        guard let function = call.functions?.pointee.C_EncapsulateKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realPublicKey = Objects.real(hPublicKey, &failure)
+        let rv = failure != CKR_OK ? failure
+            : MechanismHandles.withRealHandles(pMechanism) { function(realSession, $0, realPublicKey, pTemplate, ulAttributeCount, pCiphertext, pulCiphertextLen, phKey) }
+        if rv == CKR_OK, pCiphertext != nil, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.generated(phKey.pointee, session: hSession, by: "C_EncapsulateKey")
+        }
+        AsyncOperations.noted(.C_EncapsulateKey, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("publicKey", hPublicKey)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.output("ciphertext", pCiphertext, in: pulCiphertextLenIn, out: pulCiphertextLen, rv)
+            line.newObject("key", pCiphertext != nil ? phKey : nil, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_DecapsulateKey: CK_C_DecapsulateKey = { hSession, pMechanism, hPrivateKey, pTemplate, ulAttributeCount, pCiphertext, ulCiphertextLen, phKey in
+        let call = Call(.C_DecapsulateKey)
+        guard let function = call.functions?.pointee.C_DecapsulateKey else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realPrivateKey = Objects.real(hPrivateKey, &failure)
+        let rv = failure != CKR_OK ? failure
+            : MechanismHandles.withRealHandles(pMechanism) { function(realSession, $0, realPrivateKey, pTemplate, ulAttributeCount, pCiphertext, ulCiphertextLen, phKey) }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.decapsulated(phKey.pointee, session: hSession, pMechanism, key: hPrivateKey, pTemplate, ulAttributeCount, ciphertext: pCiphertext, ulCiphertextLen)
+        }
+        AsyncOperations.noted(.C_DecapsulateKey, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("privateKey", hPrivateKey)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.length("ciphertext", pCiphertext, ulCiphertextLen)
+            line.newObject("key", phKey, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
     static let C_VerifySignatureInit: CK_C_VerifySignatureInit = { hSession, pMechanism, hKey, pSignature, ulSignatureLen in
         let call = Call(.C_VerifySignatureInit)
         guard let function = call.functions?.pointee.C_VerifySignatureInit else { return call.unavailable() }
@@ -1271,6 +1540,33 @@ enum Forwarders {
             line.object("key", hKey)
             line.length("associatedData", pAssociatedData, ulAssociatedDataLen)
             line.output("wrappedKey", pWrappedKey, in: pulWrappedKeyLenIn, out: pulWrappedKeyLen, rv)
+            call.finish(rv, &line)
+        }
+        return rv
+    }
+
+    static let C_UnwrapKeyAuthenticated: CK_C_UnwrapKeyAuthenticated = { hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, pAssociatedData, ulAssociatedDataLen, phKey in
+        let call = Call(.C_UnwrapKeyAuthenticated)
+        guard let function = call.functions?.pointee.C_UnwrapKeyAuthenticated else { return call.unavailable() }
+        var failure = CK_RV(CKR_OK)
+        let realSession = Sessions.real(hSession, &failure)
+        let realUnwrappingKey = Objects.real(hUnwrappingKey, &failure)
+        let rv = failure != CKR_OK ? failure
+            : MechanismHandles.withRealHandles(pMechanism) { function(realSession, $0, realUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, pAssociatedData, ulAssociatedDataLen, phKey) }
+        if rv == CKR_OK, let phKey {
+            phKey.pointee = Objects.expose(real: phKey.pointee, session: hSession)
+            SessionObjects.unwrappedAuthenticated(phKey.pointee, session: hSession, pMechanism, key: hUnwrappingKey, wrapped: pWrappedKey, ulWrappedKeyLen, pTemplate, ulAttributeCount, associated: pAssociatedData, ulAssociatedDataLen)
+        }
+        AsyncOperations.noted(.C_UnwrapKeyAuthenticated, hSession, rv)
+        if call.isTraced {
+            var line = call.line()
+            line.session("session", hSession)
+            line.mechanism("mechanism", pMechanism)
+            line.object("unwrappingKey", hUnwrappingKey)
+            line.length("wrappedKey", pWrappedKey, ulWrappedKeyLen)
+            line.template("template", pTemplate, ulAttributeCount, valuesShown: true)
+            line.length("associatedData", pAssociatedData, ulAssociatedDataLen)
+            line.newObject("key", phKey, rv)
             call.finish(rv, &line)
         }
         return rv

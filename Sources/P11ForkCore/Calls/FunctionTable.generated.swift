@@ -227,12 +227,12 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_GetFunctionList = Custom.C_GetFunctionList
     list.pointee.C_GetSlotList = Custom.C_GetSlotList
     list.pointee.C_GetSlotInfo = Forwarders.C_GetSlotInfo
-    list.pointee.C_GetTokenInfo = Custom.C_GetTokenInfo
+    list.pointee.C_GetTokenInfo = Forwarders.C_GetTokenInfo
     list.pointee.C_GetMechanismList = Forwarders.C_GetMechanismList
     list.pointee.C_GetMechanismInfo = Forwarders.C_GetMechanismInfo
     list.pointee.C_InitToken = Forwarders.C_InitToken
     list.pointee.C_InitPIN = Forwarders.C_InitPIN
-    list.pointee.C_SetPIN = Custom.C_SetPIN
+    list.pointee.C_SetPIN = Forwarders.C_SetPIN
     list.pointee.C_OpenSession = Custom.C_OpenSession
     list.pointee.C_CloseSession = Custom.C_CloseSession
     list.pointee.C_CloseAllSessions = Custom.C_CloseAllSessions
@@ -241,12 +241,12 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_SetOperationState = Forwarders.C_SetOperationState
     list.pointee.C_Login = Custom.C_Login
     list.pointee.C_Logout = Custom.C_Logout
-    list.pointee.C_CreateObject = Custom.C_CreateObject
-    list.pointee.C_CopyObject = Custom.C_CopyObject
-    list.pointee.C_DestroyObject = Custom.C_DestroyObject
+    list.pointee.C_CreateObject = Forwarders.C_CreateObject
+    list.pointee.C_CopyObject = Forwarders.C_CopyObject
+    list.pointee.C_DestroyObject = Forwarders.C_DestroyObject
     list.pointee.C_GetObjectSize = Forwarders.C_GetObjectSize
     list.pointee.C_GetAttributeValue = Forwarders.C_GetAttributeValue
-    list.pointee.C_SetAttributeValue = Custom.C_SetAttributeValue
+    list.pointee.C_SetAttributeValue = Forwarders.C_SetAttributeValue
     list.pointee.C_FindObjectsInit = Custom.C_FindObjectsInit
     list.pointee.C_FindObjects = Custom.C_FindObjects
     list.pointee.C_FindObjectsFinal = Custom.C_FindObjectsFinal
@@ -279,11 +279,11 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_DecryptDigestUpdate = Forwarders.C_DecryptDigestUpdate
     list.pointee.C_SignEncryptUpdate = Forwarders.C_SignEncryptUpdate
     list.pointee.C_DecryptVerifyUpdate = Forwarders.C_DecryptVerifyUpdate
-    list.pointee.C_GenerateKey = Custom.C_GenerateKey
-    list.pointee.C_GenerateKeyPair = Custom.C_GenerateKeyPair
+    list.pointee.C_GenerateKey = Forwarders.C_GenerateKey
+    list.pointee.C_GenerateKeyPair = Forwarders.C_GenerateKeyPair
     list.pointee.C_WrapKey = Forwarders.C_WrapKey
-    list.pointee.C_UnwrapKey = Custom.C_UnwrapKey
-    list.pointee.C_DeriveKey = Custom.C_DeriveKey
+    list.pointee.C_UnwrapKey = Forwarders.C_UnwrapKey
+    list.pointee.C_DeriveKey = Forwarders.C_DeriveKey
     list.pointee.C_SeedRandom = Forwarders.C_SeedRandom
     list.pointee.C_GenerateRandom = Forwarders.C_GenerateRandom
     list.pointee.C_GetFunctionStatus = Forwarders.C_GetFunctionStatus
@@ -313,8 +313,8 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_VerifyMessageBegin = Forwarders.C_VerifyMessageBegin
     list.pointee.C_VerifyMessageNext = Forwarders.C_VerifyMessageNext
     list.pointee.C_MessageVerifyFinal = Forwarders.C_MessageVerifyFinal
-    list.pointee.C_EncapsulateKey = Custom.C_EncapsulateKey
-    list.pointee.C_DecapsulateKey = Custom.C_DecapsulateKey
+    list.pointee.C_EncapsulateKey = Forwarders.C_EncapsulateKey
+    list.pointee.C_DecapsulateKey = Forwarders.C_DecapsulateKey
     list.pointee.C_VerifySignatureInit = Forwarders.C_VerifySignatureInit
     list.pointee.C_VerifySignature = Forwarders.C_VerifySignature
     list.pointee.C_VerifySignatureUpdate = Forwarders.C_VerifySignatureUpdate
@@ -324,5 +324,5 @@ func fillFunctionList(_ list: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
     list.pointee.C_AsyncGetID = Custom.C_AsyncGetID
     list.pointee.C_AsyncJoin = Custom.C_AsyncJoin
     list.pointee.C_WrapKeyAuthenticated = Forwarders.C_WrapKeyAuthenticated
-    list.pointee.C_UnwrapKeyAuthenticated = Custom.C_UnwrapKeyAuthenticated
+    list.pointee.C_UnwrapKeyAuthenticated = Forwarders.C_UnwrapKeyAuthenticated
 }

@@ -97,23 +97,9 @@ extension Custom {
         return false
     }
 
-    static let C_SetPIN: CK_C_SetPIN = { hSession, pOldPin, ulOldLen, pNewPin, ulNewLen in
-        let call = Call(.C_SetPIN)
-        guard let function = call.functions?.pointee.C_SetPIN else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pOldPin, ulOldLen, pNewPin, ulNewLen)
-        // The PIN of the logged-in user changed: a child must replay the new one.
-        if rv == CKR_OK, let slot = Sessions.lookup(hSession)?.slot {
-            Logins.pinChanged(slot: slot, to: pNewPin, length: ulNewLen)
-        }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.secret("oldPin", pOldPin)
-            line.secret("newPin", pNewPin)
-            call.finish(rv, &line)
-        }
-        return rv
+    /// What the generated C_SetPIN does once the PIN changed (`@ok` in codegen/pkcs11-functions.txt):
+    /// the PIN of the logged-in user is now `pNewPin`, and a child must replay that one.
+    static func pinChanged(_ hSession: CK_SESSION_HANDLE, _ pNewPin: UnsafeMutablePointer<CK_UTF8CHAR>?, _ ulNewLen: CK_ULONG) {
+        if let slot = Sessions.lookup(hSession)?.slot { Logins.pinChanged(slot: slot, to: pNewPin, length: ulNewLen) }
     }
 }

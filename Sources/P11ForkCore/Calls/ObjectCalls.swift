@@ -1,90 +1,18 @@
 import CPKCS11
 
-// Object calls that hand out or take back object handles, or make session objects a child must
-// be able to make again (PKCS#11 2.40 sections 5.7 and 5.14; Replay/SessionObjects.swift).
+// The search, which a child may have to continue (PKCS#11 2.40 section 5.7), and what the
+// generated C_DestroyObject does afterwards. The calls that make or change objects are generated
+// (`@created`, `@ok` in codegen/pkcs11-functions.txt; Replay/SessionObjects.swift).
 extension Custom {
-    static let C_CreateObject: CK_C_CreateObject = { hSession, pTemplate, ulCount, phObject in
-        let call = Call(.C_CreateObject)
-        guard let function = call.functions?.pointee.C_CreateObject else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, pTemplate, ulCount, phObject)
-        if rv == CKR_OK, let phObject {
-            phObject.pointee = Objects.expose(real: phObject.pointee, session: hSession)
-            SessionObjects.created(phObject.pointee, session: hSession, pTemplate, ulCount)
-        }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            line.newObject("object", phObject, rv)
-            call.finish(rv, &line)
-        }
-        return rv
+    /// What the generated C_DestroyObject does once the module destroyed the object (`@ok` in
+    /// codegen/pkcs11-functions.txt): the handle, and what was kept to find or make it again, go.
+    static func objectDestroyed(_ hObject: CK_OBJECT_HANDLE) {
+        Objects.table.release(hObject)
+        Records.forgetObject(hObject)
+        SessionObjects.forget(hObject)
     }
 
-    static let C_CopyObject: CK_C_CopyObject = { hSession, hObject, pTemplate, ulCount, phNewObject in
-        let call = Call(.C_CopyObject)
-        guard let function = call.functions?.pointee.C_CopyObject else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount, phNewObject)
-        if rv == CKR_OK, let phNewObject {
-            phNewObject.pointee = Objects.expose(real: phNewObject.pointee, session: hSession)
-            SessionObjects.copied(phNewObject.pointee, from: hObject, session: hSession, pTemplate, ulCount)
-        }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.object("object", hObject)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            line.newObject("newObject", phNewObject, rv)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_SetAttributeValue: CK_C_SetAttributeValue = { hSession, hObject, pTemplate, ulCount in
-        let call = Call(.C_SetAttributeValue)
-        guard let function = call.functions?.pointee.C_SetAttributeValue else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject, pTemplate, ulCount)
-        if rv == CKR_OK { SessionObjects.changed(hObject, session: hSession, pTemplate, ulCount) }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.object("object", hObject)
-            line.template("template", pTemplate, ulCount, valuesShown: true)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    static let C_DestroyObject: CK_C_DestroyObject = { hSession, hObject in
-        let call = Call(.C_DestroyObject)
-        guard let function = call.functions?.pointee.C_DestroyObject else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSession = Sessions.real(hSession, &failure)
-        let realObject = Objects.real(hObject, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSession, realObject)
-        if rv == CKR_OK {
-            Objects.table.release(hObject)
-            Records.forgetObject(hObject)
-            SessionObjects.forget(hObject)
-        }
-        if call.isTraced {
-            var line = call.line()
-            line.session("session", hSession)
-            line.object("object", hObject)
-            call.finish(rv, &line)
-        }
-        return rv
-    }
-
-    // MARK: searching (a search the parent began is continued in a child: Replay/Operations.swift)
+    // MARK: searching (a search the parent began is continued in a child: Replay/OperationsReplay.swift)
 
     static let C_FindObjectsInit: CK_C_FindObjectsInit = { hSession, pTemplate, ulCount in
         let call = Call(.C_FindObjectsInit)

@@ -24,21 +24,10 @@ extension Custom {
         return rv
     }
 
-    static let C_GetTokenInfo: CK_C_GetTokenInfo = { slotID, pInfo in
-        let call = Call(.C_GetTokenInfo)
-        guard let function = call.functions?.pointee.C_GetTokenInfo else { return call.unavailable() }
-        var failure = CK_RV(CKR_OK)
-        let realSlot = Slots.real(slotID, &failure)
-        let rv = failure != CKR_OK ? failure : function(realSlot, pInfo)
-        // The token's identity is how a child finds this slot again.
-        if rv == CKR_OK, let pInfo { Records.noteToken(slotID, TokenIdentity(pInfo.pointee)) }
-        if call.isTraced {
-            var line = call.line()
-            line.slot("slot", slotID)
-            line.pointer("info", pInfo)
-            call.finish(rv, &line)
-        }
-        return rv
+    /// What the generated C_GetTokenInfo does with an answer (`@ok` in codegen/pkcs11-functions.txt):
+    /// the token's identity is how a child finds this slot again.
+    static func tokenNoted(_ slotID: CK_SLOT_ID, _ pInfo: UnsafeMutablePointer<CK_TOKEN_INFO>?) {
+        if let pInfo { Records.noteToken(slotID, TokenIdentity(pInfo.pointee)) }
     }
 
     static let C_WaitForSlotEvent: CK_C_WaitForSlotEvent = { flags, pSlot, pReserved in
@@ -182,45 +171,5 @@ extension Custom {
             line.pointer("info", pInfo)
         }
         call.finish(rv, &line)
-    }
-}
-
-/// Relays the real module's session notifications (CK_NOTIFY) to the application with the
-/// virtual session handle and the application's own pointer.
-enum SessionNotifications {
-    final class Relay {
-        let notify: CK_NOTIFY
-        let application: UnsafeMutableRawPointer?
-        /// Set once the session has its virtual handle.
-        var session: CK_SESSION_HANDLE = CK_SESSION_HANDLE(CK_INVALID_HANDLE)
-
-        init(notify: CK_NOTIFY, application: UnsafeMutableRawPointer?) {
-            self.notify = notify
-            self.application = application
-        }
-    }
-
-    nonisolated(unsafe) static var lock: ForkSafeLock!
-    nonisolated(unsafe) static var relays: [CK_SESSION_HANDLE: Relay] = [:]
-
-    static func install() { lock = ForkDetection.register(ForkSafeLock()) }
-
-    static let trampoline: CK_NOTIFY = { _, event, context in
-        guard let context else { return CK_RV(CKR_OK) }
-        let relay = Unmanaged<Relay>.fromOpaque(context).takeUnretainedValue()
-        return relay.notify(relay.session, event, relay.application)
-    }
-
-    static func keep(_ relay: Relay, for session: CK_SESSION_HANDLE) {
-        relay.session = session
-        lock.withLock { relays[session] = relay }
-    }
-
-    static func forget(_ session: CK_SESSION_HANDLE) {
-        lock.withLock { _ = relays.removeValue(forKey: session) }
-    }
-
-    static func removeAll() {
-        lock.withLock { relays.removeAll() }
     }
 }

@@ -46,13 +46,14 @@ enum SessionObjects {
     // Guarded by Records.lock.
     nonisolated(unsafe) static var recipes: [CK_OBJECT_HANDLE: ObjectRecipe] = [:]
 
-    // MARK: recording, after the call succeeded and the new handle was exposed
+    // MARK: recording, after the call succeeded and the new handle was exposed (the generated
+    // forwarders call these: `@created` in codegen/pkcs11-functions.txt)
 
     static func created(_ object: CK_OBJECT_HANDLE, session: CK_SESSION_HANDLE, _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG) {
         record(object, session) { KeptTemplate.copy(template, count).map { .created($0) } }
     }
 
-    static func copied(_ object: CK_OBJECT_HANDLE, from source: CK_OBJECT_HANDLE, session: CK_SESSION_HANDLE,
+    static func copied(_ object: CK_OBJECT_HANDLE, session: CK_SESSION_HANDLE, from source: CK_OBJECT_HANDLE,
                        _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG) {
         record(object, session) { KeptTemplate.copy(template, count).map { .copied(source: source, $0) } }
     }

@@ -165,25 +165,18 @@ static CK_RV sign_and_verify(CK_SESSION_HANDLE s) {
 
 // MARK: children
 
-// Forks a child that runs `body` under alarm() and _exit()s with its status; waits for it.
-// Returns the child's exit status, or 100 + signal when it was killed (SIGALRM: it hung).
+// Runs `body(index)` in a child under alarm(child_timeout) and waits for it: tool_run_child's answer.
+static int (*child_body)(int index);
+static int child_with_index(void *index) { return child_body((int)(long)index); }
 static int run_child(int (*body)(int index), int index) {
-    pid_t pid = fork();
-    if (pid < 0) return 99;
-    if (pid == 0) {
-        alarm((unsigned)child_timeout);
-        _exit(body(index));
-    }
-    int status;
-    while (waitpid(pid, &status, 0) < 0) {}
-    if (WIFSIGNALED(status)) return 100 + WTERMSIG(status);
-    return WEXITSTATUS(status);
+    child_body = body;
+    return tool_run_child((unsigned)child_timeout, child_with_index, (void *)(long)index);
 }
 
 static void tally_child(int status, int index, int *failed, int *hung, int *crashed) {
     if (status == 0) return;
-    if (status == 100 + SIGALRM) (*hung)++;
-    else if (status > 100) (*crashed)++;
+    if (status == TOOL_KILLED + SIGALRM) (*hung)++;
+    else if (status > TOOL_KILLED) (*crashed)++;
     else (*failed)++;
     if (*failed + *hung + *crashed <= 5) tool_say("child %d: status %d", index, status);
 }
@@ -608,22 +601,13 @@ static int usage(const char *problem) {
 
 int main(int argc, char **argv) {
     const char *module = NULL, *scenario = NULL;
-    for (int i = 1; i < argc; i++) {
-        const char *value = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(argv[i], "--module") && value) module = argv[++i];
-        else if (!strcmp(argv[i], "--token") && value) token_label = argv[++i];
-        else if (!strcmp(argv[i], "--pin") && value) pin = argv[++i];
-        else if (!strcmp(argv[i], "--key") && value) key_label = argv[++i];
-        else if (!strcmp(argv[i], "--locking") && value) locking = argv[++i];
-        else if (!strcmp(argv[i], "--busy") && value) busy = argv[++i];
-        else if (!strcmp(argv[i], "--threads") && value) thread_count = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--seconds") && value) seconds = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--children") && value) children = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--rounds") && value) rounds = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--child-timeout") && value) child_timeout = atoi(argv[++i]);
-        else if (argv[i][0] != '-' && !scenario) scenario = argv[i];
-        else return usage("unknown or incomplete argument");
-    }
+    const struct tool_option options[] = {
+        { "--module", &module }, { "--token", &token_label }, { "--pin", &pin }, { "--key", &key_label },
+        { "--locking", &locking }, { "--busy", &busy }, { "--threads", .number = &thread_count },
+        { "--seconds", .number = &seconds }, { "--children", .number = &children }, { "--rounds", .number = &rounds },
+        { "--child-timeout", .number = &child_timeout }, { NULL },
+    };
+    if (tool_read_options(argc, argv, options, &scenario)) return usage("unknown or incomplete argument");
     if (!module || !token_label || !pin || !key_label || !scenario) return usage("--module, --token, --pin, --key and a scenario are required");
     if (thread_count < 1 || thread_count > MAX_THREADS || seconds < 1 || children < 1 || rounds < 1 || child_timeout < 1)
         return usage("--threads is 1..64; --seconds, --children, --rounds, --child-timeout at least 1");
@@ -633,10 +617,8 @@ int main(int argc, char **argv) {
     // The whole run is bounded too: a hang in the parent is a failure (SIGALRM kills it).
     alarm((unsigned)(120 + seconds + children * 2 + rounds * 5 + 10 * child_timeout));
 
-    void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
-    if (!library) return tool_fail("dlopen: %s", dlerror());
-    CK_C_GetFunctionList get_list = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
-    if (!get_list || get_list(&p11) != CKR_OK) return tool_fail("C_GetFunctionList");
+    const char *problem;
+    if (!(p11 = tool_load_module(module, NULL, &problem))) return tool_fail("%s: %s", module, problem);
     const char *step;
     CK_RV rv = set_up(&step);
     if (rv != CKR_OK) return tool_fail("%s: %s", step, tool_rv_name(rv));

@@ -458,21 +458,16 @@ static void named_slot_steps(CK_SLOT_ID slot) {
 
 int main(int argc, char **argv) {
     const char *module = NULL, *named_slot = NULL;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--module")) module = argv[i + 1];
-        else if (!strcmp(argv[i], "--token")) token_label = argv[i + 1];
-        else if (!strcmp(argv[i], "--pin")) pin = argv[i + 1];
-        else if (!strcmp(argv[i], "--slot")) named_slot = argv[i + 1];
-    }
-    if (!module || !token_label || !pin) {
+    const struct tool_option options[] = {
+        { "--module", &module }, { "--token", &token_label }, { "--pin", &pin }, { "--slot", &named_slot }, { NULL },
+    };
+    if (tool_read_options(argc, argv, options, NULL) || !module || !token_label || !pin) {
         fprintf(stderr, "usage: p11fork-conformance --module PATH --token LABEL --pin PIN [--slot ID]\n");
         return 2;
     }
     alarm(60);
-    void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
-    if (!library) { fprintf(stderr, "cannot load %s: %s\n", module, dlerror()); return 1; }
-    CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
-    if (!get || get(&p) != CKR_OK) { fprintf(stderr, "%s: no function list\n", module); return 1; }
+    const char *problem;
+    if (!(p = tool_load_module(module, NULL, &problem))) { fprintf(stderr, "%s: %s\n", module, problem); return 1; }
     line("C_GetFunctionList", CKR_OK, "version=%d.%d", p->version.major, p->version.minor);
 
     CK_INFO info;

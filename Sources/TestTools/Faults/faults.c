@@ -250,24 +250,16 @@ static int usage(void) {
 int main(int argc, char **argv) {
     const char *module = NULL;
     int in_parent = 0, hang_seconds = 0, scan = 0;
-    char *pin = NULL;
-    for (int i = 1; i < argc; i++) {
-        char *value = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(argv[i], "--in-parent") == 0) { in_parent = 1; continue; }
-        if (strcmp(argv[i], "--scan-child") == 0) { scan = 1; continue; }
-        if (!value) return usage();
-        if (strcmp(argv[i], "--module") == 0) module = value;
-        else if (strcmp(argv[i], "--token") == 0) token_label = value;
-        else if (strcmp(argv[i], "--pin") == 0) pin = value;
-        else if (strcmp(argv[i], "--key") == 0) key_label = value;
-        else if (strcmp(argv[i], "--control") == 0) control_path = value;
-        else if (strcmp(argv[i], "--fault") == 0) fault = value;
-        else if (strcmp(argv[i], "--child-fault") == 0) child_fault = value;
-        else if (strcmp(argv[i], "--expect") == 0) expect = value;
-        else if (strcmp(argv[i], "--hang") == 0) hang_seconds = atoi(value);
-        else return usage();
-        i++;
-    }
+    const char *pin_argument = NULL;
+    const struct tool_option options[] = {
+        { "--in-parent", .flag = &in_parent }, { "--scan-child", .flag = &scan }, { "--module", &module },
+        { "--token", &token_label }, { "--pin", &pin_argument }, { "--key", &key_label }, { "--control", &control_path },
+        { "--fault", &fault }, { "--child-fault", &child_fault }, { "--expect", &expect },
+        { "--hang", .number = &hang_seconds }, { NULL },
+    };
+    if (tool_read_options(argc, argv, options, NULL)) return usage();
+    // The PIN is wiped from the arguments once it is masked.
+    char *pin = (char *)pin_argument;
     if (!module || !token_label || !pin || !key_label || !control_path || strlen(pin) >= sizeof masked_pin) return usage();
     pin_length = strlen(pin);
     for (size_t i = 0; i < pin_length; i++) masked_pin[i] = (unsigned char)pin[i] ^ PIN_MASK;
@@ -276,23 +268,12 @@ int main(int argc, char **argv) {
     alarm(CHILD_TIMEOUT * 2);
     write_control(NULL);
 
-    void *handle = dlopen(module, RTLD_NOW | RTLD_LOCAL);
-    CK_C_GetFunctionList get = handle ? (CK_C_GetFunctionList)dlsym(handle, "C_GetFunctionList") : NULL;
-    if (!get) return fail(dlerror(), 0);
-    CK_RV rv = get(&p11);
-    if (rv != CKR_OK) return fail("C_GetFunctionList", rv);
+    const char *problem;
+    if (!(p11 = tool_load_module(module, NULL, &problem))) return fail(problem, 0);
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
+    CK_RV rv;
     if ((rv = p11->C_Initialize(&args)) != CKR_OK) return fail("C_Initialize", rv);
-    CK_SLOT_ID slots[16];
-    CK_ULONG count = 16;
-    if ((rv = p11->C_GetSlotList(CK_TRUE, slots, &count)) != CKR_OK) return fail("C_GetSlotList", rv);
-    for (CK_ULONG i = 0; i < count && !slot; i++) {
-        CK_TOKEN_INFO info;
-        if (p11->C_GetTokenInfo(slots[i], &info) == CKR_OK && strncmp((char *)info.label, token_label, strlen(token_label)) == 0
-            && (strlen(token_label) == 32 || info.label[strlen(token_label)] == ' '))
-            slot = slots[i];
-    }
-    if (!slot) return fail("no token with that label", CKR_TOKEN_NOT_PRESENT);
+    if ((rv = tool_find_slot(p11, token_label, &slot)) != CKR_OK) return fail("finding the token", rv);
     if ((rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &session)) != CKR_OK)
         return fail("C_OpenSession", rv);
     if ((rv = login()) != CKR_OK) return fail("C_Login", rv);

@@ -821,34 +821,26 @@ static int scenario_storm(void) {
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forkcheck: %s\nusage: p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL "
                     "[--mechanism rsa|rsa-pkcs|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] [--in-flight N] [--verify-signature] SCENARIO\n"
-                    "scenarios: inherited generations daemon child-initializes child-teardown threads child-threads pin-changed storm\n", problem);
+                    "scenarios: inherited generations daemon child-initializes child-teardown threads child-threads pin-changed storm same-view orphans broker-dies chain\n", problem);
     return 2;
 }
 
 int main(int argc, char **argv) {
     const char *module = NULL, *scenario = NULL;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--module") && v) { module = v; i++; }
-        else if (!strcmp(a, "--token") && v) { token_label = v; i++; }
-        else if (!strcmp(a, "--pin") && v) { pin = v; i++; }
-        else if (!strcmp(a, "--key") && v) { key_label = v; i++; }
-        else if (!strcmp(a, "--mechanism") && v) { mechanism_name = v; i++; }
-        else if (!strcmp(a, "--children") && v) { children = atoi(v); i++; }
-        else if (!strcmp(a, "--signatures") && v) { signatures = atoi(v); i++; }
-        else if (!strcmp(a, "--run-before-fork") && v) { run_before_fork = v; i++; }
-        else if (!strcmp(a, "--stagger") && v) { stagger_ms = atoi(v); i++; }
-        else if (!strcmp(a, "--raw-fork")) raw_fork = 1;
-        else if (!strcmp(a, "--twins")) twins = 1;
-        else if (!strcmp(a, "--worker-user") && v) { worker_user = v; i++; }
-        else if (!strcmp(a, "--in-flight") && v) { storm_in_flight = atoi(v); i++; }
-        else if (!strcmp(a, "--verify-signature")) verify_signature = 1;
-        else if (!strcmp(a, "--helper-mechanisms")) helper_mechanisms = 1;
-        else if (!strcmp(a, "--ignore-mechanism-flags") && v) { ignored_mechanism_flags = strtoul(v, NULL, 0); i++; }
-        else if (!strcmp(a, "--named-slot") && v) { named_slot = strtoul(v, NULL, 0); named_slot_given = 1; i++; }
-        else if (a[0] != '-' && !scenario) scenario = a;
-        else return usage("unknown or incomplete argument");
+    const char *ignored_flags = NULL, *named_slot_text = NULL;
+    const struct tool_option options[] = {
+        { "--module", &module }, { "--token", &token_label }, { "--pin", &pin }, { "--key", &key_label },
+        { "--mechanism", &mechanism_name }, { "--children", .number = &children }, { "--signatures", .number = &signatures },
+        { "--run-before-fork", &run_before_fork }, { "--stagger", .number = &stagger_ms }, { "--raw-fork", .flag = &raw_fork },
+        { "--twins", .flag = &twins }, { "--in-flight", .number = &storm_in_flight }, { "--worker-user", &worker_user },
+        { "--verify-signature", .flag = &verify_signature }, { "--helper-mechanisms", .flag = &helper_mechanisms },
+        { "--ignore-mechanism-flags", &ignored_flags }, { "--named-slot", &named_slot_text }, { NULL },
+    };
+    if (tool_read_options(argc, argv, options, &scenario)) return usage("unknown or incomplete argument");
+    if (ignored_flags) ignored_mechanism_flags = strtoul(ignored_flags, NULL, 0);
+    if (named_slot_text) {
+        named_slot = strtoul(named_slot_text, NULL, 0);
+        named_slot_given = 1;
     }
     if (!module || !token_label || !pin || !key_label || !scenario) return usage("missing argument");
     if (children < 1 || (children > 64 && strcmp(scenario, "storm") && strcmp(scenario, "threads") && strcmp(scenario, "chain")) || children > 100000 || signatures < 1)
@@ -861,10 +853,9 @@ int main(int argc, char **argv) {
     char run_mark[32];
     snprintf(run_mark, sizeof run_mark, "%d", (int)getpid());
     setenv("FORKCHECK_RUN", run_mark, 1);
-    void *library = dlopen(module, RTLD_NOW | RTLD_LOCAL);
-    if (!library) return tool_fail("cannot load %s: %s", module, dlerror());
-    CK_C_GetFunctionList get_list = (CK_C_GetFunctionList)dlsym(library, "C_GetFunctionList");
-    if (!get_list || get_list(&p11) != CKR_OK) return tool_fail("%s has no usable C_GetFunctionList", module);
+    void *library;
+    const char *problem;
+    if (!(p11 = tool_load_module(module, &library, &problem))) return tool_fail("%s: %s", module, problem);
 
     // Many threads may call at once (the threads scenario): the module must lock.
     CK_C_INITIALIZE_ARGS init = { .flags = CKF_OS_LOCKING_OK };

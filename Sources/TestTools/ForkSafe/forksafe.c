@@ -59,19 +59,19 @@ enum { CHILD_OK = 0, CHILD_CALL_FAILED = 3, CHILD_DIFFERENT = 4, CHILD_WRONG_ERR
 static int in_child;
 
 // Forks one child running `body`, which returns its exit status; the parent checks it.
+static int (*child_body)(void);
+static int as_child(void *unused) {
+    (void)unused;
+    in_child = 1;
+    return child_body();
+}
 static int run_child(const char *scenario, int (*body)(void)) {
-    pid_t pid = fork();
-    if (pid < 0) return tool_fail("%s: fork: %s", scenario, strerror(errno));
-    if (pid == 0) {
-        in_child = 1;
-        alarm(CHILD_TIMEOUT);
-        _exit(body());
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    if (WIFSIGNALED(status))
-        return tool_fail("%s: child killed by signal %d%s", scenario, WTERMSIG(status), WTERMSIG(status) == SIGALRM ? " (hung)" : "");
-    if (WEXITSTATUS(status) != 0) return tool_fail("%s: child exit status %d", scenario, WEXITSTATUS(status));
+    child_body = body;
+    int status = tool_run_child(CHILD_TIMEOUT, as_child, NULL);
+    if (status < 0) return tool_fail("%s: fork: %s", scenario, strerror(errno));
+    if (status > TOOL_KILLED)
+        return tool_fail("%s: child killed by signal %d%s", scenario, status - TOOL_KILLED, status == TOOL_KILLED + SIGALRM ? " (hung)" : "");
+    if (status != 0) return tool_fail("%s: child exit status %d", scenario, status);
     return 0;
 }
 
@@ -640,17 +640,11 @@ static int usage(const char *problem) {
 int main(int argc, char **argv) {
     const char *module = NULL, *scenario = NULL;
     int fork_safe = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--module") && v) { module = v; i++; }
-        else if (!strcmp(a, "--token") && v) { token_label = v; i++; }
-        else if (!strcmp(a, "--pin") && v) { pin = v; i++; }
-        else if (!strcmp(a, "--key") && v) { key_label = v; i++; }
-        else if (!strcmp(a, "--mechanism") && v) { mechanism_name = v; i++; }
-        else if (!strcmp(a, "--fork-safe")) fork_safe = 1;
-        else if (a[0] != '-' && !scenario) scenario = a;
-        else return usage("unknown argument");
-    }
+    const struct tool_option options[] = {
+        { "--module", &module }, { "--token", &token_label }, { "--pin", &pin }, { "--key", &key_label },
+        { "--mechanism", &mechanism_name }, { "--fork-safe", .flag = &fork_safe }, { NULL },
+    };
+    if (tool_read_options(argc, argv, options, &scenario)) return usage("unknown argument");
     if (!module || !token_label || !pin || !key_label || !scenario) return usage("missing argument");
     if (strcmp(mechanism_name, "rsa") && strcmp(mechanism_name, "hmac")) return usage("bad --mechanism");
     alarm(120);
@@ -676,17 +670,9 @@ int main(int argc, char **argv) {
         p32 = chosen32->list;
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
     CHECK(p11->C_Initialize(&args));
-    CK_SLOT_ID slots[16];
-    CK_ULONG count = 16;
-    CHECK(p11->C_GetSlotList(CK_TRUE, slots, &count));
-    CK_SLOT_ID slot = (CK_SLOT_ID)-1;
-    for (CK_ULONG i = 0; i < count; i++) {
-        CK_TOKEN_INFO info;
-        if (p11->C_GetTokenInfo(slots[i], &info) != CKR_OK) continue;
-        size_t n = strlen(token_label);
-        if (n <= 32 && !memcmp(info.label, token_label, n) && (n == 32 || info.label[n] == ' ')) { slot = slots[i]; break; }
-    }
-    if (slot == (CK_SLOT_ID)-1) return tool_fail("no token labelled '%s'", token_label);
+    CK_SLOT_ID slot;
+    CK_RV rv = tool_find_slot(p11, token_label, &slot);
+    if (rv != CKR_OK) return tool_fail("no token labelled '%s': %s", token_label, tool_rv_name(rv));
     CHECK(p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &session));
     CHECK(p11->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin)));
     if (!strcmp(scenario, "create-object")) return scenario_create_object();

@@ -59,6 +59,15 @@ static int worker(CK_FUNCTION_LIST_PTR p11, uid_t uid) {
     return rv == CKR_OK ? 0 : 1;
 }
 
+struct worker_context {
+    CK_FUNCTION_LIST_PTR p11;
+    uid_t uid;
+};
+static int run_worker(void *context) {
+    struct worker_context *worker_context = context;
+    return worker(worker_context->p11, worker_context->uid);
+}
+
 int main(int argc, char **argv) {
     long worker_uid = -1;
     if (argc == 3 && !strcmp(argv[1], "--fork-worker")) worker_uid = strtol(argv[2], NULL, 10);
@@ -66,11 +75,9 @@ int main(int argc, char **argv) {
     if (!read_settings()) { fprintf(stderr, "p11fork-setuid-probe: no usable probe.conf beside the program\n"); return 2; }
     tool_say("uid=%d euid=%d", (int)getuid(), (int)geteuid());
 
-    void *module = dlopen(library, RTLD_NOW | RTLD_LOCAL);
-    if (!module) return tool_fail("dlopen %s: %s", library, dlerror());
-    CK_C_GetFunctionList get_list = (CK_C_GetFunctionList)dlsym(module, "C_GetFunctionList");
-    CK_FUNCTION_LIST_PTR p11;
-    if (!get_list || get_list(&p11) != CKR_OK) return tool_fail("no function list");
+    const char *problem;
+    CK_FUNCTION_LIST_PTR p11 = tool_load_module(library, NULL, &problem);
+    if (!p11) return tool_fail("%s: %s", library, problem);
     CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK, .pReserved = reserved[0] ? reserved : NULL };
     CK_RV rv = p11->C_Initialize(&args);
     tool_say("C_Initialize: %s", tool_rv_name(rv));
@@ -81,14 +88,12 @@ int main(int argc, char **argv) {
     tool_say("token: %s", token);
 
     if (worker_uid >= 0) {
-        pid_t pid = fork();
-        if (pid < 0) return tool_fail("fork failed");
-        if (pid == 0) _exit(worker((CK_FUNCTION_LIST_PTR)p11, (uid_t)worker_uid));
-        int status = 0;
-        if (waitpid(pid, &status, 0) != pid) return tool_fail("waitpid failed");
-        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-            return tool_fail("worker %s %d", WIFEXITED(status) ? "exit status" : "killed by signal",
-                             WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+        struct worker_context context = { p11, (uid_t)worker_uid };
+        int status = tool_run_child(0, run_worker, &context);
+        if (status < 0) return tool_fail("fork failed");
+        if (status != 0)
+            return tool_fail("worker %s %d", status > TOOL_KILLED ? "killed by signal" : "exit status",
+                             status > TOOL_KILLED ? status - TOOL_KILLED : status);
         tool_say("worker: ok");
     }
     rv = p11->C_Finalize(NULL);

@@ -1,7 +1,11 @@
 #include "tool_support.h"
+#include <dlfcn.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 const char *tool_rv_name(CK_RV rv) {
@@ -95,4 +99,53 @@ CK_RV tool_find_objects(CK_FUNCTION_LIST_PTR p11, CK_SESSION_HANDLE session, CK_
     CK_RV final = p11->C_FindObjectsFinal(session);
     if (rv == CKR_OK) rv = final;
     return rv == CKR_OK && *count == 0 ? CKR_OBJECT_HANDLE_INVALID : rv;
+}
+
+int tool_read_options(int argc, char **argv, const struct tool_option *options, const char **positional) {
+    for (int i = 1; i < argc; i++) {
+        const char *argument = argv[i];
+        const struct tool_option *option = options;
+        while (option->name && strcmp(option->name, argument)) option++;
+        if (option->name && option->flag) {
+            *option->flag = 1;
+        } else if (option->name) {
+            if (i + 1 >= argc) return -1;
+            const char *value = argv[++i];
+            if (option->text) *option->text = value;
+            if (option->number) *option->number = atoi(value);
+        } else if (argument[0] != '-' && positional && !*positional) {
+            *positional = argument;
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+CK_FUNCTION_LIST_PTR tool_load_module(const char *path, void **library, const char **problem) {
+    void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+        *problem = dlerror();
+        return NULL;
+    }
+    if (library) *library = handle;
+    CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(handle, "C_GetFunctionList");
+    CK_FUNCTION_LIST_PTR list = NULL;
+    if (!get || get(&list) != CKR_OK || !list) {
+        *problem = "no usable C_GetFunctionList";
+        return NULL;
+    }
+    return list;
+}
+
+int tool_run_child(unsigned seconds, int (*body)(void *), void *context) {
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        alarm(seconds);
+        _exit(body(context));
+    }
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    return WIFSIGNALED(status) ? TOOL_KILLED + WTERMSIG(status) : WEXITSTATUS(status);
 }

@@ -2,7 +2,8 @@ import Foundation
 import Testing
 @testable import P11ForkCore
 
-@Suite struct SecretTests {
+/// The memory a `Secret` lives in: locked, left out of core dumps, and only zeros once wiped.
+@Suite struct SecretMemoryTests {
     /// The /proc/self/smaps block of the mapping that holds `address`.
     private func smapsBlock(containing address: UnsafeRawPointer) throws -> String {
         let handle = try #require(FileHandle(forReadingAtPath: "/proc/self/smaps"))

@@ -7,7 +7,7 @@ import Testing
 /// C_Finalize, and a core dump of the process does not hold it. The driver
 /// (Sources/TestTools/Secrets) wipes its own copy of the PIN right after C_Login; SoftHSM alone
 /// keeps none, which the first test shows, so every copy found through p11fork is p11fork's.
-@Suite(.serialized) struct SecretsTests {
+@Suite(.serialized) struct SecretCopiesInProcessTests {
     /// A running p11fork-secrets, driven one command at a time.
     final class Driver {
         let process = Process()
