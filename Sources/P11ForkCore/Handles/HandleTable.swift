@@ -17,7 +17,7 @@ final class HandleTable: @unchecked Sendable {
         let epoch: Atomic<UInt>
         let aux: Atomic<UInt>
         /// Flags of the owner's choosing, cleared when the handle is issued (sessions: which
-        /// operations are in progress and recorded, Replay/Operations.swift).
+        /// operations are in progress and recorded, Replay/OperationsRecording.swift).
         let state: Atomic<UInt>
     }
 
