@@ -173,7 +173,8 @@ import Testing
         let cpu = through.result.stdout.firstMatch(of: /it used (\d+) clock ticks of CPU/).map { Int($0.1)! }
         // 3 s of a thread spinning would be about 300 ticks (fewer on a loaded machine); asleep, about 0.
         #expect(cpu != nil && cpu! <= 30, "\(through.report)")
-        let child = through.trace.split(separator: "\n").filter { !$0.contains("p11fork[\(through.calls.first?.pid ?? "?")/") }
+        // The child's lines: not the parent's, nor the broker's (which the parent starts at its fork).
+        let child = through.trace.split(separator: "\n").filter { !$0.contains("p11fork[\(through.calls.first?.pid ?? "?")/") && !$0.contains("] broker: ") }
         #expect(child.last?.contains("calling C_Initialize of the fresh copy of the module") == true, "\(through.report)")
         #expect(!through.trace.contains("module ready in the child"), "\(through.report)")
     }

@@ -112,20 +112,24 @@ enum ModuleRecovery {
         }
         let copy = freshCopy(of: inherited)
         if case .success(let module) = copy {
-            // A copy runs with the child's rights: where they do not reach the parent's tokens
-            // (a worker that switched user, a token folder only root reads), the broker does.
-            guard brokerRuns else { return copy }
+            // A copy runs with the child's rights: where they are not the parent's and do not
+            // reach the parent's tokens (a token folder only root reads), the broker does. (With
+            // the parent's rights, a token the copy misses is gone: recovery says so.)
+            guard brokerRuns, change != nil else { return copy }
             let missing = missingTokens(module)
             guard !missing.isEmpty else {
                 if let change { Trace.event(.fork, "\(change), but the copy in the child finds the parent's tokens: the child keeps it") }
                 return copy
             }
-            Trace.event(.fork, "\(change.map { "\($0), and the" } ?? "the") copy in the child does not find the parent's token(s) \(missing.joined(separator: ", ")): the broker, which has the parent's rights, runs the module for this child")
+            Trace.event(.fork, "\(change ?? ""), and the copy in the child does not find the parent's token(s) \(missing.joined(separator: ", ")): the broker, which has the parent's rights, runs the module for this child")
             _ = module.functions.pointee.C_Finalize?(nil)
             return broker(inherited)
         }
         guard case .failure(let why) = copy else { return copy }
-        if brokerRuns {
+        // The broker where the copy cannot be loaded (a chain of forks fills the static TLS
+        // block) or fails with rights that are not the parent's; a copy whose C_Initialize fails
+        // with the parent's rights says something about the module itself.
+        if brokerRuns, why.rv == nil || change != nil {
             Trace.event(.fork, "\(why.message)\(change.map { " (\($0))" } ?? ""): the broker runs the module for this child instead")
             let served = broker(inherited)
             guard case .failure(let again) = served else { return served }
