@@ -32,15 +32,37 @@ enum Recovery {
         lost = []
         initializationUnclaimed = false
         moduleInherited = Core.appInitialized && Core.module != nil
+        moduleRetry = nil
     }
 
-    /// Replaces the inherited module by one this child may use (ForkDetection, once).
+    /// Set while a failed recovery of the module waits to be tried again (`Core.unusable` holds
+    /// what the calls answer until then).
+    nonisolated(unsafe) static var moduleRetry: RetrySchedule?
+
+    /// True while this child has no working module yet but is to get one: a call that needs the
+    /// module goes through ForkDetection.adopt, which calls recoverModule.
+    static var moduleToRecover: Bool { moduleInherited || moduleRetry != nil }
+
+    /// Replaces the inherited module by one this child may use (ForkDetection, with the child's
+    /// other threads waiting): at the first call that needs it and, after a failure, at the first
+    /// call once the retry is due (RetrySchedule).
     static func recoverModule() {
-        guard moduleInherited, let inherited = Core.module else { return }
+        guard let inherited = Core.module else { return }
+        if let retry = moduleRetry {
+            guard retry.isDue else { return }
+            Trace.event(.fork, "trying again to get a working module (\(retry.nextTry), \(ModuleRecovery.strategy.rawValue) strategy)")
+        } else {
+            guard moduleInherited else { return }
+        }
         moduleInherited = false
         let started = Clock.monotonicNanoseconds()
-        switch ModuleRecovery.recover(inherited) {
+        // One process of the tree at a time: a module's initialisation reads what another
+        // process's may be writing (TreeLock).
+        switch TreeLock.withLock("initialising the module", { ModuleRecovery.recover(inherited) }) {
         case .success(let module):
+            let tries = moduleRetry.map { ", \($0.nextTry)" } ?? ""
+            moduleRetry = nil
+            Core.unusable = nil
             Core.module = module
             Core.functions = module.functions
             // Every inherited handle is now stale: each is recovered when first used.
@@ -48,13 +70,18 @@ enum Recovery {
             Core.slotEpoch &+= 1
             lock.withLock { startSlotTranslation() }
             initializationUnclaimed = true
-            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy, \(milliseconds(since: started)))")
+            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy\(tries), \(milliseconds(since: started)))")
         case .failure(let why):
-            // Final for this process: no call reaches a module again, so none can hammer the HSM.
+            // No call reaches a module until the next try, so none can hammer the HSM; the next
+            // try comes later and later (RetrySchedule).
             let answer = answer(forFailedInitialization: why.rv)
             Core.functions = nil
             Core.unusable = answer
-            Trace.event(.error, "no working module in this child: \(why.message); every call answers \(name(answer)) from now on, without calling the module. Choose another strategy with P11FORK_STRATEGY (fresh-copy, out-of-process, reinitialize)")
+            var retry = moduleRetry ?? RetrySchedule()
+            let attempt = retry.nextTry
+            let delay = retry.failed()
+            moduleRetry = retry
+            Trace.event(.error, "no working module in this child (\(attempt)): \(why.message); every call answers \(name(answer)) without calling the module until the next try, at a call \(delay) from now or later. Choose another strategy with P11FORK_STRATEGY (fresh-copy, out-of-process, reinitialize)")
         }
     }
 
@@ -186,8 +213,10 @@ enum Recovery {
         while !missing.isEmpty && tries < 4 && moduleIsUntouched() {
             tries += 1
             usleep(UInt32(5_000 << tries))
-            guard let functions = Core.functions, functions.pointee.C_Finalize?(nil) == CKR_OK,
-                  functions.pointee.C_Initialize?(ModuleRecovery.initArguments) == CKR_OK else { break }
+            guard let functions = Core.functions,
+                  TreeLock.withLock("initialising the module again", {
+                      functions.pointee.C_Finalize?(nil) == CKR_OK && functions.pointee.C_Initialize?(ModuleRecovery.initArguments) == CKR_OK
+                  }) else { break }
             (matched, missing, absent) = matchSlotsOnce()
         }
         let notFound = missing.isEmpty ? "" : "; not found: token \(missing.joined(separator: ", "))"
@@ -252,6 +281,12 @@ enum Recovery {
             if let real = Sessions.view.real(virtual, epoch: Core.epoch) { return real }
             guard let record = Records.session(virtual), let functions = Core.functions,
                   let openSession = functions.pointee.C_OpenSession else { return invalid }
+            // The slot's login replay failed and its next try is not due: the call answers that
+            // failure without reaching the module.
+            if let rv = Logins.failureUntilDue(record.slot) {
+                failure = rv
+                return invalid
+            }
             let started = Clock.monotonicNanoseconds()
             let realSlot = slotLocked(record.slot)
             var real = invalid
@@ -264,10 +299,17 @@ enum Recovery {
                 Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))\(answered)")
                 return invalid
             }
-            Sessions.table.rebind(virtual, real: real, epoch: Core.epoch)
-            Trace.event(.fork, "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))")
+            let reopened = "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))"
             let login = Logins.ensure(slot: record.slot, session: real, functions: functions)
             if login != CKR_OK { failure = login }
+            if login != CKR_OK, case .waiting? = Logins.state(record.slot) {
+                // The replay is tried again later: so is the session, which then gets the login.
+                _ = functions.pointee.C_CloseSession?(real)
+                Trace.event(.fork, "\(reopened); closed again until the login replay's next try")
+                return invalid
+            }
+            Sessions.table.rebind(virtual, real: real, epoch: Core.epoch)
+            Trace.event(.fork, reopened)
             // The operations the parent had in progress on it (step 6).
             if login == CKR_OK { Operations.replay(virtual, real: real, functions) }
             return real
@@ -312,7 +354,7 @@ enum Recovery {
             guard let chosen = matches.first else {
                 // Not visible because the login could not be replayed: not lost, and the call
                 // answers the replay's verdict (CKR_PIN_LOCKED, ...) until the application logs in.
-                if case .failed(let rv) = Logins.state(bound.aux) {
+                if let rv = Logins.failure(bound.aux) {
                     failure = rv
                     Trace.event(.error, "object 0x\(hex(virtual)) not re-found (\(identity.summary)): the login replay on slot 0x\(hex(bound.aux)) failed; answered \(name(rv))")
                     return invalid
@@ -339,7 +381,12 @@ enum Recovery {
     /// A session of this child's own on `slot`, logged in as the parent was, to search with.
     private static func searchSessionLocked(_ slot: CK_SLOT_ID, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>,
                                             _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
-        if let session = searchSessions[slot] { return session }
+        if let session = searchSessions[slot] {
+            // A login replay that failed may be due for its next try (its answer comes with the
+            // search: public objects are found without the login).
+            _ = Logins.ensure(slot: slot, session: session, functions: functions)
+            return session
+        }
         guard let openSession = functions.pointee.C_OpenSession else { return 0 }
         let realSlot = slotLocked(slot)
         var session = CK_SESSION_HANDLE(CK_INVALID_HANDLE)
