@@ -16,29 +16,14 @@ import Testing
 @Suite(.serialized) struct ConcurrentRecoveryTests {
     typealias Setup = PythonConsumerTests.Setup
 
-    /// One run of an example, directly (`through` false) or through p11fork; the number of jobs
-    /// whose signature verified, read from the example's summary line.
+    /// One run of an example with PyKCS11, directly (`through` false) or through p11fork; the
+    /// number of jobs whose signature verified, read from the example's summary line.
     static func run(_ setup: Setup, _ script: String, _ extra: [String], through: Bool, timeout: TimeInterval)
         throws -> (verified: Int, report: String, trace: String) {
-        let traces = setup.token.directory.appendingPathComponent("trace-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: traces, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: traces) }
-        var environment = setup.environment
-        environment["PIN"] = setup.token.pin
-        if through {
-            environment["P11FORK_MODULE"] = setup.realModule
-            environment["P11FORK_TRACE"] = traces.appendingPathComponent("%p.log").path
-            environment["P11FORK_TRACE_LEVEL"] = "fork"
-        }
-        let module = through ? Products.module : setup.realModule
-        let result = try runProgram(PythonConsumerTests.python,
-                                    [Products.example("python/\(script)"), "pykcs11", module, setup.token.label, setup.keyLabel] + extra,
-                                    environment: environment, timeout: timeout)
-        let files = (try? FileManager.default.contentsOfDirectory(at: traces, includingPropertiesForKeys: nil)) ?? []
-        let trace = files.compactMap { try? String(contentsOf: $0, encoding: .utf8) }.joined()
-        let verified = result.stdout.firstMatch(of: /(\d+) of \d+ signatures/).map { Int($0.1)! } ?? 0
-        #expect(!trace.contains(setup.token.pin) && !result.output.contains(setup.token.pin), "the PIN appeared")
-        return (verified, "\(result.ending)\n\(result.output)\ntrace:\n\(trace)", trace)
+        let outcome = try PythonConsumerTests.run(setup, .pykcs11, script, extra, throughP11Fork: through, timeout: timeout)
+        let verified = outcome.result.stdout.firstMatch(of: /(\d+) of \d+ signatures/).map { Int($0.1)! } ?? 0
+        #expect(!outcome.trace.contains(setup.token.pin) && !outcome.result.output.contains(setup.token.pin), "the PIN appeared")
+        return (verified, outcome.report, outcome.trace)
     }
 
     /// Directly once (every job fails), then `runs` times through p11fork (no job fails); the

@@ -84,7 +84,8 @@ import Testing
     }
 
     /// Runs an example (`script` with its trailing arguments) directly or through p11fork.
-    static func run(_ setup: Setup, _ library: Library, _ script: String, _ extra: [String], throughP11Fork: Bool) throws -> Outcome {
+    static func run(_ setup: Setup, _ library: Library, _ script: String, _ extra: [String], throughP11Fork: Bool,
+                    timeout: TimeInterval = 120) throws -> Outcome {
         let traces = setup.token.directory.appendingPathComponent("python-trace-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: traces, withIntermediateDirectories: true)
         var environment = setup.environment
@@ -97,7 +98,7 @@ import Testing
         let module = throughP11Fork ? Products.module : setup.realModule
         let command = setup.launcher + [python, Products.example("python/\(script)"), library.rawValue, module,
                                         setup.token.label, setup.keyLabel] + extra
-        let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: 120)
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: timeout)
         let files = (try? FileManager.default.contentsOfDirectory(at: traces, includingPropertiesForKeys: nil)) ?? []
         let trace = files.compactMap { try? String(contentsOf: $0, encoding: .utf8) }.joined()
         return Outcome(result: result, trace: trace)
