@@ -79,22 +79,39 @@ import Testing
                 && through.trace.contains("module ready in the child (\(strategy) strategy, try 2, "), "\(through.report)")
     }
 
-    /// The login replay fails with a code that is no verdict on the PIN: the call answers it; the
-    /// next call, once the retry is due, replays the login again and signs. The PIN is sent twice,
-    /// and stays kept (the scan finds the one copy a logged-in child keeps).
+    /// The login replay fails with a code that is no verdict on the PIN, in a child that has
+    /// nothing else open on its module: the module is initialised again (it may have read the token
+    /// while another process rewrote it) and the replay tried again at once, in the same call.
     @Test(arguments: [("CKR_DEVICE_ERROR", FaultTests.deviceError), ("CKR_USER_PIN_NOT_INITIALIZED", "102")])
-    func loginReplayIsTriedAgainWhenThePinWasNotJudged(_ code: String, _ answer: String) throws {
+    func loginReplayIsTriedAgainAtOnceOnAModuleInitialisedAgain(_ code: String, _ answer: String) throws {
+        let setup = try FaultTests.Setup()
+        let codes = [FaultTests.ok, FaultTests.ok, FaultTests.ok, FaultTests.ok]
+        let through = try FaultTests.run(setup, throughP11Fork: true, ["--fault", "C_Login \(code) child x1"] + FaultTests.expect(codes))
+        #expect(through.succeeded && through.answers("child") == codes, "\(through.report)")
+        #expect(through.childCount("C_Login") == 2 && through.childCount("C_Initialize") == 2 && through.childCount("C_Finalize") == 1,
+                "\(through.report)")
+        #expect(through.trace.contains("login replay failed (try 1): CKU_USER on slot 0x")
+                && through.trace.contains("answered \(code), no verdict on the PIN")
+                && through.trace.contains("module initialised again for another try of the login replay")
+                && through.trace.contains("login replay tried again (try 2): CKU_USER on slot 0x"), "\(through.report)")
+    }
+
+    /// The login replay keeps failing without a verdict on the PIN: after the two tries on a module
+    /// initialised again, the call answers the failure; the next call, once the retry is due,
+    /// replays the login again and signs. The PIN stays kept (the scan finds the one copy a
+    /// logged-in child keeps).
+    @Test(arguments: [("CKR_DEVICE_ERROR", FaultTests.deviceError), ("CKR_USER_PIN_NOT_INITIALIZED", "102")])
+    func loginReplayIsTriedAgainAtALaterCall(_ code: String, _ answer: String) throws {
         let setup = try FaultTests.Setup()
         let codes = [answer, FaultTests.ok, FaultTests.ok, FaultTests.ok]
         let through = try FaultTests.run(setup, throughP11Fork: true,
-                                         ["--fault", "C_Login \(code) child x1", "--scan-child"] + Self.pause + FaultTests.expect(codes))
+                                         ["--fault", "C_Login \(code) child x3", "--scan-child"] + Self.pause + FaultTests.expect(codes))
         #expect(through.succeeded && through.answers("child") == codes, "\(through.report)")
-        #expect(through.childCount("C_Login") == 2 && through.childCount("C_Initialize") == 1, "\(through.report)")
+        #expect(through.childCount("C_Login") == 4 && through.childCount("C_Initialize") == 3, "\(through.report)")
         #expect(through.result.stdout.contains("the PIN is in the child's memory 1 time(s)"), "\(through.report)")
-        #expect(through.trace.contains("login replay failed (try 1): CKU_USER on slot 0x")
-                && through.trace.contains("answered \(code), no verdict on the PIN")
-                && through.trace.contains("login replay tried again (try 2): CKU_USER on slot 0x")
-                && through.trace.contains(", try 2)"), "\(through.report)")
+        #expect(through.trace.contains("login replay failed (try 3): CKU_USER on slot 0x")
+                && through.trace.contains("login replay tried again (try 4): CKU_USER on slot 0x")
+                && through.trace.contains(", try 4)"), "\(through.report)")
         #expect(!through.trace.contains("will not be tried again"), "\(through.report)")
     }
 }

@@ -138,16 +138,16 @@ enum Logins {
 
     /// Makes sure `slot` is logged in as the parent was, through `session` of this process's
     /// module: one replay per slot per process, and after a failure that is no verdict on the PIN
-    /// another at the first call once it is due. Returns the replay's failure, if any (before the
-    /// next try is due, at once, without calling the module).
+    /// another at the first call once it is due (`now`: at once). Returns the replay's failure, if
+    /// any (before the next try is due, at once, without calling the module).
     static func ensure(slot: CK_SLOT_ID, session: CK_SESSION_HANDLE,
-                       functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> CK_RV {
+                       functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>, now: Bool = false) -> CK_RV {
         let (state, k) = Records.lock.withLock { (states[slot], kept[slot]) }
         var retry: RetrySchedule?
         switch state {
         case .failed(let rv): return rv
         case .waiting(let rv, let schedule):
-            guard schedule.isDue else { return rv }
+            guard now || schedule.isDue else { return rv }
             retry = schedule
         case .pending: break
         default: return CK_RV(CKR_OK)

@@ -212,11 +212,7 @@ enum Recovery {
         var tries = 0
         while !missing.isEmpty && tries < 4 && moduleIsUntouched() {
             tries += 1
-            usleep(UInt32(5_000 << tries))
-            guard let functions = Core.functions,
-                  TreeLock.withLock("initialising the module again", {
-                      functions.pointee.C_Finalize?(nil) == CKR_OK && functions.pointee.C_Initialize?(ModuleRecovery.initArguments) == CKR_OK
-                  }) else { break }
+            guard initializeAgain(after: tries) else { break }
             (matched, missing, absent) = matchSlotsOnce()
         }
         let notFound = missing.isEmpty ? "" : "; not found: token \(missing.joined(separator: ", "))"
@@ -228,6 +224,16 @@ enum Recovery {
         let renumbered = moved.isEmpty ? "" : "; renumbered by this module: slot \(moved.joined(separator: ", "))"
         Trace.event(missing.isEmpty && absent.isEmpty ? .fork : .error,
                     "slots matched by token identity: \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried) (\(milliseconds(since: started)))")
+    }
+
+    /// Finalizes and initialises the child's module again, after a pause that grows with `attempt`,
+    /// one process of the tree at a time: only while the module is untouched.
+    private static func initializeAgain(after attempt: Int) -> Bool {
+        usleep(UInt32(5_000 << attempt))
+        guard let functions = Core.functions else { return false }
+        return TreeLock.withLock("initialising the module again") {
+            functions.pointee.C_Finalize?(nil) == CKR_OK && functions.pointee.C_Initialize?(ModuleRecovery.initArguments) == CKR_OK
+        }
     }
 
     /// True while the child has no session of its own on its module (so it may re-initialise it).
@@ -300,8 +306,28 @@ enum Recovery {
                 return invalid
             }
             let reopened = "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))"
-            let login = Logins.ensure(slot: record.slot, session: real, functions: functions)
+            var login = Logins.ensure(slot: record.slot, session: real, functions: functions)
+            // A module that read the token while another process rewrote it answers from what it
+            // read until it reads it again (SoftHSM: CKR_USER_PIN_NOT_INITIALIZED for as long as it
+            // is initialised). While this child has nothing else open on it, it is initialised
+            // again and the replay tried again at once, twice at most.
+            var again = 0
+            while login != CKR_OK, again < 2, case .waiting? = Logins.state(record.slot), moduleIsUntouched() {
+                again += 1
+                _ = functions.pointee.C_CloseSession?(real)
+                real = invalid
+                guard initializeAgain(after: again) else { break }
+                Trace.event(.fork, "module initialised again for another try of the login replay (the token may have been read while another process rewrote it)")
+                slotsMatchedEpoch = 0
+                guard openSession(slotLocked(record.slot), record.flags, nil, nil, &real) == CKR_OK else { break }
+                login = Logins.ensure(slot: record.slot, session: real, functions: functions, now: true)
+            }
             if login != CKR_OK { failure = login }
+            if real == invalid {
+                if failure == CKR_OK { failure = CK_RV(CKR_DEVICE_ERROR) }
+                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened after initialising the module again; the call answers \(name(failure))")
+                return invalid
+            }
             if login != CKR_OK, case .waiting? = Logins.state(record.slot) {
                 // The replay is tried again later: so is the session, which then gets the login.
                 _ = functions.pointee.C_CloseSession?(real)
