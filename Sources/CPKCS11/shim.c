@@ -150,7 +150,7 @@ int CPKCS11_tree_lock_make(void) {
     return rv;
 }
 
-int CPKCS11_tree_lock_take(long timeout_ms, int *holder) {
+int CPKCS11_tree_lock_take(long timeout_ms, int given_up_on, int *holder) {
     struct tree_lock *lock = __atomic_load_n(&tree_lock, __ATOMIC_ACQUIRE);
     *holder = 0;
     if (!lock) return -1;
@@ -159,6 +159,7 @@ int CPKCS11_tree_lock_take(long timeout_ms, int *holder) {
     if (rv == EBUSY) {
         waited = 1;
         *holder = __atomic_load_n(&lock->holder, __ATOMIC_RELAXED);
+        if (given_up_on && *holder == given_up_on) return ETIMEDOUT;
         struct timespec deadline;
         clock_gettime(CLOCK_MONOTONIC, &deadline);
         deadline.tv_sec += timeout_ms / 1000;

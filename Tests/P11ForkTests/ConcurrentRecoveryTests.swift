@@ -114,4 +114,98 @@ import Testing
                 && through.trace.contains(", try 4)"), "\(through.report)")
         #expect(!through.trace.contains("will not be tried again"), "\(through.report)")
     }
+
+    // MARK: the tree lock
+
+    /// Two children of one parent, over the fault-injecting module behind p11fork with PyKCS11:
+    /// child A hangs in its module's C_Initialize, holding the tree lock; child B, forked once A's
+    /// trace says it called C_Initialize, then needs the lock for its own recovery. `kill`: the
+    /// parent kills A, and B takes the lock over (EOWNERDEAD). `wait`: A is left hanging; B goes
+    /// on without the lock after the 30 s bound, and does not wait for A again for its login
+    /// replay. Either way B recovers and signs as the parent did (exit 0), each child under
+    /// alarm(60), so B would be killed had it waited twice.
+    static let twoChildren = """
+        import os, signal, sys, time, PyKCS11
+        module, token, key, control, traces, mode = sys.argv[1:7]
+        lib = PyKCS11.PyKCS11Lib()
+        lib.load(module)
+        slot = [s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.strip() == token][0]
+        session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION)
+        session.login(os.environ.pop("PIN"))
+        private = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY), (PyKCS11.CKA_LABEL, key)])[0]
+        mechanism = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_RSA_PKCS)
+        sign = lambda: bytes(session.sign(private, b"tree lock", mechanism))
+        expected = sign()
+
+        def control_says(text):
+            with open(control + ".new", "w") as f:
+                f.write(text)
+            os.rename(control + ".new", control)
+
+        def child():
+            signal.alarm(60)
+            try:
+                os._exit(0 if sign() == expected else 3)
+            except PyKCS11.PyKCS11Error as error:
+                print(f"child {os.getpid()}: {error}", flush=True)
+                os._exit(2)
+
+        def trace_of(pid):
+            try:
+                with open(os.path.join(traces, f"{pid}.log")) as f:
+                    return f.read()
+            except OSError:
+                return ""
+
+        control_says("C_Initialize hang child\\n")
+        a = os.fork()
+        if a == 0:
+            child()
+        deadline = time.monotonic() + 30
+        while "calling C_Initialize" not in trace_of(a) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        control_says("")
+        b = os.fork()
+        if b == 0:
+            child()
+        if mode == "kill":
+            os.kill(a, signal.SIGKILL)
+        _, status = os.waitpid(b, 0)
+        os.kill(a, signal.SIGKILL)
+        os.waitpid(a, 0)
+        print(f"child A {a}, child B {b}: B's exit status {os.waitstatus_to_exitcode(status)}", flush=True)
+        sys.exit(0 if os.waitstatus_to_exitcode(status) == 0 else 1)
+        """
+
+    @Test(arguments: ["kill", "wait"])
+    func treeLockHeldByAHungSibling(_ mode: String) throws {
+        let setup = try FaultTests.Setup()
+        let traces = setup.directory.appendingPathComponent("traces")
+        try FileManager.default.createDirectory(at: traces, withIntermediateDirectories: true)
+        let script = setup.directory.appendingPathComponent("two_children.py")
+        try Self.twoChildren.write(to: script, atomically: true, encoding: .utf8)
+        var environment = setup.token.environment
+        environment["PIN"] = setup.token.pin
+        environment["FAULTY_MODULE"] = RealModules.softHSM
+        environment["FAULTY_CONTROL"] = setup.control
+        environment["P11FORK_MODULE"] = Products.path("libp11fork-test-faulty.so")
+        environment["P11FORK_TRACE"] = traces.appendingPathComponent("%p.log").path
+        environment["P11FORK_TRACE_LEVEL"] = "fork"
+        let result = try runProgram(PythonConsumerTests.python,
+                                    [script.path, Products.module, setup.token.label, "fault-key", setup.control, traces.path, mode],
+                                    environment: environment, timeout: 120)
+        let files = (try? FileManager.default.contentsOfDirectory(at: traces, includingPropertiesForKeys: nil)) ?? []
+        let trace = files.compactMap { try? String(contentsOf: $0, encoding: .utf8) }.joined()
+        let report = "\(result.ending)\n\(result.output)\ntrace:\n\(trace)"
+        #expect(result.status == 0 && !result.timedOut, "\(report)")
+        if mode == "kill" {
+            #expect(trace.contains("initialising the module: pid ") && trace.contains("ended while it held the tree lock; taken over"),
+                    "\(report)")
+        } else {
+            #expect(trace.contains("initialising the module: pid ") && trace.contains("still holds the tree lock after 30 s; going on without it")
+                    && trace.contains("login replay: pid ") && trace.contains("still holds the tree lock (not waited for again)"), "\(report)")
+        }
+        #expect(trace.contains("module ready in the child"), "\(report)")
+        #expect(!trace.contains(setup.token.pin) && !result.output.contains(setup.token.pin), "the PIN appeared")
+    }
 }

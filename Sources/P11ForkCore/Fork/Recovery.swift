@@ -33,6 +33,7 @@ enum Recovery {
         initializationUnclaimed = false
         moduleInherited = Core.appInitialized && Core.module != nil
         moduleRetry = nil
+        TreeLock.givenUpOn = 0
     }
 
     /// Set while a failed recovery of the module waits to be tried again (`Core.unusable` holds

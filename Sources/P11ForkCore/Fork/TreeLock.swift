@@ -21,11 +21,15 @@ enum TreeLock {
         _ = CPKCS11_tree_lock_make()
     }
 
+    /// The process this one waited for until the bound: while it holds the lock (hung in its
+    /// module), this process's later steps go on without waiting for it again.
+    nonisolated(unsafe) static var givenUpOn: pid_t = 0
+
     /// Runs `body` with the lock held (or, past the bound, without it); `step` names it for the trace.
     static func withLock<T>(_ step: String, _ body: () -> T) -> T {
         var holder: Int32 = 0
         let started = Clock.monotonicNanoseconds()
-        let taken = CPKCS11_tree_lock_take(bound, &holder)
+        let taken = CPKCS11_tree_lock_take(bound, givenUpOn, &holder)
         switch taken {
         case 0, -1, EDEADLK:
             // Free; no lock in this process tree (a fork that skipped the atfork handlers); or
@@ -35,7 +39,10 @@ enum TreeLock {
             Trace.event(.fork, "\(step): waited for pid \(holder) to finish its own (\(Recovery.milliseconds(since: started)))")
         case 2:
             Trace.event(.fork, "\(step): pid \(holder) ended while it held the tree lock; taken over (\(Recovery.milliseconds(since: started)))")
+        case ETIMEDOUT where givenUpOn != 0 && holder == givenUpOn:
+            Trace.event(.error, "\(step): pid \(holder) still holds the tree lock (not waited for again); going on without it")
         case ETIMEDOUT:
+            givenUpOn = holder
             Trace.event(.error, "\(step): pid \(holder) still holds the tree lock after \(bound / 1000) s; going on without it (\(Recovery.milliseconds(since: started)))")
         default:
             Trace.event(.error, "\(step): the tree lock could not be taken (\(String(cString: strerror(taken)))); going on without it")
