@@ -320,13 +320,17 @@ enum Recovery {
                 guard initializeAgain(after: again) else { break }
                 Trace.event(.fork, "module initialised again for another try of the login replay (the token may have been read while another process rewrote it)")
                 slotsMatchedEpoch = 0
-                guard openSession(slotLocked(record.slot), record.flags, nil, nil, &real) == CKR_OK else { break }
+                let reopened = openSession(slotLocked(record.slot), record.flags, nil, nil, &real)
+                guard reopened == CKR_OK else {
+                    real = invalid
+                    login = reopened
+                    break
+                }
                 login = Logins.ensure(slot: record.slot, session: real, functions: functions, now: true)
             }
             if login != CKR_OK { failure = login }
             if real == invalid {
-                if failure == CKR_OK { failure = CK_RV(CKR_DEVICE_ERROR) }
-                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened after initialising the module again; the call answers \(name(failure))")
+                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened after initialising the module again (\(name(login))); the call answers it")
                 return invalid
             }
             if login != CKR_OK, case .waiting? = Logins.state(record.slot) {
