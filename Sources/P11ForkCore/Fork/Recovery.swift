@@ -19,6 +19,8 @@ enum Recovery {
     nonisolated(unsafe) static var initializationUnclaimed = false
     // Guarded by `lock`.
     nonisolated(unsafe) static var slotsMatchedEpoch: UInt = 1
+    /// Set while a token the application used was not found in this module: matched again when due.
+    nonisolated(unsafe) static var slotRetry: RetrySchedule?
     nonisolated(unsafe) static var searchSessions: [CK_SLOT_ID: CK_SESSION_HANDLE] = [:]
     nonisolated(unsafe) static var lost: Set<CK_OBJECT_HANDLE> = []
 
@@ -33,6 +35,7 @@ enum Recovery {
         initializationUnclaimed = false
         moduleInherited = Core.appInitialized && Core.module != nil
         moduleRetry = nil
+        slotRetry = nil
         TreeLock.givenUpOn = 0
     }
 
@@ -141,6 +144,7 @@ enum Recovery {
 
     /// At the replacement of the module: the parent's translation becomes what this one starts from.
     private static func startSlotTranslation() {
+        slotRetry = nil
         parentSlots = Slots.translating ? parentSlots.merging(slotToReal) { $1 } : [:]
         slotToReal = [:]
         slotFromReal = [:]
@@ -195,16 +199,20 @@ enum Recovery {
 
     /// Before exposing real slot IDs of a recovered module: match the inherited slots first.
     static func matchSlots() {
-        guard slotsMatchedEpoch != Core.slotEpoch else { return }
+        guard slotsMatchedEpoch != Core.slotEpoch || slotRetry != nil else { return }
         lock.withLock { matchSlotsLocked() }
     }
 
     /// Finds each slot whose token the application used in this module by the token's identity
     /// (or, for a slot whose token was never seen, by the parent's slot ID). Once per module.
     private static func matchSlotsLocked() {
-        guard slotsMatchedEpoch != Core.slotEpoch, Core.functions != nil else { return }
+        let retryDue = slotRetry?.isDue == true
+        guard slotsMatchedEpoch != Core.slotEpoch || retryDue, Core.functions != nil else { return }
         slotsMatchedEpoch = Core.slotEpoch
         let started = Clock.monotonicNanoseconds()
+        let attempt = slotRetry.map { " (\($0.nextTry))" } ?? ""
+        // A try after one that missed a token: the module still holds what it read then.
+        if retryDue && moduleIsUntouched() { _ = initializeAgain(after: 1) }
         var (matched, missing, absent) = matchSlotsOnce()
         // A module may not show, right after its initialisation, a token the parent used: SoftHSM's
         // file store, read while another process logs in, loses tokens (seen with pool workers
@@ -223,8 +231,18 @@ enum Recovery {
         let moved = slotToReal.filter { $0.key != $0.value }.sorted { $0.key < $1.key }
             .map { "0x\(hex($0.key)) is 0x\(hex($0.value))" }
         let renumbered = moved.isEmpty ? "" : "; renumbered by this module: slot \(moved.joined(separator: ", "))"
+        // Still missing while nothing is open on the module: not final, the slots are matched
+        // again (the module initialised again first) at a call once due (RetrySchedule).
+        var next = ""
+        if !missing.isEmpty && moduleIsUntouched() {
+            var retry = slotRetry ?? RetrySchedule()
+            next = "; matched again at a call \(retry.failed()) from now or later"
+            slotRetry = retry
+        } else {
+            slotRetry = nil
+        }
         Trace.event(missing.isEmpty && absent.isEmpty ? .fork : .error,
-                    "slots matched by token identity: \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried) (\(milliseconds(since: started)))")
+                    "slots matched by token identity\(attempt): \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried)\(next) (\(milliseconds(since: started)))")
     }
 
     /// Finalizes and initialises the child's module again, after a pause that grows with `attempt`,
@@ -306,7 +324,9 @@ enum Recovery {
                 Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))\(answered)")
                 return invalid
             }
-            let reopened = "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))"
+            var reopened: String {
+                "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))"
+            }
             var login = Logins.ensure(slot: record.slot, session: real, functions: functions)
             // A module that read the token while another process rewrote it answers from what it
             // read until it reads it again (SoftHSM: CKR_USER_PIN_NOT_INITIALIZED for as long as it
@@ -320,10 +340,10 @@ enum Recovery {
                 guard initializeAgain(after: again) else { break }
                 Trace.event(.fork, "module initialised again for another try of the login replay (the token may have been read while another process rewrote it)")
                 slotsMatchedEpoch = 0
-                let reopened = openSession(slotLocked(record.slot), record.flags, nil, nil, &real)
-                guard reopened == CKR_OK else {
+                let opened = openSession(slotLocked(record.slot), record.flags, nil, nil, &real)
+                guard opened == CKR_OK else {
                     real = invalid
-                    login = reopened
+                    login = opened
                     break
                 }
                 login = Logins.ensure(slot: record.slot, session: real, functions: functions, now: true)
