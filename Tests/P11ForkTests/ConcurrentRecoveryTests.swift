@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Testing
 
 /// Children that recover at once (docs/DESIGN.md "Recovery in the child", "Threads and locks"):
@@ -38,7 +39,13 @@ import Testing
         let direct = try run(setup, script, extra, through: false, timeout: 60)
         #expect(direct.verified < jobs, "directly, the workers signed: \(direct.report)")
         let other = outsider ? try startOutsider(setup) : nil
-        defer { other?.terminate() }
+        defer {
+            // SIGTERM did not end it (the loop went on after the test); SIGKILL does.
+            if let other {
+                kill(other.processIdentifier, SIGKILL)
+                other.waitUntilExit()
+            }
+        }
         var failedJobs = 0
         var failedRuns: [String] = []
         var parentFailed = 0
@@ -103,7 +110,7 @@ import Testing
         try Self.check("pool_sign.py", jobs: 40, workers: 4, runs: 40, ["4", "40"], outsider: true)
     }
 
-    /// Logs in and out on the token in a loop until terminated, directly on SoftHSM, ignoring errors.
+    /// Logs in and out on the token in a loop until killed, directly on SoftHSM, ignoring errors.
     static let outsider = """
         import os, sys, PyKCS11
         lib = PyKCS11.PyKCS11Lib()
