@@ -170,3 +170,78 @@ void CPKCS11_guard_sigpipe(int channel) {
     sigemptyset(&guard.sa_mask);
     sigaction(SIGPIPE, &guard, NULL);
 }
+
+// The lock a process shares with every process forked from it after it was made (see CPKCS11.h).
+#include <errno.h>
+#include <time.h>
+
+struct tree_lock {
+    pthread_mutex_t mutex;
+    // The pid holding the mutex (0 when free): for the trace of a process that waits for it.
+    int holder;
+};
+static struct tree_lock *tree_lock;
+
+int CPKCS11_tree_lock_make(void) {
+    if (__atomic_load_n(&tree_lock, __ATOMIC_ACQUIRE)) return 0;
+    void *page = mmap(NULL, sizeof(struct tree_lock), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (page == MAP_FAILED) return errno;
+    struct tree_lock *made = page;
+    pthread_mutexattr_t attributes;
+    pthread_mutexattr_init(&attributes);
+    pthread_mutexattr_setpshared(&attributes, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&attributes, PTHREAD_MUTEX_ROBUST);
+    pthread_mutexattr_settype(&attributes, PTHREAD_MUTEX_ERRORCHECK);
+    int rv = pthread_mutex_init(&made->mutex, &attributes);
+    pthread_mutexattr_destroy(&attributes);
+    struct tree_lock *none = NULL;
+    // Two threads forking at once both run the prepare handler: one page wins.
+    if (rv != 0 || !__atomic_compare_exchange_n(&tree_lock, &none, made, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        if (rv == 0) pthread_mutex_destroy(&made->mutex);
+        munmap(page, sizeof(struct tree_lock));
+    }
+    return rv;
+}
+
+int CPKCS11_tree_lock_take(long timeout_ms, int given_up_on, int *holder) {
+    struct tree_lock *lock = __atomic_load_n(&tree_lock, __ATOMIC_ACQUIRE);
+    *holder = 0;
+    if (!lock) return -1;
+    int rv = pthread_mutex_trylock(&lock->mutex);
+    int waited = 0;
+    if (rv == EBUSY) {
+        waited = 1;
+        *holder = __atomic_load_n(&lock->holder, __ATOMIC_RELAXED);
+        if (given_up_on && *holder == given_up_on) return ETIMEDOUT;
+        struct timespec deadline;
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec += 1;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        do rv = pthread_mutex_clocklock(&lock->mutex, CLOCK_MONOTONIC, &deadline);
+        while (rv == EINTR);
+        // The holder's pid once more: the one the whole wait was for, when it timed out.
+        if (rv == ETIMEDOUT) *holder = __atomic_load_n(&lock->holder, __ATOMIC_RELAXED);
+    }
+    if (rv == EOWNERDEAD) {
+        // Its holder ended while holding it: what it guarded is the module's own files, which the
+        // module keeps consistent itself, so the lock is simply taken over.
+        *holder = __atomic_load_n(&lock->holder, __ATOMIC_RELAXED);
+        pthread_mutex_consistent(&lock->mutex);
+        rv = 0;
+        waited = 2;
+    }
+    if (rv != 0) return rv;
+    __atomic_store_n(&lock->holder, getpid(), __ATOMIC_RELAXED);
+    return waited;
+}
+
+void CPKCS11_tree_lock_give(void) {
+    struct tree_lock *lock = __atomic_load_n(&tree_lock, __ATOMIC_ACQUIRE);
+    if (!lock) return;
+    __atomic_store_n(&lock->holder, 0, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&lock->mutex);
+}

@@ -354,6 +354,19 @@ int CPKCS11_broker_gone(void);
 /// sendmsg of `bytes` with `fd_count` (1 to 4) descriptors attached (SCM_RIGHTS), MSG_NOSIGNAL.
 long CPKCS11_send_with_fds(int socket, const void *bytes, size_t count, const int *fds, int fd_count);
 
+/// The tree lock: a robust, process-shared mutex in a shared anonymous page, made by a process
+/// before its first fork and inherited by all its descendants, which take it around what a real
+/// module cannot do in two processes at once (docs/DESIGN.md "Threads and locks").
+/// Makes it, once per process tree (0, or an errno value).
+int CPKCS11_tree_lock_make(void);
+/// Takes it, waiting at most `timeout_ms` (not at all while `given_up_on`, a pid, holds it): 0
+/// taken at once, 1 taken after waiting for `*holder`, 2 taken over from `*holder`, which ended
+/// holding it; -1 when there is none (this process never made or inherited one), ETIMEDOUT
+/// (`*holder` still holds it), EDEADLK (this thread holds it), another errno value. Only 0, 1 and
+/// 2 must be followed by CPKCS11_tree_lock_give().
+int CPKCS11_tree_lock_take(long timeout_ms, int given_up_on, int *holder);
+void CPKCS11_tree_lock_give(void);
+
 /// A module copy loaded with dlmopen runs on its own libc, whose per-thread state (the ctype
 /// tables behind isspace() and friends) is set up only in the thread that loaded it: a thread
 /// started by the main libc has none, and the copy crashed in isspace(). Before a thread calls

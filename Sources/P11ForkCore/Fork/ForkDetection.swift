@@ -25,7 +25,9 @@ enum ForkDetection {
             // In the parent, just before a fork: have a copy of the module ready for the child
             // (loading it in the child could not give the child's threads its libc), then take
             // every p11fork lock, so that no other thread is half-way through changing a table
-            // or a record when the process is copied.
+            // or a record when the process is copied. The tree lock is made before the first fork,
+            // so that this process's children share it (TreeLock).
+            TreeLock.makeBeforeFork()
             ModuleRecovery.prepareSpareBeforeFork()
             ModuleRecovery.prepareBrokerBeforeFork()
             for lock in ForkDetection.locks { lock.lock() }
@@ -79,8 +81,9 @@ enum ForkDetection {
             Trace.event(.fork, "fork detected: this is a child of pid \(parent) (fork generation \(generation)), first call \(function.name)")
             Recovery.enterChild()
         }
-        if Recovery.moduleInherited && !function.leavesModuleAlone { Recovery.recoverModule() }
-        // While the inherited module is still in place, later calls come back here.
-        page.pointee.store(Recovery.moduleInherited ? 0 : ProcessMark.adoptedMark, ordering: .releasing)
+        if Recovery.moduleToRecover && !function.leavesModuleAlone { Recovery.recoverModule() }
+        // While the inherited module is still in place, or a failed recovery is to be tried
+        // again, later calls come back here.
+        page.pointee.store(Recovery.moduleToRecover ? 0 : ProcessMark.adoptedMark, ordering: .releasing)
     }
 }

@@ -4,8 +4,10 @@ import Glibc
 /// Logins kept for replay in a child (docs/DESIGN.md "Recovery in the child", step 3).
 ///
 /// A successful C_Login (user or SO) keeps its PIN in a `Secret`; C_Logout, C_Finalize, the
-/// close of the token's last session and a failed replay wipe it. A PIN that fails on replay
-/// is never tried again: p11fork must never lock a token out.
+/// close of the token's last session and a replay that fails for good wipe it. A replay the
+/// module answers with a verdict on the PIN (or with a code that might be one) is never tried
+/// again: p11fork must never lock a token out. One it answers without judging the PIN (the token
+/// unreadable or failing for a moment) is tried again later, with the PIN kept (`mayTryAgain`).
 enum Logins {
     struct Kept {
         let userType: CK_USER_TYPE
@@ -23,6 +25,8 @@ enum Logins {
         case done(CK_USER_TYPE)
         /// Replay failed with this code; not tried again.
         case failed(CK_RV)
+        /// Replay failed with this code, which is no verdict on the PIN: tried again when due.
+        case waiting(CK_RV, RetrySchedule)
         /// Logged in by the parent; replay is switched off, so not here.
         case skipped
     }
@@ -100,47 +104,99 @@ enum Logins {
         }
     }
 
+    /// What a failed replay answers until the application logs in, or until its next try: nil
+    /// when the slot's login is not a failed replay.
+    static func failure(_ slot: CK_SLOT_ID) -> CK_RV? {
+        switch state(slot) {
+        case .failed(let rv)?, .waiting(let rv, _)?: rv
+        default: nil
+        }
+    }
+
+    /// The failure of a replay whose next try is not due yet (nil otherwise).
+    static func failureUntilDue(_ slot: CK_SLOT_ID) -> CK_RV? {
+        guard case .waiting(let rv, let schedule)? = state(slot), !schedule.isDue else { return nil }
+        return rv
+    }
+
+    /// Answers of C_Login that are no verdict on the PIN: the token was unreadable, gone or
+    /// failing when the replay was made (SoftHSM answers CKR_USER_PIN_NOT_INITIALIZED when it read
+    /// its token file while another process rewrote it). A replay that got one is tried again
+    /// later (RetrySchedule). Any other answer is final: the PIN verdicts (CKR_PIN_INCORRECT,
+    /// CKR_PIN_INVALID, CKR_PIN_LEN_RANGE, CKR_PIN_EXPIRED, CKR_PIN_LOCKED), and every code p11fork
+    /// cannot tell from one (a vendor's own, ...): an HSM locks a PIN after a few wrong tries.
+    static func mayTryAgain(_ rv: CK_RV) -> Bool {
+        switch rv {
+        case CK_RV(CKR_USER_PIN_NOT_INITIALIZED), CK_RV(CKR_TOKEN_NOT_PRESENT), CK_RV(CKR_TOKEN_NOT_RECOGNIZED),
+             CK_RV(CKR_DEVICE_ERROR), CK_RV(CKR_DEVICE_MEMORY), CK_RV(CKR_DEVICE_REMOVED), CK_RV(CKR_GENERAL_ERROR),
+             CK_RV(CKR_FUNCTION_FAILED), CK_RV(CKR_HOST_MEMORY), CK_RV(CKR_SESSION_CLOSED), CK_RV(CKR_SESSION_HANDLE_INVALID):
+            true
+        default:
+            false
+        }
+    }
+
     /// Makes sure `slot` is logged in as the parent was, through `session` of this process's
-    /// module: at most one replay per slot per process. Returns the replay's failure, if any.
+    /// module: one replay per slot per process, and after a failure that is no verdict on the PIN
+    /// another at the first call once it is due (`now`: at once). Returns the replay's failure, if
+    /// any (before the next try is due, at once, without calling the module).
     static func ensure(slot: CK_SLOT_ID, session: CK_SESSION_HANDLE,
-                       functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> CK_RV {
+                       functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>, now: Bool = false) -> CK_RV {
         let (state, k) = Records.lock.withLock { (states[slot], kept[slot]) }
+        var retry: RetrySchedule?
         switch state {
         case .failed(let rv): return rv
+        case .waiting(let rv, let schedule):
+            guard now || schedule.isDue else { return rv }
+            retry = schedule
         case .pending: break
         default: return CK_RV(CKR_OK)
         }
         guard let k else { return CK_RV(CKR_OK) }
         let user = userTypeName(k.userType).map { "\($0)" } ?? "user type \(k.userType)"
+        let how = k.pin == nil ? "protected-path " : ""
+        let which = "\(how)\(user) on slot 0x\(String(slot, radix: 16))"
+        if let retry { Trace.event(.fork, "login replay tried again (\(retry.nextTry)): \(which)") }
         let started = Clock.monotonicNanoseconds()
-        var rv = login(k, session: session, functions: functions)
-        // Only CKR_GENERAL_ERROR is tried again, twice: SoftHSM answers it while another process
-        // rewrites its token file, without judging the PIN. Any other failure is final: a verdict
-        // on the PIN, and a token that is locked, gone or failing (CKR_DEVICE_ERROR, ...), where a
-        // retry would only send the PIN again.
-        var attempts = 1
-        while rv == CKR_GENERAL_ERROR && attempts < 3 {
-            usleep(UInt32(10_000 << attempts))
-            rv = login(k, session: session, functions: functions)
-            attempts += 1
+        // One process of the tree at a time: SoftHSM rewrites its token file at a login (TreeLock).
+        let (rv, attempts) = TreeLock.withLock("login replay") { () -> (CK_RV, Int) in
+            var rv = login(k, session: session, functions: functions)
+            // CKR_GENERAL_ERROR is tried again at once, twice: SoftHSM answers it while another
+            // process rewrites its token file, without judging the PIN.
+            var attempts = 1
+            while rv == CKR_GENERAL_ERROR && attempts < 3 {
+                usleep(UInt32(10_000 << attempts))
+                rv = login(k, session: session, functions: functions)
+                attempts += 1
+            }
+            return (rv, attempts)
         }
         let took = Recovery.milliseconds(since: started)
-        let how = k.pin == nil ? "protected-path " : ""
+        let tries = retry.map { ", \($0.nextTry)" } ?? ""
         if rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN {
             Records.lock.withLock { states[slot] = .done(k.userType) }
-            Trace.event(.fork, "login replayed: \(how)\(user) on slot 0x\(String(slot, radix: 16)) (\(took))")
+            Trace.event(.fork, "login replayed: \(which) (\(took)\(tries))")
             return CK_RV(CKR_OK)
         }
-        // Never tried again, whatever the reason: wipe the PIN so it cannot be.
+        let name = Recovery.name(rv)
+        let times = attempts > 1 ? " \(attempts) times" : ""
+        if mayTryAgain(rv) {
+            // The PIN was not judged: it is kept, and sent again when the next try is due.
+            var schedule = retry ?? RetrySchedule()
+            let attempt = schedule.nextTry
+            let delay = schedule.failed()
+            Records.lock.withLock { states[slot] = .waiting(rv, schedule) }
+            Trace.event(.error, "login replay failed (\(attempt)): \(which) answered \(name)\(times), no verdict on the PIN; the calls that need the login answer it until the next try, at a call \(delay) from now or later (\(took))")
+            return rv
+        }
+        // Never tried again: wipe the PIN so it cannot be.
         Records.lock.withLock {
             states[slot] = .failed(rv)
             kept[slot] = nil
         }
         k.pin?.wipe()
         k.username?.wipe()
-        let name = returnCodeName(rv).map { "\($0)" } ?? "0x\(String(rv, radix: 16))"
-        let tries = attempts > 1 ? " \(attempts) times" : ""
-        Trace.event(.error, "login replay failed: \(how)\(user) on slot 0x\(String(slot, radix: 16)) answered \(name)\(tries); the kept PIN is wiped and will not be tried again (\(took))")
+        Trace.event(.error, "login replay failed: \(which) answered \(name)\(times)\(tries); the kept PIN is wiped and will not be tried again (\(took))")
         return rv
     }
 

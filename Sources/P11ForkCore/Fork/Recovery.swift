@@ -19,6 +19,8 @@ enum Recovery {
     nonisolated(unsafe) static var initializationUnclaimed = false
     // Guarded by `lock`.
     nonisolated(unsafe) static var slotsMatchedEpoch: UInt = 1
+    /// Set while a token the application used was not found in this module: matched again when due.
+    nonisolated(unsafe) static var slotRetry: RetrySchedule?
     nonisolated(unsafe) static var searchSessions: [CK_SLOT_ID: CK_SESSION_HANDLE] = [:]
     nonisolated(unsafe) static var lost: Set<CK_OBJECT_HANDLE> = []
 
@@ -32,15 +34,39 @@ enum Recovery {
         lost = []
         initializationUnclaimed = false
         moduleInherited = Core.appInitialized && Core.module != nil
+        moduleRetry = nil
+        slotRetry = nil
+        TreeLock.givenUpOn = 0
     }
 
-    /// Replaces the inherited module by one this child may use (ForkDetection, once).
+    /// Set while a failed recovery of the module waits to be tried again (`Core.unusable` holds
+    /// what the calls answer until then).
+    nonisolated(unsafe) static var moduleRetry: RetrySchedule?
+
+    /// True while this child has no working module yet but is to get one: a call that needs the
+    /// module goes through ForkDetection.adopt, which calls recoverModule.
+    static var moduleToRecover: Bool { moduleInherited || moduleRetry != nil }
+
+    /// Replaces the inherited module by one this child may use (ForkDetection, with the child's
+    /// other threads waiting): at the first call that needs it and, after a failure, at the first
+    /// call once the retry is due (RetrySchedule).
     static func recoverModule() {
-        guard moduleInherited, let inherited = Core.module else { return }
+        guard let inherited = Core.module else { return }
+        if let retry = moduleRetry {
+            guard retry.isDue else { return }
+            Trace.event(.fork, "trying again to get a working module (\(retry.nextTry), \(ModuleRecovery.strategy.rawValue) strategy)")
+        } else {
+            guard moduleInherited else { return }
+        }
         moduleInherited = false
         let started = Clock.monotonicNanoseconds()
-        switch ModuleRecovery.recover(inherited) {
+        // One process of the tree at a time: a module's initialisation reads what another
+        // process's may be writing (TreeLock).
+        switch TreeLock.withLock("initialising the module", { ModuleRecovery.recover(inherited) }) {
         case .success(let module):
+            let tries = moduleRetry.map { ", \($0.nextTry)" } ?? ""
+            moduleRetry = nil
+            Core.unusable = nil
             Core.module = module
             Core.functions = module.functions
             // Every inherited handle is now stale: each is recovered when first used.
@@ -48,13 +74,18 @@ enum Recovery {
             Core.slotEpoch &+= 1
             lock.withLock { startSlotTranslation() }
             initializationUnclaimed = true
-            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy, \(milliseconds(since: started)))")
+            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy\(tries), \(milliseconds(since: started)))")
         case .failure(let why):
-            // Final for this process: no call reaches a module again, so none can hammer the HSM.
+            // No call reaches a module until the next try, so none can hammer the HSM; the next
+            // try comes later and later (RetrySchedule).
             let answer = answer(forFailedInitialization: why.rv)
             Core.functions = nil
             Core.unusable = answer
-            Trace.event(.error, "no working module in this child: \(why.message); every call answers \(name(answer)) from now on, without calling the module. Choose another strategy with P11FORK_STRATEGY (fresh-copy, out-of-process, reinitialize)")
+            var retry = moduleRetry ?? RetrySchedule()
+            let attempt = retry.nextTry
+            let delay = retry.failed()
+            moduleRetry = retry
+            Trace.event(.error, "no working module in this child (\(attempt)): \(why.message); every call answers \(name(answer)) without calling the module until the next try, at a call \(delay) from now or later. Choose another strategy with P11FORK_STRATEGY (fresh-copy, broker, out-of-process, reinitialize)")
         }
     }
 
@@ -113,6 +144,7 @@ enum Recovery {
 
     /// At the replacement of the module: the parent's translation becomes what this one starts from.
     private static func startSlotTranslation() {
+        slotRetry = nil
         parentSlots = Slots.translating ? parentSlots.merging(slotToReal) { $1 } : [:]
         slotToReal = [:]
         slotFromReal = [:]
@@ -167,16 +199,20 @@ enum Recovery {
 
     /// Before exposing real slot IDs of a recovered module: match the inherited slots first.
     static func matchSlots() {
-        guard slotsMatchedEpoch != Core.slotEpoch else { return }
+        guard slotsMatchedEpoch != Core.slotEpoch || slotRetry != nil else { return }
         lock.withLock { matchSlotsLocked() }
     }
 
     /// Finds each slot whose token the application used in this module by the token's identity
     /// (or, for a slot whose token was never seen, by the parent's slot ID). Once per module.
     private static func matchSlotsLocked() {
-        guard slotsMatchedEpoch != Core.slotEpoch, Core.functions != nil else { return }
+        let retryDue = slotRetry?.isDue == true
+        guard slotsMatchedEpoch != Core.slotEpoch || retryDue, Core.functions != nil else { return }
         slotsMatchedEpoch = Core.slotEpoch
         let started = Clock.monotonicNanoseconds()
+        let attempt = slotRetry.map { " (\($0.nextTry))" } ?? ""
+        // A try after one that missed a token: the module still holds what it read then.
+        if retryDue && moduleIsUntouched() { _ = initializeAgain(after: 1) }
         var (matched, missing, absent) = matchSlotsOnce()
         // A module may not show, right after its initialisation, a token the parent used: SoftHSM's
         // file store, read while another process logs in, loses tokens (seen with pool workers
@@ -185,9 +221,7 @@ enum Recovery {
         var tries = 0
         while !missing.isEmpty && tries < 4 && moduleIsUntouched() {
             tries += 1
-            usleep(UInt32(5_000 << tries))
-            guard let functions = Core.functions, functions.pointee.C_Finalize?(nil) == CKR_OK,
-                  functions.pointee.C_Initialize?(ModuleRecovery.initArguments) == CKR_OK else { break }
+            guard initializeAgain(after: tries) else { break }
             (matched, missing, absent) = matchSlotsOnce()
         }
         let notFound = missing.isEmpty ? "" : "; not found: token \(missing.joined(separator: ", "))"
@@ -197,8 +231,28 @@ enum Recovery {
         let moved = slotToReal.filter { $0.key != $0.value }.sorted { $0.key < $1.key }
             .map { "0x\(hex($0.key)) is 0x\(hex($0.value))" }
         let renumbered = moved.isEmpty ? "" : "; renumbered by this module: slot \(moved.joined(separator: ", "))"
+        // Still missing while nothing is open on the module: not final, the slots are matched
+        // again (the module initialised again first) at a call once due (RetrySchedule).
+        var next = ""
+        if !missing.isEmpty && moduleIsUntouched() {
+            var retry = slotRetry ?? RetrySchedule()
+            next = "; matched again at a call \(retry.failed()) from now or later"
+            slotRetry = retry
+        } else {
+            slotRetry = nil
+        }
         Trace.event(missing.isEmpty && absent.isEmpty ? .fork : .error,
-                    "slots matched by token identity: \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried) (\(milliseconds(since: started)))")
+                    "slots matched by token identity\(attempt): \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried)\(next) (\(milliseconds(since: started)))")
+    }
+
+    /// Finalizes and initialises the child's module again, after a pause that grows with `attempt`,
+    /// one process of the tree at a time: only while the module is untouched.
+    private static func initializeAgain(after attempt: Int) -> Bool {
+        usleep(UInt32(5_000 << attempt))
+        guard let functions = Core.functions else { return false }
+        return TreeLock.withLock("initialising the module again") {
+            functions.pointee.C_Finalize?(nil) == CKR_OK && functions.pointee.C_Initialize?(ModuleRecovery.initArguments) == CKR_OK
+        }
     }
 
     /// True while the child has no session of its own on its module (so it may re-initialise it).
@@ -252,6 +306,12 @@ enum Recovery {
             if let real = Sessions.view.real(virtual, epoch: Core.epoch) { return real }
             guard let record = Records.session(virtual), let functions = Core.functions,
                   let openSession = functions.pointee.C_OpenSession else { return invalid }
+            // The slot's login replay failed and its next try is not due: the call answers that
+            // failure without reaching the module.
+            if let rv = Logins.failureUntilDue(record.slot) {
+                failure = rv
+                return invalid
+            }
             let started = Clock.monotonicNanoseconds()
             let realSlot = slotLocked(record.slot)
             var real = invalid
@@ -264,10 +324,43 @@ enum Recovery {
                 Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))\(answered)")
                 return invalid
             }
-            Sessions.table.rebind(virtual, real: real, epoch: Core.epoch)
-            Trace.event(.fork, "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))")
-            let login = Logins.ensure(slot: record.slot, session: real, functions: functions)
+            var reopened: String {
+                "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))"
+            }
+            var login = Logins.ensure(slot: record.slot, session: real, functions: functions)
+            // A module that read the token while another process rewrote it answers from what it
+            // read until it reads it again (SoftHSM: CKR_USER_PIN_NOT_INITIALIZED for as long as it
+            // is initialised). While this child has nothing else open on it, it is initialised
+            // again and the replay tried again at once, twice at most.
+            var again = 0
+            while login != CKR_OK, again < 2, case .waiting? = Logins.state(record.slot), moduleIsUntouched() {
+                again += 1
+                _ = functions.pointee.C_CloseSession?(real)
+                real = invalid
+                guard initializeAgain(after: again) else { break }
+                Trace.event(.fork, "module initialised again for another try of the login replay (the token may have been read while another process rewrote it)")
+                slotsMatchedEpoch = 0
+                let opened = openSession(slotLocked(record.slot), record.flags, nil, nil, &real)
+                guard opened == CKR_OK else {
+                    real = invalid
+                    login = opened
+                    break
+                }
+                login = Logins.ensure(slot: record.slot, session: real, functions: functions, now: true)
+            }
             if login != CKR_OK { failure = login }
+            if real == invalid {
+                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened after initialising the module again (\(name(login))); the call answers it")
+                return invalid
+            }
+            if login != CKR_OK, case .waiting? = Logins.state(record.slot) {
+                // The replay is tried again later: so is the session, which then gets the login.
+                _ = functions.pointee.C_CloseSession?(real)
+                Trace.event(.fork, "\(reopened); closed again until the login replay's next try")
+                return invalid
+            }
+            Sessions.table.rebind(virtual, real: real, epoch: Core.epoch)
+            Trace.event(.fork, reopened)
             // The operations the parent had in progress on it (step 6).
             if login == CKR_OK { Operations.replay(virtual, real: real, functions) }
             return real
@@ -312,7 +405,7 @@ enum Recovery {
             guard let chosen = matches.first else {
                 // Not visible because the login could not be replayed: not lost, and the call
                 // answers the replay's verdict (CKR_PIN_LOCKED, ...) until the application logs in.
-                if case .failed(let rv) = Logins.state(bound.aux) {
+                if let rv = Logins.failure(bound.aux) {
                     failure = rv
                     Trace.event(.error, "object 0x\(hex(virtual)) not re-found (\(identity.summary)): the login replay on slot 0x\(hex(bound.aux)) failed; answered \(name(rv))")
                     return invalid
@@ -339,7 +432,12 @@ enum Recovery {
     /// A session of this child's own on `slot`, logged in as the parent was, to search with.
     private static func searchSessionLocked(_ slot: CK_SLOT_ID, _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>,
                                             _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
-        if let session = searchSessions[slot] { return session }
+        if let session = searchSessions[slot] {
+            // A login replay that failed may be due for its next try (its answer comes with the
+            // search: public objects are found without the login).
+            _ = Logins.ensure(slot: slot, session: session, functions: functions)
+            return session
+        }
         guard let openSession = functions.pointee.C_OpenSession else { return 0 }
         let realSlot = slotLocked(slot)
         var session = CK_SESSION_HANDLE(CK_INVALID_HANDLE)

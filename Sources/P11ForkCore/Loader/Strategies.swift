@@ -273,6 +273,7 @@ enum ModuleRecovery {
         let rv = copy.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         if let current { _ = CPKCS11_swap_environ(current) }
         guard rv == CKR_OK else {
+            spare = copy  // Not initialised: the child's next try (Recovery.moduleRetry) uses it, rather than loading another.
             return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Recovery.name(rv))", rv: rv))
         }
         Trace.event(.fork, "fresh private copy of the module initialised (\(Recovery.milliseconds(since: started)))")

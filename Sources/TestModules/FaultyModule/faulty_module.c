@@ -8,7 +8,8 @@
 //   FAULTY_LOG      one line appended per call, "pid function rv" (never an argument: no PIN)
 //
 // Control file, one fault a line, `#` comments; a trailing word `child` limits the fault to
-// processes other than the one that loaded this copy of the module:
+// processes other than the one that loaded this copy of the module, a trailing `xN` to the first N
+// calls of that function in each process (counted in FAULTY_LOG, so across module copies):
 //   C_Sign CKR_DEVICE_ERROR      that function answers the code, without reaching the real module
 //   C_Initialize hang            that function never returns
 //   token absent                 the slots show no token: C_GetSlotList(CK_TRUE) lists none,
@@ -42,6 +43,8 @@ struct fault {
     enum action action;
     CK_RV rv;
     int child_only;
+    // Only the first `times` calls of the function in a process (0: every call).
+    int times;
 };
 
 static CK_FUNCTION_LIST_PTR real;
@@ -62,6 +65,7 @@ static const struct { const char *name; CK_RV rv; } codes[] = {
     { "CKR_DEVICE_REMOVED", CKR_DEVICE_REMOVED }, { "CKR_SESSION_CLOSED", CKR_SESSION_CLOSED },
     { "CKR_PIN_INCORRECT", CKR_PIN_INCORRECT }, { "CKR_PIN_LOCKED", CKR_PIN_LOCKED }, { "CKR_PIN_EXPIRED", CKR_PIN_EXPIRED },
     { "CKR_TOKEN_NOT_PRESENT", CKR_TOKEN_NOT_PRESENT }, { "CKR_USER_NOT_LOGGED_IN", CKR_USER_NOT_LOGGED_IN },
+    { "CKR_USER_PIN_NOT_INITIALIZED", CKR_USER_PIN_NOT_INITIALIZED },
     { "CKR_CRYPTOKI_ALREADY_INITIALIZED", CKR_CRYPTOKI_ALREADY_INITIALIZED },
 };
 
@@ -102,12 +106,14 @@ static void read_control(void) {
     if (!file) return;
     char line[160];
     while (fault_count < 16 && fgets(line, sizeof line, file)) {
-        char first[40] = "", second[40] = "", third[16] = "";
-        if (line[0] == '#' || sscanf(line, "%39s %39s %15s", first, second, third) < 2) continue;
+        char first[40] = "", second[40] = "", third[16] = "", fourth[16] = "";
+        if (line[0] == '#' || sscanf(line, "%39s %39s %15s %15s", first, second, third, fourth) < 2) continue;
         struct fault *f = &faults[fault_count];
         memset(f, 0, sizeof *f);
         snprintf(f->function, sizeof f->function, "%s", first);
-        f->child_only = strcmp(third, "child") == 0;
+        f->child_only = strcmp(third, "child") == 0 || strcmp(fourth, "child") == 0;
+        if (third[0] == 'x') f->times = atoi(third + 1);
+        if (fourth[0] == 'x') f->times = atoi(fourth + 1);
         if (strcmp(second, "hang") == 0) f->action = HANG;
         else if (strcmp(first, "token") == 0 && strcmp(second, "absent") == 0) f->action = TOKEN_ABSENT;
         else if (strcmp(first, "session") == 0 && strcmp(second, "closed") == 0) f->action = SESSION_CLOSED;
@@ -118,10 +124,24 @@ static void read_control(void) {
     fclose(file);
 }
 
+// How many calls of `function` this process made so far (FAULTY_LOG's lines for it).
+static int calls_made(const char *function) {
+    const char *path = getenv("FAULTY_LOG");
+    FILE *file = path ? fopen(path, "re") : NULL;
+    if (!file) return 0;
+    char line[96], name[64];
+    int pid, count = 0;
+    while (fgets(line, sizeof line, file))
+        if (sscanf(line, "%d %63s", &pid, name) == 2 && pid == getpid() && strcmp(name, function) == 0) count++;
+    fclose(file);
+    return count;
+}
+
 static const struct fault *fault_for(const char *function, enum action action) {
     for (int i = 0; i < fault_count; i++) {
         const struct fault *f = &faults[i];
         if (f->child_only && getpid() == loader_pid) continue;
+        if (f->times && f->action == action && strcmp(f->function, function) == 0 && calls_made(function) >= f->times) continue;
         if (f->action == action && (action == TOKEN_ABSENT || action == SESSION_CLOSED || strcmp(f->function, function) == 0))
             return f;
     }

@@ -4,7 +4,7 @@
 //
 //   p11fork-faults --module PATH --token LABEL --pin PIN --key LABEL --control FILE
 //                  [--fault LINE] [--child-fault LINE] [--expect RV,RV,RV,RV] [--in-parent | --hang SECONDS]
-//                  [--scan-child]
+//                  [--scan-child] [--pause MS]
 //
 // The parent initialises, logs in, finds the key (an RSA key pair), signs, then writes --fault to
 // the control file and forks. The child makes four calls with what it inherited, each printed with
@@ -17,6 +17,9 @@
 // --hang S: the child's first call is expected not to return; a second thread of the child calls
 // too, 0.3 s later. After S seconds the parent reads the child's CPU time (/proc/PID/stat), prints
 // it, kills the child and carries on.
+// --pause MS: the caller waits MS milliseconds before each call after the first (a failed
+// recovery's next try is then due: p11fork waits 50 ms after the first failure, then twice as long
+// after each further one, so 300 covers the first four tries).
 // --scan-child: after its calls the child waits while the parent counts the copies of the PIN in
 // the child's memory (/proc/PID/mem); the driver itself keeps the PIN only masked (its argument
 // is wiped at start, the plain copy given to C_Login wiped right after), so a copy found is the
@@ -42,6 +45,7 @@
 
 static CK_FUNCTION_LIST_PTR p11;
 static const char *token_label, *key_label, *control_path, *fault, *child_fault, *expect;
+static int pause_ms;
 static CK_SLOT_ID slot;
 static CK_SESSION_HANDLE session;
 static CK_OBJECT_HANDLE private_key, public_key;
@@ -151,6 +155,7 @@ static int calls(const char *who) {
     int status = 0;
     for (int i = 0; i < CALLS; i++) {
         CK_RV rv;
+        if (i > 0 && pause_ms) usleep((useconds_t)pause_ms * 1000);
         if (i == 2) {
             CK_SESSION_HANDLE fresh;
             rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &fresh);
@@ -243,7 +248,7 @@ static int child(int scan) {
 
 static int usage(void) {
     fprintf(stderr, "usage: p11fork-faults --module PATH --token LABEL --pin PIN --key LABEL --control FILE "
-                    "[--fault LINE] [--child-fault LINE] [--expect RV,RV,RV,RV] [--in-parent | --hang SECONDS]\n");
+                    "[--fault LINE] [--child-fault LINE] [--expect RV,RV,RV,RV] [--in-parent | --hang SECONDS] [--scan-child] [--pause MS]\n");
     return 2;
 }
 
@@ -255,7 +260,7 @@ int main(int argc, char **argv) {
         { "--in-parent", .flag = &in_parent }, { "--scan-child", .flag = &scan }, { "--module", &module },
         { "--token", &token_label }, { "--pin", &pin_argument }, { "--key", &key_label }, { "--control", &control_path },
         { "--fault", &fault }, { "--child-fault", &child_fault }, { "--expect", &expect },
-        { "--hang", .number = &hang_seconds }, { NULL },
+        { "--hang", .number = &hang_seconds }, { "--pause", .number = &pause_ms }, { NULL },
     };
     if (tool_read_options(argc, argv, options, NULL)) return usage();
     // The PIN is wiped from the arguments once it is masked.
