@@ -44,8 +44,10 @@
  *                         default), full (+ templates, mechanism parameter lengths, real handles).
  *   P11FORK_TRACE_FORMAT  text (default) or json (one object per line).
  *   P11FORK_STRATEGY      How a forked child gets a working module: auto (default: a fresh
- *                         private copy, or the module in a helper process for stacks that
- *                         cannot be loaded twice), fresh-copy, out-of-process, reinitialize.
+ *                         private copy where the child can run the module itself, else the
+ *                         broker, started with the application's rights before its first fork:
+ *                         p11fork-broker, installed beside libp11fork.so), fresh-copy, broker,
+ *                         out-of-process, reinitialize.
  *   P11FORK_LOGIN_REPLAY  on (default): a child replays the parent's login with the kept PIN
  *                         (locked, non-dumpable memory); off: no PIN is kept.
  *   P11FORK_REPLAY_LIMIT  bytes kept, in all, to make session objects and operations in progress
