@@ -24,12 +24,17 @@ enum Broker {
     /// notices the broker's end (ProcessMark.adoptedMark).
     nonisolated(unsafe) static var servesThisProcess = false
     nonisolated(unsafe) static var goneTraced = false
+    nonisolated(unsafe) static var callsSinceCheck: UInt = 0
 
     /// On the slow path of a call in a child the broker serves: says once that the broker has
     /// ended. Its calls answer what p11-kit's client answers for a lost server; no other broker
     /// is started for this child (it would have the child's rights, not the application's).
     static func noticeEnd() {
-        guard !goneTraced, CPKCS11_broker_gone() != 0 || !isRunning else { return }
+        // The guard's flag on every call; the channel (a system call) on one call in 64, for an
+        // application that ignores SIGPIPE itself.
+        guard !goneTraced else { return }
+        callsSinceCheck &+= 1
+        guard CPKCS11_broker_gone() != 0 || (callsSinceCheck & 63 == 1 && !isRunning) else { return }
         goneTraced = true
         Trace.event(.error, "the broker (pid \(pid)) has ended: this child's calls answer p11-kit's client's error for a lost server (CKR_DEVICE_ERROR) from now on; the process that started the broker starts another at its next fork, for new children")
     }
