@@ -240,8 +240,14 @@ static void keep_login(CK_SESSION_HANDLE session) {
     pthread_mutex_unlock(&state_lock);
 }
 
+/// One login at a time: children replay theirs at the same moment, and a token's login is one
+/// state (seen: two children logging in at once on tpm2-pkcs11, and one then found no private key).
+static pthread_mutex_t login_lock = PTHREAD_MUTEX_INITIALIZER;
+
 static CK_RV view_login(CK_SESSION_HANDLE session, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG length) {
+    pthread_mutex_lock(&login_lock);
     CK_RV rv = real->C_Login(session, user, pin, length);
+    pthread_mutex_unlock(&login_lock);
     if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) {
         if (!current->logged_in) {
             pthread_mutex_lock(&state_lock);
