@@ -43,6 +43,8 @@
 enum { CONTROL_FD = 3, TRACE_FD = 4, ACCEPT_SECONDS = 10, MAX_SESSIONS = 4096 };
 
 static const char *module_path;
+/// --trace-file: a trace named per process (its `%p` becomes the broker's pid), made new.
+static const char *trace_template;
 /// --eager: load and initialise the module at once (P11FORK_STRATEGY=broker: every child will ask).
 static int eager;
 static int trace_fd = -1;
@@ -412,19 +414,23 @@ static int next_request(Request *request) {
 }
 
 int main(int argc, char **argv) {
+    int tracing = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--module") == 0) module_path = argv[i + 1];
         else if (strcmp(argv[i], "--eager") == 0) eager = strcmp(argv[i + 1], "yes") == 0;
         else if (strcmp(argv[i], "--trace-format") == 0) {
-            trace_fd = TRACE_FD;
+            tracing = 1;
             trace_json = strcmp(argv[i + 1], "json") == 0;
         }
+        else if (strcmp(argv[i], "--trace-file") == 0) trace_template = argv[i + 1];
     }
     if (!module_path) {
         fprintf(stderr, "p11fork-broker is started by libp11fork.so, not by hand\n");
         return 2;
     }
     // Nothing else the application had open stays open here (its listening sockets, pipes).
+    // The application's trace file is fd 4, unless the broker makes its own (--trace-file).
+    if (tracing && !trace_template) trace_fd = TRACE_FD;
     int keep = trace_fd >= 0 ? TRACE_FD : CONTROL_FD;
     close_range((unsigned)keep + 1, ~0U, 0);
     // Terminal and reload signals sent to the application's process group are not for the
@@ -438,6 +444,17 @@ int main(int argc, char **argv) {
     if (pid < 0) return 3;
     if (pid > 0) _exit(0);
     setsid();
+    if (trace_template) {
+        // Made now, in the broker's own name; never through a link, never an existing file.
+        char path[4096];
+        size_t at = 0;
+        for (const char *c = trace_template; *c && at + 16 < sizeof path; c++) {
+            if (c[0] == '%' && c[1] == 'p') { at += (size_t)snprintf(path + at, sizeof path - at, "%d", (int)getpid()); c++; }
+            else path[at++] = *c;
+        }
+        path[at] = 0;
+        if (tracing) trace_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    }
 
     int on = 1;
     void *kit = dlopen("libp11-kit.so.0", RTLD_NOW | RTLD_LOCAL);

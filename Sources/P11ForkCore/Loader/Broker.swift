@@ -137,7 +137,12 @@ enum Broker {
         // With the broker forced, every child will ask: it initialises the module at once.
         var arguments = [program, "--module", modulePath, "--eager", ModuleRecovery.strategy == .broker ? "yes" : "no"]
         if traceCopy >= 0 {
-            posix_spawn_file_actions_adddup2(&actions, traceCopy, 4)
+            // A trace named per process (`%p`): the broker makes its own file, as every process does.
+            if case .file(let template) = Trace.destination, template.contains("%p") {
+                arguments += ["--trace-file", template]
+            } else {
+                posix_spawn_file_actions_adddup2(&actions, traceCopy, 4)
+            }
             arguments += ["--trace-format", Trace.format == .json ? "json" : "text"]
         }
         var attributes = posix_spawnattr_t()
