@@ -5,7 +5,9 @@
 # with curl, each a new process and so a full TLS handshake, which the key must sign; prints
 # one line per request with the worker that answered, a result line, and the server's error
 # log; stops the server by its pid file (and kills what is left of the processes it started).
-#   PIN=... LIBP11FORK=MODULE server-check.sh nginx|apache WORKDIR TOKEN KEY MODE REQUESTS [ENV...]
+#   PIN=... LIBP11FORK=MODULE server-check.sh nginx|apache|apache-tpm2 WORKDIR TOKEN KEY MODE REQUESTS [ENV...]
+# apache-tpm2: Apache from examples/apache/p11fork-ssl-tpm2.conf, with no engine configuration:
+# mod_ssl loads the engine by the key's scheme, and the engine reads PKCS11_MODULE_PATH.
 # LIBP11FORK is the module the engine loads: libp11fork.so, or the real module for the
 # comparison. MODE: `daemon` (nginx: master + 2 workers; Apache: parent + prefork children) or
 # `single` (nginx: `daemon off; master_process off;`, Apache: -X; no fork). ENV: names of
@@ -86,23 +88,31 @@ for attempt in $(seq 5); do
       OPENSSL_CONF=$engine_conf nginx -p "$run/" -c "$run/nginx.conf" -e "$run/error.log" -g "$globals" </dev/null >>"$run/stdout.log" 2>&1 &
       launched=$!
       ;;
-    apache)
+    apache|apache-tpm2)
+      example=p11fork-ssl.conf server_env=(OPENSSL_CONF="$engine_conf")
+      if [ "$server" = apache-tpm2 ]; then example=p11fork-ssl-tpm2.conf server_env=(PKCS11_MODULE_PATH="$LIBP11FORK"); fi
       sed -e "s/127.0.0.1:8443/127.0.0.1:$port/g" -e "s/token=mytoken;object=mykey/token=$token;object=$key/" \
-          -e "s|file:/etc/apache2/token-pin|file:$work/pin|" "$here/examples/apache/p11fork-ssl.conf" >"$run/apache.conf"
+          -e "s|file:/etc/apache2/token-pin|file:$work/pin|" "$here/examples/apache/$example" >"$run/apache.conf"
       # The children run as www-data: they must reach the run's files and the token's.
       chown -R www-data:www-data "$run"
       pidfile=$run/apache2.pid errorlog=$run/error.log
       flags=(-k start)
       [ "$mode" = single ] && flags=(-X)
-      OPENSSL_CONF=$engine_conf apache2 -f "$run/apache.conf" -d "$run" "${flags[@]}" </dev/null >>"$run/stdout.log" 2>&1 &
+      env "${server_env[@]}" apache2 -f "$run/apache.conf" -d "$run" "${flags[@]}" </dev/null >>"$run/stdout.log" 2>&1 &
       launched=$!
       ;;
     *) echo "server-check.sh: unknown server $server" >&2; exit 2 ;;
   esac
+  exited=""
   for _ in $(seq 100); do
     # Any answer on the port (even a complaint about plain HTTP) means it listens.
     if [ -s "$pidfile" ] && curl -s -o /dev/null -m 1 "http://127.0.0.1:$port/" 2>/dev/null; then started=yes; break; fi
-    if ! kill -0 "$launched" 2>/dev/null && [ ! -s "$pidfile" ]; then break; fi
+    # Gone with no pid file: failed, unless it exited 0 (apache2 -k start leaves a daemon that
+    # writes the pid file once its second reading of the configuration is done).
+    if ! kill -0 "$launched" 2>/dev/null && [ ! -s "$pidfile" ]; then
+      [ -n "$exited" ] || { wait "$launched" && exited=0 || exited=$?; }
+      [ "$exited" -eq 0 ] || break
+    fi
     sleep 0.1
   done
   [ "$started" = yes ] && break
@@ -132,7 +142,7 @@ for i in $(seq "$requests"); do
   fi
 done
 # Apache: which child served each request is in the access log ("%P %>s").
-if [ "$server" = apache ]; then workers=$(awk '$2 == 200 { print $1 }' "$run/access.log" 2>/dev/null || true); fi
+if [ "$server" != nginx ]; then workers=$(awk '$2 == 200 { print $1 }' "$run/access.log" 2>/dev/null || true); fi
 workers=$(printf '%s\n' $workers | sort -u | tr '\n' ' ')
 stop
 trap - EXIT

@@ -111,23 +111,33 @@ import Testing
     /// advances its HMAC state and the other worker's signatures fail from then on.
     @Test(.enabled(if: nginxAvailable && TPM2Token.available))
     func nginxWorkersOverTPM2ServeEveryRequestThroughP11Fork() throws {
+        let run = try serveOverTPM2("nginx", direct: Plan(name: "direct", throughP11Fork: false),
+                                    directError: "PKCS#11 module::General Error", workers: 2...2)
+        #expect(run?.trace.contains("the broker runs it for this child") == true, "\(run?.report ?? "")")
+    }
+
+    /// A server over tpm2-pkcs11 three times: `direct` (fewer requests served than made, by one
+    /// worker at most, `directError` in the error log), directly in one process (every request:
+    /// the failure is fork's), and through p11fork (every request, by `workers`). Returns the
+    /// run through p11fork.
+    private func serveOverTPM2(_ server: String, direct plan: Plan, directError: String, workers: ClosedRange<Int>) throws -> Run? {
         let token = try TPM2Token()
-        let runs = try serve("nginx", token: token, keyLabel: "tpm-key", realModule: TPM2Token.module,
+        let runs = try serve(server, token: token, keyLabel: "tpm-key", realModule: TPM2Token.module,
                              launcher: token.launcher(keyLabel: "tpm-key"), plans: [
-                                Plan(name: "direct", throughP11Fork: false),
+                                plan,
                                 Plan(name: "direct-one-process", throughP11Fork: false, mode: "single"),
                                 Plan(name: "p11fork"),
                              ])
-        if let direct = runs["direct"] {
+        if let direct = runs[plan.name] {
             #expect(direct.served < direct.requests && direct.workers <= 1, "directly: \(direct.report)")
-            #expect(direct.errorLog.contains("PKCS#11 module::General Error"), "directly: \(direct.report)")
+            #expect(direct.errorLog.contains(directError), "directly: \(direct.report)")
         }
         if let single = runs["direct-one-process"] {
             // Without fork the same configuration works directly: the failure is fork's.
             #expect(single.served == single.requests && single.requests == 40, "directly, one process: \(single.report)")
         }
-        expectEveryRequestServed(runs["p11fork"])
-        #expect(runs["p11fork"]?.trace.contains("the broker runs it for this child") == true, "\(runs["p11fork"]?.report ?? "")")
+        expectEveryRequestServed(runs["p11fork"], workers: workers)
+        return runs["p11fork"]
     }
 
     /// Strict SoftHSM: libp11 initialises the module again in each worker, and SoftHSM then reads
@@ -253,6 +263,20 @@ import Testing
         for run in runs.values {
             #expect(run.output.contains("result: apache did not start") && run.output.contains("Error unsealing wrapping key"), "\(run.report)")
         }
+    }
+
+    /// Apache over tpm2-pkcs11 with examples/apache/p11fork-ssl-tpm2.conf: no engine
+    /// configuration, no `SSLCryptoDevice`, and mod_ssl loads the pkcs11 engine by the key's
+    /// scheme, which reads PKCS11_MODULE_PATH. Directly the prefork children (www-data) share the
+    /// parent's TPM session and fail; one process (-X) serves every request, so the failure is
+    /// fork's; through p11fork the broker runs tpm2-pkcs11 for the children.
+    @Test(.enabled(if: apacheAvailable && TPM2Token.available))
+    func apacheChildrenAsWwwDataOverTPM2ServeEveryRequestThroughTheBroker() throws {
+        // One child signs; the other's TPM session no longer matches (measured: 3 of 6).
+        let run = try serveOverTPM2("apache-tpm2", direct: Plan(name: "direct", throughP11Fork: false, requests: 6, requestTimeout: 3),
+                                    directError: "the authorization HMAC check failed", workers: 2...8)
+        #expect(run?.trace.contains("module served by the broker") == true, "\(run?.report ?? "")")
+        #expect(run?.errorLog.contains("Error unsealing wrapping key") == false, "\(run?.report ?? "")")
     }
 
     // MARK: systemd
