@@ -110,21 +110,21 @@ import Testing
         #expect(report["scenarios_run"] as? Int == (Self.asRoot ? 7 : 6))
         #expect(report["all_pass_with_p11fork"] as? Bool == true)
         #expect(report["strategy"] as? String == "auto")
-        // SoftHSM keeps each token in a folder only its owner (root) may enter: the workers that
-        // switch to nobody cannot run a copy of their own, and the broker serves them.
-        #expect((report["verdict"] as? String) == (Self.asRoot
-            ? "your module breaks after fork in 5 of 7 scenarios; with p11fork all pass (auto picks fresh-copy; the broker for 4 workers that switch to nobody)"
-            : "your module breaks after fork in 4 of 6 scenarios; with p11fork all pass (auto picks fresh-copy)"))
-        // What auto chose, scenario by scenario, from p11fork's trace.
+        // What auto chose, scenario by scenario, from p11fork's trace. The workers that switch to
+        // nobody get the broker when their own copy cannot read the token (the first test pins
+        // that, over a folder only root may enter) and keep a copy otherwise.
         let choices = try #require(report["auto_choices"] as? [[String: Any]], "\(result.stdout)")
         #expect(choices.first?["strategy"] as? String == "fresh-copy")
-        #expect(choices.first?["scenarios"] as? [String] == ["inherited session", "child re-initialises", "worker pool (4 children)",
-                                                             "4 workers at the same instant", "operation in progress"])
-        if Self.asRoot {
-            #expect(choices.count == 2 && choices.last?["strategy"] as? String == "broker", "\(choices)")
-            #expect(choices.last?["scenarios"] as? [String] == ["4 workers that switch to nobody"])
+        let base = ["inherited session", "child re-initialises", "worker pool (4 children)", "4 workers at the same instant", "operation in progress"]
+        #expect(Set(choices.first?["scenarios"] as? [String] ?? []).isSuperset(of: base), "\(choices)")
+        let brokered = choices.contains { $0["strategy"] as? String == "broker" }
+        if brokered {
+            #expect(choices.count == 2 && choices.last?["scenarios"] as? [String] == ["4 workers that switch to nobody"], "\(choices)")
             #expect((choices.last?["why"] as? String)?.contains("the child runs as uid") == true, "\(choices)")
         }
+        #expect((report["verdict"] as? String) == (Self.asRoot
+            ? "your module breaks after fork in 5 of 7 scenarios; with p11fork all pass (auto picks fresh-copy\(brokered ? "; the broker for 4 workers that switch to nobody" : ""))"
+            : "your module breaks after fork in 4 of 6 scenarios; with p11fork all pass (auto picks fresh-copy)"))
         let key = try #require(report["key"] as? [String: Any])
         #expect(key["label"] as? String == "fork-key")
         #expect(key["chosen"] as? String == "first signing key on the token")
@@ -133,7 +133,7 @@ import Testing
         #expect(configuration["environment"] as? [String] == ["P11FORK_MODULE=\(RealModules.softHSM)"])
         #expect(configuration["config_file"] as? [String] == ["module = \(RealModules.softHSM)"])
         #expect(configuration["p11fork_module"] as? String == Products.module)
-        #expect((configuration["notes"] as? [String])?.count == (Self.asRoot ? 1 : 0))
+        #expect((configuration["notes"] as? [String])?.count == (brokered ? 1 : 0))
     }
 
     @Test func doctorRejectsBadArgumentsWithOneLineThatNamesTheFix() throws {
