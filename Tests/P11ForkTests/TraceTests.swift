@@ -98,7 +98,7 @@ final class TraceTests: XCTestCase {
                                                          "--key", "fork-key", "--children", "2", "inherited"], environment: environment)
         XCTAssertEqual(result.status, 0, result.output)
         let files = try FileManager.default.contentsOfDirectory(atPath: token.directory.path).filter { $0.hasPrefix("per-process-") }
-        XCTAssertEqual(files.count, 3, "parent and two children: \(files)")
+        XCTAssertEqual(files.count, 4, "parent, two children and the broker the parent started at its first fork: \(files)")
         for name in files {
             let text = try String(contentsOfFile: token.directory.appendingPathComponent(name).path, encoding: .utf8)
             let pid = name.dropFirst("per-process-".count).dropLast(".log".count)
