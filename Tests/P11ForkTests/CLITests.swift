@@ -116,7 +116,8 @@ import Testing
         let choices = try #require(report["auto_choices"] as? [[String: Any]], "\(result.stdout)")
         #expect(choices.first?["strategy"] as? String == "fresh-copy")
         let base = ["inherited session", "child re-initialises", "worker pool (4 children)", "4 workers at the same instant", "operation in progress"]
-        #expect(Set(choices.first?["scenarios"] as? [String] ?? []).isSuperset(of: base), "\(choices)")
+        let firstScenarios: [String] = choices.first?["scenarios"] as? [String] ?? []
+        #expect(Set(firstScenarios).isSuperset(of: base), "\(choices)")
         let brokered = choices.contains { $0["strategy"] as? String == "broker" }
         if brokered {
             #expect(choices.count == 2 && choices.last?["scenarios"] as? [String] == ["4 workers that switch to nobody"], "\(choices)")
