@@ -27,8 +27,14 @@ enum FinalizeGate {
     /// The application has not initialised the library: calls are refused.
     private static let uninitialized = 2
 
+    /// Once at load; again only in the unit tests, which start from a fresh gate in the same words.
     static func install() {
         let count = (counters + 1) * stride
+        if let words {
+            for i in 0..<count { (words + i).pointee.store(0, ordering: .relaxed) }
+            words.pointee.store(uninitialized, ordering: .relaxed)
+            return
+        }
         let raw = UnsafeMutableRawPointer.allocate(byteCount: count * MemoryLayout<Atomic<Int>>.stride, alignment: 64)
         let pointer = raw.bindMemory(to: Atomic<Int>.self, capacity: count)
         for i in 0..<count { (pointer + i).initialize(to: Atomic(0)) }
