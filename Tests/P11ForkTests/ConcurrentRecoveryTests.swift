@@ -42,8 +42,8 @@ import Testing
         defer {
             // SIGTERM did not end it (the loop went on after the test); SIGKILL does.
             if let other {
-                kill(other.processIdentifier, SIGKILL)
-                other.waitUntilExit()
+                other.kill()
+                other.reap(within: 10)
             }
         }
         var failedJobs = 0
@@ -129,17 +129,12 @@ import Testing
                 pass
         """
 
-    static func startOutsider(_ setup: Setup) throws -> Process {
+    static func startOutsider(_ setup: Setup) throws -> Spawned {
         let script = setup.token.directory.appendingPathComponent("outsider.py")
         try outsider.write(to: script, atomically: true, encoding: .utf8)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: PythonConsumerTests.python)
-        process.arguments = [script.path, setup.realModule, setup.token.label]
-        process.environment = setup.environment.merging(["PIN": setup.token.pin]) { $1 }
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        return process
+        return try Spawned(PythonConsumerTests.python, [script.path, setup.realModule, setup.token.label],
+                           environment: setup.environment.merging(["PIN": setup.token.pin]) { $1 },
+                           input: .null, output: .null, errors: .null)
     }
 
     // MARK: the retry, pinned with faults

@@ -10,54 +10,36 @@ import Testing
 @Suite(.serialized) struct SecretCopiesInProcessTests {
     /// A running p11fork-secrets, driven one command at a time.
     final class Driver {
-        let process = Process()
-        let input = Pipe(), output = Pipe()
-        var pending = Data()
+        let program: Spawned
         var pid: Int32 = 0
         /// The token lives as long as the process using it.
         let token: SoftHSMToken
 
         init(module: String, token: SoftHSMToken, environment extra: [String: String] = [:]) throws {
             self.token = token
-            process.executableURL = URL(fileURLWithPath: Products.path("p11fork-secrets"))
-            process.arguments = ["--module", module, "--token", token.label, "--key", "fork-key"]
             var environment = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("P11FORK_") && $0.key != "SOFTHSM2_CONF" }
             for (key, value) in token.environment.merging(extra, uniquingKeysWith: { $1 }) { environment[key] = value }
-            process.environment = environment
-            process.standardInput = input
-            process.standardOutput = output
-            var nothing = sigset_t(), previous = sigset_t()
-            sigemptyset(&nothing)
-            pthread_sigmask(SIG_SETMASK, &nothing, &previous)
-            try process.run()
-            pthread_sigmask(SIG_SETMASK, &previous, nil)
-            input.fileHandleForWriting.write(Data((token.pin + "\n").utf8))
+            program = try Spawned(Products.path("p11fork-secrets"), ["--module", module, "--token", token.label, "--key", "fork-key"],
+                                  environment: environment, errors: .null)
+            program.write(token.pin + "\n")
             let ready = try line()
             guard ready.hasPrefix("ready "), let pid = Int32(ready.dropFirst(6)) else { throw TestFailure("driver: \(ready)") }
             self.pid = pid
         }
 
         func line() throws -> String {
-            while true {
-                if let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
-                    let text = String(decoding: pending[..<newline], as: UTF8.self)
-                    pending.removeSubrange(...newline)
-                    return text
-                }
-                let more = output.fileHandleForReading.availableData
-                if more.isEmpty { throw TestFailure("driver ended early: \(String(decoding: pending, as: UTF8.self))") }
-                pending.append(more)
-            }
+            guard let text = program.line(within: 60) else { throw TestFailure("driver ended early or said nothing for 60 s") }
+            return text
         }
 
         func command(_ text: String) throws -> String {
-            input.fileHandleForWriting.write(Data((text + "\n").utf8))
+            program.write(text + "\n")
             return try line()
         }
 
         func finish() {
-            try? input.fileHandleForWriting.close()
-            process.waitUntilExit()
+            program.closeInput()
+            if program.reap(within: 30) == nil { program.kill() }
         }
     }
 

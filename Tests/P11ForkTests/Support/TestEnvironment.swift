@@ -46,56 +46,20 @@ struct ProcessResult {
 /// plus `environment`, and kills it after `timeout` seconds: a hang is a failure, not a stuck run.
 func runProgram(_ executable: String, _ arguments: [String], environment: [String: String] = [:],
          timeout: TimeInterval = 120, input: String? = nil) throws -> ProcessResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
     var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("P11FORK_") && $0.key != "SOFTHSM2_CONF" }
     // The test drivers SwiftPM builds carry the Swift runtime, whose crash handler starts
     // swift-backtrace; seen hanging for minutes on a driver that crashes on purpose (SoftHSM
     // alone racing C_Finalize). A crash is to be a crash here.
     env["SWIFT_BACKTRACE"] = "enable=no"
     for (key, value) in environment { env[key] = value }
-    process.environment = env
-    let out = Pipe(), err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    let inPipe = Pipe()
-    process.standardInput = inPipe
-    final class Collected: @unchecked Sendable { var stdout = Data(), stderr = Data() }
-    let collected = Collected()
-    let group = DispatchGroup()
-    group.enter()
-    DispatchQueue.global().async { collected.stdout = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    group.enter()
-    DispatchQueue.global().async { collected.stderr = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    // The test runner's threads block most signals, and a spawned program inherits the mask of
-    // the thread that starts it: a Python pool's workers then never receive the SIGTERM its
-    // terminate() sends, and the program hangs (seen). Programs start with nothing blocked.
-    var everything = sigset_t(), previous = sigset_t()
-    sigemptyset(&everything)
-    pthread_sigmask(SIG_SETMASK, &everything, &previous)
-    defer { pthread_sigmask(SIG_SETMASK, &previous, nil) }
-    try process.run()
-    pthread_sigmask(SIG_SETMASK, &previous, nil)
-    if let input { inPipe.fileHandleForWriting.write(Data(input.utf8)) }
-    try? inPipe.fileHandleForWriting.close()
-    let deadline = Date().addingTimeInterval(timeout)
-    var timedOut = false
-    while process.isRunning {
-        if Date() > deadline {
-            timedOut = true
-            kill(-process.processIdentifier, SIGKILL)
-            process.terminate()
-            kill(process.processIdentifier, SIGKILL)
-            break
-        }
-        usleep(10_000)
-    }
-    process.waitUntilExit()
-    group.wait()
-    return ProcessResult(status: process.terminationStatus, stdout: String(decoding: collected.stdout, as: UTF8.self),
-                         stderr: String(decoding: collected.stderr, as: UTF8.self), timedOut: timedOut,
-                         signaled: process.terminationReason == .uncaughtSignal)
+    let program = try Spawned(executable, arguments, environment: env)
+    if let input { program.write(input) }
+    program.closeInput()
+    let collected = program.collect(until: Date().addingTimeInterval(timeout))
+    let ending = program.status ?? (SIGKILL, true)
+    return ProcessResult(status: ending.status, stdout: String(decoding: collected.stdout, as: UTF8.self),
+                         stderr: String(decoding: collected.stderr, as: UTF8.self), timedOut: collected.timedOut,
+                         signaled: ending.signaled)
 }
 
 /// A throw-away token a test makes for itself.
