@@ -145,22 +145,12 @@ enum Broker {
             }
             arguments += ["--trace-format", Trace.format == .json ? "json" : "text"]
         }
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var none = sigset_t(), all = sigset_t()
-        sigemptyset(&none)
-        sigfillset(&all)
-        posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setsigdefault(&attributes, &all)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var argv = arguments.map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
-        var spawned: pid_t = 0
-        let rv = posix_spawn(&spawned, program, &actions, &attributes, &argv, environment ?? environ)
-        guard rv == 0 else {
+        let spawned: pid_t
+        switch Spawn.start(program, arguments, actions: &actions, environment: environment) {
+        case .success(let pid): spawned = pid
+        case .failure(let error):
             close(pair[0])
-            return .failure(RecoveryFailure("starting \(program) failed: \(String(cString: strerror(rv)))"))
+            return .failure(RecoveryFailure("starting \(program) failed: \(error.message)"))
         }
         // The program forks the broker and exits at once, so the broker is nobody's child to reap.
         var status: Int32 = 0

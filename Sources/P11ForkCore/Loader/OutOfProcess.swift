@@ -41,25 +41,14 @@ enum OutOfProcess {
         posix_spawn_file_actions_init(&actions)
         posix_spawn_file_actions_adddup2(&actions, fds[0], 0)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        var argv = arguments.map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
-        // The helper starts with no signal blocked or ignored, whatever the application did to
-        // its own (a blocked SIGTERM would keep the helper alive after this process ends).
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var none = sigset_t(), all = sigset_t()
-        sigemptyset(&none)
-        sigfillset(&all)
-        posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setsigdefault(&attributes, &all)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, "/bin/sh", &actions, &attributes, &argv, environment ?? environ)
+        let pid: pid_t
+        let spawned = Spawn.start("/bin/sh", arguments, actions: &actions, environment: environment)
         close(fds[0])
-        guard spawned == 0 else {
+        switch spawned {
+        case .success(let started): pid = started
+        case .failure(let error):
             close(fds[1])
-            return .failure(RecoveryFailure("starting the helper failed: \(String(cString: strerror(spawned)))"))
+            return .failure(RecoveryFailure("starting the helper failed: \(error.message)"))
         }
         helper = (pid, fds[1])
 
