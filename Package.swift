@@ -43,10 +43,13 @@ let package = Package(
     targets: [
         // The C edge: PKCS#11 2.40 (p11-kit's header) + 3.0 declarations, and tiny syscall helpers.
         .target(name: "CPKCS11"),
+        // The words the module, the command and include/p11fork.h share: strategy names, trace
+        // event kinds, recovery steps (generated from codegen/vocabulary.txt).
+        .target(name: "Vocabulary"),
         // The proxy: loading the real module, handle tables, fork handling, tracing, the calls.
         // Exclusivity is not checked at run time: every global p11fork changes is guarded by a lock
         // or written once, and the checks cost a runtime call per access on the signing path.
-        .target(name: "P11ForkCore", dependencies: ["CPKCS11"], swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
+        .target(name: "P11ForkCore", dependencies: ["CPKCS11", "Vocabulary"], swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]),
         // The exported module: the three C entry points and nothing else.
         .target(
             name: "P11Fork",
@@ -156,7 +159,7 @@ let package = Package(
         // The command-line tool: the doctor and the trace reader.
         .executableTarget(
             name: "p11fork-cli",
-            dependencies: ["DoctorScenarios", "ProviderScenario", "TraceReader", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["DoctorScenarios", "ProviderScenario", "TraceReader", "Vocabulary", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/p11fork-cli",
             exclude: ["DoctorScenarios", "ProviderScenario", "TraceReader"]
         ),
@@ -168,7 +171,7 @@ let package = Package(
         ),
         // Reading a trace file (`p11fork trace`): a library of its own, so that the input fuzzer
         // drives the same code as the command.
-        .target(name: "TraceReader", path: "Sources/p11fork-cli/TraceReader"),
+        .target(name: "TraceReader", dependencies: ["Vocabulary"], path: "Sources/p11fork-cli/TraceReader"),
         // The doctor's fork scenarios, in C (run in a helper process the doctor starts and watches).
         .target(
             name: "DoctorScenarios",

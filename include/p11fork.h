@@ -30,7 +30,7 @@
  *                           trace        = stderr | /path/to/file (%p = process id)
  *                           trace_level  = error | fork | calls | full
  *                           trace_format = text | json
- *                           strategy     = auto | fresh-copy | out-of-process | reinitialize
+ *                           strategy     = auto | fresh-copy | broker | out-of-process | reinitialize   (generated)
  *                           login_replay = on | off
  *                           replay_limit = 1048576 | 64k | 4m | 0
  *                         '#' starts a comment; a value may be in double quotes. A variable
@@ -42,7 +42,14 @@
  *   P11FORK_TRACE_LEVEL   error (p11fork's own problems), fork (+ fork events and recovery
  *                         steps), calls (+ every call: arguments, return code, duration; the
  *                         default), full (+ templates, mechanism parameter lengths, real handles).
- *   P11FORK_TRACE_FORMAT  text (default) or json (one object per line).
+ *   P11FORK_TRACE_FORMAT  text (default) or json (one object per line). A JSON line about an
+ *                         event has "event" (its level) and "message" (for people, may be
+ *                         reworded); the events p11fork knows the meaning of also have "kind",
+ *                         and as the kind needs, "parent" and "generation" (fork-detected),
+ *                         "strategy" (decision), "step", "strategy", "ms" and "outcome"
+ *                         (recovery-step):
+ *                         event kinds: fork-detected, preparation, decision, recovery-step   (generated)
+ *                         event steps: module, module-ready, slots, login, session, object, operation   (generated)
  *   P11FORK_STRATEGY      How a forked child gets a working module: auto (default: a fresh
  *                         private copy where the child can run the module itself, else the
  *                         broker, started with the application's rights before its first fork:

@@ -127,8 +127,8 @@ enum Core {
             case .success(let module):
                 self.module = module
                 functions = module.functions
-                Trace.event(.fork, "loaded \(module.path) (\(module.offers32 ? "PKCS#11 3.2 interface" : module.offers30 ? "PKCS#11 3.0 interface" : "PKCS#11 2.x function list")); fork detection by \(ProcessMark.wipedByKernel ? "MADV_WIPEONFORK page" : "pthread_atfork handler")")
-                Trace.event(.fork, "the module was named by \(configuration.moduleSource)")
+                Trace.event(.fork, "loaded \(module.path) (\(module.offers32 ? "PKCS#11 3.2 interface" : module.offers30 ? "PKCS#11 3.0 interface" : "PKCS#11 2.x function list")); fork detection by \(ProcessMark.wipedByKernel ? "MADV_WIPEONFORK page" : "pthread_atfork handler")", .preparation)
+                Trace.event(.fork, "the module was named by \(configuration.moduleSource)", .preparation)
             }
         }
         if let loadProblem { Trace.event(.error, loadProblem.message) }

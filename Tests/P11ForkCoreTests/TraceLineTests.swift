@@ -47,6 +47,28 @@ let processIdentity: Void = { ForkDetection.pid = getpid() }()
         #expect(args["data"] as? Int == 32)
     }
 
+    /// An event's fields go into its JSON line beside the message, in the shared vocabulary; a
+    /// text line is the message alone.
+    @Test func jsonEventLineCarriesTheEventsFields() throws {
+        func eventLine(json: Bool, _ fields: EventFields) -> String {
+            var line = TraceLine(json: json)
+            line.header()
+            line.eventBody(kind: "fork", message: "login replayed: CKU_USER on slot 0x1 (1.2 ms)", fields: json ? fields : nil)
+            return line.text
+        }
+        var fields = EventFields.step(.login, .ok)
+        fields.nanoseconds = 1_234_567
+        let json = eventLine(json: true, fields)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any], "\(json)")
+        #expect(object["event"] as? String == "fork" && object["kind"] as? String == "recovery-step", "\(json)")
+        #expect(object["step"] as? String == "login" && object["outcome"] as? String == "ok" && object["ms"] as? Double == 1.234, "\(json)")
+        #expect(json.hasSuffix(#""kind":"recovery-step","step":"login","ms":1.234,"outcome":"ok"}"# + "\n"), "\(json)")
+        let fork = eventLine(json: true, .forkDetected(parent: 42, generation: 3))
+        #expect(fork.hasSuffix(#""kind":"fork-detected","parent":42,"generation":3}"# + "\n"), "\(fork)")
+        let text = eventLine(json: false, fields)
+        #expect(text.hasSuffix("fork: login replayed: CKU_USER on slot 0x1 (1.2 ms)\n") && !text.contains("kind"), "\(text)")
+    }
+
     @Test func unknownReturnCodeIsPrintedInHex() {
         let text = withLevel(.calls) { () -> String in
             var line = TraceLine(json: false)

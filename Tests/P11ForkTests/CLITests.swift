@@ -350,6 +350,53 @@ import Testing
         #expect(replayed.prefix(3) == ["login", "replayed", "2"], "a login replayed in each child: \(replayed)")
     }
 
+    /// JSON event lines carry what the event is in the shared vocabulary (include/p11fork.h,
+    /// codegen/vocabulary.txt), and the reader goes by those fields: with every event's message
+    /// reworded, it finds the same process tree and the same recovery steps.
+    @Test func traceReaderReadsJSONEventsByTheirFieldsNotTheirWords() throws {
+        let token = try strictToken()
+        let trace = try forkingTrace(token)
+        let objects = try records(trace)
+        let forks = objects.filter { $0["kind"] as? String == "fork-detected" }
+        try #require(forks.count == 2, "\(objects.filter { $0["event"] != nil })")
+        let parent = try #require(forks[0]["parent"] as? Int)
+        #expect(forks.allSatisfy { $0["parent"] as? Int == parent && $0["generation"] as? Int == 1 }, "\(forks)")
+        #expect(objects.contains { $0["pid"] as? Int == parent && $0["kind"] == nil && $0["call"] as? String == "C_Initialize" })
+        for fork in forks {
+            let child = fork["pid"] as! Int
+            let steps = objects.filter { $0["pid"] as? Int == child && $0["kind"] as? String == "recovery-step" }
+            let module = try #require(steps.first { $0["step"] as? String == "module" }, "\(steps)")
+            #expect(module["strategy"] as? String == "fresh-copy" && module["outcome"] as? String == "ok" && module["ms"] is Double, "\(module)")
+            #expect(steps.contains { $0["step"] as? String == "module-ready" && $0["strategy"] as? String == "auto" }, "\(steps)")
+            for step in ["slots", "login", "session", "object"] {
+                #expect(steps.contains { $0["step"] as? String == step && $0["outcome"] as? String == "ok" }, "\(step): \(steps)")
+            }
+        }
+
+        // The same file with every event's message reworded.
+        var reworded = ""
+        for line in try String(contentsOf: trace, encoding: .utf8).split(separator: "\n", omittingEmptySubsequences: false) {
+            reworded += line.replacing(/"message":"(?:[^"\\]|\\.)*"/, with: "\"message\":\"reworded\"") + "\n"
+        }
+        let rewordedFile = token.directory.appendingPathComponent("reworded.json")
+        try reworded.write(to: rewordedFile, atomically: true, encoding: .utf8)
+        #expect(!reworded.contains("fork detected"))
+        let original = try runProgram(Self.cli, ["trace", trace.path, "--summary"])
+        let result = try runProgram(Self.cli, ["trace", rewordedFile.path])
+        #expect(result.status == 0, "\(result.output)")
+        let blocks = blocks(result.stdout)
+        for fork in forks {
+            #expect(blocks[fork["pid"] as! Int]?.first?.contains("child of \(parent), fork generation 1") == true, "\(result.stdout)")
+        }
+        for step in ["login replayed", "module made working (fresh-copy)", "session re-opened", "object re-found"] {
+            let row = result.stdout.split(separator: "\n").first { $0.trimmingCharacters(in: .whitespaces).hasPrefix(step + " ") }
+            #expect(row?.split(separator: " ").dropFirst(step.split(separator: " ").count).first.flatMap { Int($0) } ?? 0 >= 2,
+                    "\(step), in each child: \(result.stdout)")
+            #expect(original.stdout.contains(step), "the original's summary names the step the same way: \(original.stdout)")
+        }
+        #expect(result.stdout.contains("processes: \(Set(objects.compactMap { $0["pid"] as? Int }).count); forked children among them: 2"), "\(result.stdout)")
+    }
+
     @Test func traceReaderShowsOneProcessTheErrorsOrOnlyTheSummaryOnRequest() throws {
         let token = try strictToken()
         let trace = try forkingTrace(token)

@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import Vocabulary
 
 /// What happens when a call finds itself in a new process.
 ///
@@ -78,7 +79,8 @@ enum ForkDetection {
             pid = now
             generation += 1
             Trace.adoptChild()
-            Trace.event(.fork, "fork detected: this is a child of pid \(parent) (fork generation \(generation)), first call \(function.name)")
+            Trace.event(.fork, "fork detected: this is a child of pid \(parent) (fork generation \(generation)), first call \(function.name)",
+                        .forkDetected(parent: parent, generation: Int(generation)))
             Recovery.enterChild()
         }
         if Recovery.moduleToRecover && !function.leavesModuleAlone { Recovery.recoverModule() }

@@ -175,7 +175,7 @@ enum Logins {
         let tries = retry.map { ", \($0.nextTry)" } ?? ""
         if rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN {
             Records.lock.withLock { states[slot] = .done(k.userType) }
-            Trace.event(.fork, "login replayed: \(which) (\(took)\(tries))")
+            Trace.event(.fork, "login replayed: \(which) (\(took)\(tries))", .step(.login, .ok, since: started))
             return CK_RV(CKR_OK)
         }
         let name = Recovery.name(rv)
@@ -186,7 +186,7 @@ enum Logins {
             let attempt = schedule.nextTry
             let delay = schedule.failed()
             Records.lock.withLock { states[slot] = .waiting(rv, schedule) }
-            Trace.event(.error, "login replay failed (\(attempt)): \(which) answered \(name)\(times), no verdict on the PIN; the calls that need the login answer it until the next try, at a call \(delay) from now or later (\(took))")
+            Trace.event(.error, "login replay failed (\(attempt)): \(which) answered \(name)\(times), no verdict on the PIN; the calls that need the login answer it until the next try, at a call \(delay) from now or later (\(took))", .step(.login, .failed, since: started))
             return rv
         }
         // Never tried again: wipe the PIN so it cannot be.
@@ -196,7 +196,7 @@ enum Logins {
         }
         k.pin?.wipe()
         k.username?.wipe()
-        Trace.event(.error, "login replay failed: \(which) answered \(name)\(times)\(tries); the kept PIN is wiped and will not be tried again (\(took))")
+        Trace.event(.error, "login replay failed: \(which) answered \(name)\(times)\(tries); the kept PIN is wiped and will not be tried again (\(took))", .step(.login, .failed, since: started))
         return rv
     }
 

@@ -74,7 +74,8 @@ enum Recovery {
             Core.slotEpoch &+= 1
             lock.withLock { startSlotTranslation() }
             initializationUnclaimed = true
-            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy\(tries), \(milliseconds(since: started)))")
+            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy\(tries), \(milliseconds(since: started)))",
+                        .step(.moduleReady, .ok, since: started, strategy: ModuleRecovery.strategy))
         case .failure(let why):
             // No call reaches a module until the next try, so none can hammer the HSM; the next
             // try comes later and later (RetrySchedule).
@@ -85,7 +86,8 @@ enum Recovery {
             let attempt = retry.nextTry
             let delay = retry.failed()
             moduleRetry = retry
-            Trace.event(.error, "no working module in this child (\(attempt)): \(why.message); every call answers \(name(answer)) without calling the module until the next try, at a call \(delay) from now or later. Choose another strategy with P11FORK_STRATEGY (fresh-copy, broker, out-of-process, reinitialize)")
+            Trace.event(.error, "no working module in this child (\(attempt)): \(why.message); every call answers \(name(answer)) without calling the module until the next try, at a call \(delay) from now or later. Choose another strategy with P11FORK_STRATEGY (\(ModuleStrategy.allCases.filter { $0 != .auto }.map(\.rawValue).joined(separator: ", ")))",
+                        .step(.moduleReady, .failed, since: started, strategy: ModuleRecovery.strategy))
         }
     }
 
@@ -242,7 +244,8 @@ enum Recovery {
             slotRetry = nil
         }
         Trace.event(missing.isEmpty && absent.isEmpty ? .fork : .error,
-                    "slots matched by token identity\(attempt): \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried)\(next) (\(milliseconds(since: started)))")
+                    "slots matched by token identity\(attempt): \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried)\(next) (\(milliseconds(since: started)))",
+                    .step(.slots, missing.isEmpty && absent.isEmpty ? .ok : .failed, since: started))
     }
 
     /// Finalizes and initialises the child's module again, after a pause that grows with `attempt`,
@@ -321,7 +324,7 @@ enum Recovery {
                 let gone = rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_SLOT_ID_INVALID
                 failure = gone ? CK_RV(CKR_DEVICE_REMOVED) : rv
                 let answered = gone ? "; the call answers CKR_DEVICE_REMOVED" : ""
-                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))\(answered)")
+                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))\(answered)", .step(.session, .failed, since: started))
                 return invalid
             }
             var reopened: String {
@@ -350,7 +353,7 @@ enum Recovery {
             }
             if login != CKR_OK { failure = login }
             if real == invalid {
-                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened after initialising the module again (\(name(login))); the call answers it")
+                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened after initialising the module again (\(name(login))); the call answers it", .step(.session, .failed, since: started))
                 return invalid
             }
             if login != CKR_OK, case .waiting? = Logins.state(record.slot) {
@@ -360,7 +363,7 @@ enum Recovery {
                 return invalid
             }
             Sessions.table.rebind(virtual, real: real, epoch: Core.epoch)
-            Trace.event(.fork, reopened)
+            Trace.event(.fork, reopened, .step(.session, .ok, since: started))
             // The operations the parent had in progress on it (step 6).
             if login == CKR_OK { Operations.replay(virtual, real: real, functions) }
             return real
@@ -378,7 +381,7 @@ enum Recovery {
             let started = Clock.monotonicNanoseconds()
             func lose(_ why: String) -> CK_OBJECT_HANDLE {
                 lost.insert(virtual)
-                Trace.event(.fork, "object 0x\(hex(virtual)) is lost in this child: \(why)")
+                Trace.event(.fork, "object 0x\(hex(virtual)) is lost in this child: \(why)", .step(.object, .lost, since: started))
                 return invalid
             }
             guard let identity = Records.object(virtual) else { return lose("nothing was recorded about it") }
@@ -394,7 +397,8 @@ enum Recovery {
                     return real
                 case .remade(let real, let how):
                     Objects.table.rebind(virtual, real: real, epoch: Core.epoch)
-                    Trace.event(.fork, "object 0x\(hex(virtual)) made again (\(identity.summary); \(how); real object 0x\(hex(real)), \(milliseconds(since: started)))")
+                    Trace.event(.fork, "object 0x\(hex(virtual)) made again (\(identity.summary); \(how); real object 0x\(hex(real)), \(milliseconds(since: started)))",
+                                .step(.object, .ok, since: started))
                     return real
                 }
             }
@@ -407,14 +411,15 @@ enum Recovery {
                 // answers the replay's verdict (CKR_PIN_LOCKED, ...) until the application logs in.
                 if let rv = Logins.failure(bound.aux) {
                     failure = rv
-                    Trace.event(.error, "object 0x\(hex(virtual)) not re-found (\(identity.summary)): the login replay on slot 0x\(hex(bound.aux)) failed; answered \(name(rv))")
+                    Trace.event(.error, "object 0x\(hex(virtual)) not re-found (\(identity.summary)): the login replay on slot 0x\(hex(bound.aux)) failed; answered \(name(rv))", .step(.object, .failed, since: started))
                     return invalid
                 }
                 return lose("no object on the token matches it (\(identity.summary); \(candidates.count) with the same class, ID and label)")
             }
             Objects.table.rebind(virtual, real: chosen, epoch: Core.epoch)
             let alike = matches.count > 1 ? "; \(matches.count) identical objects, the first taken" : ""
-            Trace.event(.fork, "object 0x\(hex(virtual)) re-found (\(identity.summary); real object 0x\(hex(chosen)), \(candidates.count) candidate(s)\(alike), \(milliseconds(since: started)))")
+            Trace.event(.fork, "object 0x\(hex(virtual)) re-found (\(identity.summary); real object 0x\(hex(chosen)), \(candidates.count) candidate(s)\(alike), \(milliseconds(since: started)))",
+                        .step(.object, .ok, since: started))
             return chosen
         }
     }

@@ -101,10 +101,10 @@ enum Broker {
             starter = .current
             starterPid = getpid()
             unavailable = nil
-            Trace.event(.fork, "broker started (pid \(brokerPid)) with this process's rights, for children that cannot run the module themselves (\(Recovery.milliseconds(since: started)))")
+            Trace.event(.fork, "broker started (pid \(brokerPid)) with this process's rights, for children that cannot run the module themselves (\(Recovery.milliseconds(since: started)))", .preparation)
         case .failure(let problem):
             unavailable = problem.message
-            Trace.event(.fork, "no broker for this process's children: \(problem.message)")
+            Trace.event(.fork, "no broker for this process's children: \(problem.message)", .preparation)
         }
     }
 

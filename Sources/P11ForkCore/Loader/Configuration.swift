@@ -1,4 +1,5 @@
 import Glibc
+import Vocabulary
 
 /// p11fork's settings, read once per process (docs/DESIGN.md "Configuration"; README "Configuration").
 /// Where they come from, the first that sets a key winning:
@@ -137,7 +138,7 @@ struct Configuration: Equatable, Sendable {
         }
         if let strategy = settings["strategy"] {
             guard let parsed = ModuleStrategy(rawValue: strategy.value) else {
-                let choices = ModuleStrategy.allCases.map(\.rawValue).joined(separator: ", ")
+                let choices = ModuleStrategy.listed
                 return .failure(ConfigurationProblem(
                     "\(strategy.source): '\(strategy.value)' is not a strategy: use \(choices)"))
             }

@@ -1,32 +1,27 @@
 import CPKCS11
 import Glibc
+import Vocabulary
 
 /// How a child gets a working real module (docs/DESIGN.md "Recovery in the child", step 1).
-/// docs/DESIGN.md "Modules across fork" shows no single way works for every module.
-enum ModuleStrategy: String, CaseIterable, Sendable {
-    /// A fresh private copy, which never touches what the child inherited; re-initialise in
-    /// place only where a copy cannot be had: when the module's stack loads GLib (a second GLib
-    /// in one process crashes) or when the copy fails to load or initialise. Re-initialising in
-    /// place first would be cheaper, but it runs the inherited copy's code, which hangs when
-    /// another thread of the parent held one of its locks at the fork (measured: SoftHSM with
-    /// reset_on_fork, a parent with two signing threads).
-    case auto
-    /// Call the inherited module's C_Initialize again: for modules that detect fork themselves
-    /// (SoftHSM with reset_on_fork, p11-kit's proxy, openCryptoki).
-    case reinitialize
-    /// Load a fresh copy of the module in a new link-map namespace (dlmopen) and initialise it;
-    /// the inherited copy is left alone. For modules that keep their state across fork
-    /// (SoftHSM's default mode, network-HSM clients).
-    case freshCopy = "fresh-copy"
-    /// Run the module in a helper process that inherited nothing (`p11-kit server`) and talk to
-    /// it through p11-kit's RPC client (OutOfProcess.swift). For module stacks that can neither be
-    /// loaded twice in one process nor re-initialised in a child (tpm2-pkcs11: GLib and D-Bus).
-    case outOfProcess = "out-of-process"
-    /// Have the broker run the module: a process the application started before its first fork,
-    /// with the application's rights (Broker.swift). For children that cannot reach the token
-    /// themselves (they switched user) or cannot run the module (GLib stacks, openCryptoki).
-    case broker
-}
+/// docs/DESIGN.md "Modules across fork" shows no single way works for every module. The names
+/// are the shared vocabulary's (codegen/vocabulary.txt):
+/// - `auto`: a fresh private copy, which never touches what the child inherited, wherever the
+///   child can run the module itself; the broker where it cannot (GLib stacks: a second GLib in
+///   one process crashes; openCryptoki; a child that switched user and misses the tokens; a copy
+///   that cannot be loaded); re-initialising in place only where neither can be had.
+///   Re-initialising in place first would be cheaper, but it runs the inherited copy's code,
+///   which hangs when another thread of the parent held one of its locks at the fork (measured:
+///   SoftHSM with reset_on_fork, a parent with two signing threads).
+/// - `reinitialize`: call the inherited module's C_Initialize again: for modules that detect
+///   fork themselves (SoftHSM with reset_on_fork, p11-kit's proxy, openCryptoki).
+/// - `fresh-copy`: load a fresh copy of the module in a new link-map namespace (dlmopen) and
+///   initialise it; the inherited copy is left alone. For modules that keep their state across
+///   fork (SoftHSM's default mode, network-HSM clients).
+/// - `out-of-process`: run the module in a helper process that inherited nothing (`p11-kit
+///   server`) and talk to it through p11-kit's RPC client (OutOfProcess.swift).
+/// - `broker`: have the broker run the module: a process the application started before its
+///   first fork, with the application's rights (Broker.swift).
+typealias ModuleStrategy = StrategyName
 
 struct RecoveryFailure: Error {
     let message: String
@@ -96,18 +91,18 @@ enum ModuleRecovery {
         }
         if inherited.loadsGLib {
             if brokerRuns {
-                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process\(change.map { " (\($0))" } ?? ""): the broker runs it for this child")
+                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process\(change.map { " (\($0))" } ?? ""): the broker runs it for this child", .decision(.broker))
                 return broker(inherited)
             }
             guard OutOfProcess.isAvailable else {
-                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process, and p11-kit's server is not installed: re-initialising in place")
+                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process, and p11-kit's server is not installed: re-initialising in place", .decision(.reinitialize))
                 return reinitialize(inherited)
             }
-            Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: running it in a helper process")
+            Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: running it in a helper process", .decision(.outOfProcess))
             return outOfProcess(inherited)
         }
         if brokerRuns, isOpenCryptoki(inherited) {
-            Trace.event(.fork, "openCryptoki's module cannot be copied into a child: the broker runs it for this child")
+            Trace.event(.fork, "openCryptoki's module cannot be copied into a child: the broker runs it for this child", .decision(.broker))
             return broker(inherited)
         }
         let copy = freshCopy(of: inherited)
@@ -118,10 +113,10 @@ enum ModuleRecovery {
             guard brokerRuns, change != nil else { return copy }
             let missing = missingTokens(module)
             guard !missing.isEmpty else {
-                if let change { Trace.event(.fork, "\(change), but the copy in the child finds the parent's tokens: the child keeps it") }
+                if let change { Trace.event(.fork, "\(change), but the copy in the child finds the parent's tokens: the child keeps it", .decision(.freshCopy)) }
                 return copy
             }
-            Trace.event(.fork, "\(change ?? ""), and the copy in the child does not find the parent's token(s) \(missing.joined(separator: ", ")): the broker, which has the parent's rights, runs the module for this child")
+            Trace.event(.fork, "\(change ?? ""), and the copy in the child does not find the parent's token(s) \(missing.joined(separator: ", ")): the broker, which has the parent's rights, runs the module for this child", .decision(.broker))
             _ = module.functions.pointee.C_Finalize?(nil)
             return broker(inherited)
         }
@@ -130,12 +125,12 @@ enum ModuleRecovery {
         // block) or fails with rights that are not the parent's; a copy whose C_Initialize fails
         // with the parent's rights says something about the module itself.
         if brokerRuns, why.rv == nil || change != nil {
-            Trace.event(.fork, "\(why.message)\(change.map { " (\($0))" } ?? ""): the broker runs the module for this child instead")
+            Trace.event(.fork, "\(why.message)\(change.map { " (\($0))" } ?? ""): the broker runs the module for this child instead", .decision(.broker))
             let served = broker(inherited)
             guard case .failure(let again) = served else { return served }
-            Trace.event(.fork, "\(again.message): re-initialising the inherited module in place instead")
+            Trace.event(.fork, "\(again.message): re-initialising the inherited module in place instead", .decision(.reinitialize))
         } else {
-            Trace.event(.fork, "\(why.message): re-initialising the inherited module in place instead")
+            Trace.event(.fork, "\(why.message): re-initialising the inherited module in place instead", .decision(.reinitialize))
         }
         let inPlace = reinitialize(inherited)
         guard case .failure(let again) = inPlace else { return inPlace }
@@ -169,7 +164,8 @@ enum ModuleRecovery {
         let started = Clock.monotonicNanoseconds()
         let result = Broker.connect(serving: module.servedModulePath ?? module.path, initArguments: initArguments)
         if case .success = result {
-            Trace.event(.fork, "module served by the broker (pid \(Broker.pid)) (\(Recovery.milliseconds(since: started)))")
+            Trace.event(.fork, "module served by the broker (pid \(Broker.pid)) (\(Recovery.milliseconds(since: started)))",
+                        .step(.module, .ok, since: started, strategy: .broker))
         }
         return result
     }
@@ -189,7 +185,8 @@ enum ModuleRecovery {
                                         initArguments: initArguments)
         if case .success = result {
             let pid = OutOfProcess.helper.map { String($0.pid) } ?? "?"
-            Trace.event(.fork, "module running in a helper process (p11-kit server, pid \(pid)) (\(Recovery.milliseconds(since: started)))")
+            Trace.event(.fork, "module running in a helper process (p11-kit server, pid \(pid)) (\(Recovery.milliseconds(since: started)))",
+                        .step(.module, .ok, since: started, strategy: .outOfProcess))
         }
         return result
     }
@@ -199,7 +196,7 @@ enum ModuleRecovery {
         announceInitialize("the inherited module, in place")
         let rv = module.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         if rv == CKR_OK {
-            Trace.event(.fork, "module re-initialised in place (\(Recovery.milliseconds(since: started)))")
+            Trace.event(.fork, "module re-initialised in place (\(Recovery.milliseconds(since: started)))", .step(.module, .ok, since: started, strategy: .reinitialize))
             return .success(module)
         }
         return .failure(RecoveryFailure("re-initialising the module in place answered \(Recovery.name(rv))", rv: rv))
@@ -233,9 +230,9 @@ enum ModuleRecovery {
         switch loadCopy(of: module) {
         case .success(let copy):
             spare = copy
-            Trace.event(.fork, "spare copy of the module loaded for children to use (\(Recovery.milliseconds(since: started)))")
+            Trace.event(.fork, "spare copy of the module loaded for children to use (\(Recovery.milliseconds(since: started)))", .preparation)
         case .failure(let problem):
-            Trace.event(.fork, "no spare copy of the module for children (\(problem.message)); a child will load one itself")
+            Trace.event(.fork, "no spare copy of the module for children (\(problem.message)); a child will load one itself", .preparation)
         }
     }
 
@@ -276,7 +273,8 @@ enum ModuleRecovery {
             spare = copy  // Not initialised: the child's next try (Recovery.moduleRetry) uses it, rather than loading another.
             return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Recovery.name(rv))", rv: rv))
         }
-        Trace.event(.fork, "fresh private copy of the module initialised (\(Recovery.milliseconds(since: started)))")
+        Trace.event(.fork, "fresh private copy of the module initialised (\(Recovery.milliseconds(since: started)))",
+                    .step(.module, .ok, since: started, strategy: .freshCopy))
         return .success(copy)
     }
 
@@ -314,6 +312,6 @@ enum ModuleRecovery {
             burned += 1
             if key >= limit { break }
         }
-        Trace.event(.fork, "copy of the module: \(burned) thread-key numbers reserved in its libc (the process uses keys below \(probe))")
+        Trace.event(.fork, "copy of the module: \(burned) thread-key numbers reserved in its libc (the process uses keys below \(probe))", .preparation)
     }
 }

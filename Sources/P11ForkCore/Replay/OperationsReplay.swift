@@ -19,7 +19,8 @@ extension Operations {
             case .success(let summary):
                 carried |= kind.active | (state & (kind.recording | kind.fed))
                 if kind == .find { carried |= OperationKind.findQueued }
-                Trace.event(.fork, "operation \(kind.initName) on session 0x\(Recovery.hex(virtual)) carried into the child: \(summary) (\(Recovery.milliseconds(since: started)))")
+                Trace.event(.fork, "operation \(kind.initName) on session 0x\(Recovery.hex(virtual)) carried into the child: \(summary) (\(Recovery.milliseconds(since: started)))",
+                            .step(.operation, .ok, since: started))
             case .failure(let why):
                 // Not carried: what the parent fed it is wiped in this child now.
                 Records.lock.withLock {
@@ -27,7 +28,8 @@ extension Operations {
                     drop(record)
                     operations.list[kind.rawValue] = nil
                 }
-                Trace.event(.fork, "operation \(kind.initName) on session 0x\(Recovery.hex(virtual)) is not carried into the child: \(why); the calls that continue it get CKR_OPERATION_NOT_INITIALIZED")
+                Trace.event(.fork, "operation \(kind.initName) on session 0x\(Recovery.hex(virtual)) is not carried into the child: \(why); the calls that continue it get CKR_OPERATION_NOT_INITIALIZED",
+                            .step(.operation, .lost, since: started))
             }
         }
         entry.pointee.state.store(carried, ordering: .relaxed)

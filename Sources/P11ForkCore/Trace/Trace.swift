@@ -1,5 +1,6 @@
 import CPKCS11
 import Glibc
+import Vocabulary
 
 /// How much p11fork writes (docs/DESIGN.md "Tracing"). Each level includes the ones before it.
 enum TraceLevel: UInt8, Comparable, Sendable, CaseIterable {
@@ -172,12 +173,13 @@ enum Trace {
         return nil
     }
 
-    /// A line about p11fork itself (not a call), written when `level` is enabled.
-    static func event(_ eventLevel: TraceLevel, _ message: String) {
+    /// A line about p11fork itself (not a call), written when `level` is enabled. `fields` say
+    /// what the event is to programs (JSON lines only): the message is for people.
+    static func event(_ eventLevel: TraceLevel, _ message: String, _ fields: EventFields? = nil) {
         guard level >= eventLevel, eventLevel != .off else { return }
         var line = TraceLine(json: format == .json)
         line.header()
-        line.eventBody(kind: eventLevel.name, message: message)
+        line.eventBody(kind: eventLevel.name, message: message, fields: format == .json ? fields : nil)
         line.write(to: fd)
     }
 
@@ -211,5 +213,51 @@ enum Clock {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         return ts
+    }
+}
+
+/// What a trace line about an event says to programs, in words of the shared vocabulary
+/// (codegen/vocabulary.txt): JSON lines carry these as fields beside the message, so that a
+/// reader (`p11fork trace`, the doctor) never depends on the message's wording.
+struct EventFields {
+    let kind: TraceEventKind
+    var parent: pid_t?
+    var generation: Int?
+    var step: RecoveryStep?
+    var strategy: StrategyName?
+    var outcome: StepOutcome?
+    /// The step's duration, from its start to when the fields are made.
+    var nanoseconds: UInt64?
+
+    static func forkDetected(parent: pid_t, generation: Int) -> EventFields {
+        EventFields(kind: .forkDetected, parent: parent, generation: generation)
+    }
+
+    static let preparation = EventFields(kind: .preparation)
+
+    static func decision(_ strategy: StrategyName) -> EventFields {
+        EventFields(kind: .decision, strategy: strategy)
+    }
+
+    static func step(_ step: RecoveryStep, _ outcome: StepOutcome, since started: UInt64? = nil,
+                     strategy: StrategyName? = nil) -> EventFields {
+        EventFields(kind: .recoveryStep, step: step, strategy: strategy, outcome: outcome,
+                    nanoseconds: started.map { Clock.monotonicNanoseconds() &- $0 })
+    }
+
+    /// `,"kind":"…"` and the other fields that are set.
+    var json: String {
+        var text = ",\"kind\":\"\(kind.rawValue)\""
+        if let parent { text += ",\"parent\":\(parent)" }
+        if let generation { text += ",\"generation\":\(generation)" }
+        if let step { text += ",\"step\":\"\(step.rawValue)\"" }
+        if let strategy { text += ",\"strategy\":\"\(strategy.rawValue)\"" }
+        if let nanoseconds {
+            let microseconds = nanoseconds / 1000
+            let fraction = String(microseconds % 1000)
+            text += ",\"ms\":\(microseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"
+        }
+        if let outcome { text += ",\"outcome\":\"\(outcome.rawValue)\"" }
+        return text
     }
 }

@@ -321,10 +321,12 @@ struct TraceLine: ~Copyable {
         }
     }
 
-    mutating func eventBody(kind: String, message: String) {
+    mutating func eventBody(kind: String, message: String, fields: EventFields? = nil) {
         limit = Self.capacity - 8
         if json {
-            append(",\"event\":\"" as StaticString); appendString(kind); append("\",\"message\":" as StaticString); appendQuoted(message); append("}\n" as StaticString)
+            append(",\"event\":\"" as StaticString); appendString(kind); append("\",\"message\":" as StaticString); appendQuoted(message)
+            if let fields { appendString(fields.json) }
+            append("}\n" as StaticString)
         } else {
             appendString(kind); append(": " as StaticString); appendString(message); append(UInt8(ascii: "\n"))
         }

@@ -1,4 +1,5 @@
 import Foundation
+import Vocabulary
 import TraceReader
 
 /// What the doctor was asked to examine, arguments checked.
@@ -28,7 +29,8 @@ struct DoctorPlan {
 /// Runs the probe and the scenarios, directly and through p11fork, each in a helper process;
 /// tries the other strategies when `auto` leaves a scenario failing.
 struct Doctor {
-    static let strategies = ["auto", "fresh-copy", "out-of-process", "reinitialize", "broker"]
+    /// In the order tried: the broker last (it costs every call a round trip).
+    static let strategies = ([.auto, .freshCopy, .outOfProcess, .reinitialize, .broker] as [StrategyName]).map(\.rawValue)
 
     let plan: DoctorPlan
     let helper: HelperProcess
@@ -272,11 +274,7 @@ extension Doctor {
         for scenario in plan.scenarios {
             guard let trace = traceFile(scenario.rawValue, .p11fork(strategy: "auto")),
                   let text = try? String(contentsOf: trace, encoding: .utf8) else { continue }
-            let messages = TraceFile(text: text).records.compactMap { record -> String? in
-                if case .event(let level, let message) = record.kind, level == "fork" { return message }
-                return nil
-            }
-            guard let (strategy, why) = messages.lazy.compactMap(Self.autoChoice).first else { continue }
+            guard let (strategy, why) = TraceFile(text: text).records.lazy.compactMap(Self.autoChoice).first else { continue }
             if let index = choices.firstIndex(where: { $0.strategy == strategy && $0.why == why }) {
                 choices[index].scenarios.append(title(scenario))
             } else {
@@ -286,16 +284,14 @@ extension Doctor {
         return choices
     }
 
-    /// The strategy and reason in one of p11fork's fork trace lines, if it says how a child recovers.
-    static func autoChoice(_ message: String) -> (strategy: String, why: String)? {
-        if message.contains("broker") && (message.contains("runs the module for this child") || message.contains("runs it for this child")) {
-            return ("broker", message)
+    /// The strategy and reason a trace line gives for how a child recovers, by its fields (the
+    /// doctor's traces are JSON): `auto`'s decision, or a child that made a private copy work.
+    static func autoChoice(_ record: TraceRecord) -> (strategy: String, why: String)? {
+        guard case .event(_, let message) = record.kind, let fields = record.fields, let strategy = fields.strategy else { return nil }
+        if fields.kind == .decision { return (strategy.rawValue, message) }
+        if fields.step == .module, fields.outcome == .ok, strategy == .freshCopy {
+            return (strategy.rawValue, "the child can run the module itself: it loads and initialises a private copy of it")
         }
-        if message.hasPrefix("fresh private copy of the module initialised") {
-            return ("fresh-copy", "the child can run the module itself: it loads and initialises a private copy of it")
-        }
-        if message.contains("running it in a helper process") { return ("out-of-process", message) }
-        if message.contains("re-initialising") && message.contains("in place") { return ("reinitialize", message) }
         return nil
     }
 

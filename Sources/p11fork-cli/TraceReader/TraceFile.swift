@@ -1,4 +1,5 @@
 import Foundation
+import Vocabulary
 
 /// One line of a p11fork trace: a call (function, arguments, return code, duration) or an event
 /// (a level and a message: fork detection, recovery steps, p11fork's own errors).
@@ -15,22 +16,41 @@ public struct TraceRecord {
         case event(level: String, message: String)
     }
 
+    /// What a JSON line says an event is, in the shared vocabulary (include/p11fork.h,
+    /// P11FORK_TRACE_FORMAT): read from these fields, never from the message's wording. Text
+    /// lines have none; a value this reader does not know is left out.
+    public struct EventFields {
+        public var kind: TraceEventKind?
+        public var parent: Int?
+        public var generation: Int?
+        public var step: RecoveryStep?
+        public var strategy: StrategyName?
+        public var milliseconds: Double?
+        public var outcome: StepOutcome?
+    }
+
     let line: Int
     let time: String
     public let pid: Int
     let tid: Int?
     public let kind: Kind
-    /// From "fork detected: this is a child of pid N (fork generation G)".
+    public let fields: EventFields?
+    /// The fork-detected event's fields, or from a text line "fork detected: this is a child of
+    /// pid N (fork generation G)".
     let parentPID: Int?
     let forkGeneration: Int?
 
-    init(line: Int, time: String, pid: Int, tid: Int?, kind: Kind) {
+    init(line: Int, time: String, pid: Int, tid: Int?, kind: Kind, fields: EventFields? = nil) {
         self.line = line
         self.time = time
         self.pid = pid
         self.tid = tid
         self.kind = kind
-        if case .event(_, let message) = kind, message.hasPrefix("fork detected") {
+        self.fields = fields
+        if let fields, fields.kind == .forkDetected {
+            parentPID = fields.parent
+            forkGeneration = fields.generation
+        } else if fields?.kind == nil, case .event(_, let message) = kind, message.hasPrefix("fork detected") {
             parentPID = message.firstMatch(of: /child of pid (\d+)/).flatMap { Int($0.output.1) }
             forkGeneration = message.firstMatch(of: /fork generation (\d+)/).flatMap { Int($0.output.1) }
         } else {
@@ -101,6 +121,8 @@ public struct TraceFile {
         var scanner = JSONScanner(buffer: buffer, index: range.lowerBound, end: range.upperBound)
         var time: String?, pid: Int?, tid: Int?, call: String?, rv: String?, us: Double?, event: String?, message: String?
         var arguments: Range<Int>?
+        var fields = TraceRecord.EventFields()
+        var hasFields = false
         do {
             try scanner.expect(UInt8(ascii: "{"))
             if !scanner.skip(UInt8(ascii: "}")) {
@@ -116,6 +138,13 @@ public struct TraceFile {
                     case "us": us = Double(try scanner.numberText())
                     case "event": event = try scanner.string()
                     case "message": message = try scanner.string()
+                    case "kind": fields.kind = TraceEventKind(rawValue: try scanner.string()); hasFields = true
+                    case "parent": fields.parent = Int(try scanner.numberText())
+                    case "generation": fields.generation = Int(try scanner.numberText())
+                    case "step": fields.step = RecoveryStep(rawValue: try scanner.string())
+                    case "strategy": fields.strategy = StrategyName(rawValue: try scanner.string())
+                    case "ms": fields.milliseconds = Double(try scanner.numberText())
+                    case "outcome": fields.outcome = StepOutcome(rawValue: try scanner.string())
                     case "args":
                         scanner.skipSpace()
                         let start = scanner.index
@@ -137,7 +166,8 @@ public struct TraceFile {
                                kind: .call(function: call, arguments: arguments.map { .json($0) } ?? .text(""), rv: rv, microseconds: us))
         }
         if let event, let message {
-            return TraceRecord(line: line, time: time, pid: pid, tid: tid, kind: .event(level: event, message: message))
+            return TraceRecord(line: line, time: time, pid: pid, tid: tid, kind: .event(level: event, message: message),
+                               fields: hasFields ? fields : nil)
         }
         return nil
     }

@@ -1,4 +1,5 @@
 import Foundation
+import Vocabulary
 
 /// One process of a trace: its lines in file order, and where it came from.
 struct TracedProcess {
@@ -80,6 +81,13 @@ public struct TraceReport {
         case .call: return .call
         case .event(_, let message):
             if record.parentPID != nil { return .forkDetected }
+            switch record.fields?.kind {
+            case .forkDetected?: return .forkDetected
+            case .preparation?: return .note
+            case .recoveryStep?, .decision?: return afterFork ? .recoveryStep : .note
+            case nil: break
+            }
+            // A text line (or a JSON event without a kind): by its wording.
             let preparation = ["loaded ", "spare copy", "no spare copy", "copy of the module"].contains { message.hasPrefix($0) }
             return afterFork && !preparation ? .recoveryStep : .note
         }
@@ -97,6 +105,18 @@ public struct TraceReport {
             !(word.hasPrefix("0x") || word.allSatisfy { $0.isNumber || $0 == "." } || word.hasPrefix("\""))
         }
         return words.joined(separator: " ")
+    }
+
+    /// A step's name: from its fields ("login replayed", "module made working (broker)"), or
+    /// else from its message.
+    static func stepName(_ fields: TraceRecord.EventFields?, _ message: String) -> String {
+        if let step = fields?.step {
+            let strategy = step == .module ? fields?.strategy.map { " (\($0.rawValue))" } ?? "" : ""
+            let outcome = fields?.outcome.flatMap { $0 == .ok ? nil : ": \($0.rawValue)" } ?? ""
+            return step.phrase + strategy + outcome
+        }
+        if fields?.kind == .forkDetected { return "fork detected" }
+        return stepName(message)
     }
 
     /// The duration a step's message ends with: "(… 2.3 ms)".
@@ -203,9 +223,9 @@ public struct TraceReport {
                 let role = Self.role(of: record, afterFork: afterFork)
                 guard case .event(_, let message) = record.kind, role == .recoveryStep || role == .forkDetected
                         || (role == .error && afterFork) else { continue }
-                let name = Self.stepName(message)
+                let name = Self.stepName(record.fields, message)
                 steps[name, default: StepStatistics()].count += 1
-                if let ms = Self.stepMilliseconds(message) {
+                if let ms = record.fields?.milliseconds ?? Self.stepMilliseconds(message) {
                     steps[name]!.timed += 1
                     steps[name]!.total += ms
                     steps[name]!.minimum = min(steps[name]!.minimum, ms)
