@@ -186,3 +186,24 @@ enum Core {
         }
     }
 }
+
+extension Core {
+    // The handle tables, and what the other layers keep about sessions and objects, begin and
+    // end together.
+    static func installHandleTables() {
+        Sessions.table = HandleTable(base: Sessions.base, lock: ForkDetection.register(ForkSafeLock()))
+        Objects.table = HandleTable(base: Objects.base, lock: ForkDetection.register(ForkSafeLock()))
+        Sessions.view = Sessions.table.view
+        Objects.view = Objects.table.view
+    }
+
+    /// After C_Finalize: every session and object handle of this life of the module is gone.
+    static func forgetSessionsAndObjects() {
+        epoch &+= 1
+        Sessions.table.releaseAll { _, _ in true }
+        Objects.table.releaseAll { _, _ in true }
+        SessionNotifications.removeAll()
+        Records.forgetSessionsAndObjects()
+        Logins.forgetAll()
+    }
+}

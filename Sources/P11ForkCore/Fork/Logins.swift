@@ -171,14 +171,14 @@ enum Logins {
             }
             return (rv, attempts)
         }
-        let took = Recovery.milliseconds(since: started)
+        let took = Format.milliseconds(since: started)
         let tries = retry.map { ", \($0.nextTry)" } ?? ""
         if rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN {
             Records.lock.withLock { states[slot] = .done(k.userType) }
             Trace.event(.fork, "login replayed: \(which) (\(took)\(tries))", .step(.login, .ok, since: started))
             return CK_RV(CKR_OK)
         }
-        let name = Recovery.name(rv)
+        let name = Format.name(rv)
         let times = attempts > 1 ? " \(attempts) times" : ""
         if mayTryAgain(rv) {
             // The PIN was not judged: it is kept, and sent again when the next try is due.

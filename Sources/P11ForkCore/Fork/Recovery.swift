@@ -74,7 +74,7 @@ enum Recovery {
             Core.slotEpoch &+= 1
             lock.withLock { startSlotTranslation() }
             initializationUnclaimed = true
-            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy\(tries), \(milliseconds(since: started)))",
+            Trace.event(.fork, "module ready in the child (\(ModuleRecovery.strategy.rawValue) strategy\(tries), \(Format.milliseconds(since: started)))",
                         .step(.moduleReady, .ok, since: started, strategy: ModuleRecovery.strategy))
         case .failure(let why):
             // No call reaches a module until the next try, so none can hammer the HSM; the next
@@ -86,7 +86,7 @@ enum Recovery {
             let attempt = retry.nextTry
             let delay = retry.failed()
             moduleRetry = retry
-            Trace.event(.error, "no working module in this child (\(attempt)): \(why.message); every call answers \(name(answer)) without calling the module until the next try, at a call \(delay) from now or later. Choose another strategy with P11FORK_STRATEGY (\(ModuleStrategy.allCases.filter { $0 != .auto }.map(\.rawValue).joined(separator: ", ")))",
+            Trace.event(.error, "no working module in this child (\(attempt)): \(why.message); every call answers \(Format.name(answer)) without calling the module until the next try, at a call \(delay) from now or later. Choose another strategy with P11FORK_STRATEGY (\(ModuleStrategy.allCases.filter { $0 != .auto }.map(\.rawValue).joined(separator: ", ")))",
                         .step(.moduleReady, .failed, since: started, strategy: ModuleRecovery.strategy))
         }
     }
@@ -182,7 +182,7 @@ enum Recovery {
             if slotToReal[slot] != nil || Records.token(slot) != nil {
                 slot = CK_SLOT_ID(Slots.freshBase)
                 while slotToReal[slot] != nil || Records.token(slot) != nil { slot += 1 }
-                Trace.event(.fork, "slot 0x\(hex(real)) of this module is shown as slot 0x\(hex(slot)): its own number names another token for the application")
+                Trace.event(.fork, "slot 0x\(Format.hex(real)) of this module is shown as slot 0x\(Format.hex(slot)): its own number names another token for the application")
             }
             bind(slot, to: real)
             return slot
@@ -231,7 +231,7 @@ enum Recovery {
         let removed = absent.isEmpty ? "" : "; no token present in the slot of token \(absent.joined(separator: ", ")) (removed?): its calls answer what the module answers for an empty slot"
         let retried = tries > 0 ? ", after initialising the module again \(tries) time(s)" : ""
         let moved = slotToReal.filter { $0.key != $0.value }.sorted { $0.key < $1.key }
-            .map { "0x\(hex($0.key)) is 0x\(hex($0.value))" }
+            .map { "0x\(Format.hex($0.key)) is 0x\(Format.hex($0.value))" }
         let renumbered = moved.isEmpty ? "" : "; renumbered by this module: slot \(moved.joined(separator: ", "))"
         // Still missing while nothing is open on the module: not final, the slots are matched
         // again (the module initialised again first) at a call once due (RetrySchedule).
@@ -244,7 +244,7 @@ enum Recovery {
             slotRetry = nil
         }
         Trace.event(missing.isEmpty && absent.isEmpty ? .fork : .error,
-                    "slots matched by token identity\(attempt): \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried)\(next) (\(milliseconds(since: started)))",
+                    "slots matched by token identity\(attempt): \(matched) of \(matched + missing.count + absent.count)\(renumbered)\(notFound)\(removed)\(retried)\(next) (\(Format.milliseconds(since: started)))",
                     .step(.slots, missing.isEmpty && absent.isEmpty ? .ok : .failed, since: started))
     }
 
@@ -324,11 +324,11 @@ enum Recovery {
                 let gone = rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_SLOT_ID_INVALID
                 failure = gone ? CK_RV(CKR_DEVICE_REMOVED) : rv
                 let answered = gone ? "; the call answers CKR_DEVICE_REMOVED" : ""
-                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened on slot 0x\(hex(record.slot)): C_OpenSession answered \(name(rv))\(answered)", .step(.session, .failed, since: started))
+                Trace.event(.error, "session 0x\(Format.hex(virtual)) could not be re-opened on slot 0x\(Format.hex(record.slot)): C_OpenSession answered \(Format.name(rv))\(answered)", .step(.session, .failed, since: started))
                 return invalid
             }
             var reopened: String {
-                "session 0x\(hex(virtual)) re-opened on slot 0x\(hex(record.slot)) (real session 0x\(hex(real)), \(milliseconds(since: started)))"
+                "session 0x\(Format.hex(virtual)) re-opened on slot 0x\(Format.hex(record.slot)) (real session 0x\(Format.hex(real)), \(Format.milliseconds(since: started)))"
             }
             var login = Logins.ensure(slot: record.slot, session: real, functions: functions)
             // A module that read the token while another process rewrote it answers from what it
@@ -353,7 +353,7 @@ enum Recovery {
             }
             if login != CKR_OK { failure = login }
             if real == invalid {
-                Trace.event(.error, "session 0x\(hex(virtual)) could not be re-opened after initialising the module again (\(name(login))); the call answers it", .step(.session, .failed, since: started))
+                Trace.event(.error, "session 0x\(Format.hex(virtual)) could not be re-opened after initialising the module again (\(Format.name(login))); the call answers it", .step(.session, .failed, since: started))
                 return invalid
             }
             if login != CKR_OK, case .waiting? = Logins.state(record.slot) {
@@ -381,7 +381,7 @@ enum Recovery {
             let started = Clock.monotonicNanoseconds()
             func lose(_ why: String) -> CK_OBJECT_HANDLE {
                 lost.insert(virtual)
-                Trace.event(.fork, "object 0x\(hex(virtual)) is lost in this child: \(why)", .step(.object, .lost, since: started))
+                Trace.event(.fork, "object 0x\(Format.hex(virtual)) is lost in this child: \(why)", .step(.object, .lost, since: started))
                 return invalid
             }
             guard let identity = Records.object(virtual) else { return lose("nothing was recorded about it") }
@@ -397,7 +397,7 @@ enum Recovery {
                     return real
                 case .remade(let real, let how):
                     Objects.table.rebind(virtual, real: real, epoch: Core.epoch)
-                    Trace.event(.fork, "object 0x\(hex(virtual)) made again (\(identity.summary); \(how); real object 0x\(hex(real)), \(milliseconds(since: started)))",
+                    Trace.event(.fork, "object 0x\(Format.hex(virtual)) made again (\(identity.summary); \(how); real object 0x\(Format.hex(real)), \(Format.milliseconds(since: started)))",
                                 .step(.object, .ok, since: started))
                     return real
                 }
@@ -411,14 +411,14 @@ enum Recovery {
                 // answers the replay's verdict (CKR_PIN_LOCKED, ...) until the application logs in.
                 if let rv = Logins.failure(bound.aux) {
                     failure = rv
-                    Trace.event(.error, "object 0x\(hex(virtual)) not re-found (\(identity.summary)): the login replay on slot 0x\(hex(bound.aux)) failed; answered \(name(rv))", .step(.object, .failed, since: started))
+                    Trace.event(.error, "object 0x\(Format.hex(virtual)) not re-found (\(identity.summary)): the login replay on slot 0x\(Format.hex(bound.aux)) failed; answered \(Format.name(rv))", .step(.object, .failed, since: started))
                     return invalid
                 }
                 return lose("no object on the token matches it (\(identity.summary); \(candidates.count) with the same class, ID and label)")
             }
             Objects.table.rebind(virtual, real: chosen, epoch: Core.epoch)
             let alike = matches.count > 1 ? "; \(matches.count) identical objects, the first taken" : ""
-            Trace.event(.fork, "object 0x\(hex(virtual)) re-found (\(identity.summary); real object 0x\(hex(chosen)), \(candidates.count) candidate(s)\(alike), \(milliseconds(since: started)))",
+            Trace.event(.fork, "object 0x\(Format.hex(virtual)) re-found (\(identity.summary); real object 0x\(Format.hex(chosen)), \(candidates.count) candidate(s)\(alike), \(Format.milliseconds(since: started)))",
                         .step(.object, .ok, since: started))
             return chosen
         }
@@ -450,7 +450,7 @@ enum Recovery {
         if rv != CKR_OK { rv = openSession(realSlot, CK_FLAGS(CKF_SERIAL_SESSION), nil, nil, &session) }
         guard rv == CKR_OK else {
             failure = rv
-            Trace.event(.error, "no session could be opened on slot 0x\(hex(slot)) to re-find objects: C_OpenSession answered \(name(rv))")
+            Trace.event(.error, "no session could be opened on slot 0x\(Format.hex(slot)) to re-find objects: C_OpenSession answered \(Format.name(rv))")
             return 0
         }
         searchSessions[slot] = session
@@ -482,18 +482,6 @@ enum Recovery {
         Core.appInitialized ? CK_RV(CKR_SESSION_HANDLE_INVALID) : CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED)
     }
 
-    // MARK: formatting
-
-    static func milliseconds(since start: UInt64) -> String {
-        let tenths = (Clock.monotonicNanoseconds() &- start) / 100_000
-        return "\(tenths / 10).\(tenths % 10) ms"
-    }
-
-    static func name(_ rv: CK_RV) -> String {
-        returnCodeName(rv).map { "\($0)" } ?? "0x\(String(rv, radix: 16))"
-    }
-
-    static func hex(_ value: UInt) -> String { String(value, radix: 16) }
 }
 
 extension Function {

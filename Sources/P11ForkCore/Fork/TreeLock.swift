@@ -36,14 +36,14 @@ enum TreeLock {
             // this thread holds it already.
             break
         case 1:
-            Trace.event(.fork, "\(step): waited for pid \(holder) to finish its own (\(Recovery.milliseconds(since: started)))")
+            Trace.event(.fork, "\(step): waited for pid \(holder) to finish its own (\(Format.milliseconds(since: started)))")
         case 2:
-            Trace.event(.fork, "\(step): pid \(holder) ended while it held the tree lock; taken over (\(Recovery.milliseconds(since: started)))")
+            Trace.event(.fork, "\(step): pid \(holder) ended while it held the tree lock; taken over (\(Format.milliseconds(since: started)))")
         case ETIMEDOUT where givenUpOn != 0 && holder == givenUpOn:
             Trace.event(.error, "\(step): pid \(holder) still holds the tree lock (not waited for again); going on without it")
         case ETIMEDOUT:
             givenUpOn = holder
-            Trace.event(.error, "\(step): pid \(holder) still holds the tree lock after \(bound / 1000) s; going on without it (\(Recovery.milliseconds(since: started)))")
+            Trace.event(.error, "\(step): pid \(holder) still holds the tree lock after \(bound / 1000) s; going on without it (\(Format.milliseconds(since: started)))")
         default:
             Trace.event(.error, "\(step): the tree lock could not be taken (\(String(cString: strerror(taken)))); going on without it")
         }

@@ -101,7 +101,7 @@ enum Broker {
             starter = .current
             starterPid = getpid()
             unavailable = nil
-            Trace.event(.fork, "broker started (pid \(brokerPid)) with this process's rights, for children that cannot run the module themselves (\(Recovery.milliseconds(since: started)))", .preparation)
+            Trace.event(.fork, "broker started (pid \(brokerPid)) with this process's rights, for children that cannot run the module themselves (\(Format.milliseconds(since: started)))", .preparation)
         case .failure(let problem):
             unavailable = problem.message
             Trace.event(.fork, "no broker for this process's children: \(problem.message)", .preparation)
@@ -228,7 +228,7 @@ enum Broker {
             return .failure(RecoveryFailure("the broker (pid \(pid)) did not answer within 10 s", rv: CK_RV(CKR_DEVICE_ERROR)))
         }
         guard rv == CKR_OK else {
-            return .failure(RecoveryFailure("the module in the broker answered C_Initialize with \(Recovery.name(CK_RV(rv)))", rv: CK_RV(rv)))
+            return .failure(RecoveryFailure("the module in the broker answered C_Initialize with \(Format.name(CK_RV(rv)))", rv: CK_RV(rv)))
         }
         // p11-kit's client reads its server's address from the environment when it initialises.
         setenv("P11_KIT_SERVER_ADDRESS", "unix:path=\(socketPath)", 1)
@@ -244,7 +244,7 @@ enum Broker {
         ModuleRecovery.announceInitialize("the module in the broker (pid \(pid))")
         let initialized = loaded.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         guard initialized == CKR_OK else {
-            return .failure(RecoveryFailure("the broker's module answered C_Initialize with \(Recovery.name(initialized))", rv: initialized))
+            return .failure(RecoveryFailure("the broker's module answered C_Initialize with \(Format.name(initialized))", rv: initialized))
         }
         servesThisProcess = true
         CPKCS11_guard_sigpipe(channel)

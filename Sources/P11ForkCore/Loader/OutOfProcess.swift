@@ -73,7 +73,7 @@ enum OutOfProcess {
         ModuleRecovery.announceInitialize("the module run by the helper")
         let rv = loaded.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         guard rv == CKR_OK else {
-            return .failure(RecoveryFailure("the module run by the helper answered C_Initialize with \(Recovery.name(rv))", rv: rv))
+            return .failure(RecoveryFailure("the module run by the helper answered C_Initialize with \(Format.name(rv))", rv: rv))
         }
         return .success(loaded)
     }

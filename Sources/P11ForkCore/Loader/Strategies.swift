@@ -164,7 +164,7 @@ enum ModuleRecovery {
         let started = Clock.monotonicNanoseconds()
         let result = Broker.connect(serving: module.servedModulePath ?? module.path, initArguments: initArguments)
         if case .success = result {
-            Trace.event(.fork, "module served by the broker (pid \(Broker.pid)) (\(Recovery.milliseconds(since: started)))",
+            Trace.event(.fork, "module served by the broker (pid \(Broker.pid)) (\(Format.milliseconds(since: started)))",
                         .step(.module, .ok, since: started, strategy: .broker))
         }
         return result
@@ -185,7 +185,7 @@ enum ModuleRecovery {
                                         initArguments: initArguments)
         if case .success = result {
             let pid = OutOfProcess.helper.map { String($0.pid) } ?? "?"
-            Trace.event(.fork, "module running in a helper process (p11-kit server, pid \(pid)) (\(Recovery.milliseconds(since: started)))",
+            Trace.event(.fork, "module running in a helper process (p11-kit server, pid \(pid)) (\(Format.milliseconds(since: started)))",
                         .step(.module, .ok, since: started, strategy: .outOfProcess))
         }
         return result
@@ -196,10 +196,10 @@ enum ModuleRecovery {
         announceInitialize("the inherited module, in place")
         let rv = module.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         if rv == CKR_OK {
-            Trace.event(.fork, "module re-initialised in place (\(Recovery.milliseconds(since: started)))", .step(.module, .ok, since: started, strategy: .reinitialize))
+            Trace.event(.fork, "module re-initialised in place (\(Format.milliseconds(since: started)))", .step(.module, .ok, since: started, strategy: .reinitialize))
             return .success(module)
         }
-        return .failure(RecoveryFailure("re-initialising the module in place answered \(Recovery.name(rv))", rv: rv))
+        return .failure(RecoveryFailure("re-initialising the module in place answered \(Format.name(rv))", rv: rv))
     }
 
     /// A copy loaded ahead of the fork, never initialised, for a child to initialise. Loading it
@@ -230,7 +230,7 @@ enum ModuleRecovery {
         switch loadCopy(of: module) {
         case .success(let copy):
             spare = copy
-            Trace.event(.fork, "spare copy of the module loaded for children to use (\(Recovery.milliseconds(since: started)))", .preparation)
+            Trace.event(.fork, "spare copy of the module loaded for children to use (\(Format.milliseconds(since: started)))", .preparation)
         case .failure(let problem):
             Trace.event(.fork, "no spare copy of the module for children (\(problem.message)); a child will load one itself", .preparation)
         }
@@ -271,9 +271,9 @@ enum ModuleRecovery {
         if let current { _ = CPKCS11_swap_environ(current) }
         guard rv == CKR_OK else {
             spare = copy  // Not initialised: the child's next try (Recovery.moduleRetry) uses it, rather than loading another.
-            return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Recovery.name(rv))", rv: rv))
+            return .failure(RecoveryFailure("the fresh copy of the module answered C_Initialize with \(Format.name(rv))", rv: rv))
         }
-        Trace.event(.fork, "fresh private copy of the module initialised (\(Recovery.milliseconds(since: started)))",
+        Trace.event(.fork, "fresh private copy of the module initialised (\(Format.milliseconds(since: started)))",
                     .step(.module, .ok, since: started, strategy: .freshCopy))
         return .success(copy)
     }

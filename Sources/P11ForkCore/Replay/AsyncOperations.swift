@@ -63,7 +63,7 @@ enum AsyncOperations {
 
     /// The answer p11fork gives in a child about the parent's operation, with its trace line.
     static func refused(_ function: String, _ name: String, _ session: CK_SESSION_HANDLE, _ rv: CK_RV) -> CK_RV {
-        Trace.event(.fork, "\(function)(\(name)) on session 0x\(Recovery.hex(session)): the asynchronous operation was begun in the parent and stays the parent's; answered \(Recovery.name(rv)) without asking the module")
+        Trace.event(.fork, "\(function)(\(name)) on session 0x\(Format.hex(session)): the asynchronous operation was begun in the parent and stays the parent's; answered \(Format.name(rv)) without asking the module")
         return rv
     }
 

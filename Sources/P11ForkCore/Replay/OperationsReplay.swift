@@ -19,7 +19,7 @@ extension Operations {
             case .success(let summary):
                 carried |= kind.active | (state & (kind.recording | kind.fed))
                 if kind == .find { carried |= OperationKind.findQueued }
-                Trace.event(.fork, "operation \(kind.initName) on session 0x\(Recovery.hex(virtual)) carried into the child: \(summary) (\(Recovery.milliseconds(since: started)))",
+                Trace.event(.fork, "operation \(kind.initName) on session 0x\(Format.hex(virtual)) carried into the child: \(summary) (\(Format.milliseconds(since: started)))",
                             .step(.operation, .ok, since: started))
             case .failure(let why):
                 // Not carried: what the parent fed it is wiped in this child now.
@@ -28,7 +28,7 @@ extension Operations {
                     drop(record)
                     operations.list[kind.rawValue] = nil
                 }
-                Trace.event(.fork, "operation \(kind.initName) on session 0x\(Recovery.hex(virtual)) is not carried into the child: \(why); the calls that continue it get CKR_OPERATION_NOT_INITIALIZED",
+                Trace.event(.fork, "operation \(kind.initName) on session 0x\(Format.hex(virtual)) is not carried into the child: \(why); the calls that continue it get CKR_OPERATION_NOT_INITIALIZED",
                             .step(.operation, .lost, since: started))
             }
         }
@@ -52,7 +52,7 @@ extension Operations {
         }
         var realKey = CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
         if record.key != 0 {
-            guard let resolved = resolve(record.key) else { return .failure("its key 0x\(Recovery.hex(record.key)) is lost in this child") }
+            guard let resolved = resolve(record.key) else { return .failure("its key 0x\(Format.hex(record.key)) is lost in this child") }
             realKey = resolved
         }
         let rv = mechanism.withMechanism(resolve: resolve) { pointer -> CK_RV in
@@ -75,11 +75,11 @@ extension Operations {
             }
         }
         guard let rv else { return .failure("a key named in its \(mechanism.name) parameter is lost in this child") }
-        guard rv == CKR_OK else { return .failure("\(record.kind.initName) answered \(Recovery.name(rv))") }
-        var summary = "\(record.kind.initName) (\(mechanism.name)\(record.key != 0 ? ", key 0x\(Recovery.hex(record.key))" : ""))"
+        guard rv == CKR_OK else { return .failure("\(record.kind.initName) answered \(Format.name(rv))") }
+        var summary = "\(record.kind.initName) (\(mechanism.name)\(record.key != 0 ? ", key 0x\(Format.hex(record.key))" : ""))"
         if let pin = record.contextPIN {
             let rv = functions.pointee.C_Login?(real, CK_USER_TYPE(CKU_CONTEXT_SPECIFIC), pin.bytes, CK_ULONG(pin.count)) ?? notSupported
-            guard rv == CKR_OK else { return .failure("the context-specific login answered \(Recovery.name(rv))") }
+            guard rv == CKR_OK else { return .failure("the context-specific login answered \(Format.name(rv))") }
             summary += ", context-specific login"
         }
         var offset = 0
@@ -88,7 +88,7 @@ extension Operations {
             let rv: CK_RV
             switch part {
             case .key(let key):
-                guard let realKey = resolve(key) else { return .failure("the key 0x\(Recovery.hex(key)) it digested is lost in this child") }
+                guard let realKey = resolve(key) else { return .failure("the key 0x\(Format.hex(key)) it digested is lost in this child") }
                 rv = functions.pointee.C_DigestKey?(real, realKey) ?? notSupported
             case .data(let count):
                 let data = record.data.map { $0.pointer + offset }
@@ -96,7 +96,7 @@ extension Operations {
                 offset += count
                 bytes += count
             }
-            guard rv == CKR_OK else { return .failure("replaying its data answered \(Recovery.name(rv))") }
+            guard rv == CKR_OK else { return .failure("replaying its data answered \(Format.name(rv))") }
         }
         if !record.parts.isEmpty { summary += " and \(record.parts.count) update(s) of \(bytes) bytes" }
         summary += " replayed"
@@ -143,7 +143,7 @@ extension Operations {
         else { return .failure("nothing was recorded about its template") }
         SessionObjects.remakeAll()
         let rv = template.withTemplate { initFind(real, $0, $1) }
-        guard rv == CKR_OK else { return .failure("C_FindObjectsInit answered \(Recovery.name(rv))") }
+        guard rv == CKR_OK else { return .failure("C_FindObjectsInit answered \(Format.name(rv))") }
         var reals: [CK_OBJECT_HANDLE] = []
         var batch = [CK_OBJECT_HANDLE](repeating: 0, count: 64)
         while true {
@@ -151,7 +151,7 @@ extension Operations {
             let rv = findObjects(real, &batch, 64, &count)
             guard rv == CKR_OK else {
                 _ = finalFind(real)
-                return .failure("C_FindObjects answered \(Recovery.name(rv))")
+                return .failure("C_FindObjects answered \(Format.name(rv))")
             }
             if count == 0 { break }
             reals += batch.prefix(Int(count))

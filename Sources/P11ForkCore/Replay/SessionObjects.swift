@@ -231,7 +231,7 @@ enum SessionObjects {
         if case .lost(let why) = recipe.origin { return .lost(why) }
         let session = Recovery.session(recipe.session, &failure)
         guard failure == CKR_OK, session != CK_SESSION_HANDLE(CK_INVALID_HANDLE) else {
-            return .lost("the session 0x\(Recovery.hex(recipe.session)) that made it could not be re-opened")
+            return .lost("the session 0x\(Format.hex(recipe.session)) that made it could not be re-opened")
         }
         // Re-opening the session replays its operations, which may have needed this very
         // object (a key of an operation in progress): then it exists already.
@@ -250,12 +250,12 @@ enum SessionObjects {
             how = "C_CreateObject"
             rv = template.withTemplate { functions.pointee.C_CreateObject?(session, $0, $1, &real) ?? notSupported }
         case .copied(let source, let template):
-            guard let realSource = resolve(source) else { return .lost("the object 0x\(Recovery.hex(source)) it was copied from is lost in this child") }
-            how = "C_CopyObject from 0x\(Recovery.hex(source))"
+            guard let realSource = resolve(source) else { return .lost("the object 0x\(Format.hex(source)) it was copied from is lost in this child") }
+            how = "C_CopyObject from 0x\(Format.hex(source))"
             rv = template.withTemplate { functions.pointee.C_CopyObject?(session, realSource, $0, $1, &real) ?? notSupported }
         case .unwrapped(let mechanism, let key, let wrapped, let template):
-            guard let realKey = resolve(key) else { return .lost("its unwrapping key 0x\(Recovery.hex(key)) is lost in this child") }
-            how = "C_UnwrapKey with \(mechanism.name), unwrapping key 0x\(Recovery.hex(key))"
+            guard let realKey = resolve(key) else { return .lost("its unwrapping key 0x\(Format.hex(key)) is lost in this child") }
+            how = "C_UnwrapKey with \(mechanism.name), unwrapping key 0x\(Format.hex(key))"
             let result = mechanism.withMechanism(resolve: resolve) { pointer in
                 template.withTemplate {
                     functions.pointee.C_UnwrapKey?(session, pointer, realKey, wrapped?.pointer, CK_ULONG(wrapped?.count ?? 0), $0, $1, &real) ?? notSupported
@@ -264,16 +264,16 @@ enum SessionObjects {
             guard let result else { return .lost("a key named in its \(mechanism.name) parameter is lost in this child") }
             rv = result
         case .derived(let mechanism, let base, let template):
-            guard let realBase = resolve(base) else { return .lost("its base key 0x\(Recovery.hex(base)) is lost in this child") }
-            how = "C_DeriveKey with \(mechanism.name), base key 0x\(Recovery.hex(base))"
+            guard let realBase = resolve(base) else { return .lost("its base key 0x\(Format.hex(base)) is lost in this child") }
+            how = "C_DeriveKey with \(mechanism.name), base key 0x\(Format.hex(base))"
             let result = mechanism.withMechanism(resolve: resolve) { pointer in
                 template.withTemplate { functions.pointee.C_DeriveKey?(session, pointer, realBase, $0, $1, &real) ?? notSupported }
             }
             guard let result else { return .lost("a key named in its \(mechanism.name) parameter is lost in this child") }
             rv = result
         case .unwrappedAuthenticated(let mechanism, let key, let wrapped, let associated, let template):
-            guard let realKey = resolve(key) else { return .lost("its unwrapping key 0x\(Recovery.hex(key)) is lost in this child") }
-            how = "C_UnwrapKeyAuthenticated with \(mechanism.name), unwrapping key 0x\(Recovery.hex(key))"
+            guard let realKey = resolve(key) else { return .lost("its unwrapping key 0x\(Format.hex(key)) is lost in this child") }
+            how = "C_UnwrapKeyAuthenticated with \(mechanism.name), unwrapping key 0x\(Format.hex(key))"
             let result = mechanism.withMechanism(resolve: resolve) { pointer in
                 template.withTemplate {
                     functions.pointee.C_UnwrapKeyAuthenticated?(session, pointer, realKey, wrapped?.pointer, CK_ULONG(wrapped?.count ?? 0), $0, $1,
@@ -283,8 +283,8 @@ enum SessionObjects {
             guard let result else { return .lost("a key named in its \(mechanism.name) parameter is lost in this child") }
             rv = result
         case .decapsulated(let mechanism, let key, let ciphertext, let template):
-            guard let realKey = resolve(key) else { return .lost("its private key 0x\(Recovery.hex(key)) is lost in this child") }
-            how = "C_DecapsulateKey with \(mechanism.name), private key 0x\(Recovery.hex(key))"
+            guard let realKey = resolve(key) else { return .lost("its private key 0x\(Format.hex(key)) is lost in this child") }
+            how = "C_DecapsulateKey with \(mechanism.name), private key 0x\(Format.hex(key))"
             let result = mechanism.withMechanism(resolve: resolve) { pointer in
                 template.withTemplate {
                     functions.pointee.C_DecapsulateKey?(session, pointer, realKey, $0, $1, ciphertext?.pointer, CK_ULONG(ciphertext?.count ?? 0), &real) ?? notSupported
@@ -295,11 +295,11 @@ enum SessionObjects {
         case .lost(let why):
             return .lost(why)
         }
-        guard rv == CKR_OK else { return .lost("making it again (\(how)) answered \(Recovery.name(rv))") }
+        guard rv == CKR_OK else { return .lost("making it again (\(how)) answered \(Format.name(rv))") }
         var changes = ""
         for change in Records.lock.withLock({ recipe.changes }) {
             let rv = change.withTemplate { functions.pointee.C_SetAttributeValue?(session, real, $0, $1) ?? notSupported }
-            changes = rv == CKR_OK ? ", \(recipe.changes.count) C_SetAttributeValue change(s) made again" : ", a C_SetAttributeValue change answered \(Recovery.name(rv))"
+            changes = rv == CKR_OK ? ", \(recipe.changes.count) C_SetAttributeValue change(s) made again" : ", a C_SetAttributeValue change answered \(Format.name(rv))"
             if rv != CKR_OK { break }
         }
         return .remade(real, how + changes)
