@@ -34,7 +34,7 @@ import Testing
 
         /// `timeout`: how long the run may take before it is killed (a direct baseline that is
         /// expected to fail or spin is bounded by what it needs to show).
-        func run(_ scenario: String, throughP11Fork: Bool, _ options: [String] = [], timeout seconds: TimeInterval = 600) throws -> Outcome {
+        func run(_ scenario: String, throughP11Fork: Bool, _ options: [String] = [], timeout seconds: TimeInterval? = nil) throws -> Outcome {
             let traceFile = token.directory.appendingPathComponent("trace-\(UUID().uuidString).log")
             var environment = token.environment
             if throughP11Fork {
@@ -46,7 +46,10 @@ import Testing
             let timeout = throughP11Fork ? [] : ["--child-timeout", "10"]
             let arguments = ["--module", throughP11Fork ? Products.module : RealModules.softHSM, "--token", token.label,
                              "--pin", token.pin, "--key", "concurrency-key"] + timeout + options + [scenario]
-            let result = try runProgram(Products.path("p11fork-concurrency"), arguments, environment: environment, timeout: seconds)
+            let result = Baseline.note("concurrency \(scenario)",
+                                       try runProgram(Products.path("p11fork-concurrency"), arguments, environment: environment,
+                                                      timeout: seconds ?? Baseline.timeout(through: throughP11Fork, else: 600)),
+                                       through: throughP11Fork)
             let trace = (try? String(contentsOf: traceFile, encoding: .utf8)) ?? ""
             return Outcome(result: result, trace: trace)
         }

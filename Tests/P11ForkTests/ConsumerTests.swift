@@ -91,8 +91,10 @@ final class EngineForkTests: XCTestCase {
             environment["P11FORK_TRACE"] = trace.path
             environment["P11FORK_TRACE_LEVEL"] = "calls"
         }
-        return try runProgram(Products.path("p11fork-enginefork"), ["pkcs11:token=\(token.label);object=engine-key", token.pin, "3"],
-                              environment: environment, timeout: 120)
+        return Baseline.note("enginefork", try runProgram(Products.path("p11fork-enginefork"),
+                                                          ["pkcs11:token=\(token.label);object=engine-key", token.pin, "3"],
+                                                          environment: environment, timeout: Baseline.timeout(through: through, else: 120)),
+                             through: through)
     }
 
     private func check(strict: Bool) throws {

@@ -68,7 +68,8 @@ import Testing
         let result = try runProgram(Products.path("p11fork-faults"),
                                     ["--module", throughP11Fork ? Products.module : faulty, "--token", setup.token.label,
                                      "--pin", setup.token.pin, "--key", "fault-key", "--control", setup.control] + arguments,
-                                    environment: environment, timeout: 120)
+                                    environment: environment, timeout: Baseline.timeout(through: throughP11Fork, else: 120))
+        Baseline.note("faults", result, through: throughP11Fork)
         let log = (try? String(contentsOfFile: setup.log, encoding: .utf8)) ?? ""
         let calls = log.split(separator: "\n").compactMap { line -> (String, String, String)? in
             let fields = line.split(separator: " ")

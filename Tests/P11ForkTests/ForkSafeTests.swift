@@ -51,7 +51,10 @@ import Testing
             environment["P11FORK_TRACE_LEVEL"] = "fork"
             arguments.append("--fork-safe")
         }
-        let result = try runProgram(Products.path("p11fork-forksafe"), arguments + [scenario], environment: environment, timeout: 120)
+        let result = Baseline.note("forksafe \(scenario)",
+                                   try runProgram(Products.path("p11fork-forksafe"), arguments + [scenario], environment: environment,
+                                                  timeout: Baseline.timeout(through: throughP11Fork, else: 120)),
+                                   through: throughP11Fork)
         return Outcome(result: result, trace: (try? String(contentsOf: traceFile, encoding: .utf8)) ?? "")
     }
 

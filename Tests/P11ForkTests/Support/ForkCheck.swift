@@ -32,7 +32,9 @@ struct ForkCheck {
                          "--pin", token.pin, "--key", keyLabel, "--mechanism", mechanism,
                          "--children", String(children), "--signatures", String(signatures), "--stagger", "100"] + extra + [scenario]
         let command = launcher + [Products.forkcheck] + arguments
-        let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: 180)
+        let result = Baseline.note("forkcheck \(scenario)", try runProgram(command[0], Array(command.dropFirst()), environment: environment,
+                                                                             timeout: Baseline.timeout(through: throughP11Fork, else: 180)),
+                                   through: throughP11Fork)
         let trace = (try? String(contentsOf: traceFile, encoding: .utf8)) ?? ""
         return Outcome(result: result, trace: trace)
     }
