@@ -28,7 +28,8 @@ import Testing
         try token.generateSecretKey(label: "hmac-key")
         var check = ForkCheck(token: token, keyLabel: "hmac-key", mechanism: "hmac")
         check.realModule = NetHSMToken.module
-        let direct = try check.run("storm", throughP11Fork: false, children: 10, extra: ["--in-flight", "3"])
+        // Directly, each child hangs until its 20 s alarm: three, in one wave, show it.
+        let direct = try check.run("storm", throughP11Fork: false, children: 3, extra: ["--in-flight", "3"])
         #expect(!direct.succeeded && direct.result.stdout.contains("0 signed and verified"), "directly: \(direct.report)")
         let outcome = try check.run("storm", throughP11Fork: true, children: 1000, extra: ["--in-flight", "3"])
         #expect(outcome.succeeded, "\(outcome.report)")
@@ -46,7 +47,7 @@ import Testing
         try token.generateSecretKey(label: "hmac-key")
         var check = ForkCheck(token: token, keyLabel: "hmac-key", mechanism: "hmac")
         check.realModule = NetHSMToken.module
-        let direct = try check.run("storm", throughP11Fork: false, children: 10, extra: ["--in-flight", "3", "--verify-signature"])
+        let direct = try check.run("storm", throughP11Fork: false, children: 3, extra: ["--in-flight", "3", "--verify-signature"])
         #expect(!direct.succeeded && direct.result.stdout.contains("0 signed and verified"), "directly: \(direct.report)")
         let outcome = try check.run("storm", throughP11Fork: true, children: 1000, extra: ["--in-flight", "3", "--verify-signature"])
         #expect(outcome.succeeded, "\(outcome.report)")
