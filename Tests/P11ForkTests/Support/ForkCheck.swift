@@ -1,7 +1,7 @@
 import Foundation
 import XCTest
 
-/// Runs p11fork-forkcheck (Sources/TestTools/ForkCheck) for one scenario, against the real
+/// Runs p11fork-forkcheck (Tests/Tools/ForkCheck) for one scenario, against the real
 /// module directly or through libp11fork.so, and returns what it printed.
 struct ForkCheck {
     let token: any TestToken
