@@ -33,7 +33,7 @@ let package = Package(
         .executable(name: "p11fork-setuid-probe", targets: ["p11fork-setuid-probe"]),
         .executable(name: "p11fork-input-fuzz", targets: ["p11fork-input-fuzz"]),
         // The command-line tool (`p11fork doctor`, `p11fork trace`). Its binary is p11fork-cli:
-        // the name p11fork is the module's product; install it as p11fork.
+        // the name p11fork is the module's product; scripts/install.sh installs it as p11fork.
         .executable(name: "p11fork-cli", targets: ["p11fork-cli"]),
         // Modules built only for the tests (Tests/Modules).
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
