@@ -33,7 +33,7 @@ import Testing
         return String(decoding: UnsafeBufferPointer(start: bytes, count: secret.count), as: UTF8.self)
     }
 
-    /// Replays `count` times through a fresh fake module; the answers of ensure.
+    /// One `Logins.ensure` through a fresh fake module.
     private func ensure(now: Bool = false) -> CK_RV {
         let module = FakeModule.make()
         defer { module.deallocate() }

@@ -101,9 +101,11 @@ import Testing
     }
 }
 
-/// Installs, once, the locks the core tests need without loading the whole core.
+/// Makes, once, the lock the Records and Logins tests need, without loading the whole core. It
+/// is not registered with the fork handlers (no test here forks), so that suites running side by
+/// side never change their list at once.
 enum CoreTestState {
-    private static let records: Void = { if Records.lock == nil { Records.install() } }()
+    private static let records: Void = { if Records.lock == nil { Records.lock = ForkSafeLock() } }()
     static func installRecords() { _ = records }
 }
 
