@@ -10,6 +10,10 @@ let moduleLinkerFlags: [String] = [
     "-Xlinker", "--version-script=\(Context.packageDirectory)/Sources/P11Fork/exports.map",
 ] + (Context.environment["P11FORK_SANITIZE"] == nil ? ["-Xlinker", "-z", "-Xlinker", "defs"] : [])
 
+// Sources/ holds the product: the C edge (CPKCS11), the shared words (Vocabulary), the core
+// (P11ForkCore), the exported module (P11Fork), the broker (Broker) and the command (p11fork-cli,
+// installed as p11fork by scripts/install.sh). What only the tests build lives under Tests/: the test modules in
+// Tests/Modules, the drivers and fuzzers in Tests/Tools.
 let package = Package(
     name: "p11fork",
     products: [
@@ -29,9 +33,9 @@ let package = Package(
         .executable(name: "p11fork-setuid-probe", targets: ["p11fork-setuid-probe"]),
         .executable(name: "p11fork-input-fuzz", targets: ["p11fork-input-fuzz"]),
         // The command-line tool (`p11fork doctor`, `p11fork trace`). Its binary is p11fork-cli:
-        // the name p11fork is the module's product; install it as p11fork.
+        // the name p11fork is the module's product; scripts/install.sh installs it as p11fork.
         .executable(name: "p11fork-cli", targets: ["p11fork-cli"]),
-        // Modules built only for the tests.
+        // Modules built only for the tests (Tests/Modules).
         .library(name: "p11fork-test-failing", type: .dynamic, targets: ["FailingModule"]),
         .library(name: "p11fork-test-nethsm", type: .dynamic, targets: ["NetHSMModule"]),
         .library(name: "p11fork-test-faulty", type: .dynamic, targets: ["FaultyModule"]),
@@ -67,52 +71,53 @@ let package = Package(
         .executableTarget(
             name: "p11fork-conformance",
             dependencies: ["ToolSupport"],
-            path: "Sources/TestTools/Conformance",
+            path: "Tests/Tools/Conformance",
             linkerSettings: [.linkedLibrary("dl")]
         ),
-        // What the C test drivers and the doctor's scenarios share: return-code names, output lines, finding a token.
-        .target(name: "ToolSupport", path: "Sources/TestTools/Support"),
+        // What the doctor's scenarios and the C test drivers share: return-code names, output lines,
+        // finding a token. Part of the command (the doctor links it), so it lives beside it.
+        .target(name: "ToolSupport", path: "Sources/p11fork-cli/ToolSupport"),
         // Runs one fork scenario against a module (directly or through p11fork); in C, so the
         // driver's own runtime cannot blur what a forked child sees.
         .executableTarget(
             name: "p11fork-forkcheck",
             dependencies: ["ToolSupport", "CPKCS11"],
-            path: "Sources/TestTools/ForkCheck",
+            path: "Tests/Tools/ForkCheck",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         // The fork-safe scenarios: session objects and operations in progress in a forked child.
         .executableTarget(
             name: "p11fork-forksafe",
             dependencies: ["ToolSupport", "CPKCS11"],
-            path: "Sources/TestTools/ForkSafe",
-            cSettings: [.headerSearchPath("../../TestModules/NetHSM/include")],
+            path: "Tests/Tools/ForkSafe",
+            cSettings: [.headerSearchPath("../../Modules/NetHSM/include")],
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // A logged-in process whose memory the secrets tests inspect (where does the PIN live?).
         .executableTarget(
             name: "p11fork-secrets",
-            path: "Sources/TestTools/Secrets",
+            path: "Tests/Tools/Secrets",
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // A forking program signing through OpenSSL's pkcs11 engine (libp11), like nginx workers.
         .executableTarget(
             name: "p11fork-enginefork",
-            path: "Sources/TestTools/EngineFork",
+            path: "Tests/Tools/EngineFork",
             linkerSettings: [.linkedLibrary("crypto")]
         ),
         // A forking program signing through pkcs11-provider (OpenSSL 3), the key from OSSL_STORE.
         .executableTarget(
             name: "p11fork-providerfork",
             dependencies: ["ProviderScenario"],
-            path: "Sources/TestTools/ProviderFork"
+            path: "Tests/Tools/ProviderFork"
         ),
         // The 3.0 interface calls and 3.0 functions through a 3.0 list, and the 3.2 functions through a
         // 3.2 list (the NetHSM test module's header names its KEM), as a comparable transcript.
         .executableTarget(
             name: "p11fork-interfaces",
             dependencies: ["CPKCS11"],
-            path: "Sources/TestTools/Interfaces",
-            cSettings: [.headerSearchPath("../../TestModules/NetHSM/include")],
+            path: "Tests/Tools/Interfaces",
+            cSettings: [.headerSearchPath("../../Modules/NetHSM/include")],
             linkerSettings: [.linkedLibrary("dl")]
         ),
         // Measurements for scripts/bench.sh (direct and through p11fork, side by side).
@@ -120,48 +125,48 @@ let package = Package(
         .executableTarget(
             name: "p11fork-faults",
             dependencies: ["ToolSupport"],
-            path: "Sources/TestTools/Faults",
+            path: "Tests/Tools/Faults",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         .executableTarget(
             name: "p11fork-bench",
-            path: "Sources/TestTools/Bench",
+            path: "Tests/Tools/Bench",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         // Many threads, forks among them, and C_Finalize racing them (scenarios in the file's header).
         .executableTarget(
             name: "p11fork-concurrency",
             dependencies: ["ToolSupport"],
-            path: "Sources/TestTools/Concurrency",
+            path: "Tests/Tools/Concurrency",
             linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]
         ),
         // Untrusted text into the settings parsers and the trace reader (scripts/fuzz-inputs.sh; tests).
         .executableTarget(
             name: "p11fork-input-fuzz",
             dependencies: ["P11ForkCore", "TraceReader"],
-            path: "Sources/TestTools/InputFuzz",
+            path: "Tests/Tools/InputFuzz",
             exclude: ["seeds"]
         ),
         // A program that loads a module as a setuid program does (the hostile-inputs tests).
         .executableTarget(
             name: "p11fork-setuid-probe",
             dependencies: ["ToolSupport"],
-            path: "Sources/TestTools/SetuidProbe",
+            path: "Tests/Tools/SetuidProbe",
             linkerSettings: [.linkedLibrary("dl")]
         ),
-        .target(name: "FailingModule", path: "Sources/TestModules/FailingModule"),
+        .target(name: "FailingModule", path: "Tests/Modules/FailingModule"),
         // Wraps a real module and answers the faults a control file names (its header says how).
-        .target(name: "FaultyModule", path: "Sources/TestModules/FaultyModule", linkerSettings: [.linkedLibrary("dl")]),
+        .target(name: "FaultyModule", path: "Tests/Modules/FaultyModule", linkerSettings: [.linkedLibrary("dl")]),
         // Behaves like a network-HSM client that knows nothing about fork (its README says how).
         // Its 3.2 declarations are p11fork's own (the CPKCS11 header only: nothing of that target is linked in).
-        .target(name: "NetHSMModule", path: "Sources/TestModules/NetHSM", exclude: ["selftest", "README.md"],
-                cSettings: [.headerSearchPath("../../CPKCS11/include")], linkerSettings: [.linkedLibrary("crypto")]),
+        .target(name: "NetHSMModule", path: "Tests/Modules/NetHSM", exclude: ["selftest", "README.md"],
+                cSettings: [.headerSearchPath("../../../Sources/CPKCS11/include")], linkerSettings: [.linkedLibrary("crypto")]),
         // The command-line tool: the doctor and the trace reader.
         .executableTarget(
             name: "p11fork-cli",
             dependencies: ["DoctorScenarios", "ProviderScenario", "TraceReader", "Vocabulary", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             path: "Sources/p11fork-cli",
-            exclude: ["DoctorScenarios", "ProviderScenario", "TraceReader"]
+            exclude: ["DoctorScenarios", "ProviderScenario", "ToolSupport", "TraceReader"]
         ),
         // A forking program on OpenSSL 3's pkcs11-provider (the doctor's --consumer provider, and a test driver).
         .target(

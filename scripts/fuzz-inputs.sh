@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 source scripts/swift-env.sh
 
 build() {
-  # The fuzz entry is the same program the tests run without libFuzzer (Sources/TestTools/InputFuzz),
+  # The fuzz entry is the same program the tests run without libFuzzer (Tests/Tools/InputFuzz),
   # built here with coverage, AddressSanitizer and libFuzzer's driver, in its own build folder;
   # optimised (the trace reader is 2.5 times faster so), with internal names visible to it.
   mkdir -p .build-fuzz-inputs
@@ -24,7 +24,7 @@ build() {
 }
 
 program=.build-fuzz-inputs/release/p11fork-input-fuzz
-seeds=Sources/TestTools/InputFuzz/seeds
+seeds=Tests/Tools/InputFuzz/seeds
 # Memory: a unit may allocate at most 256 MB at once and the process hold 1 GB (the parsers need
 # a few MB for inputs of 64 KB); ASan's quarantine is kept small so that the limit measures them.
 export ASAN_OPTIONS=detect_leaks=1:quarantine_size_mb=16:malloc_context_size=30:${ASAN_OPTIONS:-}

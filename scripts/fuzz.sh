@@ -6,7 +6,7 @@
 #   scripts/fuzz.sh [SECONDS]        fuzz for SECONDS (default 60), print the figures, exit 1 on a finding
 #   scripts/fuzz.sh --repro FILE     run one input (a finding) again and print its calls
 #   scripts/fuzz.sh --v32 [SECONDS]  the PKCS#11 3.2 functions instead: p11fork over the NetHSM test
-#                                    module against a second NetHSM (Sources/TestTools/Fuzz32)
+#                                    module against a second NetHSM (Tests/Tools/Fuzz32)
 #
 # Environment:
 #   P11FUZZ_CORPUS=DIR   keep the corpus in DIR (default: a temporary one, started from the seeds)
@@ -14,7 +14,7 @@
 #                        of a copy built with coverage and AddressSanitizer in .build-fuzz
 #   P11FUZZ_FINDINGS=DIR where findings are kept (default .build-fuzz/findings)
 #   P11FUZZ_FLAGS="..."  more libFuzzer flags (for example -seed=1)
-#   P11FUZZ_SKIP_KNOWN=1 do not report the known, unfixed leaks of Sources/TestTools/Fuzz/known.supp
+#   P11FUZZ_SKIP_KNOWN=1 do not report the known, unfixed leaks of Tests/Tools/Fuzz/known.supp
 #   P11FUZZ_KEEP_GOING=1 report each distinct difference once and go on (a crash or a leak still
 #                        ends the run); the exit status is still 1 if there was any
 #   P11FORK_TRACE_FORMAT=json  fuzz the JSON trace instead of the text one
@@ -75,8 +75,8 @@ if [ "$v32" = 1 ]; then
   nethsm=$PWD/.build/debug/libp11fork-test-nethsm.so
   [ -f "$nethsm" ] || { echo "p11fuzz32: $nethsm is missing: run swift build first" >&2; exit 2; }
   "$cc" -g -O1 -Wall -Wextra -fsanitize=fuzzer,address -fuse-ld=lld -I Sources/CPKCS11/include \
-    -I Sources/TestModules/NetHSM/include -I Sources/TestTools/Support/include Sources/TestTools/Fuzz32/fuzz32.c \
-    Sources/TestTools/Support/tool_support.c -o .build-fuzz/p11fuzz32 -ldl
+    -I Tests/Modules/NetHSM/include -I Sources/p11fork-cli/ToolSupport/include Tests/Tools/Fuzz32/fuzz32.c \
+    Sources/p11fork-cli/ToolSupport/tool_support.c -o .build-fuzz/p11fuzz32 -ldl
   work=$(mktemp -d /tmp/p11fuzz32.XXXXXX)
   trap 'rm -rf "$work"' EXIT
   export P11FUZZ_P11FORK=$lib P11FUZZ_NETHSM=$nethsm P11FUZZ_DIR=$work
@@ -102,10 +102,10 @@ if [ "$v32" = 1 ]; then
 fi
 
 # The harness.
-src=Sources/TestTools/Fuzz
+src=Tests/Tools/Fuzz
 "$cc" -g -O1 -Wall -Wextra -Wno-unused-parameter -fsanitize=fuzzer,address -fuse-ld=lld \
-  -I Sources/CPKCS11/include -I Sources/TestTools/Support/include "$src/harness.c" "$src/ops.c" \
-  Sources/TestTools/Support/tool_support.c -o .build-fuzz/p11fuzz -ldl -lpthread \
+  -I Sources/CPKCS11/include -I Sources/p11fork-cli/ToolSupport/include "$src/harness.c" "$src/ops.c" \
+  Sources/p11fork-cli/ToolSupport/tool_support.c -o .build-fuzz/p11fuzz -ldl -lpthread \
   -Wl,--export-dynamic-symbol='__sanitizer_cov_*' -Wl,--export-dynamic-symbol='__sancov_*'
 
 work=$(mktemp -d /tmp/p11fuzz.XXXXXX)

@@ -29,9 +29,14 @@ packages=(
   openssh-client            # ssh-keygen -D, ssh-agent with a PKCS#11 provider (tests, examples/ssh)
 )
 
+# One query for every package (a second run, with everything there, costs a fraction of a second).
+declare -A installed=()
+while read -r name want _ state; do
+  [ "$want $state" = "install installed" ] && installed[$name]=1
+done < <(dpkg-query -W -f='${Package} ${Status}\n' "${packages[@]}" 2>/dev/null || true)
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  [ -n "${installed[$p]:-}" ] || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "p11fork: installing ${missing[*]}"

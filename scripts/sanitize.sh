@@ -12,8 +12,8 @@ source scripts/swift-env.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # XCTest's own objects, alive at exit, are all LeakSanitizer reports here; memory SoftHSM and
-# OpenSSL lose themselves is not p11fork's (Sources/TestTools/Fuzz/lsan.supp says which).
-{ echo "leak:libXCTest.so"; cat Sources/TestTools/Fuzz/lsan.supp; } > "$work/lsan.supp"
+# OpenSSL lose themselves is not p11fork's (Tests/Tools/Fuzz/lsan.supp says which).
+{ echo "leak:libXCTest.so"; cat Tests/Tools/Fuzz/lsan.supp; } > "$work/lsan.supp"
 export LSAN_OPTIONS="suppressions=$work/lsan.supp:print_suppressions=0" P11FORK_SANITIZE=1
 
 # A token with a key pair, in the run's own directory.

@@ -7,8 +7,14 @@
 # the test runner and how each one waits, and those processes are killed, so that a hang becomes
 # that test's failure with its evidence instead of a run that never ends. At the end, the failed
 # tests and the watchdog's reports are printed again, last, where a reader of a long log looks.
+#
+# What the tests use is installed first when missing (scripts/install-deps.sh, as scripts/demo.sh
+# does), so that this script alone works on a fresh machine; with everything there that check
+# takes well under a second. P11FORK_SKIP_DEPS=1 skips it (a machine without network access
+# whose missing tools' tests are to be skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "${P11FORK_SKIP_DEPS:-0}" = 1 ] || scripts/install-deps.sh
 source scripts/swift-env.sh
 python3 codegen/generate.py --check
 swift build --build-tests

@@ -3,7 +3,7 @@ import Testing
 
 /// The broker (docs/FORK.md "The broker"): a process the application starts before its first
 /// fork, with its rights, which runs the real module for children that cannot. These tests run
-/// p11fork-forkcheck (Sources/TestTools/ForkCheck) over SoftHSM: the children switch to `nobody`
+/// p11fork-forkcheck (Tests/Tools/ForkCheck) over SoftHSM: the children switch to `nobody`
 /// (as server workers do) while the token folder is root's alone, or the strategy forces the broker.
 @Suite(.serialized) struct BrokerTests {
     static let asRoot = getuid() == 0

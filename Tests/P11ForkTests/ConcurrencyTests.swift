@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// Many threads, forks among them and C_Finalize racing them (docs/DESIGN.md "Threads and locks"),
-/// driven by `p11fork-concurrency` (Sources/TestTools/Concurrency) over SoftHSM. Each fork
+/// driven by `p11fork-concurrency` (Tests/Tools/Concurrency) over SoftHSM. Each fork
 /// scenario runs on the module alone first and the test asserts its failure there, so the test
 /// proves what p11fork adds. Figures and commands: docs/RELIABILITY.md "Concurrency".
 @Suite(.serialized) struct ConcurrencyTests {

@@ -1,6 +1,6 @@
 import XCTest
 
-/// One fixed call sequence (Sources/TestTools/Conformance) run directly against SoftHSM and
+/// One fixed call sequence (Tests/Tools/Conformance) run directly against SoftHSM and
 /// through libp11fork.so, with tracing off and at its fullest: the transcripts must be
 /// identical (return codes and outputs, slot IDs included; session and object handle values are
 /// compared by order of appearance). The slot is named on the command line, as configurations

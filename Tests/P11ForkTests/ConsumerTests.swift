@@ -77,7 +77,7 @@ final class ConsumerTests: XCTestCase {
     }
 }
 
-/// A forking program signing through OpenSSL's pkcs11 engine (Sources/TestTools/EngineFork):
+/// A forking program signing through OpenSSL's pkcs11 engine (Tests/Tools/EngineFork):
 /// libp11 follows the old rule in each child (C_Initialize, new session, login, find the key
 /// again). p11fork must cope with such a consumer: the child's C_Initialize answers CKR_OK and
 /// the key it finds again has the handle the parent had.

@@ -2,8 +2,8 @@ import Foundation
 import Testing
 
 /// Faults from the real module (docs/FORK.md "Faults from the real module"): SoftHSM behind the
-/// fault-injecting test module (Sources/TestModules/FaultyModule), driven by
-/// Sources/TestTools/Faults. Each test asserts the exact codes the application's calls get, the
+/// fault-injecting test module (Tests/Modules/FaultyModule), driven by
+/// Tests/Tools/Faults. Each test asserts the exact codes the application's calls get, the
 /// trace line, and from the faulty module's call log how often each real function was called in
 /// the child (no retry loop, a PIN tried at most once); after each run the parent still signs and
 /// verifies. Where the application's view without p11fork means something, the same run is made

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 /// "Fork safe" (PKCS#11 3.0 CKF_INTERFACE_FORK_SAFE): session objects, operations in progress
-/// and searches carried into a forked child (Sources/TestTools/ForkSafe). Each scenario runs
+/// and searches carried into a forked child (Tests/Tools/ForkSafe). Each scenario runs
 /// directly first, where the child loses everything, then through p11fork, with the function
 /// list taken from C_GetInterface(..., CKF_INTERFACE_FORK_SAFE): the child never calls
 /// C_Initialize, and its results equal the parent's. Over the 3.2 test module (NetHSM) the

@@ -6,7 +6,7 @@ import XCTest
 /// text"). Here without libFuzzer: the seeds and a fixed set of their mutations, then the inputs
 /// that once broke the trace reader; scripts/fuzz-inputs.sh fuzzes with coverage (CI does).
 final class InputFuzzTests: XCTestCase {
-    private let seeds = Products.packageRoot.appendingPathComponent("Sources/TestTools/InputFuzz/seeds").path
+    private let seeds = Products.packageRoot.appendingPathComponent("Tests/Tools/InputFuzz/seeds").path
 
     private func fuzz(_ arguments: [String], timeout: TimeInterval = 300, file: StaticString = #filePath, line: UInt = #line) throws -> String {
         let result = try runProgram(Products.path("p11fork-input-fuzz"), arguments, timeout: timeout)

@@ -1,6 +1,6 @@
 import XCTest
 
-/// The PKCS#11 3.0 and 3.2 interfaces (Sources/TestTools/Interfaces): over a 3.0 module (NSS's
+/// The PKCS#11 3.0 and 3.2 interfaces (Tests/Tools/Interfaces): over a 3.0 module (NSS's
 /// softoken) p11fork offers its 3.0 list and the 3.0 functions behave as the module's own; over a
 /// 2.40 module (SoftHSM) it offers 3.0 and 2.40; over a 3.2 module (the NetHSM test module) it
 /// offers 3.2 too, and every 3.2 function answers as the module's own. Every interface p11fork
@@ -107,7 +107,7 @@ final class InterfaceTests: XCTestCase {
     /// through C_DecapsulateKey, HMAC-SHA256 through C_VerifySignature*, the interface list).
     func testThreePointTwoTestModulePassesItsKnownAnswerChecks() throws {
         try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: "/usr/bin/gcc"), "gcc not installed")
-        let script = Products.packageRoot.appendingPathComponent("Sources/TestModules/NetHSM/selftest/run.sh").path
+        let script = Products.packageRoot.appendingPathComponent("Tests/Modules/NetHSM/selftest/run.sh").path
         let result = try runProgram("/bin/sh", [script], timeout: 300)
         XCTAssertEqual(result.status, 0, result.output)
         XCTAssertTrue(result.stdout.contains("KEM (ECDH P-256): NIST CAVS count 0 decapsulation known answer checked"), result.output)

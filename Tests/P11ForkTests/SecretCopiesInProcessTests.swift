@@ -5,7 +5,7 @@ import Testing
 /// process's memory (/proc/PID/mem) rather than by trusting the calls: the only copy p11fork keeps
 /// is in memory that is locked and left out of core dumps, it is gone after C_Logout and
 /// C_Finalize, and a core dump of the process does not hold it. The driver
-/// (Sources/TestTools/Secrets) wipes its own copy of the PIN right after C_Login; SoftHSM alone
+/// (Tests/Tools/Secrets) wipes its own copy of the PIN right after C_Login; SoftHSM alone
 /// keeps none, which the first test shows, so every copy found through p11fork is p11fork's.
 @Suite(.serialized) struct SecretCopiesInProcessTests {
     /// A running p11fork-secrets, driven one command at a time.

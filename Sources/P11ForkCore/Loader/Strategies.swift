@@ -81,36 +81,77 @@ enum ModuleRecovery {
         }
     }
 
-    /// The `auto` choice (docs/FORK.md "How auto chooses"): a copy in the child wherever the
-    /// child can run the module itself, with no cost per call; the broker where it cannot.
+    /// What the `auto` choice is made from, in a child.
+    struct AutomaticFacts: Equatable {
+        /// The module's stack loads GLib, which cannot be loaded twice in one process.
+        var loadsGLib = false
+        /// The module is openCryptoki's, a copy of which crashes in glibc in a child.
+        var isOpenCryptoki = false
+        /// A broker serves this process tree.
+        var brokerRuns = false
+        /// p11-kit's server, for a helper process, is installed (asked only for a GLib stack).
+        var helperAvailable = false
+        /// The child's rights are not those of the process that started the broker.
+        var rightsChanged = false
+    }
+
+    /// What `auto` tries first (docs/FORK.md "How auto chooses"): a copy in the child wherever
+    /// the child can run the module itself, with no cost per call; the broker where it cannot.
+    /// `.freshCopy` is followed by `copyMustShowTokens` and `brokerAfterFailedCopy`. Pure: the
+    /// unit tests (StrategyDecisionTests) feed it every case.
+    static func automaticFirstChoice(_ facts: AutomaticFacts) -> ModuleStrategy {
+        if facts.loadsGLib {
+            return facts.brokerRuns ? .broker : facts.helperAvailable ? .outOfProcess : .reinitialize
+        }
+        return facts.brokerRuns && facts.isOpenCryptoki ? .broker : .freshCopy
+    }
+
+    /// Whether a copy that initialised is kept only if it shows the parent's tokens: a copy runs
+    /// with the child's rights, and where they are not the parent's and do not reach the parent's
+    /// tokens (a token folder only root reads), the broker does. (With the parent's rights, a
+    /// token the copy misses is gone: recovery says so.)
+    static func copyMustShowTokens(_ facts: AutomaticFacts) -> Bool {
+        facts.brokerRuns && facts.rightsChanged
+    }
+
+    /// Whether the broker is tried after the copy failed, before re-initialising in place: where
+    /// the copy could not be had at all (`copyAnswered` false: a chain of forks fills the static
+    /// TLS block) or failed with rights that are not the parent's. A copy whose C_Initialize
+    /// fails with the parent's rights says something about the module itself.
+    static func brokerAfterFailedCopy(_ facts: AutomaticFacts, copyAnswered: Bool) -> Bool {
+        facts.brokerRuns && (!copyAnswered || facts.rightsChanged)
+    }
+
+    /// The `auto` choice, made by `automaticFirstChoice`, `copyMustShowTokens` and
+    /// `brokerAfterFailedCopy`, carried out with its trace lines.
     private static func automatic(_ inherited: RealModule) -> Result<RealModule, RecoveryFailure> {
         let brokerRuns = Broker.isRunning
         let change = Broker.credentialChange()
         if let change, !brokerRuns {
             Trace.event(.fork, "\(change), and no broker runs (\(Broker.unavailable ?? "none was started")): recovering with the child's rights, which may not reach the token")
         }
-        if inherited.loadsGLib {
-            if brokerRuns {
-                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process\(change.map { " (\($0))" } ?? ""): the broker runs it for this child", .decision(.broker))
-                return broker(inherited)
-            }
-            guard OutOfProcess.isAvailable else {
-                Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process, and p11-kit's server is not installed: re-initialising in place", .decision(.reinitialize))
-                return reinitialize(inherited)
-            }
-            Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: running it in a helper process", .decision(.outOfProcess))
-            return outOfProcess(inherited)
-        }
-        if brokerRuns, isOpenCryptoki(inherited) {
+        let facts = AutomaticFacts(loadsGLib: inherited.loadsGLib, isOpenCryptoki: isOpenCryptoki(inherited), brokerRuns: brokerRuns,
+                                   helperAvailable: inherited.loadsGLib && !brokerRuns && OutOfProcess.isAvailable,
+                                   rightsChanged: change != nil)
+        switch automaticFirstChoice(facts) {
+        case .broker where facts.loadsGLib:
+            Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process\(change.map { " (\($0))" } ?? ""): the broker runs it for this child", .decision(.broker))
+            return broker(inherited)
+        case .broker:
             Trace.event(.fork, "openCryptoki's module cannot be copied into a child: the broker runs it for this child", .decision(.broker))
             return broker(inherited)
+        case .reinitialize:
+            Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process, and p11-kit's server is not installed: re-initialising in place", .decision(.reinitialize))
+            return reinitialize(inherited)
+        case .outOfProcess:
+            Trace.event(.fork, "the module's stack loads GLib, which cannot be loaded twice in one process: running it in a helper process", .decision(.outOfProcess))
+            return outOfProcess(inherited)
+        case .freshCopy, .auto:
+            break
         }
         let copy = freshCopy(of: inherited)
         if case .success(let module) = copy {
-            // A copy runs with the child's rights: where they are not the parent's and do not
-            // reach the parent's tokens (a token folder only root reads), the broker does. (With
-            // the parent's rights, a token the copy misses is gone: recovery says so.)
-            guard brokerRuns, change != nil else { return copy }
+            guard copyMustShowTokens(facts) else { return copy }
             let missing = missingTokens(module)
             guard !missing.isEmpty else {
                 if let change { Trace.event(.fork, "\(change), but the copy in the child finds the parent's tokens: the child keeps it", .decision(.freshCopy)) }
@@ -121,10 +162,7 @@ enum ModuleRecovery {
             return broker(inherited)
         }
         guard case .failure(let why) = copy else { return copy }
-        // The broker where the copy cannot be loaded (a chain of forks fills the static TLS
-        // block) or fails with rights that are not the parent's; a copy whose C_Initialize fails
-        // with the parent's rights says something about the module itself.
-        if brokerRuns, why.rv == nil || change != nil {
+        if brokerAfterFailedCopy(facts, copyAnswered: why.rv != nil) {
             Trace.event(.fork, "\(why.message)\(change.map { " (\($0))" } ?? ""): the broker runs the module for this child instead", .decision(.broker))
             let served = broker(inherited)
             guard case .failure(let again) = served else { return served }
@@ -211,7 +249,12 @@ enum ModuleRecovery {
 
     /// Whether this configuration wants copies (so that a spare is worth loading).
     static func usesCopies(_ module: RealModule) -> Bool {
-        !module.isHelperClient && (strategy == .freshCopy || (strategy == .auto && !module.loadsGLib && !isOpenCryptoki(module)))
+        usesCopies(strategy, isHelperClient: module.isHelperClient, loadsGLib: module.loadsGLib, isOpenCryptoki: isOpenCryptoki(module))
+    }
+
+    /// The same from the facts alone (pure, for the unit tests).
+    static func usesCopies(_ strategy: ModuleStrategy, isHelperClient: Bool, loadsGLib: Bool, isOpenCryptoki: Bool) -> Bool {
+        !isHelperClient && (strategy == .freshCopy || (strategy == .auto && !loadsGLib && !isOpenCryptoki))
     }
 
     /// Called by the pthread_atfork prepare handler: a process that uses its module gets a spare

@@ -1,13 +1,15 @@
 import Foundation
 import XCTest
 
-/// Runs p11fork-forkcheck (Sources/TestTools/ForkCheck) for one scenario, against the real
+/// Runs p11fork-forkcheck (Tests/Tools/ForkCheck) for one scenario, against the real
 /// module directly or through libp11fork.so, and returns what it printed.
 struct ForkCheck {
     let token: any TestToken
     var keyLabel = "fork-key"
     var mechanism = "rsa"
     var realModule = RealModules.softHSM
+    /// The libp11fork.so the driver loads when it runs through p11fork (an installed one, say).
+    var p11fork = Products.module
     var extraEnvironment: [String: String] = [:]
     /// A command the driver runs under (e.g. a private mount namespace for p11-kit's proxy).
     var launcher: [String] = []
@@ -28,7 +30,7 @@ struct ForkCheck {
             environment["P11FORK_TRACE"] = traceFile.path
             environment["P11FORK_TRACE_LEVEL"] = environment["P11FORK_TRACE_LEVEL"] ?? "fork"
         }
-        let arguments = ["--module", throughP11Fork ? Products.module : realModule, "--token", token.label,
+        let arguments = ["--module", throughP11Fork ? p11fork : realModule, "--token", token.label,
                          "--pin", token.pin, "--key", keyLabel, "--mechanism", mechanism,
                          "--children", String(children), "--signatures", String(signatures), "--stagger", "100"] + extra + [scenario]
         let command = launcher + [Products.forkcheck] + arguments

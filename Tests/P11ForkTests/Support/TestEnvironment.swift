@@ -120,7 +120,7 @@ final class SoftHSMToken: TestToken {
     }
 }
 
-/// A throw-away token on the network-HSM-like test module (Sources/TestModules/NetHSM): its
+/// A throw-away token on the network-HSM-like test module (Tests/Modules/NetHSM): its
 /// "server" state lives in a temporary directory shared by every process and module copy.
 final class NetHSMToken: TestToken {
     let directory: URL

@@ -7,12 +7,12 @@
 // "C_Initialize(&args) ... C_Finalize ... C_Initialize(NULL)" cycle lost 48 bytes.
 //
 //   clang -g -fsanitize=address -fuse-ld=lld -I Sources/CPKCS11/include \
-//     Sources/TestTools/Fuzz/repro/init_args_leak.c -o /tmp/init_args_leak -ldl
+//     Tests/Tools/Fuzz/repro/init_args_leak.c -o /tmp/init_args_leak -ldl
 //   SOFTHSM2_CONF=<any SoftHSM configuration> P11FORK_MODULE=/usr/lib/softhsm/libsofthsm2.so \
 //     /tmp/init_args_leak .build/debug/libp11fork.so
 // Expected: every call CKR_OK and no leak. Before the fix: LeakSanitizer reported "Direct leak of
 // 144 byte(s) in 3 object(s)" allocated by swift_slowAlloc in keepInitArguments (three cycles).
-// The same as a fuzzer input: scripts/fuzz.sh --repro Sources/TestTools/Fuzz/repro/init_args_leak.input
+// The same as a fuzzer input: scripts/fuzz.sh --repro Tests/Tools/Fuzz/repro/init_args_leak.input
 #include "CPKCS11.h"
 #include <dlfcn.h>
 #include <stdio.h>

@@ -8,8 +8,8 @@ module_dir=$(dirname "$here")
 work=$(mktemp -d "${TMPDIR:-/tmp}/nethsm-selftest.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-gcc -shared -fPIC -O2 -Wall -Wextra -I "$module_dir/include" -I "$module_dir/../../CPKCS11/include" -o "$work/libnethsm.so" "$module_dir"/*.c -lcrypto
-gcc -O1 -g -Wall -Wextra -I "$module_dir/include" -I "$module_dir/../../CPKCS11/include" -DNETHSM_SELFTEST -o "$work/nethsm_selftest" "$here/nethsm_selftest.c" -ldl -pthread
+gcc -shared -fPIC -O2 -Wall -Wextra -I "$module_dir/include" -I "$module_dir/../../../Sources/CPKCS11/include" -o "$work/libnethsm.so" "$module_dir"/*.c -lcrypto
+gcc -O1 -g -Wall -Wextra -I "$module_dir/include" -I "$module_dir/../../../Sources/CPKCS11/include" -DNETHSM_SELFTEST -o "$work/nethsm_selftest" "$here/nethsm_selftest.c" -ldl -pthread
 
 # Exactly the three PKCS#11 entry points are exported.
 exports=$(nm -D --defined-only "$work/libnethsm.so" | awk '{print $3}' | sort | tr "\n" " ")

@@ -1,6 +1,6 @@
 // p11fuzz32: a differential fuzzer (libFuzzer) for the PKCS#11 3.2 functions p11fork forwards.
 //
-// The main fuzzer (Sources/TestTools/Fuzz) compares p11fork with SoftHSM 2.6, which has no 3.2
+// The main fuzzer (Tests/Tools/Fuzz) compares p11fork with SoftHSM 2.6, which has no 3.2
 // functions, so it cannot reach them. This one puts the NetHSM test module (a 3.2 module) on both
 // sides: side FORK is libp11fork.so over NetHSM with server directory A, side DIRECT a second
 // instance of NetHSM (a copy of the file, so that it is loaded apart) with server directory B.
