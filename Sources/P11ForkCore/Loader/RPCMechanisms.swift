@@ -20,18 +20,22 @@ enum RPCMechanisms {
         var hasher: SHA2
     }
 
+    /// Guards `translations` and `told`; held for no call into the module.
     nonisolated(unsafe) private static var lock = ForkSafeLock()
     nonisolated(unsafe) private static var translations: [CK_SESSION_HANDLE: Translation] = [:]
     /// The client's own functions.
     nonisolated(unsafe) private static var client = CK_FUNCTION_LIST_3_2()
     nonisolated(unsafe) private static var told: Set<CK_MECHANISM_TYPE> = []
 
+    static func install() { lock = ForkDetection.register(ForkSafeLock()) }
+
     /// Puts the shims into `functions`, the copy of p11-kit's client list p11fork just loaded
     /// (before its C_Initialize). State from an earlier client (a parent's) is dropped.
     static func interpose(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
-        lock = ForkSafeLock()
-        translations = [:]
-        told = []
+        lock.withLock {
+            translations = [:]
+            told = []
+        }
         client = functions.pointee
         functions.pointee.C_SignInit = signInit
         functions.pointee.C_Sign = sign
