@@ -30,12 +30,12 @@ enum RPCMechanisms {
     static func install() { lock = ForkDetection.register(ForkSafeLock()) }
 
     /// Puts the shims into `functions`, the copy of p11-kit's client list p11fork just loaded
-    /// (before its C_Initialize). State from an earlier client (a parent's) is dropped.
+    /// (before its C_Initialize). State from an earlier client (a parent's) is dropped. Called by
+    /// a child's module recovery, while its other threads wait and the tree lock may be held:
+    /// without the lock (no p11fork lock is taken under the tree lock; docs/DESIGN.md).
     static func interpose(_ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) {
-        lock.withLock {
-            translations = [:]
-            told = []
-        }
+        translations = [:]
+        told = []
         client = functions.pointee
         functions.pointee.C_SignInit = signInit
         functions.pointee.C_Sign = sign
