@@ -15,14 +15,16 @@ import Glibc
 /// of the client's function list, below the handle translation: the sessions here are the
 /// client's. Nothing changes where the client carries the mechanism (a newer p11-kit).
 enum RPCMechanisms {
-    private struct Translation {
+    /// A session's signing or verifying operation (a session may have one of each).
+    private struct Operation: Hashable {
+        let session: CK_SESSION_HANDLE
         let verify: Bool
-        var hasher: SHA2
     }
 
     /// Guards `translations` and `told`; held for no call into the module.
     nonisolated(unsafe) private static var lock = ForkSafeLock()
-    nonisolated(unsafe) private static var translations: [CK_SESSION_HANDLE: Translation] = [:]
+    /// The translated operations, each with the hash of what it was given so far.
+    nonisolated(unsafe) private static var translations: [Operation: SHA2] = [:]
     /// The client's own functions.
     nonisolated(unsafe) private static var client = CK_FUNCTION_LIST_3_2()
     nonisolated(unsafe) private static var told: Set<CK_MECHANISM_TYPE> = []
@@ -60,12 +62,20 @@ enum RPCMechanisms {
         }
     }
 
-    private static func translation(_ session: CK_SESSION_HANDLE, verify: Bool) -> Translation? {
-        lock.withLock { translations[session].flatMap { $0.verify == verify ? $0 : nil } }
+    private static func translation(_ session: CK_SESSION_HANDLE, verify: Bool) -> SHA2? {
+        lock.withLock { translations[Operation(session: session, verify: verify)] }
     }
 
-    private static func end(_ session: CK_SESSION_HANDLE) {
-        lock.withLock { translations[session] = nil }
+    private static func end(_ session: CK_SESSION_HANDLE, verify: Bool) {
+        lock.withLock { translations[Operation(session: session, verify: verify)] = nil }
+    }
+
+    /// Ends both of the session's operations (the session is closed).
+    private static func endAll(_ session: CK_SESSION_HANDLE) {
+        lock.withLock {
+            translations[Operation(session: session, verify: false)] = nil
+            translations[Operation(session: session, verify: true)] = nil
+        }
     }
 
     /// Whether an answer ends the operation (PKCS#11 2.40 section 5.2: all but a length query
@@ -77,15 +87,17 @@ enum RPCMechanisms {
     private static func start(verify: Bool, _ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
                               _ key: CK_OBJECT_HANDLE) -> CK_RV {
         guard let original = verify ? client.C_VerifyInit : client.C_SignInit else { return CK_RV(CKR_FUNCTION_NOT_SUPPORTED) }
-        end(session)
         let rv = original(session, mechanism, key)
+        // Another operation started (or, with no mechanism, the one in progress cancelled): no
+        // translation. A refusal (CKR_OPERATION_ACTIVE …) leaves the one in progress as it was.
+        if rv == CKR_OK { end(session, verify: verify) }
         guard rv == CKR_MECHANISM_INVALID, let mechanism, mechanism.pointee.pParameter == nil, mechanism.pointee.ulParameterLen == 0,
               let variant = hash(for: mechanism.pointee.mechanism) else { return rv }
         var raw = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_ECDSA), pParameter: nil, ulParameterLen: 0)
         let rawRV = original(session, &raw, key)
         guard rawRV == CKR_OK else { return rawRV }
         let first = lock.withLock {
-            translations[session] = Translation(verify: verify, hasher: SHA2(variant))
+            translations[Operation(session: session, verify: verify)] = SHA2(variant)
             return told.insert(mechanism.pointee.mechanism).inserted
         }
         if first {
@@ -95,21 +107,24 @@ enum RPCMechanisms {
         return rawRV
     }
 
-    private static func digest(_ hasher: SHA2, _ data: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG) -> [CK_BYTE] {
-        var hasher = hasher
-        hasher.update(UnsafeRawBufferPointer(start: data, count: data == nil ? 0 : Int(length)))
+    /// The digest of one-part data; nil for a length without data (CKR_ARGUMENTS_BAD).
+    private static func digest(_ variant: SHA2.Variant, _ data: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG) -> [CK_BYTE]? {
+        guard data != nil || length == 0 else { return nil }
+        var hasher = SHA2(variant)
+        hasher.update(UnsafeRawBufferPointer(start: data, count: Int(length)))
         return hasher.finish()
     }
 
     private static func feed(verify: Bool, _ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG) -> CK_RV? {
-        lock.withLock {
-            guard var translation = translations[session], translation.verify == verify else { return nil }
+        let operation = Operation(session: session, verify: verify)
+        return lock.withLock {
+            guard var hasher = translations[operation] else { return nil }
             guard part != nil || length == 0 else {
-                translations[session] = nil
+                translations[operation] = nil
                 return CK_RV(CKR_ARGUMENTS_BAD)
             }
-            translation.hasher.update(UnsafeRawBufferPointer(start: part, count: Int(length)))
-            translations[session] = translation
+            hasher.update(UnsafeRawBufferPointer(start: part, count: Int(length)))
+            translations[operation] = hasher
             return CK_RV(CKR_OK)
         }
     }
@@ -119,16 +134,19 @@ enum RPCMechanisms {
 
     private static let sign: CK_C_Sign = { session, data, dataLength, signature, signatureLength in
         guard let original = client.C_Sign else { return CK_RV(CKR_FUNCTION_NOT_SUPPORTED) }
-        guard let translation = translation(session, verify: false) else { return original(session, data, dataLength, signature, signatureLength) }
-        return signDigest(original, session, digest(SHA2(translation.hasher.variant), data, dataLength), signature, signatureLength)
+        guard let hasher = translation(session, verify: false) else { return original(session, data, dataLength, signature, signatureLength) }
+        return signDigest(original, session, digest(hasher.variant, data, dataLength), signature, signatureLength)
     }
 
     /// The module signs the digest (`C_Sign` after its `C_SignInit` with CKM_ECDSA).
-    private static func signDigest(_ original: CK_C_Sign, _ session: CK_SESSION_HANDLE, _ digest: [CK_BYTE],
+    private static func signDigest(_ original: CK_C_Sign, _ session: CK_SESSION_HANDLE, _ digest: [CK_BYTE]?,
                                    _ signature: UnsafeMutablePointer<CK_BYTE>?, _ signatureLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-        var hash = digest
+        guard var hash = digest else {
+            end(session, verify: false)
+            return CK_RV(CKR_ARGUMENTS_BAD)
+        }
         let rv = original(session, &hash, CK_ULONG(hash.count), signature, signatureLength)
-        if ends(rv, output: signature) { end(session) }
+        if ends(rv, output: signature) { end(session, verify: false) }
         return rv
     }
 
@@ -137,24 +155,24 @@ enum RPCMechanisms {
     }
 
     private static let signFinal: CK_C_SignFinal = { session, signature, signatureLength in
-        guard let translation = translation(session, verify: false) else {
+        guard let hasher = translation(session, verify: false) else {
             return client.C_SignFinal?(session, signature, signatureLength) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         }
         guard let original = client.C_Sign else { return CK_RV(CKR_FUNCTION_NOT_SUPPORTED) }
-        return signDigest(original, session, translation.hasher.finish(), signature, signatureLength)
+        return signDigest(original, session, hasher.finish(), signature, signatureLength)
     }
 
     private static let verify: CK_C_Verify = { session, data, dataLength, signature, signatureLength in
         guard let original = client.C_Verify else { return CK_RV(CKR_FUNCTION_NOT_SUPPORTED) }
-        guard let translation = translation(session, verify: true) else { return original(session, data, dataLength, signature, signatureLength) }
-        return verifyDigest(original, session, digest(SHA2(translation.hasher.variant), data, dataLength), signature, signatureLength)
+        guard let hasher = translation(session, verify: true) else { return original(session, data, dataLength, signature, signatureLength) }
+        return verifyDigest(original, session, digest(hasher.variant, data, dataLength), signature, signatureLength)
     }
 
     /// The module verifies the signature of the digest (`C_Verify` always ends the operation).
-    private static func verifyDigest(_ original: CK_C_Verify, _ session: CK_SESSION_HANDLE, _ digest: [CK_BYTE],
+    private static func verifyDigest(_ original: CK_C_Verify, _ session: CK_SESSION_HANDLE, _ digest: [CK_BYTE]?,
                                      _ signature: UnsafeMutablePointer<CK_BYTE>?, _ signatureLength: CK_ULONG) -> CK_RV {
-        end(session)
-        var hash = digest
+        end(session, verify: true)
+        guard var hash = digest else { return CK_RV(CKR_ARGUMENTS_BAD) }
         return original(session, &hash, CK_ULONG(hash.count), signature, signatureLength)
     }
 
@@ -163,25 +181,25 @@ enum RPCMechanisms {
     }
 
     private static let verifyFinal: CK_C_VerifyFinal = { session, signature, signatureLength in
-        guard let translation = translation(session, verify: true) else {
+        guard let hasher = translation(session, verify: true) else {
             return client.C_VerifyFinal?(session, signature, signatureLength) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         }
         guard let original = client.C_Verify else { return CK_RV(CKR_FUNCTION_NOT_SUPPORTED) }
-        return verifyDigest(original, session, translation.hasher.finish(), signature, signatureLength)
+        return verifyDigest(original, session, hasher.finish(), signature, signatureLength)
     }
 
     private static let closeSession: CK_C_CloseSession = { session in
-        end(session)
+        endAll(session)
         return client.C_CloseSession?(session) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
     }
 
     /// Ends the translated operations of the slot's sessions (the client tells each one's slot).
     private static let closeAllSessions: CK_C_CloseAllSessions = { slot in
-        let sessions = lock.withLock { Array(translations.keys) }
+        let sessions = Set(lock.withLock { translations.keys.map(\.session) })
         for session in sessions {
             var info = CK_SESSION_INFO()
             let rv = client.C_GetSessionInfo?(session, &info) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
-            if rv != CKR_OK || info.slotID == slot { end(session) }
+            if rv != CKR_OK || info.slotID == slot { endAll(session) }
         }
         return client.C_CloseAllSessions?(slot) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
     }
