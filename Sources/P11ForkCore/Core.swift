@@ -56,7 +56,7 @@ enum Core {
         SessionNotifications.install()
         installHandleTables()
         // Innermost: taken by the calls a recovery replays into p11-kit's client.
-        RPCMechanisms.install()
+        RPCMechanisms.install(lock: ForkDetection.register(ForkSafeLock()))
         ProtectedMemory.install()
         ModuleRecovery.snapshotEnvironment()
 

@@ -29,7 +29,8 @@ enum RPCMechanisms {
     nonisolated(unsafe) private static var client = CK_FUNCTION_LIST_3_2()
     nonisolated(unsafe) private static var told: Set<CK_MECHANISM_TYPE> = []
 
-    static func install() { lock = ForkDetection.register(ForkSafeLock()) }
+    /// At load: the lock, which Core.swift has registered with the fork handlers.
+    static func install(lock registered: ForkSafeLock) { lock = registered }
 
     /// Puts the shims into `functions`, the copy of p11-kit's client list p11fork just loaded
     /// (before its C_Initialize). State from an earlier client (a parent's) is dropped. Called by
