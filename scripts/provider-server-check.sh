@@ -1,14 +1,16 @@
 #!/bin/bash
 # For the tests. Serves HTTPS with a token key loaded through pkcs11-provider (OpenSSL 3, no
 # engine): haproxy from examples/haproxy/haproxy.cfg (master-worker) or Apache from
-# examples/apache/p11fork-ssl-provider.conf (prefork, children as www-data), only the port and
-# the file paths changed. Makes REQUESTS requests with curl, each a new process and so a full TLS
+# examples/apache/p11fork-ssl-provider.conf (prefork, children as www-data), only the port, the
+# file paths and Apache's log level changed (`ssl:info`: a failed handshake's OpenSSL error). Makes REQUESTS requests with curl, each a new process and so a full TLS
 # handshake the key signs; prints one line per request, the processes that served, a result line
 # and the server's log; stops the server.
 #   LIBP11FORK=MODULE PKCS11_PROVIDER=PROVIDER provider-server-check.sh haproxy|apache WORKDIR TOKEN KEY PIN_FILE REQUESTS
 # LIBP11FORK is the provider's PKCS#11 module: libp11fork.so, or the real module for the
 # comparison. The certificate and the key's URI file are made in WORKDIR through the provider.
 # Neither server takes a `pkcs11:` URI as its key here; both read the provider's URI PEM block.
+# Any token the provider reaches: SoftHSM (SOFTHSM2_CONF), tpm2-pkcs11 (run it under
+# scripts/with-tpm2.sh); REQUEST_TIMEOUT: seconds a request may take (5).
 set -euo pipefail
 server=$1 work=$2 token=$3 key=$4 pin_file=$5 requests=$6
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,7 +47,7 @@ case $server in
     haproxy -W -db -f "$run/server.conf" >"$log" 2>&1 &
     ;;
   apache)
-    sed -e "s/127.0.0.1:8443/127.0.0.1:$port/g" "$here/examples/apache/p11fork-ssl-provider.conf" >"$run/server.conf"
+    sed -e "s/127.0.0.1:8443/127.0.0.1:$port/g" -e "s/^LogLevel warn$/LogLevel warn ssl:info/" "$here/examples/apache/p11fork-ssl-provider.conf" >"$run/server.conf"
     grep -q "SSLCertificateKeyFile token-key.pem" "$run/server.conf" || { echo "result: the example's key line changed"; exit 1; }
     # The children run as www-data: they must reach the run's files.
     chown -R www-data:www-data "$run"

@@ -1,7 +1,8 @@
 #!/bin/sh
 # For the tests. Runs a command next to a private software TPM with a tpm2-pkcs11 token: swtpm
 # (TPM simulator on loopback ports), a private D-Bus session bus and tpm2-abrmd, a token store
-# in WORKDIR with an RSA key; the TPM's dictionary-attack lockout is relaxed so failures never
+# in WORKDIR with a key (TPM2_KEY_ALGORITHM: tpm2_ptool's name for it, rsa2048 unless set, e.g.
+# ecc256 for P-256); the TPM's dictionary-attack lockout is relaxed so failures never
 # lock it. Everything started here is stopped at the end; nothing outside WORKDIR is written.
 #   with-tpm2.sh WORKDIR TOKEN_LABEL SO_PIN USER_PIN KEY_LABEL -- COMMAND...
 # The command gets TPM2_PKCS11_TCTI, TPM2_PKCS11_STORE and DBUS_SESSION_BUS_ADDRESS.
@@ -61,7 +62,7 @@ tpm2_dictionarylockout --setup-parameters --max-tries=4294967295 --clear-lockout
 if [ ! -f "$work/initialised" ]; then
   tpm2_ptool init --path="$work/store" >/dev/null
   tpm2_ptool addtoken --pid=1 --sopin="$so_pin" --userpin="$pin" --label="$label" --path="$work/store" >/dev/null
-  tpm2_ptool addkey --algorithm=rsa2048 --label="$label" --userpin="$pin" --key-label="$key" --path="$work/store" >/dev/null
+  tpm2_ptool addkey --algorithm="${TPM2_KEY_ALGORITHM:-rsa2048}" --label="$label" --userpin="$pin" --key-label="$key" --path="$work/store" >/dev/null
   touch "$work/initialised"
 fi
 "$@"

@@ -55,6 +55,8 @@ enum Core {
         Records.install()
         SessionNotifications.install()
         installHandleTables()
+        // Innermost: taken by the calls a recovery replays into p11-kit's client.
+        RPCMechanisms.install(lock: ForkDetection.register(ForkSafeLock()))
         ProtectedMemory.install()
         ModuleRecovery.snapshotEnvironment()
 

@@ -124,3 +124,131 @@ import Testing
         print("fork storm through the broker: \(outcome.result.stdout.split(separator: "\n").last ?? "")")
     }
 }
+
+/// ECDSA with a hash (CKM_ECDSA_SHA256, CKM_ECDSA_SHA384) in a child whose module is p11-kit's
+/// RPC client: p11-kit 0.24's client refuses them without asking the module, and p11fork hashes
+/// in the child and has the module sign the digest (RPCMechanisms; docs/FORK.md "The broker").
+/// A P-256 key on tpm2-pkcs11, which offers both. Directly through p11-kit's client (a `p11-kit
+/// server` for tpm2-pkcs11, no p11fork, no fork) every check fails with CKR_MECHANISM_INVALID;
+/// through p11fork, in a forked child served by the broker or by a helper, every signature,
+/// single-part, in parts and after a length query, verifies on the token and in software
+/// (python-pkcs11 and cryptography from the venv).
+@Suite(.serialized) struct HashedECDSAThroughRPCTests {
+    static let program = #"""
+    import hashlib, os, signal, sys
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    module, label, key_label, mode = sys.argv[1:5]
+    lib = pkcs11.lib(module)
+    token = lib.get_token(token_label=label)
+    session = token.open(user_pin=os.environ["TEST_PIN"])
+    private = session.get_key(ObjectClass.PRIVATE_KEY, KeyType.EC, label=key_label)
+    public = session.get_key(ObjectClass.PUBLIC_KEY, KeyType.EC, label=key_label)
+    point = bytes(public[Attribute.EC_POINT])
+    if point[0] == 4 and point[1] == len(point) - 2:
+        point = point[2:]
+    software = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+
+    def software_verifies(signature, data, digest):
+        half = len(signature) // 2
+        der = utils.encode_dss_signature(int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big"))
+        try:
+            software.verify(der, data, ec.ECDSA(digest))
+            return True
+        except Exception:
+            return False
+
+    def checks():
+        data = bytes(range(256)) * 5
+        parts = lambda: iter([data[:100], data[100:777], data[777:]])
+        failed = 0
+        for mechanism, digest in [(Mechanism.ECDSA_SHA256, hashes.SHA256()), (Mechanism.ECDSA_SHA384, hashes.SHA384())]:
+            name = mechanism.name
+            for what, run in [
+                ("sign single-part (length query first)", lambda: software_verifies(private.sign(data, mechanism=mechanism), data, digest)),
+                ("sign in parts", lambda: software_verifies(private.sign(parts(), mechanism=mechanism), data, digest)),
+                ("verify single-part", lambda: public.verify(data, private.sign(data, mechanism=mechanism), mechanism=mechanism)),
+                ("verify in parts", lambda: public.verify(parts(), private.sign(data, mechanism=mechanism), mechanism=mechanism)),
+                ("a wrong signature does not verify", lambda: not public.verify(data + b"!", private.sign(data, mechanism=mechanism), mechanism=mechanism)),
+            ]:
+                try:
+                    ok = run()
+                    print("%s %s: %s" % (name, what, "ok" if ok else "fail: wrong answer"))
+                except Exception as error:
+                    ok = False
+                    print("%s %s: fail: %s" % (name, what, type(error).__name__))
+                failed += 0 if ok else 1
+        # Raw ECDSA afterwards: nothing left over from the hashed operations.
+        raw = private.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
+        ok = software_verifies(raw, data, hashes.SHA256())
+        print("ECDSA over a SHA-256 digest afterwards: %s" % ("ok" if ok else "fail"))
+        return failed + (0 if ok else 1)
+
+    if mode == "no-fork":
+        failed = checks()
+    else:
+        private.sign(b"parent", mechanism=Mechanism.ECDSA_SHA256)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)
+            os._exit(1 if checks() else 0)
+        _, status = os.waitpid(pid, 0)
+        failed = 0 if status == 0 else 1
+        print("parent signs after the child: %s" % ("ok" if len(private.sign(b"parent", mechanism=Mechanism.ECDSA_SHA256)) == 64 else "fail"))
+    print("result: %s" % ("ok" if failed == 0 else "fail"))
+    sys.stdout.flush()
+    os._exit(0 if failed == 0 else 1)
+    """#
+
+    static let available = TPM2Token.available && FileManager.default.isExecutableFile(atPath: PythonConsumerTests.python)
+        && FileManager.default.isExecutableFile(atPath: "/usr/bin/p11-kit")
+
+    @Test(.enabled(if: available, "needs swtpm, tpm2-pkcs11, p11-kit and the venv (scripts/install-deps.sh)"))
+    func childrenSignWithHashedECDSAThroughTheBrokerAndAHelper() throws {
+        let token = try TPM2Token()
+        let script = token.directory.appendingPathComponent("hashed-ecdsa.py")
+        try Self.program.write(to: script, atomically: true, encoding: .utf8)
+        let trace = token.directory.appendingPathComponent("trace.log").path
+        let socket = token.directory.appendingPathComponent("p11-kit.socket").path
+        // Directly through p11-kit's client: a p11-kit server for tpm2-pkcs11, the script in one process.
+        let direct = """
+        p11-kit server -f -n "$SOCKET" --provider "$TPM2_MODULE" pkcs11: >/dev/null 2>&1 & server=$!
+        for _ in $(seq 100); do [ -S "$SOCKET" ] && break; sleep 0.1; done
+        P11_KIT_SERVER_ADDRESS="unix:path=$SOCKET" timeout 60 "$PYTHON" "$SCRIPT" "$CLIENT" "$LABEL" tpm-key no-fork; status=$?
+        kill $server; wait $server 2>/dev/null; exit $status
+        """
+        var commands = ["echo '=== direct'; (\(direct))"]
+        for strategy in ["broker", "out-of-process"] {
+            commands.append("""
+            echo '=== \(strategy)'; P11FORK_STRATEGY=\(strategy) P11FORK_MODULE="$TPM2_MODULE" P11FORK_TRACE="$TRACE" \
+            timeout 120 "$PYTHON" "$SCRIPT" "$P11FORK" "$LABEL" tpm-key fork
+            """)
+        }
+        let command = token.launcher(keyLabel: "tpm-key", algorithm: "ecc256") + ["/bin/bash", "-c", commands.joined(separator: "\n")]
+        let environment = ["SOCKET": socket, "TPM2_MODULE": TPM2Token.module, "PYTHON": PythonConsumerTests.python, "SCRIPT": script.path,
+                           "CLIENT": "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so", "LABEL": token.label, "TEST_PIN": token.pin, "TRACE": trace,
+                           "P11FORK": Products.module]
+        let result = try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: 400)
+        let runs = Dictionary(uniqueKeysWithValues: result.stdout.components(separatedBy: "=== ").dropFirst().map {
+            (String($0.prefix { $0 != "\n" }), $0)
+        })
+        let text = (try? String(contentsOfFile: trace, encoding: .utf8)) ?? ""
+        let directRun = runs["direct"] ?? ""
+        print("directly through p11-kit's client:\n\(directRun)")
+        #expect(directRun.contains("ECDSA_SHA256 sign single-part (length query first): fail: MechanismInvalid")
+                && directRun.contains("result: fail"), "directly: \(result.output)")
+        for strategy in ["broker", "out-of-process"] {
+            let run = runs[strategy] ?? ""
+            print("through p11fork, \(strategy):\n\(run)")
+            #expect(run.contains("result: ok") && !run.contains("fail"), "\(strategy): \(result.output)\ntrace:\n\(text.suffix(4000))")
+            #expect(run.contains("parent signs after the child: ok"), "\(strategy): \(run)")
+        }
+        #expect(text.contains("module served by the broker") && text.contains("module running in a helper process"), "\(text.suffix(4000))")
+        #expect(text.contains("CKM_ECDSA_SHA256 is not carried by p11-kit's RPC client"), "\(text.suffix(4000))")
+        #expect(text.contains("CKM_ECDSA_SHA384 is not carried by p11-kit's RPC client"), "\(text.suffix(4000))")
+        #expect(!text.contains(token.pin) && !result.output.contains(token.pin), "the PIN is in the trace or the output")
+    }
+}

@@ -411,18 +411,40 @@ struct ProviderFork {
     static func installed(_ path: String) -> Bool { FileManager.default.isExecutableFile(atPath: path) }
     static let available = PKCS11Provider.available && installed("/usr/bin/curl") && getuid() == 0
 
-    private func serve(_ server: String, _ token: SoftHSMToken, through: Bool) throws -> ProcessResult {
+    /// One run of scripts/provider-server-check.sh: `requests` handshakes, each given
+    /// `requestTimeout` seconds; the traces (one file per process) go to `traces`, which every
+    /// process of the server may write.
+    private func serve(_ server: String, _ token: any TestToken, keyLabel: String = "server-key", realModule: String = RealModules.softHSM,
+                       launcher: [String] = [], through: Bool, requests: Int = 40, requestTimeout: Int = 5,
+                       traces: URL? = nil) throws -> ProcessResult {
         let pinFile = try PKCS11Provider.pinFile(token.pin, in: token.directory)
         var environment = token.environment
         environment["PKCS11_PROVIDER"] = PKCS11Provider.path
-        environment["LIBP11FORK"] = through ? Products.module : RealModules.softHSM
+        environment["LIBP11FORK"] = through ? Products.module : realModule
+        environment["REQUEST_TIMEOUT"] = String(requestTimeout)
         if through {
-            environment["P11FORK_MODULE"] = RealModules.softHSM
-            environment["P11FORK_TRACE"] = token.directory.appendingPathComponent("trace-%p.log").path
+            environment["P11FORK_MODULE"] = realModule
+            environment["P11FORK_TRACE"] = (traces ?? token.directory).appendingPathComponent("trace-%p.log").path
         }
-        let script = Products.packageRoot.appendingPathComponent("scripts/provider-server-check.sh").path
-        return try runProgram(script, [server, token.directory.appendingPathComponent(through ? "through" : "direct").path,
-                                       token.label, "server-key", pinFile, "40"], environment: environment, timeout: 240)
+        let command = launcher + [Products.packageRoot.appendingPathComponent("scripts/provider-server-check.sh").path,
+                                  server, token.directory.appendingPathComponent(through ? "through" : "direct").path,
+                                  token.label, keyLabel, pinFile, String(requests)]
+        return try runProgram(command[0], Array(command.dropFirst()), environment: environment, timeout: 240)
+    }
+
+    /// From the script's output: (handshakes served, Apache children that served).
+    private func counts(_ run: ProcessResult) -> (served: Int, children: Int) {
+        func number(after prefix: String) -> Int {
+            guard let line = run.stdout.split(separator: "\n").first(where: { $0.hasPrefix(prefix) }) else { return -1 }
+            return Int(line.dropFirst(prefix.count).prefix { $0.isNumber }) ?? -1
+        }
+        return (number(after: "result: "), number(after: "serving processes: "))
+    }
+
+    /// Every process's trace in `directory`, one text.
+    private func traces(in directory: URL) throws -> String {
+        try FileManager.default.contentsOfDirectory(atPath: directory.path).filter { $0.hasPrefix("trace-") }
+            .map { try String(contentsOfFile: directory.appendingPathComponent($0).path, encoding: .utf8) }.joined()
     }
 
     @Test(.enabled(if: available && installed("/usr/sbin/haproxy") && installed("/usr/sbin/apache2"),
@@ -443,11 +465,73 @@ struct ProviderFork {
             #expect(!through.stdout.contains("serving processes: 0") && !through.stdout.contains("serving processes: 1 "),
                     "more than one child served: \(through.output)")
         }
-        let traces = try FileManager.default.contentsOfDirectory(atPath: token.directory.path).filter { $0.hasPrefix("trace-") }
-            .map { try String(contentsOfFile: token.directory.appendingPathComponent($0).path, encoding: .utf8) }.joined()
+        let traces = try traces(in: token.directory)
         #expect(traces.contains("fork detected"), "the children went through p11fork: \(traces.suffix(3000))")
         #expect(traces.contains("C_Sign"), "\(traces.suffix(3000))")
         #expect(!traces.contains(token.pin), "the PIN is in a trace")
+    }
+
+    /// Apache prefork, children as www-data, over a token only the parent may reach, with a P-256
+    /// key (examples/apache/p11fork-ssl-provider.conf): SoftHSM whose token folder is root's alone
+    /// (Debian's /var/lib/softhsm/tokens), and tpm2-pkcs11 (its store and abrmd's D-Bus bus are
+    /// the parent's). Directly each child's provider starts over as www-data, finds no usable
+    /// module or token, and every handshake fails at once (`no suitable signature algorithm`);
+    /// through p11fork the broker, started by the parent as root, runs the module for the
+    /// children. Over tpm2-pkcs11 the provider signs with CKM_ECDSA_SHA256, which p11-kit 0.24's
+    /// RPC client refuses: p11fork hashes in the child and the broker signs the digest
+    /// (RPCMechanisms). An RSA key cannot take this road with TLS 1.3 (RSA-PSS parameters,
+    /// docs/FORK.md "The broker").
+    @Test(.enabled(if: available && installed("/usr/sbin/apache2"), "needs pkcs11-provider (scripts/install-deps.sh), apache2, curl and root"),
+          arguments: ["SoftHSM, root-only token folder", "tpm2-pkcs11"])
+    func apacheChildrenAsWwwDataSignThroughTheBroker(module: String) throws {
+        let tpm2 = module == "tpm2-pkcs11"
+        guard !tpm2 || TPM2Token.available else { print("tpm2-pkcs11 or swtpm is not installed: the tpm2-pkcs11 case is not run"); return }
+        // A token of its own for each run: the direct children's failed start over tpm2-pkcs11
+        // flushes TPM contexts (measured: a later `openssl req` in the same TPM failed, `Esys_Load
+        // … session that is not loaded`).
+        func makeToken() throws -> any TestToken {
+            if tpm2 { return try TPM2Token() }
+            let token = try SoftHSMToken(strict: true)
+            try token.generateKeyPair(label: "server-key", type: "EC:prime256v1")
+            try token.makeTokenFolderRootOnly()
+            return token
+        }
+        func run(through: Bool) throws -> (ProcessResult, traces: String, pin: String) {
+            let token = try makeToken()
+            let traces = token.directory.appendingPathComponent("traces")
+            try FileManager.default.createDirectory(at: traces, withIntermediateDirectories: true)
+            #expect(chmod(traces.path, 0o1777) == 0)
+            let result = tpm2
+                ? try serve("apache", token, keyLabel: "tpm-key", realModule: TPM2Token.module,
+                            launcher: (token as! TPM2Token).launcher(keyLabel: "tpm-key", algorithm: "ecc256"),
+                            through: through, requests: through ? 40 : 4, requestTimeout: through ? 5 : 3, traces: traces)
+                : try serve("apache", token, through: through, requests: through ? 40 : 4, requestTimeout: through ? 5 : 3, traces: traces)
+            return (result, try self.traces(in: traces), token.pin)
+        }
+
+        let (direct, _, directPIN) = try run(through: false)
+        let directCounts = counts(direct)
+        print("Apache, children as www-data, \(module), P-256 key, directly: \(directCounts.served) of 4 served, \(directCounts.children) children served")
+        #expect(directCounts.served == 0, "directly the children cannot reach the token: \(direct.output)")
+        #expect(direct.stdout.contains("no suitable signature algorithm"), "\(direct.output)")
+        #expect(!direct.output.contains(directPIN), "the PIN is in the output")
+
+        let (through, traces, pin) = try run(through: true)
+        let throughCounts = counts(through)
+        print("Apache, children as www-data, \(module), P-256 key, through p11fork: \(throughCounts.served) of 40 served, \(throughCounts.children) children served")
+        #expect(throughCounts.served == 40, "through p11fork: \(through.output)")
+        #expect(throughCounts.children >= 2, "more than one child served: \(through.output)")
+        #expect(traces.contains("(the child runs as uid 33, the parent as 0)"), "\(traces.suffix(3000))")
+        // Every child that took up the module (the broker served it) served its requests.
+        let served = Set(traces.split(separator: "\n").filter { $0.contains("module served by the broker") }.compactMap { line in
+            line.range(of: "p11fork[").map { line[$0.upperBound...].prefix { $0 != "/" } }
+        })
+        #expect(served.count == throughCounts.children, "children the broker served: \(served.sorted()); \(through.output)")
+        #expect(traces.contains("broker: serving pid"), "\(traces.suffix(3000))")
+        if tpm2 {
+            #expect(traces.contains("CKM_ECDSA_SHA256 is not carried by p11-kit's RPC client"), "\(traces.suffix(3000))")
+        }
+        #expect(!traces.contains(pin) && !through.output.contains(pin), "the PIN is in a trace or the output")
     }
 }
 

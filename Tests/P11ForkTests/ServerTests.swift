@@ -172,7 +172,7 @@ import Testing
     func nginxWorkersAsWwwDataOverARootOnlyTokenServeEveryRequestThroughTheBroker() throws {
         let token = try SoftHSMToken(strict: true)
         try token.generateKeyPair(label: "server-key")
-        try expectRootOnly(token)
+        try token.makeTokenFolderRootOnly()
         let runs = try serve("nginx", token: token, keyLabel: "server-key", realModule: RealModules.softHSM, plans: [
             Plan(name: "direct", throughP11Fork: false, requests: 4, requestTimeout: 2, keep: ["SOFTHSM2_CONF"], workerUser: "www-data"),
             Plan(name: "p11fork", workerUser: "www-data"),
@@ -201,14 +201,6 @@ import Testing
         #expect(runs["p11fork"]?.trace.contains("(the child runs as uid 33, the parent as 0): the broker runs it for this child") == true, "\(runs["p11fork"]?.report ?? "")")
     }
 
-    /// The token folder is root's alone (0700), as Debian's /var/lib/softhsm/tokens is.
-    private func expectRootOnly(_ token: SoftHSMToken) throws {
-        let tokens = token.directory.appendingPathComponent("tokens").path
-        #expect(chmod(tokens, 0o700) == 0)
-        let probe = try runProgram("/usr/sbin/runuser", ["-u", "www-data", "--", "/bin/ls", tokens])
-        #expect(probe.status != 0, "www-data can read the token folder: \(probe.output)")
-    }
-
     // MARK: Apache
 
     /// Apache's children always run as www-data; over a root-only token they cannot reach the
@@ -217,7 +209,7 @@ import Testing
     func apacheChildrenOverARootOnlyTokenServeEveryRequestThroughTheBroker() throws {
         let token = try SoftHSMToken(strict: true)
         try token.generateKeyPair(label: "server-key")
-        try expectRootOnly(token)
+        try token.makeTokenFolderRootOnly()
         let runs = try serve("apache", token: token, keyLabel: "server-key", realModule: RealModules.softHSM, plans: [
             Plan(name: "direct", throughP11Fork: false, requests: 4, requestTimeout: 2),
             Plan(name: "p11fork"),

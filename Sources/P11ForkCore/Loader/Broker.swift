@@ -241,6 +241,8 @@ enum Broker {
             loaded.servedByBroker = true
         case .failure(let problem): return .failure(RecoveryFailure("loading p11-kit's RPC client failed: \(problem.message)"))
         }
+        // Mechanisms p11-kit's client refuses, which p11fork completes (RPCMechanisms).
+        RPCMechanisms.interpose(loaded.functions)
         ModuleRecovery.announceInitialize("the module in the broker (pid \(pid))")
         let initialized = loaded.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         guard initialized == CKR_OK else {

@@ -70,6 +70,8 @@ enum OutOfProcess {
             loaded.servedModulePath = realPath
         case .failure(let problem): return .failure(RecoveryFailure("loading p11-kit's RPC client failed: \(problem.message)"))
         }
+        // Mechanisms p11-kit's client refuses, which p11fork completes (RPCMechanisms).
+        RPCMechanisms.interpose(loaded.functions)
         ModuleRecovery.announceInitialize("the module run by the helper")
         let rv = loaded.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)
         guard rv == CKR_OK else {

@@ -120,6 +120,17 @@ final class SoftHSMToken: TestToken {
     }
 }
 
+extension SoftHSMToken {
+    /// The token folder becomes root's alone (0700), as Debian's /var/lib/softhsm/tokens is;
+    /// checked: www-data cannot list it.
+    func makeTokenFolderRootOnly() throws {
+        let tokens = directory.appendingPathComponent("tokens").path
+        guard chmod(tokens, 0o700) == 0 else { throw TestFailure("chmod \(tokens) failed") }
+        let probe = try runProgram("/usr/sbin/runuser", ["-u", "www-data", "--", "/bin/ls", tokens])
+        guard probe.status != 0 else { throw TestFailure("www-data can read the token folder: \(probe.output)") }
+    }
+}
+
 /// A throw-away token on the network-HSM-like test module (Tests/Modules/NetHSM): its
 /// "server" state lives in a temporary directory shared by every process and module copy.
 final class NetHSMToken: TestToken {
@@ -196,8 +207,10 @@ final class TPM2Token: TestToken {
 
     deinit { try? FileManager.default.removeItem(at: directory) }
 
-    func launcher(keyLabel: String) -> [String] {
-        [Products.packageRoot.appendingPathComponent("scripts/with-tpm2.sh").path, directory.path, label, soPin, pin, keyLabel, "--"]
+    /// `algorithm`: tpm2_ptool's name for the key's type (rsa2048 unless given; ecc256: P-256).
+    func launcher(keyLabel: String, algorithm: String? = nil) -> [String] {
+        (algorithm.map { ["/usr/bin/env", "TPM2_KEY_ALGORITHM=\($0)"] } ?? [])
+            + [Products.packageRoot.appendingPathComponent("scripts/with-tpm2.sh").path, directory.path, label, soPin, pin, keyLabel, "--"]
     }
 }
 
