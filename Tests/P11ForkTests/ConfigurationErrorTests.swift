@@ -55,7 +55,7 @@ final class ConfigurationErrorTests: XCTestCase {
         var line = try problemLine(["P11FORK_MODULE": RealModules.softHSM, "P11FORK_TRACE": "stderr", "P11FORK_TRACE_LEVEL": "loud"])
         XCTAssertTrue(line.contains("'loud' is not a trace level: use error, fork, calls or full"), line)
         line = try problemLine(["P11FORK_MODULE": RealModules.softHSM, "P11FORK_STRATEGY": "magic"])
-        XCTAssertTrue(line.contains("'magic' is not a strategy: use auto, reinitialize, fresh-copy"), line)
+        XCTAssertTrue(line.contains("'magic' is not a strategy: use auto, fresh-copy, broker, out-of-process, reinitialize"), line)
     }
 
     func testMissingConfigFile() throws {
