@@ -1,5 +1,5 @@
 // p11fork-broker: serves the real PKCS#11 module to the descendants of the process that started
-// it, with that process's rights (docs/DESIGN.md "The broker").
+// it, with that process's rights (docs/FORK.md "The broker").
 //
 // libp11fork.so starts it just before the application's first fork, with posix_spawn, so it
 // keeps the application's user, groups, capabilities, namespaces, limits and environment. It is

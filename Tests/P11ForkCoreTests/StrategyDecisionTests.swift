@@ -1,7 +1,7 @@
 import Testing
 @testable import P11ForkCore
 
-/// How `auto` chooses a working module for a child (docs/FORK.md "How auto chooses";
+/// How `auto` chooses a working module for a child (docs/FORK.md "A working module in the child (strategies)";
 /// Loader/Strategies.swift), fed the facts it decides from: no module, fork or broker needed.
 @Suite struct StrategyDecisionTests {
     typealias Facts = ModuleRecovery.AutomaticFacts

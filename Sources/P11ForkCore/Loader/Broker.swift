@@ -1,7 +1,7 @@
 import CPKCS11
 import Glibc
 
-/// The broker (docs/DESIGN.md "The broker"): a process the application starts just before its
+/// The broker (docs/FORK.md "The broker"): a process the application starts just before its
 /// first fork, which therefore has the application's rights, and which runs the real module for
 /// any descendant that cannot run it itself (a worker that switched to `www-data`, a module stack
 /// that cannot be loaded twice). A child reaches it only through the channel it inherited: one

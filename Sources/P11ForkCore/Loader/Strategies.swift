@@ -95,7 +95,7 @@ enum ModuleRecovery {
         var rightsChanged = false
     }
 
-    /// What `auto` tries first (docs/FORK.md "How auto chooses"): a copy in the child wherever
+    /// What `auto` tries first (docs/FORK.md "A working module in the child (strategies)"): a copy in the child wherever
     /// the child can run the module itself, with no cost per call; the broker where it cannot.
     /// `.freshCopy` is followed by `copyMustShowTokens` and `brokerAfterFailedCopy`. Pure: the
     /// unit tests (StrategyDecisionTests) feed it every case.
