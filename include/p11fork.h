@@ -7,14 +7,15 @@
  *
  * Configuration (read once per process; later changes to the environment are not seen, since
  * daemons scrub their workers' environment). The first source that sets a key wins:
- *   1. the P11FORK_* variables below;
- *   2. C_Initialize's pReserved, when it is a string starting with "p11fork:" (p11-kit's
- *      x-init-reserved): "key=value" words separated by spaces, the file keys below plus
- *      config=FILE (read below the words); "p11fork: module=/usr/lib/softhsm/libsofthsm2.so".
- *      Such a string is p11fork's: the real module gets pReserved = NULL. Any other pReserved
- *      goes to the real module unchanged;
+ *   (generated from codegen/vocabulary.txt: the sources of settings)
+ *   1. the P11FORK_* variables;
+ *   2. C_Initialize's pReserved, when the application passes a string starting with p11fork:
+ *      (p11-kit's x-init-reserved:): key=value words separated by spaces, the file keys plus
+ *      config=FILE (a file read below the words). p11fork keeps such a string to itself: the real
+ *      module gets pReserved = NULL. Any other pReserved goes to the real module unchanged;
  *   3. the file named by P11FORK_CONFIG;
  *   4. /etc/p11fork.conf, read only when none of the above names the real module.
+ *   (end of the generated sources)
  * When P11FORK_MODULE or P11FORK_CONFIG is set, the settings are read when the module is first
  * asked for its function list (and pReserved settings are not used); otherwise at the first
  * C_Initialize, which loads the real module then.

@@ -2,12 +2,8 @@ import Glibc
 import Vocabulary
 
 /// p11fork's settings, read once per process (docs/DESIGN.md "Configuration"; README "Configuration").
-/// Where they come from, the first that sets a key winning:
-///  1. the P11FORK_* variables;
-///  2. the `p11fork: key=value ...` string an application passes as C_Initialize's pReserved
-///     (p11-kit's `x-init-reserved:`), then the file its `config=` names;
-///  3. the `key = value` file named by P11FORK_CONFIG;
-///  4. /etc/p11fork.conf, read only when none of these names the module.
+/// Where they come from, and which source wins: README "Configuration" (stated once, in
+/// codegen/vocabulary.txt, and generated there and into include/p11fork.h).
 /// When the environment names the module (P11FORK_MODULE or P11FORK_CONFIG) the settings are read
 /// when the library is loaded and a pReserved string is not consulted; otherwise they are read at
 /// the first C_Initialize (Core.settle). Daemons scrub their workers' environment, so nothing is
