@@ -8,6 +8,7 @@ source scripts/swift-env.sh
 
 echo "== building libp11fork.so (release)"
 swift build -c release --product p11fork 2>&1 | tail -1
+swift build -c release --product p11fork-broker 2>&1 | tail -1   # beside the module, where it starts it
 module="$PWD/.build/release/libp11fork.so"
 softhsm=/usr/lib/softhsm/libsofthsm2.so
 
