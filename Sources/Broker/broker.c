@@ -265,7 +265,15 @@ static CK_RV view_login(CK_SESSION_HANDLE session, CK_USER_TYPE user, CK_UTF8CHA
 /// The login is the whole application's: a child's logout ends it only when no other child holds
 /// it (and then the kept sessions go too, so that a later login starts from nothing).
 static CK_RV view_logout(CK_SESSION_HANDLE session) {
-    if (!current->logged_in) return real->C_Logout(session);
+    if (!current->logged_in) {
+        // A child that found the application's login in place (it sent no PIN) gives up its view
+        // of it: the login stays, for the children that rely on it as this one did.
+        pthread_mutex_lock(&state_lock);
+        int kept = logins > 0 || anchors > 0;
+        pthread_mutex_unlock(&state_lock);
+        if (kept) return CKR_OK;
+        return real->C_Logout(session);
+    }
     pthread_mutex_lock(&state_lock);
     int others = --logins;
     pthread_mutex_unlock(&state_lock);

@@ -147,6 +147,40 @@ import Testing
         #expect(afterLogout.isEmpty, "still there after C_Logout: \(afterLogout)")
     }
 
+    /// With the broker, a worker keeps no copy of the PIN once its login is in place: the first
+    /// worker sends the PIN to the broker once (its login replay) and wipes its copy; the next
+    /// finds the login held there and sends none. With a copy of the module in the worker, the
+    /// worker keeps its copy: it is what its own module needs to log in.
+    @Test(arguments: ["broker", "fresh-copy"])
+    func workersTheBrokerServesKeepNoCopyOfThePIN(_ strategy: String) throws {
+        let token = try Self.token()
+        let trace = token.directory.appendingPathComponent("trace.log")
+        let driver = try Driver(module: Products.module, token: token,
+                                environment: ["P11FORK_MODULE": RealModules.softHSM, "P11FORK_STRATEGY": strategy,
+                                              "P11FORK_TRACE": trace.path, "P11FORK_TRACE_LEVEL": "fork"])
+        defer { driver.finish() }
+        for worker in 1...2 {
+            let started = try driver.command("child")
+            let pid = try #require(Int32(started.dropFirst("child ".count)), "\(started)")
+            #expect(try Self.copies(of: token.pin, in: pid).count == 1, "worker \(worker) inherits the parent's copy")
+            #expect(try driver.command("sign-once") == "done 0x0", "worker \(worker) signs")
+            let left = try Self.copies(of: token.pin, in: pid)
+            if strategy == "broker" {
+                #expect(left.isEmpty, "worker \(worker), served by the broker, still holds the PIN: \(left)")
+            } else {
+                #expect(left.count == 1 && left.allSatisfy(\.isProtected), "worker \(worker), with a copy of the module: \(left)")
+            }
+            #expect(try driver.command("exit") == "done child 0")
+        }
+        #expect(try Self.copies(of: token.pin, in: driver.pid).count == 1, "the parent keeps its copy")
+        let lines = try String(contentsOf: trace, encoding: .utf8)
+        if strategy == "broker" {
+            #expect(lines.contains("the broker keeps the login, and this worker's copy of the PIN is wiped"), "\(lines)")
+            #expect(lines.contains("is held by the broker for the application; no PIN sent"), "\(lines)")
+        }
+        #expect(!lines.contains(token.pin))
+    }
+
     @Test func finalizeWipesTheKeptPIN() throws {
         let token = try Self.token()
         let driver = try Driver(module: Products.module, token: token, environment: ["P11FORK_MODULE": RealModules.softHSM])

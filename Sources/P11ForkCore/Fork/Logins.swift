@@ -34,6 +34,9 @@ enum Logins {
     // Guarded by Records.lock.
     nonisolated(unsafe) static var kept: [CK_SLOT_ID: Kept] = [:]
     nonisolated(unsafe) static var states: [CK_SLOT_ID: State] = [:]
+    /// Slots whose login the broker holds for this process (it is served by the broker, and the
+    /// login is in place there): no PIN is kept for them here, nor in this process's children.
+    nonisolated(unsafe) static var heldByBroker: Set<CK_SLOT_ID> = []
     nonisolated(unsafe) static var replayEnabled = true
 
     static func keep(slot: CK_SLOT_ID, userType: CK_USER_TYPE, pin: UnsafeMutablePointer<CK_UTF8CHAR>?, pinLength: CK_ULONG,
@@ -66,6 +69,7 @@ enum Logins {
             for slot in slots {
                 if let k = kept.removeValue(forKey: slot) { gone.append(k) }
                 states[slot] = nil
+                heldByBroker.remove(slot)
             }
             return gone
         }
@@ -92,6 +96,9 @@ enum Logins {
                     states[slot] = .pending
                     k.pin?.lock()
                     k.username?.lock()
+                } else if heldByBroker.contains(slot) {
+                    // Still the broker's: this child is served by it too (its module is the
+                    // broker's client), and finds the login in place.
                 } else if case .done = state {
                     states[slot] = .skipped
                     notReplayed += 1
@@ -158,6 +165,15 @@ enum Logins {
         let which = "\(how)\(user) on slot 0x\(String(slot, radix: 16))"
         if let retry { Trace.event(.fork, "login replay tried again (\(retry.nextTry)): \(which)") }
         let started = Clock.monotonicNanoseconds()
+        // Served by the broker: the application's login lives there (a session of the broker's
+        // own keeps it), so once any child made it, a child sends no PIN.
+        let brokerServed = Core.module?.servedByBroker == true
+        if brokerServed, isLoggedIn(session, as: k.userType, functions) {
+            handToBroker(slot, k)
+            Trace.event(.fork, "login in place: \(which) is held by the broker for the application; no PIN sent, and this worker's copy of it is wiped",
+                        .step(.login, .ok, since: started))
+            return CK_RV(CKR_OK)
+        }
         // One process of the tree at a time: SoftHSM rewrites its token file at a login (TreeLock).
         let (rv, attempts) = TreeLock.withLock("login replay") { () -> (CK_RV, Int) in
             var rv = login(k, session: session, functions: functions)
@@ -175,7 +191,9 @@ enum Logins {
         let tries = retry.map { ", \($0.nextTry)" } ?? ""
         if rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN {
             Records.lock.withLock { states[slot] = .done(k.userType) }
-            Trace.event(.fork, "login replayed: \(which) (\(took)\(tries))", .step(.login, .ok, since: started))
+            if brokerServed { handToBroker(slot, k) }
+            let wiped = brokerServed ? "; the broker keeps the login, and this worker's copy of the PIN is wiped" : ""
+            Trace.event(.fork, "login replayed: \(which) (\(took)\(tries))\(wiped)", .step(.login, .ok, since: started))
             return CK_RV(CKR_OK)
         }
         let name = Format.name(rv)
@@ -198,6 +216,30 @@ enum Logins {
         k.username?.wipe()
         Trace.event(.error, "login replay failed: \(which) answered \(name)\(times)\(tries); the kept PIN is wiped and will not be tried again (\(took))", .step(.login, .failed, since: started))
         return rv
+    }
+
+    /// The login of `slot` is the broker's from now on: this process keeps no PIN for it.
+    private static func handToBroker(_ slot: CK_SLOT_ID, _ k: Kept) {
+        Records.lock.withLock {
+            states[slot] = .done(k.userType)
+            kept[slot] = nil
+            heldByBroker.insert(slot)
+        }
+        k.pin?.wipe()
+        k.username?.wipe()
+    }
+
+    /// Whether `session` already works as `userType` (the module's login state, PKCS#11 2.40
+    /// section 5.6: CKS_RO_USER_FUNCTIONS / CKS_RW_USER_FUNCTIONS, CKS_RW_SO_FUNCTIONS).
+    private static func isLoggedIn(_ session: CK_SESSION_HANDLE, as userType: CK_USER_TYPE,
+                                   _ functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> Bool {
+        var info = CK_SESSION_INFO()
+        guard functions.pointee.C_GetSessionInfo?(session, &info) == CKR_OK else { return false }
+        switch userType {
+        case CK_USER_TYPE(CKU_USER): return info.state == CKS_RO_USER_FUNCTIONS || info.state == CKS_RW_USER_FUNCTIONS
+        case CK_USER_TYPE(CKU_SO): return info.state == CKS_RW_SO_FUNCTIONS
+        default: return false
+        }
     }
 
     private static func login(_ k: Kept, session: CK_SESSION_HANDLE, functions: UnsafeMutablePointer<CK_FUNCTION_LIST_3_2>) -> CK_RV {

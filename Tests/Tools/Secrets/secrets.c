@@ -245,6 +245,7 @@ int main(int argc, char **argv) {
         else if (!strncmp(command, "context ", 8))
             printf("done 0x%lx\n", p11->C_Login(session, CKU_CONTEXT_SPECIFIC, (CK_UTF8CHAR_PTR)command + 8, strlen(command + 8)));
         else if (!strcmp(command, "sign")) printf("done 0x%lx\n", sign_always());
+        else if (!strcmp(command, "sign-once")) printf("done 0x%lx\n", sign_once());
         else if (!strncmp(command, "feed ", 5)) printf("done 0x%lx\n", feed(command + 5));
         else if (!strcmp(command, "encrypt")) { CK_RV rv = encrypt_block(hex); printf("done 0x%lx %s\n", rv, hex); }
         else if (!strcmp(command, "final")) {
