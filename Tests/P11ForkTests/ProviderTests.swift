@@ -93,10 +93,10 @@ final class ProviderCommandLineTests: XCTestCase {
         return result.stdout
     }
 
-    /// The token's public key as PEM, read directly from SoftHSM (no provider involved).
-    private func tokenPublicKey(_ key: String) throws -> String {
-        let der = work.appendingPathComponent("\(key)-public.der").path
-        let read = try runProgram("/usr/bin/pkcs11-tool", ["--module", RealModules.softHSM, "--token-label", token.label,
+    /// The token's (or `tokenLabel`'s) public key as PEM, read directly from SoftHSM (no provider involved).
+    private func tokenPublicKey(_ key: String, onToken tokenLabel: String? = nil) throws -> String {
+        let der = work.appendingPathComponent("\(key)-\(tokenLabel ?? token.label)-public.der").path
+        let read = try runProgram("/usr/bin/pkcs11-tool", ["--module", RealModules.softHSM, "--token-label", tokenLabel ?? token.label,
                                                            "--read-object", "--type", "pubkey", "--label", key, "-o", der],
                                   environment: token.environment)
         XCTAssertEqual(read.status, 0, read.output)
@@ -165,6 +165,78 @@ final class ProviderCommandLineTests: XCTestCase {
             XCTAssertEqual(key, expected, "\(how): the certificate holds the token's key")
             if through { XCTAssertEqual(made.ending, "exit status 0", made.output) }
         }
+    }
+
+    /// A `slot-id=` URI (RFC 7512) with the real module's slot ID, the decimal number
+    /// `softhsm2-util --show-slots` prints. Two tokens in one SoftHSM configuration hold a key
+    /// with the same label, and the URI names no token: only the slot ID picks the key.
+    /// pkcs11-provider selects the slot by it (a signature made through one slot ID verifies
+    /// with that token's public key and not with the other's), directly over SoftHSM and through
+    /// p11fork alike. A slot ID no token has (the first one's + 1) finds no key either way.
+    func testSlotIDURIPicksTheTokenDirectlyAndThroughP11Fork() throws {
+        let other = "p11fork-other"
+        let otherSlot = try token.addToken(label: other)
+        try token.generateKeyPair(label: "provider-ec", type: "EC:prime256v1", id: "02", onToken: other)
+        let listed = try runProgram("/usr/bin/softhsm2-util", ["--show-slots"], environment: token.environment)
+        XCTAssertEqual(listed.status, 0, listed.output)
+        let slots = listed.stdout.split(separator: "\n").compactMap { line -> UInt? in
+            line.hasPrefix("Slot ") ? UInt(line.dropFirst(5).trimmingCharacters(in: .whitespaces)) : nil
+        }
+        XCTAssertTrue(slots.contains(token.slot) && slots.contains(otherSlot), "softhsm2-util --show-slots: \(listed.stdout)")
+        XCTAssertGreaterThan(token.slot, 0xffff, "SoftHSM's slot IDs are large numbers, not indexes")
+        XCTAssertNotEqual(token.slot, otherSlot)
+        let wrongSlot = token.slot + 1
+        XCTAssertFalse(slots.contains(wrongSlot), "\(wrongSlot) is a slot: \(listed.stdout)")
+
+        let digest = work.appendingPathComponent("digest").path
+        XCTAssertEqual(try software(["dgst", "-sha256", "-binary", "-out", digest, try file("data.txt", "signed by slot-id\n")]).status, 0)
+        let publicKeys = [token.label: try file("first-public.pem", try tokenPublicKey("provider-ec")),
+                          other: try file("other-public.pem", try tokenPublicKey("provider-ec", onToken: other))]
+        func verifies(_ signature: String, _ tokenLabel: String) throws -> Bool {
+            try software(["pkeyutl", "-verify", "-pubin", "-inkey", publicKeys[tokenLabel]!, "-in", digest, "-sigfile", signature])
+                .stdout.contains("Signature Verified Successfully")
+        }
+        func sign(slot: UInt, through: Bool) throws -> (ProcessResult, signature: String?) {
+            let signature = work.appendingPathComponent("signature-\(UUID().uuidString)").path
+            let inkey = "pkcs11:slot-id=\(slot);object=provider-ec;type=private?pin-source=file:\(pinFile!)"
+            let run = try openssl(["pkeyutl", "-sign", "-inkey", inkey, "-in", digest, "-out", signature], through: through)
+            let made = (try? Data(contentsOf: URL(fileURLWithPath: signature)).isEmpty == false) ?? false
+            return (run, made ? signature : nil)
+        }
+
+        for through in [false, true] {
+            let how = through ? "through p11fork" : "directly"
+            for (slot, label) in [(token.slot, token.label), (otherSlot, other)] {
+                let (run, signature) = try sign(slot: slot, through: through)
+                print("\(how), slot-id=\(slot) (\(label)): \(run.ending), signature made: \(signature != nil)")
+                // Directly openssl crashes at exit after the signature is written (see above).
+                if through { XCTAssertEqual(run.ending, "exit status 0", "\(how), slot-id=\(slot): \(run.output)") }
+                let made = try XCTUnwrap(signature, "\(how), slot-id=\(slot): no signature: \(run.output)")
+                XCTAssertTrue(try verifies(made, label), "\(how), slot-id=\(slot): the signature is \(label)'s key's")
+                let otherLabel = label == other ? token.label : other
+                XCTAssertFalse(try verifies(made, otherLabel), "\(how), slot-id=\(slot): the signature is not \(otherLabel)'s key's")
+            }
+        }
+
+        // No token at the slot ID: no key, no signature, the same message both ways. Directly
+        // openssl still crashes at exit (the provider's cleanup after SoftHSM's exit handlers);
+        // through p11fork it exits with pkeyutl's own status, 1.
+        let (direct, directSignature) = try sign(slot: wrongSlot, through: false)
+        let (through, throughSignature) = try sign(slot: wrongSlot, through: true)
+        print("slot-id=\(wrongSlot) (no token): directly \(direct.ending), through p11fork \(through.ending)")
+        XCTAssertNil(directSignature, direct.output)
+        XCTAssertNil(throughSignature, through.output)
+        XCTAssertNotEqual(direct.status, 0, direct.output)
+        XCTAssertEqual(through.ending, "exit status 1", through.output)
+        for run in [direct, through] {
+            XCTAssertTrue(run.stderr.contains("Could not read private key from pkcs11:slot-id=\(wrongSlot);object=provider-ec"), run.output)
+        }
+        // The sessions were opened on the real module's slot IDs, as the URIs name them.
+        let trace = try String(contentsOf: trace, encoding: .utf8)
+        for slot in [token.slot, otherSlot] {
+            XCTAssertTrue(trace.contains("C_OpenSession(slot=0x\(String(slot, radix: 16)), "), "no session on \(slot): \(trace)")
+        }
+        XCTAssertFalse(trace.contains(token.pin), "the PIN is in the trace")
     }
 
     /// No configuration file: `-provider-path`, `-provider default -provider pkcs11`, the module

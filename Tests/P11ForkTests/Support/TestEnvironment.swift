@@ -111,9 +111,22 @@ final class SoftHSMToken: TestToken {
 
     deinit { try? FileManager.default.removeItem(at: directory) }
 
-    /// Makes a key pair on the token with pkcs11-tool, directly on SoftHSM. `type`: rsa:2048, EC:prime256v1.
-    func generateKeyPair(label keyLabel: String, type: String = "rsa:2048", id: String = "01") throws {
-        let result = try runProgram("/usr/bin/pkcs11-tool", ["--module", RealModules.softHSM, "--token-label", label, "--login",
+    /// Initialises a second token in the same SoftHSM configuration, with the same PINs; returns
+    /// its slot ID as SoftHSM reports it.
+    func addToken(label otherLabel: String) throws -> UInt {
+        let result = try runProgram("/usr/bin/softhsm2-util", ["--init-token", "--free", "--label", otherLabel, "--pin", pin, "--so-pin", soPin],
+                                    environment: environment)
+        guard result.status == 0, let said = result.stdout.range(of: "reassigned to slot "),
+              let slot = UInt(result.stdout[said.upperBound...].prefix { $0.isNumber }) else {
+            throw TestFailure("softhsm2-util --init-token failed: \(result.output)")
+        }
+        return slot
+    }
+
+    /// Makes a key pair on the token (or on `tokenLabel`, another token of this configuration)
+    /// with pkcs11-tool, directly on SoftHSM. `type`: rsa:2048, EC:prime256v1.
+    func generateKeyPair(label keyLabel: String, type: String = "rsa:2048", id: String = "01", onToken tokenLabel: String? = nil) throws {
+        let result = try runProgram("/usr/bin/pkcs11-tool", ["--module", RealModules.softHSM, "--token-label", tokenLabel ?? label, "--login",
                                                       "--pin", pin, "--keypairgen", "--key-type", type, "--label", keyLabel, "--id", id],
                              environment: environment)
         guard result.status == 0 else { throw TestFailure("key generation failed: \(result.output)") }
