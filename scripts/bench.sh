@@ -95,12 +95,20 @@ broker_figures() {
     awk '{ s += $1 } END { printf "%.0f", s }' "$work/w1" "$work/w2"
   }
   row "EC signatures/s of 2 workers: via the broker / with copies in the children" "$(pair broker) / $(pair fresh-copy)"
-  # A worker's first signature through the broker (already initialised; it logs in once) against
-  # a new process doing the same with the module alone.
-  local first fresh
-  first=$(for _ in $(seq 7); do P11FORK_STRATEGY=broker "$bench" recovery --module "$module" --token bench --pin "$pin" --key ec --mechanism ec --sessions 1 --objects 0 | awk '{print $7}'; done | median)
-  fresh=$(for _ in $(seq 7); do "$bench" recovery --module "$softhsm" --token bench --pin "$pin" --key ec --mechanism ec --sessions 1 --objects 0 --fresh | awk '{print $3}'; done | median)
-  row "a worker's first signature via the broker / a new process (ms, goal: at most 0.5)" "$first / $fresh = $(awk -v a="$first" -v b="$fresh" 'BEGIN { printf "%.2f", a / b }')"
+  # A worker's first signature through the broker against a new process doing the same with the
+  # module alone, in alternating rounds: the first worker (the broker logs in for it) and a later
+  # one (the goal's case: the broker is initialised and logged in already).
+  : >"$work/b.first"
+  for _ in $(seq 7); do
+    printf '%s %s %s\n' \
+      "$(P11FORK_STRATEGY=broker "$bench" recovery --module "$module" --token bench --pin "$pin" --key ec --mechanism ec --sessions 1 --objects 0 | awk '{print $7}')" \
+      "$(P11FORK_STRATEGY=broker "$bench" recovery --module "$module" --token bench --pin "$pin" --key ec --mechanism ec --sessions 1 --objects 0 --second | awk '{print $7}')" \
+      "$("$bench" recovery --module "$softhsm" --token bench --pin "$pin" --key ec --mechanism ec --sessions 1 --objects 0 --fresh | awk '{print $3}')" >>"$work/b.first"
+  done
+  local first later fresh
+  first=$(col "$work/b.first" 1) later=$(col "$work/b.first" 2) fresh=$(col "$work/b.first" 3)
+  row "a later worker's first signature via the broker / a new process (ms, goal: at most 0.5)" "$later / $fresh = $(awk -v a="$later" -v b="$fresh" 'BEGIN { printf "%.2f", a / b }')"
+  row "  the first worker's (the broker logs in for it) / a new process (ms)" "$first / $fresh = $(awk -v a="$first" -v b="$fresh" 'BEGIN { printf "%.2f", a / b }')"
   kill $kit 2>/dev/null || true
 }
 if [ $broker_only = 1 ]; then broker_figures; exit 0; fi

@@ -38,9 +38,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <p11-kit-1/p11-kit/pkcs11.h>
+#include "broker.h"
 
-enum { CONTROL_FD = 3, TRACE_FD = 4, ACCEPT_SECONDS = 10, MAX_SESSIONS = 4096 };
+enum { CONTROL_FD = 3, TRACE_FD = 4, ACCEPT_SECONDS = 10 };
 
 static const char *module_path;
 /// --trace-file: a trace named per process (its `%p` becomes the broker's pid), made new.
@@ -52,7 +52,7 @@ static int trace_json;
 
 // MARK: trace lines, in the application's trace format
 
-static void trace(const char *format, ...) {
+void trace(const char *format, ...) {
     if (trace_fd < 0) return;
     char message[768];
     va_list arguments;
@@ -96,8 +96,8 @@ static const char *rv_name(CK_RV rv) {
 
 // MARK: the shared module
 
-static CK_FUNCTION_LIST *real;
-static CK_FUNCTION_LIST view;
+CK_FUNCTION_LIST *real;
+CK_FUNCTION_LIST view;
 static CK_RV module_state = CKR_CRYPTOKI_NOT_INITIALIZED;
 static pthread_mutex_t module_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -130,24 +130,14 @@ static void *load_in_background(void *unused) {
 
 // MARK: one child's view of the shared module
 
-/// What one connection (one child) opened: closed when it finalizes or goes away.
-typedef struct Connection {
-    pid_t pid;
-    uid_t uid;
-    int initialized;
-    int logged_in;
-    size_t count;
-    CK_SESSION_HANDLE sessions[MAX_SESSIONS];
-    CK_SLOT_ID slots[MAX_SESSIONS];
-} Connection;
-
-static __thread Connection *current;
+__thread Connection *current;
 /// Connections that hold a login of the shared module; guarded by state_lock.
 static int logins;
 static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t state_changed = PTHREAD_COND_INITIALIZER;
 static int active;
 
+/// With connection->lock held.
 static void forget_session(Connection *connection, CK_SESSION_HANDLE session) {
     for (size_t i = 0; i < connection->count; i++) {
         if (connection->sessions[i] != session) continue;
@@ -160,6 +150,7 @@ static void forget_session(Connection *connection, CK_SESSION_HANDLE session) {
 
 /// Closes what the connection opened in `slot` (every slot when `all`), and gives up its login.
 static void close_sessions(Connection *connection, CK_SLOT_ID slot, int all) {
+    pthread_mutex_lock(&connection->lock);
     size_t i = 0;
     while (i < connection->count) {
         if (all || connection->slots[i] == slot) {
@@ -169,6 +160,7 @@ static void close_sessions(Connection *connection, CK_SLOT_ID slot, int all) {
             i++;
         }
     }
+    pthread_mutex_unlock(&connection->lock);
     if (all && connection->logged_in) {
         pthread_mutex_lock(&state_lock);
         logins--;
@@ -198,16 +190,24 @@ static CK_RV view_open_session(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR appl
     if (current->count >= MAX_SESSIONS) return CKR_SESSION_COUNT;
     CK_RV rv = real->C_OpenSession(slot, flags, NULL, NULL, session);
     if (rv == CKR_OK && session) {
-        current->sessions[current->count] = *session;
-        current->slots[current->count] = slot;
-        current->count++;
+        pthread_mutex_lock(&current->lock);
+        if (current->count < MAX_SESSIONS) {
+            current->sessions[current->count] = *session;
+            current->slots[current->count] = slot;
+            current->count++;
+        }
+        pthread_mutex_unlock(&current->lock);
     }
     return rv;
 }
 
 static CK_RV view_close_session(CK_SESSION_HANDLE session) {
     CK_RV rv = real->C_CloseSession(session);
-    if (rv == CKR_OK) forget_session(current, session);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&current->lock);
+        forget_session(current, session);
+        pthread_mutex_unlock(&current->lock);
+    }
     return rv;
 }
 
@@ -309,6 +309,8 @@ static ServeModule serve_module;
 typedef struct Request {
     int listener;
     int answer;
+    /// The child's lane (a sealed memfd), or -1.
+    int lane;
     pid_t pid;
     uid_t uid;
 } Request;
@@ -355,18 +357,25 @@ static void *serve(void *argument) {
         if (connection) {
             connection->pid = request.pid;
             connection->uid = request.uid;
+            pthread_mutex_init(&connection->lock, NULL);
             current = connection;
-            trace("serving pid %d (uid %u)", (int)request.pid, (unsigned)request.uid);
+            LaneServer *lane = request.lane >= 0 ? lane_start(request.lane, connection) : NULL;
+            trace("serving pid %d (uid %u)%s", (int)request.pid, (unsigned)request.uid, lane ? ", with a lane" : "");
             serve_module(&view, fd, fd);
+            // Its connection has closed: the child has gone (or finalized). No call of its runs
+            // on the lane once this returns.
+            if (lane) lane_stop(lane);
             if (connection->count > 0)
                 trace("pid %d went away with %zu session(s) open: closed", (int)request.pid, connection->count);
             close_sessions(connection, 0, 1);
+            pthread_mutex_destroy(&connection->lock);
             free(connection);
         }
         close(fd);
     } else if (rv == CKR_OK) {
         trace("pid %d did not connect within %d s", (int)request.pid, ACCEPT_SECONDS);
     }
+    if (request.lane >= 0) close(request.lane);
     pthread_mutex_lock(&state_lock);
     active--;
     pthread_cond_broadcast(&state_changed);
@@ -379,7 +388,7 @@ static int next_request(Request *request) {
     char word[16];
     union {
         struct cmsghdr align;
-        char bytes[CMSG_SPACE(2 * sizeof(int)) + CMSG_SPACE(sizeof(struct ucred))];
+        char bytes[CMSG_SPACE(3 * sizeof(int)) + CMSG_SPACE(sizeof(struct ucred))];
     } control;
     struct iovec part = { .iov_base = word, .iov_len = sizeof word };
     struct msghdr message = { .msg_iov = &part, .msg_iovlen = 1, .msg_control = control.bytes, .msg_controllen = sizeof control.bytes };
@@ -391,7 +400,7 @@ static int next_request(Request *request) {
         trace("the channel failed: %s", strerror(errno));
         return 0;
     }
-    int fds[2] = { -1, -1 };
+    int fds[3] = { -1, -1, -1 };
     int have_fds = 0, have_credentials = 0;
     for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
         if (header->cmsg_level != SOL_SOCKET) continue;
@@ -399,9 +408,10 @@ static int next_request(Request *request) {
             size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
             int *received = (int *)CMSG_DATA(header);
             for (size_t i = 0; i < count; i++) {
-                if (i < 2) fds[i] = received[i]; else close(received[i]);
+                if (i < 3) fds[i] = received[i]; else close(received[i]);
             }
-            have_fds = count == 2;
+            // The socket and the pipe; a third, the lane, when the child made one.
+            have_fds = count == 2 || count == 3;
         } else if (header->cmsg_type == SCM_CREDENTIALS) {
             struct ucred credentials;
             memcpy(&credentials, CMSG_DATA(header), sizeof credentials);
@@ -411,13 +421,13 @@ static int next_request(Request *request) {
         }
     }
     if (got != 7 || memcmp(word, "connect", 7) != 0 || !have_fds || !have_credentials || (message.msg_flags & MSG_CTRUNC)) {
-        if (fds[0] >= 0) close(fds[0]);
-        if (fds[1] >= 0) close(fds[1]);
+        for (int i = 0; i < 3; i++) if (fds[i] >= 0) close(fds[i]);
         trace("ignored a malformed request");
         return -1;
     }
     request->listener = fds[0];
     request->answer = fds[1];
+    request->lane = fds[2];
     return 1;
 }
 
@@ -488,7 +498,7 @@ int main(int argc, char **argv) {
         if (got == 0) break;
         if (got < 0) continue;
         Request *copy = malloc(sizeof *copy);
-        if (!copy) { close(request.listener); close(request.answer); continue; }
+        if (!copy) { close(request.listener); close(request.answer); if (request.lane >= 0) close(request.lane); continue; }
         *copy = request;
         pthread_attr_t attributes;
         pthread_attr_init(&attributes);
@@ -503,6 +513,7 @@ int main(int argc, char **argv) {
             pthread_mutex_unlock(&state_lock);
             close(copy->listener);
             close(copy->answer);
+            if (copy->lane >= 0) close(copy->lane);
             free(copy);
         }
         pthread_attr_destroy(&attributes);

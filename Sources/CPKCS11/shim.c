@@ -245,3 +245,58 @@ void CPKCS11_tree_lock_give(void) {
     __atomic_store_n(&lock->holder, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&lock->mutex);
 }
+
+// MARK: the broker's lane (lane.h; docs/FORK.md "The lane")
+
+#include <fcntl.h>
+#include "lane.h"
+
+int CPKCS11_lane_make(void **region) {
+    int fd = memfd_create("p11fork-lane", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    // Sealed at its size: the broker maps it, and a region that shrank under it would fault.
+    if (ftruncate(fd, P11FORK_LANE_SIZE) != 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+        close(fd);
+        return -1;
+    }
+    void *mapped = mmap(NULL, P11FORK_LANE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (mapped == MAP_FAILED) {
+        close(fd);
+        return -1;
+    }
+    // A forked child makes a lane of its own; it never shares its parent's.
+    madvise(mapped, P11FORK_LANE_SIZE, MADV_DONTFORK);
+    *region = mapped;
+    return fd;
+}
+
+typedef struct LaneWatch {
+    P11ForkLane *lane;
+    int channel;
+} LaneWatch;
+
+static int lane_gone(void *context) {
+    LaneWatch *watch = context;
+    if (atomic_load(&watch->lane->closed)) return 1;
+    struct pollfd channel = { .fd = watch->channel, .events = POLLIN };
+    return poll(&channel, 1, 0) > 0 && (channel.revents & (POLLHUP | POLLERR));
+}
+
+long CPKCS11_lane_call(void *region, unsigned length, int channel) {
+    P11ForkLane *lane = region;
+    if (atomic_load(&lane->closed)) return -1;
+    uint32_t call = atomic_load_explicit(&lane->request, memory_order_relaxed) + 1;
+    atomic_store_explicit(&lane->length, length, memory_order_relaxed);
+    p11fork_lane_post(&lane->request, call, &lane->broker_sleeps);
+    LaneWatch watch = { lane, channel };
+    // Spins through a signature's time, then sleeps in slices of 50 ms, looking for the broker.
+    int answered = p11fork_lane_wait(&lane->reply, call - 1, &lane->child_sleeps, 400000, 50, lane_gone, &watch);
+    if (atomic_load(&lane->closed)) return -1;
+    if (!answered || atomic_load_explicit(&lane->reply, memory_order_acquire) != call) return -2;
+    uint32_t answer = atomic_load_explicit(&lane->length, memory_order_relaxed);
+    return answer <= P11FORK_LANE_CAPACITY ? (long)answer : -2;
+}
+
+void *CPKCS11_lane_data(void *region) { return p11fork_lane_data(region); }
+unsigned long CPKCS11_lane_capacity(void) { return P11FORK_LANE_CAPACITY; }

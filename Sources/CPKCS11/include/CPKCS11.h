@@ -354,6 +354,17 @@ int CPKCS11_broker_gone(void);
 /// sendmsg of `bytes` with `fd_count` (1 to 4) descriptors attached (SCM_RIGHTS), MSG_NOSIGNAL.
 long CPKCS11_send_with_fds(int socket, const void *bytes, size_t count, const int *fds, int fd_count);
 
+/// The broker's lane (lane.h): makes the shared region, sealed at its size, mapped here and not
+/// into forked children; returns its descriptor (close-on-exec) for the broker, or -1 (errno).
+int CPKCS11_lane_make(void **region);
+/// The region's data part (lane.h: P11FORK_LANE_DATA), and how many bytes it holds.
+void *CPKCS11_lane_data(void *region);
+unsigned long CPKCS11_lane_capacity(void);
+/// One call over the lane: the request of `length` bytes is in place; returns the reply's length,
+/// -1 when the broker closed the lane (the call was not made: it may go over the RPC), or -2 when
+/// the broker has ended (`channel` shows it gone).
+long CPKCS11_lane_call(void *region, unsigned length, int channel);
+
 /// The tree lock: a robust, process-shared mutex in a shared anonymous page, made by a process
 /// before its first fork and inherited by all its descendants, which take it around what a real
 /// module cannot do in two processes at once (docs/DESIGN.md "Threads and locks").

@@ -29,12 +29,13 @@ enum Broker {
     /// On the slow path of a call in a child the broker serves: says once that the broker has
     /// ended. Its calls answer what p11-kit's client answers for a lost server; no other broker
     /// is started for this child (it would have the child's rights, not the application's).
-    static func noticeEnd() {
+    /// `seen`: the caller saw the broker gone itself (the lane).
+    static func noticeEnd(seen: Bool = false) {
         // The guard's flag on every call; the channel (a system call) on one call in 64, for an
         // application that ignores SIGPIPE itself.
         guard !goneTraced else { return }
         callsSinceCheck &+= 1
-        guard CPKCS11_broker_gone() != 0 || (callsSinceCheck & 63 == 1 && !isRunning) else { return }
+        guard seen || CPKCS11_broker_gone() != 0 || (callsSinceCheck & 63 == 1 && !isRunning) else { return }
         goneTraced = true
         Trace.event(.error, "the broker (pid \(pid)) has ended: this child's calls answer p11-kit's client's error for a lost server (CKR_DEVICE_ERROR) from now on; the process that started the broker starts another at its next fork, for new children")
     }
@@ -212,11 +213,14 @@ enum Broker {
             return .failure(RecoveryFailure("pipe failed: \(String(cString: strerror(errno)))"))
         }
         for fd in answer { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        let fds = [listener, answer[1]]
-        let sent = "connect".withCString { CPKCS11_send_with_fds(channel, $0, 7, fds, 2) }
+        // The lane, when this process can make one (else the RPC alone serves it).
+        let lane = Lane.make()
+        let fds = lane >= 0 ? [listener, answer[1], lane] : [listener, answer[1]]
+        let sent = "connect".withCString { CPKCS11_send_with_fds(channel, $0, 7, fds, Int32(fds.count)) }
         let sendError = errno
         close(listener)
         close(answer[1])
+        if lane >= 0 { close(lane) }
         defer { close(answer[0]) }
         guard sent == 7 else {
             return .failure(RecoveryFailure("the broker (pid \(pid)) is gone: \(String(cString: strerror(sendError)))", rv: CK_RV(CKR_DEVICE_ERROR)))
@@ -241,7 +245,9 @@ enum Broker {
             loaded.servedByBroker = true
         case .failure(let problem): return .failure(RecoveryFailure("loading p11-kit's RPC client failed: \(problem.message)"))
         }
-        // Mechanisms p11-kit's client refuses, which p11fork completes (RPCMechanisms).
+        // The lane first, under the mechanisms p11-kit's client refuses, which p11fork completes
+        // (RPCMechanisms): a mechanism the lane carries reaches the module itself.
+        Lane.interpose(loaded.functions)
         RPCMechanisms.interpose(loaded.functions)
         ModuleRecovery.announceInitialize("the module in the broker (pid \(pid))")
         let initialized = loaded.functions.pointee.C_Initialize?(initArguments) ?? CK_RV(CKR_FUNCTION_NOT_SUPPORTED)

@@ -92,7 +92,8 @@ enum RPCMechanisms {
         // Another operation started (or, with no mechanism, the one in progress cancelled): no
         // translation. A refusal (CKR_OPERATION_ACTIVE …) leaves the one in progress as it was.
         if rv == CKR_OK { end(session, verify: verify) }
-        guard rv == CKR_MECHANISM_INVALID, let mechanism, mechanism.pointee.pParameter == nil, mechanism.pointee.ulParameterLen == 0,
+        // Over the lane the mechanism reached the module, and a refusal is the module's own.
+        guard rv == CKR_MECHANISM_INVALID, !Lane.isActive, let mechanism, mechanism.pointee.pParameter == nil, mechanism.pointee.ulParameterLen == 0,
               let variant = hash(for: mechanism.pointee.mechanism) else { return rv }
         var raw = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_ECDSA), pParameter: nil, ulParameterLen: 0)
         let rawRV = original(session, &raw, key)

@@ -15,8 +15,10 @@
 //   p11fork-bench sign     --module M --token T --pin P --key K [--mechanism rsa|ec]
 //                          --threads N --seconds S                 signatures per second
 //   p11fork-bench recovery --module M --token T --pin P --key K --sessions S --objects O
-//                          [--fresh]                               a child's first signature, ms
-//                          (the parent holds S sessions and O session objects; the child uses one)
+//                          [--fresh] [--second]                    a child's first signature, ms
+//                          (the parent holds S sessions and O session objects; the child uses one;
+//                          with --second, a first child signs and ends before the measured one
+//                          starts: a later worker, whose broker is initialised and logged in)
 // With --in-child, "calls" and "sign" measure in a forked child, after its first call (which, through
 // p11fork, recovers the module: a copy in the child, or the broker with P11FORK_STRATEGY=broker).
 // With --fresh, "recovery" measures instead what the module needs in a new process for the same
@@ -35,7 +37,7 @@
 
 static CK_FUNCTION_LIST_PTR p;
 static const char *token, *pin, *key_label, *mechanism_name = "rsa";
-static int threads = 1, seconds = 2, sessions = 1, objects = 0, fresh = 0;
+static int threads = 1, seconds = 2, sessions = 1, objects = 0, fresh = 0, second = 0;
 static long count = 1000000;
 static CK_SLOT_ID slot;
 
@@ -331,6 +333,16 @@ static int bench_recovery(void) {
     CK_OBJECT_HANDLE key;
     if ((rv = find_key(first, &key)) != CKR_OK) return fail("find key", rv);
     if ((rv = sign_once(first, key)) != CKR_OK) return fail("parent sign", rv);
+    if (second) {
+        pid_t first_worker = fork();
+        if (first_worker == 0) {
+            alarm(60);
+            _exit(sign_once(first, key) == CKR_OK ? 0 : 3);
+        }
+        int status = 0;
+        waitpid(first_worker, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return fail("first child", (CK_RV)status);
+    }
     int fds[2];
     if (pipe(fds) != 0) return 1;
     pid_t pid = fork();
@@ -368,6 +380,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--sessions") && v) { sessions = atoi(v); i++; }
         else if (!strcmp(a, "--objects") && v) { objects = atoi(v); i++; }
         else if (!strcmp(a, "--fresh")) fresh = 1;
+        else if (!strcmp(a, "--second")) second = 1;
         else if (!strcmp(a, "--in-child")) in_child = 1;
         else if (!strcmp(a, "--multipart")) multipart = 1;
         else if (!strcmp(a, "--nss")) nss = 1;

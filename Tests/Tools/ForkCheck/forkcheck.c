@@ -719,6 +719,62 @@ static int scenario_broker_dies(void) {
     return parent_still_signs("broker-dies", problems, verified);
 }
 
+// lane-abuse (children served by the broker): a child signs (its lane is made), then writes
+// requests of its own making into its lane, as a compromised worker could: child 1 a signing
+// mechanism whose parameter would be a pointer in the broker, child 2 a byte string longer than
+// the request. The broker must refuse each without calling the module (it closes that lane), stay
+// up, and the child must go on signing over p11-kit's RPC.
+#include "../../../Sources/CPKCS11/lane.h"
+
+static P11ForkLane *own_lane(void) {
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[512];
+    P11ForkLane *found = NULL;
+    while (maps && !found && fgets(line, sizeof line, maps)) {
+        unsigned long start;
+        if (strstr(line, "/memfd:p11fork-lane") && sscanf(line, "%lx-", &start) == 1) found = (P11ForkLane *)start;
+    }
+    if (maps) fclose(maps);
+    return found;
+}
+
+static int lane_abuse_child(int fd, int index) {
+    int status = child_signs(fd, index, session, private_key);
+    if (status) return status;
+    P11ForkLane *lane = own_lane();
+    if (!lane) { tool_say("child %d: no lane in this child", index); return 4; }
+    CK_ULONG request[16] = { 0 };
+    size_t words;
+    if (index == 1) {
+        // C_SignInit with CKM_RSA_PKCS_OAEP and a 40-byte parameter: pointers, in the broker.
+        CK_ULONG fake[5] = { 0x4141414141414141UL, 0x4242424242424242UL, 1, 0x4343434343434343UL, 64 };
+        request[0] = 2; request[1] = session; request[2] = CKM_RSA_PKCS_OAEP; request[3] = private_key; request[4] = sizeof fake;
+        memcpy(&request[5], fake, sizeof fake);
+        words = 10;
+    } else {
+        // C_SignUpdate whose data claims 1 MiB in a request of a few words.
+        request[0] = 5; request[1] = session; request[2] = 1UL << 20;
+        words = 3;
+    }
+    memcpy(p11fork_lane_data(lane), request, words * sizeof(CK_ULONG));
+    uint32_t call = atomic_load(&lane->request) + 1;
+    atomic_store(&lane->length, (uint32_t)(words * sizeof(CK_ULONG)));
+    p11fork_lane_post(&lane->request, call, &lane->broker_sleeps);
+    for (int i = 0; i < 400 && !atomic_load(&lane->closed); i++) usleep(5000);
+    tool_say("child %d: the lane after a request of its own making: %s", index, atomic_load(&lane->closed) ? "closed" : "open");
+    if (!atomic_load(&lane->closed)) return 5;
+    pid_t broker = broker_of_this_run();
+    tool_say("child %d: broker %s", index, broker && kill(broker, 0) == 0 ? "still running" : "gone");
+    if (!broker) return 6;
+    return child_signs(fd, index, session, private_key);
+}
+
+static int scenario_lane_abuse(void) {
+    int verified = 0;
+    int problems = run_children(2, lane_abuse_child, &verified);
+    return parent_still_signs("lane-abuse", problems, verified);
+}
+
 static int scenario_same_view(void) {
     take_view(&parent_view);
     if (parent_view.info_rv != CKR_OK || parent_view.list_rv != CKR_OK || parent_view.count == 0 || parent_view.mechanisms_rv != CKR_OK)
@@ -821,7 +877,7 @@ static int scenario_storm(void) {
 static int usage(const char *problem) {
     fprintf(stderr, "p11fork-forkcheck: %s\nusage: p11fork-forkcheck --module PATH --token LABEL --pin PIN --key LABEL "
                     "[--mechanism rsa|rsa-pkcs|ec|hmac] [--children N] [--signatures M] [--stagger MS] [--raw-fork] [--twins] [--run-before-fork CMD] [--in-flight N] [--verify-signature] SCENARIO\n"
-                    "scenarios: inherited generations daemon child-initializes child-teardown threads child-threads pin-changed storm same-view orphans broker-dies chain\n", problem);
+                    "scenarios: inherited generations daemon child-initializes child-teardown threads child-threads pin-changed storm same-view orphans broker-dies lane-abuse chain\n", problem);
     return 2;
 }
 
@@ -897,6 +953,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "orphans")) result = scenario_orphans();
     else if (!strcmp(scenario, "chain")) result = scenario_chain();
     else if (!strcmp(scenario, "broker-dies")) result = scenario_broker_dies();
+    else if (!strcmp(scenario, "lane-abuse")) result = scenario_lane_abuse();
     else return usage("unknown scenario");
     p11->C_Finalize(NULL);
     return result;
