@@ -11,8 +11,9 @@
 //
 // A child asks for the module with one message on that channel: the word "connect", a listening
 // Unix socket in a folder only the child's user may enter, and the write end of a pipe. The
-// kernel adds the sender's pid and uid (SO_PASSCRED). The broker answers on the pipe (the
-// module's C_Initialize result, 8 bytes), accepts one connection on the socket from that pid
+// kernel adds the sender's pid and uid (SO_PASSCRED); a third descriptor, the child's lane
+// (lane.c), may come with them. The broker answers on the pipe (the module's C_Initialize result,
+// 8 bytes), serving the lane from then on, accepts one connection on the socket from that pid
 // only, and serves p11-kit's RPC protocol over it (p11_kit_remote_serve_module, one thread per
 // child). Every child shares one initialised module, as the threads of one application would;
 // a child's C_Initialize/C_Finalize/C_CloseAllSessions/C_Logout act on what that child opened.
@@ -309,8 +310,11 @@ static ServeModule serve_module;
 typedef struct Request {
     int listener;
     int answer;
-    /// The child's lane (a sealed memfd), or -1.
+    /// The child's lane (a sealed memfd), or -1; once answered, its server.
     int lane;
+    LaneServer *server;
+    /// What the child opens, from the answer on.
+    Connection *connection;
     pid_t pid;
     uid_t uid;
 } Request;
@@ -338,44 +342,69 @@ static int accept_child(const Request *request) {
     }
 }
 
-static void *serve(void *argument) {
-    Request request = *(Request *)argument;
-    free(argument);
+/// The child has gone (its connection closed, or it never came): no call of its runs on the lane
+/// once this returns, and what it opened is closed.
+static void end_connection(Request *request) {
+    // Its connection has closed: the child has gone (or finalized).
+    if (request->server) lane_stop(request->server);
+    request->server = NULL;
+    Connection *connection = request->connection;
+    if (!connection) return;
+    if (connection->count > 0)
+        trace("pid %d went away with %zu session(s) open: closed", (int)request->pid, connection->count);
+    close_sessions(connection, 0, 1);
+    pthread_mutex_destroy(&connection->lock);
+    free(connection);
+    request->connection = NULL;
+}
+
+/// Answers a child's request on its pipe with the module's C_Initialize result (loading the
+/// module at the first request), from the main thread: the child waits for one wake-up, not for a
+/// new thread as well. The child's lane is served from the answer on, whether or not its RPC
+/// connection follows. Returns whether the child is to be served.
+static int answer_child(Request *request) {
     CK_RV rv = module_ready();
     if (rv == CKR_OK) {
         pthread_mutex_lock(&module_lock);
         if (view.C_Initialize == NULL) make_view();
         pthread_mutex_unlock(&module_lock);
+        request->connection = calloc(1, sizeof *request->connection);
+        if (!request->connection) rv = CKR_HOST_MEMORY;
+    }
+    if (request->connection) {
+        Connection *connection = request->connection;
+        connection->pid = request->pid;
+        connection->uid = request->uid;
+        pthread_mutex_init(&connection->lock, NULL);
+        request->server = request->lane >= 0 ? lane_start(request->lane, connection) : NULL;
     }
     uint64_t answer = rv;
-    ssize_t written = write(request.answer, &answer, sizeof answer);
-    close(request.answer);
-    int fd = rv == CKR_OK && written == sizeof answer ? accept_child(&request) : -1;
+    ssize_t written = write(request->answer, &answer, sizeof answer);
+    close(request->answer);
+    request->answer = -1;
+    if (request->lane >= 0) close(request->lane);
+    request->lane = -1;
+    if (rv == CKR_OK && written == sizeof answer) return 1;
+    end_connection(request);
+    return 0;
+}
+
+/// A thread per child: accepts its connection and serves it until it ends, then closes what the
+/// child left open.
+static void *serve(void *argument) {
+    Request request = *(Request *)argument;
+    free(argument);
+    int fd = accept_child(&request);
     close(request.listener);
     if (fd >= 0) {
-        Connection *connection = calloc(1, sizeof *connection);
-        if (connection) {
-            connection->pid = request.pid;
-            connection->uid = request.uid;
-            pthread_mutex_init(&connection->lock, NULL);
-            current = connection;
-            LaneServer *lane = request.lane >= 0 ? lane_start(request.lane, connection) : NULL;
-            trace("serving pid %d (uid %u)%s", (int)request.pid, (unsigned)request.uid, lane ? ", with a lane" : "");
-            serve_module(&view, fd, fd);
-            // Its connection has closed: the child has gone (or finalized). No call of its runs
-            // on the lane once this returns.
-            if (lane) lane_stop(lane);
-            if (connection->count > 0)
-                trace("pid %d went away with %zu session(s) open: closed", (int)request.pid, connection->count);
-            close_sessions(connection, 0, 1);
-            pthread_mutex_destroy(&connection->lock);
-            free(connection);
-        }
+        current = request.connection;
+        trace("serving pid %d (uid %u)%s", (int)request.pid, (unsigned)request.uid, request.server ? ", with a lane" : "");
+        serve_module(&view, fd, fd);
         close(fd);
-    } else if (rv == CKR_OK) {
+    } else {
         trace("pid %d did not connect within %d s", (int)request.pid, ACCEPT_SECONDS);
     }
-    if (request.lane >= 0) close(request.lane);
+    end_connection(&request);
     pthread_mutex_lock(&state_lock);
     active--;
     pthread_cond_broadcast(&state_changed);
@@ -497,8 +526,16 @@ int main(int argc, char **argv) {
         int got = next_request(&request);
         if (got == 0) break;
         if (got < 0) continue;
+        if (!answer_child(&request)) {
+            close(request.listener);
+            continue;
+        }
         Request *copy = malloc(sizeof *copy);
-        if (!copy) { close(request.listener); close(request.answer); if (request.lane >= 0) close(request.lane); continue; }
+        if (!copy) {
+            end_connection(&request);
+            close(request.listener);
+            continue;
+        }
         *copy = request;
         pthread_attr_t attributes;
         pthread_attr_init(&attributes);
@@ -511,9 +548,8 @@ int main(int argc, char **argv) {
             pthread_mutex_lock(&state_lock);
             active--;
             pthread_mutex_unlock(&state_lock);
+            end_connection(copy);
             close(copy->listener);
-            close(copy->answer);
-            if (copy->lane >= 0) close(copy->lane);
             free(copy);
         }
         pthread_attr_destroy(&attributes);

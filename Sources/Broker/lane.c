@@ -420,10 +420,13 @@ static void *serve_lane(void *argument) {
     current = server->connection;
     // A new region: the child's first call is number 1 (it may be posted before this thread runs).
     uint32_t served = 0;
+    // The child's first call follows its connection within about a millisecond (it recovers its
+    // sessions and keys over the lane): watched for 2 ms. After each reply the next call usually
+    // follows within microseconds: watched for 100 µs. Then the thread sleeps.
+    uint64_t watch_ns = 2000000;
     for (;;) {
-        // After each reply the child's next call usually follows within microseconds: the thread
-        // watches for it a little before it sleeps.
-        if (!p11fork_lane_wait(&lane->request, served, &lane->broker_sleeps, 100000, 200, stopping, server)) break;
+        if (!p11fork_lane_wait(&lane->request, served, &lane->broker_sleeps, watch_ns, 200, stopping, server)) break;
+        watch_ns = 100000;
         served = atomic_load_explicit(&lane->request, memory_order_acquire);
         uint32_t length = atomic_load_explicit(&lane->length, memory_order_relaxed);
         long answer = -1;

@@ -225,6 +225,11 @@ enum Broker {
         guard sent == 7 else {
             return .failure(RecoveryFailure("the broker (pid \(pid)) is gone: \(String(cString: strerror(sendError)))", rv: CK_RV(CKR_DEVICE_ERROR)))
         }
+        // While the broker answers, p11-kit's client is loaded; it reads its server's address from
+        // the environment as it hands out its function list.
+        setenv("P11_KIT_SERVER_ADDRESS", "unix:path=\(socketPath)", 1)
+        defer { unsetenv("P11_KIT_SERVER_ADDRESS") }
+        let client = RealModule.load(path: OutOfProcess.client, source: "broker client")
         // Its answer: the module's C_Initialize result in the broker, within a bound.
         var wait = pollfd(fd: answer[0], events: Int16(POLLIN), revents: 0)
         var rv: UInt64 = 0
@@ -234,11 +239,8 @@ enum Broker {
         guard rv == CKR_OK else {
             return .failure(RecoveryFailure("the module in the broker answered C_Initialize with \(Format.name(CK_RV(rv)))", rv: CK_RV(rv)))
         }
-        // p11-kit's client reads its server's address from the environment when it initialises.
-        setenv("P11_KIT_SERVER_ADDRESS", "unix:path=\(socketPath)", 1)
-        defer { unsetenv("P11_KIT_SERVER_ADDRESS") }
         var loaded: RealModule
-        switch RealModule.load(path: OutOfProcess.client, source: "broker client") {
+        switch client {
         case .success(let module):
             loaded = module
             loaded.servedModulePath = realPath

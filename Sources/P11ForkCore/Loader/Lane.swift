@@ -92,21 +92,28 @@ enum Lane {
 
     // MARK: one call
 
+    /// A word of the message: a CK_ULONG, as the broker (built for the same machine) reads it.
+    private static let word = MemoryLayout<UInt>.size
+
+    /// `length` rounded up to whole words.
+    private static func padded(_ length: Int) -> Int { (length + word - 1) / word * word }
+
     private struct Writer {
         var at: UnsafeMutableRawPointer
         let end: UnsafeMutableRawPointer
         var fits = true
 
         mutating func word(_ value: UInt) {
-            guard end - at >= 8 else { fits = false; return }
+            guard end - at >= Lane.word else { fits = false; return }
             at.storeBytes(of: value, as: UInt.self)
-            at += 8
+            at += Lane.word
         }
 
         mutating func bytes(_ pointer: UnsafeRawPointer?, _ length: UInt) {
             word(length)
-            let padded = (Int(clamping: length) + 7) & ~7
-            guard fits, length <= UInt(Int.max / 2), end - at >= padded else { fits = false; return }
+            guard fits, length <= UInt(Int.max / 2) else { fits = false; return }
+            let padded = Lane.padded(Int(length))
+            guard end - at >= padded else { fits = false; return }
             if length > 0, let pointer { at.copyMemory(from: pointer, byteCount: Int(length)) }
             at += padded
         }
@@ -117,9 +124,9 @@ enum Lane {
         let end: UnsafeRawPointer
 
         mutating func word() -> UInt {
-            guard end - at >= 8 else { return 0 }
+            guard end - at >= Lane.word else { return 0 }
             let value = at.loadUnaligned(as: UInt.self)
-            at += 8
+            at += Lane.word
             return value
         }
 
@@ -127,7 +134,7 @@ enum Lane {
         mutating func bytes() -> (UnsafeRawPointer, Int) {
             let length = min(Int(clamping: word()), end - at)
             let start = at
-            at += min((length + 7) & ~7, end - at)
+            at += min(Lane.padded(length), end - at)
             return (start, length)
         }
 
@@ -156,7 +163,7 @@ enum Lane {
             self.data = nil
             return nil
         }
-        guard length >= 8 else {
+        guard length >= Lane.word else {
             self.data = nil
             Broker.noticeEnd(seen: true)
             return CK_RV(CKR_DEVICE_ERROR)
@@ -332,7 +339,7 @@ enum Lane {
                     // The value's room follows the two words, as large as the caller's buffer.
                     let (start, carried) = (reply.at, Int(clamping: length))
                     if written, carried <= room { attributes[i].pValue!.copyMemory(from: start, byteCount: carried) }
-                    reply.at += min((room + 7) & ~7, reply.end - reply.at)
+                    reply.at += min(Lane.padded(room), reply.end - reply.at)
                 }
                 attributes[i].ulValueLen = length
             }
