@@ -81,6 +81,36 @@ let processIdentity: Void = { ForkDetection.pid = getpid() }()
         #expect(otherJSON.hasSuffix(#""flags":"0x0"},"rv":"CKR_SESSION_HANDLE_INVALID","us":0.0}"# + "\n"), "\(otherJSON)")
     }
 
+    /// Numbers as the C library and Swift write them, whichever way TraceLine makes them (a
+    /// 32-bit hex number at once in a word, a small decimal from a table), and names of every
+    /// length up to past the widths copied at once.
+    @Test func numbersAndNamesAreWrittenExactly() {
+        var values: [UInt] = [0, 1, 9, 10, 15, 16, 99, 100, 255, 256, 999, 1000, 0xABCDEF, 0x5E00_0001, 0x8000_0000,
+                              0xFFFF_FFFF, 0x1_0000_0000, 0x1234_5678_9ABC_DEF0, UInt.max]
+        var seed: UInt = 0x9E37_79B9_7F4A_7C15
+        for _ in 0..<2000 {
+            seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            values.append(seed >> (seed % 64))
+        }
+        for value in values {
+            var line = TraceLine(json: false)
+            line.appendHex(value)
+            line.append(UInt8(ascii: " "))
+            line.appendDecimal(value)
+            #expect(line.text == "0x\(String(value, radix: 16)) \(value)")
+        }
+        let names: [StaticString] = ["", "a", "ab", "abc", "abcd", "abcdefg", "abcdefgh", "abcdefghijklmno",
+                                     "abcdefghijklmnop", "abcdefghijklmnopq", "abcdefghijklmnopqrstuvwxyz012345",
+                                     "abcdefghijklmnopqrstuvwxyz0123456", "CKR_OK", "CKS_RO_PUBLIC_SESSION"]
+        for name in names {
+            var line = TraceLine(json: false)
+            line.append(UInt8(ascii: "<"))
+            line.append(name)
+            line.append(UInt8(ascii: ">"))
+            #expect(line.text == "<\(name)>")
+        }
+    }
+
     @Test func jsonCallLineIsOneObject() throws {
         let text = withLevel(.calls) { signLine(json: true) }
         let object = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
