@@ -37,20 +37,21 @@ struct TraceLine: ~Copyable {
     }
 
     // MARK: raw appending
+    // `count` never passes `capacity`, so the primitives add without overflow checks.
 
     mutating func append(_ byte: UInt8) {
         guard count < limit else { truncated = true; return }
         buffer[count] = byte
-        count += 1
+        count &+= 1
     }
 
     /// Two bytes with one bounds check (separators, "0x"): cheaper than a short StaticString.
     @inline(__always)
     mutating func append(_ first: UInt8, _ second: UInt8) {
-        guard count + 2 <= limit else { truncated = true; return }
+        guard count &+ 2 <= limit else { truncated = true; return }
         buffer[count] = first
-        buffer[count + 1] = second
-        count += 2
+        buffer[count &+ 1] = second
+        count &+= 2
     }
 
     /// Inlined: at a call site with a literal, the copy becomes a few moves of known length
@@ -58,9 +59,9 @@ struct TraceLine: ~Copyable {
     @inline(__always)
     mutating func append(_ text: StaticString) {
         let length = text.utf8CodeUnitCount
-        guard count + length <= limit else { return appendCut(text) }
+        guard count &+ length <= limit else { return appendCut(text) }
         Self.copy(text.utf8Start, to: buffer + count, length)
-        count += length
+        count &+= length
     }
 
     /// A name of up to 32 bytes (most of them: functions, return codes, flags) without a call to
@@ -249,7 +250,7 @@ struct TraceLine: ~Copyable {
     @inline(__always)
     mutating func key(_ name: StaticString) {
         if fields > 0 { if json { append(UInt8(ascii: ",")) } else { append(UInt8(ascii: ","), UInt8(ascii: " ")) } }
-        fields += 1
+        fields &+= 1
         if json { append(UInt8(ascii: "\"")); append(name); append("\":") } else { append(name); append(UInt8(ascii: "=")) }
     }
 
