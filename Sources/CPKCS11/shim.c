@@ -5,11 +5,16 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 long CPKCS11_gettid(void) { return syscall(SYS_gettid); }
 
-static __thread long cached_tid, cached_tid_pid;
+// Initial-exec, like CPKCS11_thread_copy_generation (which puts this library's thread-local block
+// in the static TLS room anyway): general-dynamic costs a call to __tls_get_addr at each use, on
+// every trace line.
+static __thread long cached_tid __attribute__((tls_model("initial-exec")));
+static __thread long cached_tid_pid __attribute__((tls_model("initial-exec")));
 
 long CPKCS11_cached_tid(long pid) {
     if (cached_tid_pid != pid || cached_tid == 0) {
@@ -22,8 +27,8 @@ long CPKCS11_cached_tid(long pid) {
 // A pointer per thread, not the buffer itself: this library's thread-local block must stay small
 // (it uses the initial-exec model, so it lives in the static TLS room every dlopen shares). The
 // buffer is allocated on a thread's first trace line and freed when the thread ends.
-static __thread unsigned char *trace_buffer;
-static __thread int trace_buffer_in_use;
+static __thread unsigned char *trace_buffer __attribute__((tls_model("initial-exec")));
+static __thread int trace_buffer_in_use __attribute__((tls_model("initial-exec")));
 static pthread_key_t trace_buffer_key;
 static pthread_once_t trace_buffer_once = PTHREAD_ONCE_INIT;
 
@@ -42,6 +47,12 @@ void *CPKCS11_trace_buffer_take(void) {
 }
 
 void CPKCS11_trace_buffer_give_back(void) { trace_buffer_in_use = 0; }
+
+uint64_t CPKCS11_monotonic_nanoseconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 void *CPKCS11_dlmopen_new(const char *path, int flags) { return dlmopen(LM_ID_NEWLM, path, flags); }
 

@@ -36,6 +36,81 @@ let processIdentity: Void = { ForkDetection.pid = getpid() }()
         #expect(text.range(of: #"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z "#, options: .regularExpression) != nil)
     }
 
+    /// The line of a traced `C_GetSessionInfo` as `Custom.C_GetSessionInfo` builds it.
+    private func sessionInfoLine(json: Bool, rv: CK_RV = CK_RV(CKR_OK), flags: CK_FLAGS = CK_FLAGS(CKF_SERIAL_SESSION),
+                                 nanoseconds: UInt64 = 21_049) -> String {
+        var line = TraceLine(json: json)
+        line.header()
+        line.beginCall(.C_GetSessionInfo)
+        line.session("session", 0x5E00_0001)
+        line.key("state")
+        line.name(sessionStateName(CK_STATE(CKS_RO_PUBLIC_SESSION)), orHex: CK_STATE(CKS_RO_PUBLIC_SESSION))
+        line.flags("flags", flags, names: CK_FLAGS.sessionFlagNames)
+        line.endCall(rv, nanoseconds: nanoseconds)
+        return line.text
+    }
+
+    /// The exact text of a traced call, both formats, header included: what readers of the trace
+    /// (`p11fork trace`, the doctor, people's scripts) parse. Two lines in a row, so that the
+    /// second is made from the thread's header cache, and the formats alternated.
+    @Test func sessionInfoLineIsExactlyThisInBothFormats() throws {
+        let tid = CPKCS11_cached_tid(Int(getpid()))
+        let stamp = #"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"#
+        let text = #"^"# + stamp + #" p11fork\[\#(getpid())/\#(tid)\] C_GetSessionInfo\(session=0x5e000001, state=CKS_RO_PUBLIC_SESSION, flags=CKF_SERIAL_SESSION\) = CKR_OK 21\.0us\n$"#
+        let json = #"^\{"time":""# + stamp + #"","pid":\#(getpid()),"tid":\#(tid),"call":"C_GetSessionInfo","args":\{"session":"0x5e000001","state":"CKS_RO_PUBLIC_SESSION","flags":"CKF_SERIAL_SESSION"\},"rv":"CKR_OK","us":21\.0\}\n$"#
+        for _ in 0..<3 {
+            for (isJSON, pattern) in [(false, text), (true, json), (true, json), (false, text)] {
+                let line = withLevel(.calls) { sessionInfoLine(json: isJSON) }
+                #expect(line.range(of: pattern, options: .regularExpression) != nil, "\(line)")
+            }
+        }
+        // A line built while another is (a heap buffer, no header cache) is the same.
+        let nested = withLevel(.calls) { () -> String in
+            var outer = TraceLine(json: false)
+            outer.header()
+            return sessionInfoLine(json: false)
+        }
+        #expect(nested.range(of: text, options: .regularExpression) != nil, "\(nested)")
+        // Unknown values in hex, several flags, a failure, long and short durations.
+        let other = withLevel(.calls) {
+            sessionInfoLine(json: false, rv: 0x8000_0123, flags: CK_FLAGS(CKF_RW_SESSION | CKF_SERIAL_SESSION) | 0x100,
+                            nanoseconds: 1_234_567_891)
+        }
+        #expect(other.hasSuffix("flags=CKF_RW_SESSION|CKF_SERIAL_SESSION|0x100) = 0x80000123 1234567.9us\n"), "\(other)")
+        let otherJSON = withLevel(.calls) { sessionInfoLine(json: true, rv: CK_RV(CKR_SESSION_HANDLE_INVALID), flags: 0, nanoseconds: 49) }
+        #expect(otherJSON.hasSuffix(#""flags":"0x0"},"rv":"CKR_SESSION_HANDLE_INVALID","us":0.0}"# + "\n"), "\(otherJSON)")
+    }
+
+    /// Numbers as the C library and Swift write them, whichever way TraceLine makes them (a
+    /// 32-bit hex number at once in a word, a small decimal from a table), and names of every
+    /// length up to past the widths copied at once.
+    @Test func numbersAndNamesAreWrittenExactly() {
+        var values: [UInt] = [0, 1, 9, 10, 15, 16, 99, 100, 255, 256, 999, 1000, 0xABCDEF, 0x5E00_0001, 0x8000_0000,
+                              0xFFFF_FFFF, 0x1_0000_0000, 0x1234_5678_9ABC_DEF0, UInt.max]
+        var seed: UInt = 0x9E37_79B9_7F4A_7C15
+        for _ in 0..<2000 {
+            seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            values.append(seed >> (seed % 64))
+        }
+        for value in values {
+            var line = TraceLine(json: false)
+            line.appendHex(value)
+            line.append(UInt8(ascii: " "))
+            line.appendDecimal(value)
+            #expect(line.text == "0x\(String(value, radix: 16)) \(value)")
+        }
+        let names: [StaticString] = ["", "a", "ab", "abc", "abcd", "abcdefg", "abcdefgh", "abcdefghijklmno",
+                                     "abcdefghijklmnop", "abcdefghijklmnopq", "abcdefghijklmnopqrstuvwxyz012345",
+                                     "abcdefghijklmnopqrstuvwxyz0123456", "CKR_OK", "CKS_RO_PUBLIC_SESSION"]
+        for name in names {
+            var line = TraceLine(json: false)
+            line.append(UInt8(ascii: "<"))
+            line.append(name)
+            line.append(UInt8(ascii: ">"))
+            #expect(line.text == "<\(name)>")
+        }
+    }
+
     @Test func jsonCallLineIsOneObject() throws {
         let text = withLevel(.calls) { signLine(json: true) }
         let object = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])

@@ -330,6 +330,10 @@ long CPKCS11_cached_tid(long pid);
 /// while it is already in use.
 void *CPKCS11_trace_buffer_take(void);
 void CPKCS11_trace_buffer_give_back(void);
+/// clock_gettime(CLOCK_MONOTONIC) in nanoseconds: in C because Swift guards a frame holding an
+/// address-taken timespec with a stack protector (about 15 instructions a reading, two readings
+/// a traced call).
+uint64_t CPKCS11_monotonic_nanoseconds(void);
 /// dlmopen(LM_ID_NEWLM, ...): a private copy of a library in a new link-map namespace.
 void *CPKCS11_dlmopen_new(const char *path, int flags);
 /// madvise advice values that Swift's Glibc module may not import.

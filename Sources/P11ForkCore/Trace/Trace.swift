@@ -201,12 +201,11 @@ enum Trace {
 
 /// Time sources for trace lines.
 enum Clock {
-    /// Out of line: inlined, its `timespec` would give every entry point a stack protector.
-    @inline(never)
+    /// Odd, so never 0 (a call's start time of 0 means "not traced"). The reading is in C: see
+    /// CPKCS11_monotonic_nanoseconds.
+    @inline(__always)
     static func monotonicNanoseconds() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec) | 1
+        CPKCS11_monotonic_nanoseconds() | 1
     }
 
     static func wallClock() -> timespec {

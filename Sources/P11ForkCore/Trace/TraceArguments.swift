@@ -122,23 +122,25 @@ extension TraceLine {
         symbol { $0.appendHex(flags) }
     }
 
-    /// Flags of a known group, by name: `CKF_RW_SESSION|CKF_SERIAL_SESSION`.
+    /// Flags of a known group, by name: `CKF_RW_SESSION|CKF_SERIAL_SESSION`. Inlined where it is
+    /// used (three places), so that the field's name is a literal.
+    @inline(__always)
     mutating func flags(_ name: StaticString, _ flags: CK_FLAGS, names: [(CK_FLAGS, StaticString)]) {
         key(name)
-        symbol { line in
-            var rest = flags
-            var first = true
-            for (bit, flagName) in names where flags & bit != 0 {
-                if !first { line.append(UInt8(ascii: "|")) }
-                line.append(flagName)
-                rest &= ~bit
-                first = false
-            }
-            if rest != 0 || first {
-                if !first { line.append(UInt8(ascii: "|")) }
-                line.appendHex(rest)
-            }
+        if json { append(UInt8(ascii: "\"")) }
+        var rest = flags
+        var first = true
+        for index in names.indices where flags & names[index].0 != 0 {
+            if !first { append(UInt8(ascii: "|")) }
+            append(names[index].1)
+            rest &= ~names[index].0
+            first = false
         }
+        if rest != 0 || first {
+            if !first { append(UInt8(ascii: "|")) }
+            appendHex(rest)
+        }
+        if json { append(UInt8(ascii: "\"")) }
     }
 
     /// A template. At level `calls` its size; at `full` each attribute by name with its length,

@@ -37,30 +37,66 @@ struct TraceLine: ~Copyable {
     }
 
     // MARK: raw appending
+    // `count` never passes `capacity`, so the primitives add without overflow checks.
 
     mutating func append(_ byte: UInt8) {
         guard count < limit else { truncated = true; return }
         buffer[count] = byte
-        count += 1
+        count &+= 1
     }
 
     /// Two bytes with one bounds check (separators, "0x"): cheaper than a short StaticString.
     @inline(__always)
     mutating func append(_ first: UInt8, _ second: UInt8) {
-        guard count + 2 <= limit else { truncated = true; return }
+        guard count &+ 2 <= limit else { truncated = true; return }
         buffer[count] = first
-        buffer[count + 1] = second
-        count += 2
+        buffer[count &+ 1] = second
+        count &+= 2
     }
 
+    /// Inlined: at a call site with a literal, the copy becomes a few moves of known length
+    /// (out of line, a literal cost about 45 instructions with its memmove).
+    @inline(__always)
     mutating func append(_ text: StaticString) {
         let length = text.utf8CodeUnitCount
-        guard count + length <= limit else {
-            text.withUTF8Buffer { for byte in $0 { append(byte) } }
-            return
+        guard count &+ length <= limit else { return appendCut(text) }
+        Self.copy(text.utf8Start, to: buffer + count, length)
+        count &+= length
+    }
+
+    /// A name of up to 32 bytes (most of them: functions, return codes, flags) without a call to
+    /// memmove: two overlapping loads and stores of a width that covers it.
+    @inline(__always)
+    private static func copy(_ from: UnsafePointer<UInt8>, to: UnsafeMutablePointer<UInt8>, _ length: Int) {
+        let source = UnsafeRawPointer(from)
+        let target = UnsafeMutableRawPointer(to)
+        switch length {
+        case 16...32:
+            let head = source.loadUnaligned(as: SIMD16<UInt8>.self)
+            let tail = source.loadUnaligned(fromByteOffset: length - 16, as: SIMD16<UInt8>.self)
+            target.storeBytes(of: head, as: SIMD16<UInt8>.self)
+            target.storeBytes(of: tail, toByteOffset: length - 16, as: SIMD16<UInt8>.self)
+        case 8..<16:
+            let head = source.loadUnaligned(as: UInt64.self)
+            let tail = source.loadUnaligned(fromByteOffset: length - 8, as: UInt64.self)
+            target.storeBytes(of: head, as: UInt64.self)
+            target.storeBytes(of: tail, toByteOffset: length - 8, as: UInt64.self)
+        case 4..<8:
+            let head = source.loadUnaligned(as: UInt32.self)
+            let tail = source.loadUnaligned(fromByteOffset: length - 4, as: UInt32.self)
+            target.storeBytes(of: head, as: UInt32.self)
+            target.storeBytes(of: tail, toByteOffset: length - 4, as: UInt32.self)
+        case 0..<4:
+            for i in 0..<length { to[i] = from[i] }
+        default:
+            to.update(from: from, count: length)
         }
-        (buffer + count).update(from: text.utf8Start, count: length)
-        count += length
+    }
+
+    /// What fits of a literal that does not.
+    @inline(never)
+    private mutating func appendCut(_ text: StaticString) {
+        text.withUTF8Buffer { for byte in $0 { append(byte) } }
     }
 
     private static let digitPairs: StaticString =
@@ -93,6 +129,7 @@ struct TraceLine: ~Copyable {
     }
 
     mutating func appendDecimal(_ value: UInt) {
+        if value < 100 { return appendSmallDecimal(value) }
         var digits = 1
         var rest = value
         while rest >= 10 { rest /= 10; digits += 1 }
@@ -107,16 +144,70 @@ struct TraceLine: ~Copyable {
         count += digits
     }
 
+    /// 0...99: one or two digits with one bounds check (durations, counts, lengths).
+    @inline(__always)
+    private mutating func appendSmallDecimal(_ value: UInt) {
+        guard count + (value < 10 ? 1 : 2) <= limit else { truncated = true; return }
+        if value < 10 {
+            buffer[count] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value)
+            count += 1
+        } else {
+            let pair = Self.digitPairs.utf8Start + 2 * Int(value)
+            buffer[count] = pair[0]
+            buffer[count + 1] = pair[1]
+            count += 2
+        }
+    }
+
     mutating func appendSigned(_ value: Int) {
         if value < 0 { append(UInt8(ascii: "-")); appendDecimal(value.magnitude) } else { appendDecimal(UInt(value)) }
     }
 
+    /// `0x` and the digits, with one bounds check for all. Up to 32 bits (handles, slot IDs, most
+    /// flags and codes), the eight digits are made at once in one word: each nibble spread to a
+    /// byte, then turned into its ASCII digit without a branch; the word is stored whole (the
+    /// bytes past the number are written over by what follows, or left past the line's end).
     mutating func appendHex(_ value: UInt) {
+        let digits = value == 0 ? 1 : (UInt.bitWidth - value.leadingZeroBitCount + 3) / 4
+        if value >> 32 == 0, count + 10 <= limit {
+            var spread = UInt64(value)
+            spread = (spread & 0xFFFF_0000) << 16 | (spread & 0xFFFF)
+            spread = (spread & 0x0000_FF00_0000_FF00) << 8 | (spread & 0x0000_00FF_0000_00FF)
+            spread = (spread & 0x00F0_00F0_00F0_00F0) << 4 | (spread & 0x000F_000F_000F_000F)
+            // Byte i holds nibble i; 0x27 more for 10...15 takes '0' + n to 'a' + n - 10.
+            let letters = ((spread &+ 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101
+            let text = spread &+ 0x3030_3030_3030_3030 &+ letters &* 0x27
+            buffer[count] = UInt8(ascii: "0")
+            buffer[count + 1] = UInt8(ascii: "x")
+            // Most significant digit first in memory, the leading zeros shifted out.
+            let word = text.byteSwapped >> UInt64(8 * (8 - digits))
+            UnsafeMutableRawPointer(buffer + count + 2).storeBytes(of: word.littleEndian, as: UInt64.self)
+            count += 2 + digits
+            return
+        }
+        guard count + 2 + digits <= limit else { return appendHexCut(value) }
+        buffer[count] = UInt8(ascii: "0")
+        buffer[count + 1] = UInt8(ascii: "x")
+        let table = Self.hexDigits.utf8Start
+        var rest = value
+        var at = count + 2 + digits
+        repeat {
+            at -= 1
+            buffer[at] = table[Int(rest & 0xF)]
+            rest >>= 4
+        } while rest != 0
+        count += 2 + digits
+    }
+
+    private static let hexDigits: StaticString = "0123456789abcdef"
+
+    /// What fits of a hex number that does not, digit by digit from the first.
+    @inline(never)
+    private mutating func appendHexCut(_ value: UInt) {
         append(UInt8(ascii: "0"), UInt8(ascii: "x"))
-        let digits: StaticString = "0123456789abcdef"
         var shift = value == 0 ? 0 : (UInt.bitWidth - 1 - value.leadingZeroBitCount) & ~3
         while shift >= 0 {
-            append(digits.utf8Start[Int((value >> UInt(shift)) & 0xF)])
+            append(Self.hexDigits.utf8Start[Int((value >> UInt(shift)) & 0xF)])
             shift -= 4
         }
     }
@@ -154,14 +245,17 @@ struct TraceLine: ~Copyable {
         text.withUTF8 { appendQuoted(UnsafeRawBufferPointer($0)) }
     }
 
-    /// Starts a field: `, key=` in text, `,"key":` in JSON.
+    /// Starts a field: `, key=` in text, `,"key":` in JSON. Inlined, so that the name is a literal
+    /// where it is copied.
+    @inline(__always)
     mutating func key(_ name: StaticString) {
         if fields > 0 { if json { append(UInt8(ascii: ",")) } else { append(UInt8(ascii: ","), UInt8(ascii: " ")) } }
-        fields += 1
+        fields &+= 1
         if json { append(UInt8(ascii: "\"")); append(name); append("\":") } else { append(name); append(UInt8(ascii: "=")) }
     }
 
     /// A symbolic value (a name or a hex number): quoted in JSON only.
+    @inline(__always)
     mutating func symbol(_ body: (inout TraceLine) -> Void) {
         if json { append(UInt8(ascii: "\"")) }
         body(&self)
@@ -176,11 +270,10 @@ struct TraceLine: ~Copyable {
 
     // MARK: line structure
 
-    /// `time pid tid` part shared by calls and events.
     /// `time pid tid` part shared by calls and events. A thread's own line buffer keeps, after
-    /// the line, what the header of its last line was made of: the part up to the second and the
-    /// part after the microseconds are copied from there while the second, the pid and the
-    /// format stay the same (most lines of a busy thread).
+    /// the line, the header of its last line: while the second, the pid and the format stay the
+    /// same (most lines of a busy thread), it is copied whole and only its microseconds are
+    /// written anew.
     mutating func header() {
         let now = Clock.wallClock()
         let second = Int(now.tv_sec)
@@ -188,9 +281,13 @@ struct TraceLine: ~Copyable {
         let cache = borrowed ? UnsafeMutableRawPointer(buffer + Self.capacity) : nil
         if let cache, cache.load(as: Int.self) == second, cache.load(fromByteOffset: 8, as: Int.self) == pid,
            cache.load(fromByteOffset: 16, as: Int.self) == (json ? 1 : 0) {
-            copyCached(cache + HeaderCache.first, length: cache.load(fromByteOffset: 24, as: Int.self))
+            let length = cache.load(fromByteOffset: 24, as: Int.self)
+            guard count + length <= limit else { truncated = true; return }
+            let start = count
+            (buffer + count).update(from: (cache + HeaderCache.text).assumingMemoryBound(to: UInt8.self), count: length)
+            count = start + cache.load(fromByteOffset: 32, as: Int.self)
             appendMicroseconds(now)
-            copyCached(cache + HeaderCache.second, length: cache.load(fromByteOffset: 32, as: Int.self))
+            count = start + length
             return
         }
         let start = count
@@ -202,9 +299,8 @@ struct TraceLine: ~Copyable {
         appendTwoDigits(date.secondOfDay / 3600); append(UInt8(ascii: ":"))
         appendTwoDigits(date.secondOfDay / 60 % 60); append(UInt8(ascii: ":"))
         appendTwoDigits(date.secondOfDay % 60); append(UInt8(ascii: "."))
-        let firstLength = count - start
+        let microseconds = count - start
         appendMicroseconds(now)
-        let secondStart = count
         append(UInt8(ascii: "Z"))
         let tid = UInt(CPKCS11_cached_tid(pid))
         if json {
@@ -214,46 +310,41 @@ struct TraceLine: ~Copyable {
             append(" p11fork["); appendDecimal(UInt(pid))
             append(UInt8(ascii: "/")); appendDecimal(tid); append("] ")
         }
-        let secondLength = count - secondStart
-        guard let cache, !truncated, firstLength <= HeaderCache.room, secondLength <= HeaderCache.room else { return }
-        (cache + HeaderCache.first).copyMemory(from: buffer + start, byteCount: firstLength)
-        (cache + HeaderCache.second).copyMemory(from: buffer + secondStart, byteCount: secondLength)
-        cache.storeBytes(of: firstLength, toByteOffset: 24, as: Int.self)
-        cache.storeBytes(of: secondLength, toByteOffset: 32, as: Int.self)
+        let length = count - start
+        guard let cache, !truncated, length <= HeaderCache.room else { return }
+        (cache + HeaderCache.text).copyMemory(from: buffer + start, byteCount: length)
         cache.storeBytes(of: second, as: Int.self)
         cache.storeBytes(of: pid, toByteOffset: 8, as: Int.self)
         cache.storeBytes(of: json ? 1 : 0, toByteOffset: 16, as: Int.self)
+        cache.storeBytes(of: length, toByteOffset: 24, as: Int.self)
+        cache.storeBytes(of: microseconds, toByteOffset: 32, as: Int.self)
     }
 
     /// Where the header cache keeps its parts, after the line (CPKCS11_trace_buffer_take gives
-    /// `capacity + HeaderCache.size` bytes): second, pid, format, the two lengths, the two parts.
+    /// `capacity + HeaderCache.size` bytes): second, pid, format, the header's length, where its
+    /// microseconds are, then the header itself.
     enum HeaderCache {
-        static let first = 40
-        static let room = 104
-        static let second = first + room
-        static let size = second + room
-    }
-
-    private mutating func copyCached(_ from: UnsafeMutableRawPointer, length: Int) {
-        guard count + length <= limit else { truncated = true; return }
-        (buffer + count).update(from: from.assumingMemoryBound(to: UInt8.self), count: length)
-        count += length
+        static let text = 40
+        static let room = 208
+        static let size = text + room
     }
 
     /// Six digits, with one bounds check and the pairs split without a modulo each.
+    @inline(__always)
     private mutating func appendMicroseconds(_ now: timespec) {
         guard count + 6 <= limit else { truncated = true; return }
-        let micro = Int(truncatingIfNeeded: now.tv_nsec) / 1000
+        // 0...999_999 whatever the clock says, so that no step below can overflow or index out.
+        let micro = Int(truncatingIfNeeded: UInt(truncatingIfNeeded: now.tv_nsec) / 1000 % 1_000_000)
         let high = micro / 10_000
-        let rest = micro - high * 10_000
+        let rest = micro &- high &* 10_000
         let middle = rest / 100
-        let low = rest - middle * 100
+        let low = rest &- middle &* 100
         let pairs = Self.digitPairs.utf8Start
-        for (offset, pair) in [high, middle, low].enumerated() {
-            buffer[count + 2 * offset] = pairs[2 * pair]
-            buffer[count + 2 * offset + 1] = pairs[2 * pair + 1]
-        }
-        count += 6
+        let at = buffer + count
+        at[0] = pairs[2 &* high]; at[1] = pairs[2 &* high &+ 1]
+        at[2] = pairs[2 &* middle]; at[3] = pairs[2 &* middle &+ 1]
+        at[4] = pairs[2 &* low]; at[5] = pairs[2 &* low &+ 1]
+        count &+= 6
     }
 
     /// UTC date and second of the day for epoch seconds (the days-to-civil-date algorithm
@@ -311,14 +402,20 @@ struct TraceLine: ~Copyable {
         if json {
             append("},\"rv\":")
             self.name(name, orHex: rv)
-            append(",\"us\":"); appendDecimal(UInt(tenths / 10)); append(UInt8(ascii: "."))
-            appendDecimal(UInt(tenths % 10)); append("}\n")
+            append(",\"us\":"); appendTenths(tenths); append("}\n")
         } else {
             append(UInt8(ascii: ")"), UInt8(ascii: " ")); append(UInt8(ascii: "="), UInt8(ascii: " "))
             if let name { append(name) } else { appendHex(rv) }
-            append(UInt8(ascii: " ")); appendDecimal(UInt(tenths / 10)); append(UInt8(ascii: "."))
-            appendDecimal(UInt(tenths % 10)); append(UInt8(ascii: "u"), UInt8(ascii: "s")); append(UInt8(ascii: "\n"))
+            append(UInt8(ascii: " ")); appendTenths(tenths); append("us\n")
         }
+    }
+
+    /// A duration in tenths of a microsecond as `12.3`.
+    @inline(__always)
+    private mutating func appendTenths(_ tenths: UInt64) {
+        appendDecimal(UInt(tenths / 10))
+        let digit = UInt8(truncatingIfNeeded: tenths % 10)
+        append(UInt8(ascii: "."), UInt8(ascii: "0") &+ digit)
     }
 
     mutating func eventBody(kind: String, message: String, fields: EventFields? = nil) {
