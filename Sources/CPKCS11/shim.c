@@ -311,3 +311,5 @@ long CPKCS11_lane_call(void *region, unsigned length, int channel) {
 
 void *CPKCS11_lane_data(void *region) { return p11fork_lane_data(region); }
 unsigned long CPKCS11_lane_capacity(void) { return P11FORK_LANE_CAPACITY; }
+
+int CPKCS11_mlock_on_fault(void *address, size_t length) { return mlock2(address, length, MLOCK_ONFAULT); }

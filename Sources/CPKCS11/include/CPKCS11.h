@@ -339,6 +339,9 @@ void *CPKCS11_dlmopen_new(const char *path, int flags);
 /// madvise advice values that Swift's Glibc module may not import.
 int CPKCS11_madv_wipeonfork(void);
 int CPKCS11_madv_dontdump(void);
+/// mlock2(MLOCK_ONFAULT): locks the pages present now and those faulted in later, without
+/// faulting in (or copying) the rest; -1 where the kernel lacks it.
+int CPKCS11_mlock_on_fault(void *address, size_t length);
 /// The file name of the loaded image that holds `address` (dladdr), or NULL.
 const char *CPKCS11_image_path(const void *address);
 /// How many loaded objects (all link-map namespaces) have `needle` in their file name.
