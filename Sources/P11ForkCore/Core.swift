@@ -193,8 +193,8 @@ extension Core {
     // The handle tables, and what the other layers keep about sessions and objects, begin and
     // end together.
     static func installHandleTables() {
-        Sessions.table = HandleTable(base: Sessions.base, lock: ForkDetection.register(ForkSafeLock()))
-        Objects.table = HandleTable(base: Objects.base, lock: ForkDetection.register(ForkSafeLock()))
+        Sessions.table = HandleTable(lock: ForkDetection.register(ForkSafeLock()))
+        Objects.table = HandleTable(lock: ForkDetection.register(ForkSafeLock()))
         Sessions.view = Sessions.table.view
         Objects.view = Objects.table.view
     }

@@ -2,8 +2,8 @@ import XCTest
 
 /// One fixed call sequence (Tests/Tools/Conformance) run directly against SoftHSM and
 /// through libp11fork.so, with tracing off and at its fullest: the transcripts must be
-/// identical (return codes and outputs, slot IDs included; session and object handle values are
-/// compared by order of appearance). The slot is named on the command line, as configurations
+/// identical (return codes and outputs, slot IDs, session and object handle values included: in a
+/// process that never forked they are the real module's). The slot is named on the command line, as configurations
 /// do, and used before anything lists the slots.
 final class ConformanceTests: XCTestCase {
     private func transcript(_ token: SoftHSMToken, module: String, environment: [String: String] = [:]) throws -> [String] {
@@ -34,8 +34,8 @@ final class ConformanceTests: XCTestCase {
                          "C_GetSessionInfo(unknown) CKR_SESSION_HANDLE_INVALID", "C_SignInit(unknown key) CKR_OBJECT_HANDLE_INVALID",
                          "C_GetSlotList(with callbacks) CKR_OK count=2 callbacks used=yes",
                          "C_GetSlotInfo(named slot, first call) CKR_OK slot=0x\(String(token.slot, radix: 16))",
-                         "C_OpenSession(named slot) CKR_OK session#1", "C_GetSessionInfo(named slot) CKR_OK slot=0x\(String(token.slot, radix: 16))"] {
-            XCTAssertTrue(direct.contains { $0.hasSuffix(expected) || $0.contains(expected + " ") }, "missing from the direct run: \(expected)")
+                         "C_OpenSession(named slot) CKR_OK session#1=0x", "C_GetSessionInfo(named slot) CKR_OK slot=0x\(String(token.slot, radix: 16))"] {
+            XCTAssertTrue(direct.contains { $0.hasSuffix(expected) || $0.contains(expected + " ") || (expected.hasSuffix("=0x") && $0.contains(expected)) }, "missing from the direct run: \(expected)")
         }
         XCTAssertGreaterThan(direct.count, 100)
         // Two direct runs agree, so any difference below is p11fork's, not the normalisation's.

@@ -3,8 +3,9 @@ import CPKCS11
 // Resolving the handles a call carries (docs/DESIGN.md "Handles"): the tables in Handles/ are
 // pure look-ups; what a miss means (an inherited handle in a child, to be recovered first, or an
 // object the child came across by itself) is decided here, in the calls' layer, which hands it to
-// Recovery and Records. The found path is a few loads, inlined into every forwarder; the miss
-// path is out of line.
+// Recovery and Records. In a process that is not a forked child a handle is the real module's and
+// goes through as it is (one load); in a child the found path is a few loads, inlined into every
+// forwarder, and the miss path is out of line.
 
 extension Slots {
     /// This module's slot ID for the application's.
@@ -26,18 +27,11 @@ extension Sessions {
     /// The real session handle; in a forked child, an inherited session is first re-opened.
     @inline(__always)
     static func real(_ session: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> CK_SESSION_HANDLE {
+        if !HandleValues.translated { return session }
         if let real = view.real(session, epoch: Core.epoch) { return real }
         let resolved = Recovery.resolveSession(session, after: failure)
         failure = resolved.failure
         return resolved.real
-    }
-
-    /// The real handle and the (application's) slot of a session, recovering an inherited one first.
-    @inline(__always)
-    static func resolve(_ session: CK_SESSION_HANDLE, _ failure: inout CK_RV) -> (real: CK_SESSION_HANDLE, slot: CK_SLOT_ID)? {
-        if let bound = view.lookup(session, epoch: Core.epoch) { return (bound.real, bound.aux) }
-        failure = Recovery.resolveSession(session, after: failure).failure
-        return lookup(session)
     }
 }
 
@@ -45,15 +39,17 @@ extension Objects {
     /// The real object handle; in a forked child, an inherited object is first re-found.
     @inline(__always)
     static func real(_ object: CK_OBJECT_HANDLE, _ failure: inout CK_RV) -> CK_OBJECT_HANDLE {
+        if !HandleValues.translated { return object }
         if let real = view.real(object, epoch: Core.epoch) { return real }
         let resolved = Recovery.resolveObject(object, after: failure)
         failure = resolved.failure
         return resolved.real
     }
 
-    /// The virtual handle for an object handle the real module returned on `session`. An object
-    /// seen for the first time has its identity recorded (for a child to find it again); in a
-    /// child, an object the parent had exposed gets its inherited handle back.
+    /// The application's handle for an object handle the real module returned on `session`: the
+    /// same value, except in a child where it collides with an inherited one. An object seen for
+    /// the first time has its identity recorded (for a child to find it again); in a child, an
+    /// object the parent had exposed gets its inherited handle back.
     static func expose(real: CK_OBJECT_HANDLE, session: CK_SESSION_HANDLE) -> CK_OBJECT_HANDLE {
         let bound = Sessions.lookup(session)
         let slot = bound?.slot ?? 0
@@ -65,11 +61,16 @@ extension Objects {
             table.rebind(inherited, real: real, epoch: Core.epoch)
             return inherited
         }
-        guard let virtual = table.expose(real: real, epoch: Core.epoch, aux: slot) else {
+        guard let exposed = table.expose(real: real, epoch: Core.epoch, aux: slot) else {
             Trace.event(.error, "object handle table full (\(HandleTable.capacity) live handles): object not exposed")
-            return CK_OBJECT_HANDLE(CK_INVALID_HANDLE)
+            return HandleValues.translated ? CK_OBJECT_HANDLE(CK_INVALID_HANDLE) : real
         }
-        if let identity { Records.noteObject(virtual, identity) }
-        return virtual
+        if let identity {
+            // A value the module gave again (the same real handle on another slot, or reused
+            // after an object went behind p11fork's back) names what the module says now.
+            if Records.object(exposed) != nil { Records.forgetObject(exposed) }
+            Records.noteObject(exposed, identity)
+        }
+        return exposed
     }
 }

@@ -48,7 +48,7 @@ extension Custom {
     static let C_OpenSession: CK_C_OpenSession = { slotID, flags, pApplication, Notify, phSession in
         let call = Call(.C_OpenSession)
         guard let function = call.functions?.pointee.C_OpenSession else { return call.unavailable() }
-        // A notification callback must see the virtual session handle: it goes through a relay.
+        // A notification callback must see the application's session handle: it goes through a relay.
         let relay = Notify.map { SessionNotifications.Relay(notify: $0, application: pApplication) }
         var failure = CK_RV(CKR_OK)
         let realSlot = Slots.real(slotID, &failure)
@@ -62,13 +62,13 @@ extension Custom {
             rv = function(realSlot, flags, pApplication, nil, phSession)
         }
         if rv == CKR_OK, let phSession {
-            if let virtual = Sessions.table.issue(real: phSession.pointee, epoch: Core.epoch, aux: slotID) {
-                if let relay { SessionNotifications.keep(relay, for: virtual) }
-                Records.noteSession(virtual, slot: slotID, flags: flags)
+            if let exposed = Sessions.table.issue(real: phSession.pointee, epoch: Core.epoch, aux: slotID) {
+                if let relay { SessionNotifications.keep(relay, for: exposed) }
+                Records.noteSession(exposed, slot: slotID, flags: flags)
                 if Records.token(slotID) == nil, let identity = TokenIdentity.read(Core.functions!, slot: realSlot) {
                     Records.noteToken(slotID, identity)
                 }
-                phSession.pointee = virtual
+                phSession.pointee = exposed
             } else {
                 // Cannot happen before 16 million sessions are open at once; give the session back.
                 _ = Core.functions?.pointee.C_CloseSession?(phSession.pointee)
@@ -150,12 +150,17 @@ extension Custom {
         let call = Call(.C_GetSessionInfo)
         guard let function = call.functions?.pointee.C_GetSessionInfo else { return call.unavailable() }
         var failure = CK_RV(CKR_OK)
-        let session = Sessions.resolve(hSession, &failure)
-        let rv = failure != CKR_OK ? failure : function(session?.real ?? CK_SESSION_HANDLE(CK_INVALID_HANDLE), pInfo)
+        let realSession = Sessions.real(hSession, &failure)
+        let rv = failure != CKR_OK ? failure : function(realSession, pInfo)
         // The module reports its own slot ID: in a translating child, the application knows another.
-        if rv == CKR_OK, let pInfo, let session { pInfo.pointee.slotID = session.slot }
+        if rv == CKR_OK, Slots.translating { applicationSlot(hSession, pInfo) }
         if call.isTraced { traceSessionInfo(call, hSession, pInfo, rv) }
         return rv
+    }
+
+    @inline(never)
+    private static func applicationSlot(_ hSession: CK_SESSION_HANDLE, _ pInfo: UnsafeMutablePointer<CK_SESSION_INFO>?) {
+        if let pInfo, let slot = Sessions.lookup(hSession)?.slot { pInfo.pointee.slotID = slot }
     }
 
     /// Out of line, so that the call's own frame stays small on the untraced path.

@@ -28,6 +28,7 @@ enum Recovery {
 
     /// In a new process, once (called by ForkDetection with the other threads waiting).
     static func enterChild() {
+        HandleValues.enterChild()
         Logins.enterChild()
         ProtectedMemory.enterChild()
         searchSessions = [:]

@@ -2,10 +2,25 @@ import CPKCS11
 
 // Slot IDs are the real module's (docs/FORK.md "Handles in the child", "Slot IDs"):
 // the ones the module of the process that first initialised it reports. Session and object
-// handles are p11fork's virtual values, each kind from its own offset, so that a real value
-// passed by mistake, or a handle of the wrong kind, finds nothing. An unknown handle is
-// forwarded as a value the real module must reject, so the application gets exactly the error
-// (and the order of checks) of the real module.
+// handles are the real module's too in a process that is not a forked child, and are passed on
+// untouched there, so a handle of the wrong kind or a closed one reaches the module, which
+// answers as it would directly. In a forked child they are translated (docs/FORK.md "Handle
+// values"); an unknown one is forwarded there as a value the real module must reject.
+
+/// Whether session and object handles are translated in this process.
+enum HandleValues {
+    /// True in a forked child (and its own children): set when the child is adopted, with its
+    /// other threads waiting (ForkDetection), like Slots.translating.
+    nonisolated(unsafe) static var translated = false
+
+    /// From the child's first call on: inherited handles keep their values, and a new handle
+    /// that collides with one is given a value of the reserved range.
+    static func enterChild() {
+        translated = true
+        Sessions.table.remapsCollisions = true
+        Objects.table.remapsCollisions = true
+    }
+}
 
 /// Slot IDs: passed through unchanged until a child's module replaces the inherited one; from
 /// then on the application's IDs (its first module's) are translated to that module's.
@@ -29,9 +44,8 @@ enum Slots {
     }
 }
 
-/// Virtual session handles.
+/// Session handles: the real module's, translated in a forked child.
 enum Sessions {
-    static let base: UInt = 0x5E00_0000
     nonisolated(unsafe) static var view = HandleView()
     nonisolated(unsafe) static var table: HandleTable!
 
@@ -48,9 +62,9 @@ enum Sessions {
     }
 }
 
-/// Virtual object handles: the same real object always gets the same virtual handle.
+/// Object handles: the real module's, translated in a forked child, where the same real object
+/// always gets the same value.
 enum Objects {
-    static let base: UInt = 0x0B00_0000
     nonisolated(unsafe) static var view = HandleView()
     nonisolated(unsafe) static var table: HandleTable!
 }

@@ -141,7 +141,7 @@ enum SessionObjects {
             _ = replaced  // its kept values are wiped here, outside the lock
         }
         if let bound = Sessions.lookup(session), let functions = Core.functions,
-           let identity = ObjectIdentity.read(functions, session: bound.real, object: Objects.view.real(object, epoch: Core.epoch) ?? 0),
+           let identity = ObjectIdentity.read(functions, session: bound.real, object: Objects.view.real(object, epoch: Core.epoch) ?? (HandleValues.translated ? 0 : object)),
            Records.object(object) != nil {
             Records.forgetObject(object)
             Records.noteObject(object, identity)

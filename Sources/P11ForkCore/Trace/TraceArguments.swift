@@ -1,14 +1,16 @@
 import CPKCS11
 
 /// How each kind of PKCS#11 argument appears in a trace line. Handles are the application's
-/// (virtual) values; at level `full` the real value follows. Buffers appear as lengths only,
+/// values; at level `full` the real value follows where it differs (a translating child). Buffers appear as lengths only,
 /// PINs not at all (docs/DESIGN.md "Secrets").
 extension TraceLine {
     mutating func session(_ name: StaticString, _ handle: CK_SESSION_HANDLE) {
         key(name)
         symbol { line in
             line.appendHex(handle)
-            if line.full, let real = Sessions.lookup(handle)?.real { line.append(" real "); line.appendHex(real) }
+            if line.full, HandleValues.translated, let real = Sessions.lookup(handle)?.real, real != handle {
+                line.append(" real "); line.appendHex(real)
+            }
         }
     }
 
@@ -26,7 +28,9 @@ extension TraceLine {
         key(name)
         symbol { line in
             line.appendHex(handle)
-            if line.full, let real = Objects.view.real(handle, epoch: Core.epoch) { line.append(" real "); line.appendHex(real) }
+            if line.full, HandleValues.translated, let real = Objects.view.real(handle, epoch: Core.epoch), real != handle {
+                line.append(" real "); line.appendHex(real)
+            }
         }
     }
 

@@ -2,8 +2,7 @@
 // transcript, one line per step: "<step> <CKR_...> <outputs>". The conformance test runs it
 // directly against the real module and through libp11fork.so on the same token and requires
 // identical transcripts. What legitimately differs between a module and a proxy is
-// normalised: session and object handles become ordinals (session#2, object#3) in order of
-// first appearance (slot IDs are printed as they are: they must be the module's); outputs made from random or generated keys are
+// normalised: outputs made from random or generated keys are
 // recorded as lengths and as a verification done in the same run. Deterministic outputs
 // (digests, AES ciphertext under an imported key, info structures, attributes) are printed.
 //
@@ -58,7 +57,8 @@ static const char *text_of(const unsigned char *bytes, size_t length) {
     return out;
 }
 
-// Handles become ordinals in order of first appearance, per kind.
+// Slot IDs are printed as they are, session and object handles as their value after an ordinal
+// in order of first appearance, per kind (session#2=0x5): all must be the module's values.
 enum { SLOT, SESSION, OBJECT };
 static CK_ULONG seen[3][256];
 static int seen_count[3];
@@ -72,7 +72,7 @@ static const char *ordinal(int kind, CK_ULONG value) {
     int i;
     for (i = 0; i < seen_count[kind]; i++) if (seen[kind][i] == value) break;
     if (i == seen_count[kind] && i < 256) seen[kind][seen_count[kind]++] = value;
-    snprintf(out, 32, "%s#%d", names[kind], i + 1);
+    snprintf(out, 32, "%s#%d=0x%lx", names[kind], i + 1, value);
     return out;
 }
 
