@@ -11,7 +11,7 @@
 //                     [--helper-mechanisms] [--ignore-mechanism-flags F] [--worker-user NAME] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
-// pin-changed, storm, same-view, orphans, broker-dies, chain (the last three described where they are written). same-view: each child first opens a session of its own on
+// pin-changed, storm, same-view, orphans, broker-dies, chain, handle-values (the last four described where they are written). same-view: each child first opens a session of its own on
 // --named-slot ID (default: the token's slot; never listed in the child), logs in, signs with it,
 // then compares C_GetInfo, both slot lists, every slot's CK_SLOT_INFO and CK_TOKEN_INFO (but for
 // session counts, free memory and the clock) and the token's mechanism list and infos with the parent's
@@ -288,6 +288,63 @@ static int scenario_generations(void) {
     int problems = run_children(children, generations_child, &verified);
     if (!problems && verified != 2 * children * signatures) return tool_fail("generations: %d signatures verified", verified);
     return parent_still_signs("generations", problems, verified);
+}
+
+// handle-values: a process opens a session of its own before it touches an inherited one (a
+// child's fresh module copy issues the values its parent's module issued), then signs with the
+// parent's session and key, finds the key on its own session and signs with that too. Its own
+// handles must not take the value of any inherited one it still holds.
+static CK_SESSION_HANDLE child_session = CK_INVALID_HANDLE;
+static CK_OBJECT_HANDLE child_key = CK_INVALID_HANDLE;
+
+static int own_session_signs(int fd, int index, const char *who, CK_SESSION_HANDLE *opened, CK_OBJECT_HANDLE *found) {
+    CK_SESSION_HANDLE s;
+    CK_RV rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
+    if (rv != CKR_OK) { tool_say("%s %d: C_OpenSession: %s", who, index, tool_rv_name(rv)); send_signature(fd, rv, NULL, 0); return 3; }
+    // The inherited session first: its recovery replays the login, which the new session shares.
+    int status = child_signs(fd, index, session, private_key);
+    if (status) return status;
+    CK_OBJECT_HANDLE key;
+    rv = find_object(s, !strcmp(mechanism_name, "hmac") ? CKO_SECRET_KEY : CKO_PRIVATE_KEY, key_label, &key);
+    if (rv != CKR_OK) { tool_say("%s %d: finding the key on its own session: %s", who, index, tool_rv_name(rv)); send_signature(fd, rv, NULL, 0); return 3; }
+    tool_say("%s %d: handles: parent's session 0x%lx, key 0x%lx; child's session 0x%lx; own session 0x%lx, key found on it 0x%lx",
+             who, index, session, private_key, child_session, s, key);
+    if (s == session || (child_session != CK_INVALID_HANDLE && s == child_session)) {
+        tool_say("%s %d: its own session has the value of an inherited one", who, index);
+        return 5;
+    }
+    *opened = s;
+    *found = key;
+    return child_signs(fd, index, s, key);
+}
+
+static int handle_values_child(int fd, int index) {
+    int status = own_session_signs(fd, index, "child", &child_session, &child_key);
+    if (status) return status;
+    pid_t pid = make_child();
+    if (pid == 0) {
+        alarm(CHILD_TIMEOUT);
+        CK_SESSION_HANDLE own;
+        CK_OBJECT_HANDLE key;
+        status = own_session_signs(fd, 100 + index, "grandchild", &own, &key);
+        // The child's own session and key, inherited in turn.
+        if (!status) status = child_signs(fd, 100 + index, child_session, child_key);
+        _exit(status);
+    }
+    int grandchild = 0;
+    waitpid(pid, &grandchild, 0);
+    if (WIFSIGNALED(grandchild)) { tool_say("grandchild: killed by signal %d", WTERMSIG(grandchild)); return 4; }
+    if (WEXITSTATUS(grandchild)) return WEXITSTATUS(grandchild);
+    // The child's handles still work after its grandchild used them.
+    return child_signs(fd, index, child_session, child_key);
+}
+
+static int scenario_handle_values(void) {
+    int verified = 0;
+    tool_say("parent: handles: session 0x%lx, key 0x%lx", session, private_key);
+    int problems = run_children(children, handle_values_child, &verified);
+    if (!problems && verified != 6 * children * signatures) return tool_fail("handle-values: %d signatures verified", verified);
+    return parent_still_signs("handle-values", problems, verified);
 }
 
 // The old rule: the child calls C_Initialize, opens its own session, logs in, finds the key.
@@ -952,6 +1009,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "same-view")) result = scenario_same_view();
     else if (!strcmp(scenario, "orphans")) result = scenario_orphans();
     else if (!strcmp(scenario, "chain")) result = scenario_chain();
+    else if (!strcmp(scenario, "handle-values")) result = scenario_handle_values();
     else if (!strcmp(scenario, "broker-dies")) result = scenario_broker_dies();
     else if (!strcmp(scenario, "lane-abuse")) result = scenario_lane_abuse();
     else return usage("unknown scenario");
