@@ -6,7 +6,10 @@ import Testing
 /// copy counts from 1 like the parent's did) opens a session of its own before it touches an
 /// inherited one, and that session gets a value of the reserved range, translated; the child
 /// signs with the inherited handles and with its own, and a grandchild does so with its
-/// grandparent's, its parent's and its own (`handle-values` in p11fork-forkcheck).
+/// grandparent's, its parent's and its own (`handle-values` in p11fork-forkcheck). The same over
+/// the network-HSM test module with `NETHSM_HANDLES=reuse`, which gives every value again as soon
+/// as it is free (each connection's sessions count from 1): there a process that never forked
+/// also sees the module's reuse after a close, as directly (`reuse`).
 @Suite(.serialized) struct HandleValueTests {
     static let reservedBit: UInt64 = 1 << 63
 
@@ -20,7 +23,7 @@ import Testing
 
     static func printed(_ output: String, _ who: String) -> [Printed] {
         output.split(separator: "\n").compactMap { line in
-            guard line.contains("\(who) "), let match = line.firstMatch(
+            guard line.contains("\(who) "), who == "grandchild" || !line.contains("grandchild"), let match = line.firstMatch(
                 of: /handles: parent's session 0x([0-9a-f]+), key 0x([0-9a-f]+); child's session 0x[0-9a-f]+; own session 0x([0-9a-f]+)/)
             else { return nil }
             return Printed(parentSession: UInt64(match.1, radix: 16)!, parentKey: UInt64(match.2, radix: 16)!,
@@ -61,6 +64,48 @@ import Testing
             #expect(child.ownSession & Self.reservedBit != 0, "\(through.report)")
             #expect(grandchild.ownSession & Self.reservedBit != 0, "\(through.report)")
         }
+        _ = token
+    }
+
+    static func reusingNetHSM() throws -> (NetHSMToken, ForkCheck) {
+        let token = try NetHSMToken()
+        try token.generateSecretKey(label: "hmac-key")
+        var check = ForkCheck(token: token, keyLabel: "hmac-key", mechanism: "hmac")
+        check.realModule = NetHSMToken.module
+        check.extraEnvironment["NETHSM_HANDLES"] = "reuse"
+        return (token, check)
+    }
+
+    @Test func aProcessThatNeverForkedSeesTheModulesReuseOfValues() throws {
+        let (token, check) = try Self.reusingNetHSM()
+        let direct = try check.run("reuse", throughP11Fork: false)
+        let through = try check.run("reuse", throughP11Fork: true)
+        #expect(direct.succeeded, "directly: \(direct.report)")
+        #expect(through.succeeded, "through p11fork: \(through.report)")
+        let line = { (outcome: ForkCheck.Outcome) in outcome.result.stdout.split(separator: "\n").first { $0.contains("reuse: session") } }
+        let directLine = try #require(line(direct), "\(direct.report)")
+        #expect(line(through) == directLine, "through p11fork: \(through.report)")
+        // The module gave the closed session's value to the next one, and answers for a closed one.
+        #expect(directLine.contains("then 0x2 and 0x3, after closing 0x2: 0x2") && directLine.hasSuffix("CKR_SESSION_HANDLE_INVALID"), "\(directLine)")
+        print("reuse over the network-HSM test module, directly and through p11fork: \(directLine)")
+        _ = token
+    }
+
+    @Test func childrenOfAModuleThatReusesValuesAggressivelyTranslateOnlyCollisions() throws {
+        let (token, check) = try Self.reusingNetHSM()
+        let direct = try check.run("handle-values", throughP11Fork: false)
+        #expect(!direct.succeeded && direct.result.output.contains("CKR_DEVICE_ERROR"), "directly: \(direct.report)")
+        let through = try check.run("handle-values", throughP11Fork: true, children: 2)
+        #expect(through.succeeded, "through p11fork: \(through.report)\nlog:\n\(token.log)")
+        #expect(Self.parentLine(through.result.stdout) == Self.parentLine(direct.result.stdout), "\(through.report)")
+        let children = Self.printed(through.result.stdout, "child")
+        let grandchildren = Self.printed(through.result.stdout, "grandchild")
+        #expect(children.count == 2 && grandchildren.count == 2, "\(through.report)")
+        for printed in children + grandchildren {
+            // Each child's connection numbers its sessions from 1 again: its own session collides.
+            #expect(printed.parentSession == 1 && printed.ownSession & Self.reservedBit != 0, "\(through.report)")
+        }
+        print("handle-values over the network-HSM test module (reuse): \(Self.parentLine(through.result.stdout) ?? ""); own sessions: \((children + grandchildren).map { "0x" + String($0.ownSession, radix: 16) })")
         _ = token
     }
 }

@@ -2,7 +2,8 @@ import CPKCS11
 import Synchronization
 
 /// The one shape of every entry point: check for a fork, note the start when tracing, call the
-/// real module with real handles, make returned handles virtual, trace the result. Nothing in
+/// real module with real handles, expose returned handles (translated only in a forked child),
+/// trace the result. Nothing in
 /// it throws or traps across the C boundary; the common path is a few loads and branches, and
 /// an atomic add and subtract that let C_Finalize wait for the call (FinalizeGate).
 /// Not copyable: its end (when the entry point returns) counts the call out of the gate.

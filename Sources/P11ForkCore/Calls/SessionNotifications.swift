@@ -1,12 +1,12 @@
 import CPKCS11
 
 /// Relays the real module's session notifications (CK_NOTIFY) to the application with the
-/// virtual session handle and the application's own pointer.
+/// application's session handle and its own pointer.
 enum SessionNotifications {
     final class Relay {
         let notify: CK_NOTIFY
         let application: UnsafeMutableRawPointer?
-        /// Set once the session has its virtual handle.
+        /// Set once the session has its handle as the application knows it.
         var session: CK_SESSION_HANDLE = CK_SESSION_HANDLE(CK_INVALID_HANDLE)
 
         init(notify: CK_NOTIFY, application: UnsafeMutableRawPointer?) {

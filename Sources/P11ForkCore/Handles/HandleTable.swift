@@ -367,12 +367,20 @@ struct HandleView: @unchecked Sendable {
 
     /// Finds nothing: an index with one empty slot, and no table to confirm a miss with.
     init() {
-        chunks = .allocate(capacity: 1)
-        chunks.initialize(to: Atomic(nil))
-        current = .allocate(capacity: 1)
-        current.initialize(to: Atomic(HandleIndex.make(bits: 0)))
+        (chunks, current) = Self.nothing
         table = nil
     }
+
+    /// What every default view shares, made once (at load: the handle tables' globals are set
+    /// up there).
+    nonisolated(unsafe) private static let nothing: (UnsafeMutablePointer<Atomic<UnsafeMutablePointer<HandleTable.Entry>?>>,
+                                 UnsafeMutablePointer<Atomic<UnsafeMutablePointer<Atomic<UInt>>>>) = {
+        let chunks = UnsafeMutablePointer<Atomic<UnsafeMutablePointer<HandleTable.Entry>?>>.allocate(capacity: 1)
+        chunks.initialize(to: Atomic(nil))
+        let current = UnsafeMutablePointer<Atomic<UnsafeMutablePointer<Atomic<UInt>>>>.allocate(capacity: 1)
+        current.initialize(to: Atomic(HandleIndex.make(bits: 0)))
+        return (chunks, current)
+    }()
 
     init(chunks: UnsafeMutablePointer<Atomic<UnsafeMutablePointer<HandleTable.Entry>?>>,
          current: UnsafeMutablePointer<Atomic<UnsafeMutablePointer<Atomic<UInt>>>>, table: Unmanaged<HandleTable>) {

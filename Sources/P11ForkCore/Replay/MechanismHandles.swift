@@ -1,10 +1,11 @@
 import CPKCS11
 
-/// Mechanism parameters that carry object handles must reach the real module with real ones.
+/// Mechanism parameters that carry object handles must reach the real module with real ones:
+/// they are the application's own where nothing has forked, translated in a forked child.
 enum MechanismHandles {
     static func withRealHandles(_ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
                                 _ body: (UnsafeMutablePointer<CK_MECHANISM>?) -> CK_RV) -> CK_RV {
-        guard let mechanism, let parameter = mechanism.pointee.pParameter else { return body(mechanism) }
+        guard HandleValues.translated, let mechanism, let parameter = mechanism.pointee.pParameter else { return body(mechanism) }
         let type = mechanism.pointee.mechanism
         switch ParameterLayout.of(type) {
         case .structure(let fields) where fields.contains(.handle):
@@ -13,16 +14,16 @@ enum MechanismHandles {
             let copy = UnsafeMutableRawPointer.allocate(byteCount: length, alignment: 8)
             defer { copy.deallocate() }
             copy.copyMemory(from: parameter, byteCount: length)
-            // A handle that is not p11fork's becomes one the module refuses (its own answer).
-            _ = ParameterLayout.resolveHandles(in: copy, at: ParameterLayout.handleOffsets(fields)) { virtual in
+            // A handle the child does not know becomes one the module refuses (its own answer).
+            _ = ParameterLayout.resolveHandles(in: copy, at: ParameterLayout.handleOffsets(fields)) { exposed in
                 var failure = CK_RV(CKR_OK)
-                return Objects.real(virtual, &failure)
+                return Objects.real(exposed, &failure)
             }
             var translated = mechanism.pointee
             translated.pParameter = copy
             return body(&translated)
         case .unknown where handleCarriers.contains(type):
-            Trace.event(.error, "\(mechanismName(type).map { "\($0)" } ?? "mechanism") carries object handles in its parameter, which p11fork does not translate yet: the module will see p11fork's virtual handles")
+            Trace.event(.error, "\(mechanismName(type).map { "\($0)" } ?? "mechanism") carries object handles in its parameter, which p11fork does not translate yet: in this forked child the module sees the application's handle values")
             return body(mechanism)
         default:
             return body(mechanism)

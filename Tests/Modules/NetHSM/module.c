@@ -35,6 +35,7 @@ static struct {
     struct nh_state *srv;
     uint32_t conn_id;
     uint32_t tag;           // handle prefix of this connection
+    int reuse;              // NETHSM_HANDLES=reuse: handles are the lowest free values, no prefix
     CK_SLOT_ID slot;
     char log_path[1024];    // NETHSM_LOG, read at C_Initialize
 } client;
@@ -123,16 +124,18 @@ static void pad(unsigned char *dst, size_t size, const char *text) {
 
 // MARK: handles
 
-static CK_ULONG handle_of(uint32_t server_id) { return (CK_ULONG)client.tag << NH_ID_BITS | server_id; }
+static CK_ULONG handle_of(uint32_t server_id) { return (client.reuse ? 0 : (CK_ULONG)client.tag << NH_ID_BITS) | server_id; }
+
+static int foreign(CK_ULONG handle) { return (handle >> NH_ID_BITS) != (client.reuse ? 0 : client.tag); }
 
 static struct nh_session *session_of(CK_SESSION_HANDLE handle) {
-    if ((handle >> NH_ID_BITS) != client.tag) return NULL;
+    if (foreign(handle)) return NULL;
     return nh_session_find(client.srv, client.conn_id, (uint32_t)(handle & NH_ID_MASK));
 }
 
 // Token objects, and this connection's session objects.
 static struct nh_object *object_of(CK_OBJECT_HANDLE handle) {
-    if ((handle >> NH_ID_BITS) != client.tag) return NULL;
+    if (foreign(handle)) return NULL;
     struct nh_object *o = nh_object_find(client.srv, (uint32_t)(handle & NH_ID_MASK));
     if (o != NULL && !o->token && o->conn != client.conn_id) return NULL;
     return o;
@@ -158,6 +161,7 @@ static CK_RV may_write(const struct nh_session *se, const struct nh_object *o) {
 static CK_RV store_object(const struct nh_session *se, struct nh_object *o, CK_OBJECT_HANDLE_PTR handle) {
     struct nh_object *slot = nh_object_new(client.srv);
     if (slot == NULL) return CKR_DEVICE_MEMORY;
+    if (client.reuse) slot->id = nh_object_lowest_id(client.srv, slot);
     uint32_t id = slot->id;
     uint64_t seq = slot->seq;
     *slot = *o;
@@ -266,6 +270,8 @@ static CK_RV nh_Initialize(CK_VOID_PTR init_args) {
     client.pid = getpid();
     client.conn_id = c->id;
     client.tag = c->tag;
+    const char *handles = getenv("NETHSM_HANDLES");
+    client.reuse = handles != NULL && strcmp(handles, "reuse") == 0;
     client.slot = (CK_SLOT_ID)c->slot;
     snprintf(client.log_path, sizeof client.log_path, "%s", log_path != NULL ? log_path : "");
     client.initialized = 1;
@@ -492,6 +498,7 @@ static CK_RV nh_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR applica
     struct nh_session *se = nh_session_new(client.srv, conn, rw);
     if (se == NULL) return end(CKR_SESSION_COUNT);
     se->async = (flags & CKF_ASYNC_SESSION) != 0;
+    if (client.reuse) se->id = nh_session_lowest_id(client.srv, se);
     *session = handle_of(se->id);
     return end(CKR_OK);
 }

@@ -205,6 +205,10 @@ NH_INTERNAL void nh_session_close(struct nh_state *s, struct nh_session *se);
 NH_INTERNAL unsigned nh_session_count(struct nh_state *s, uint32_t conn, int rw_only);
 
 NH_INTERNAL struct nh_object *nh_object_new(struct nh_state *s);
+// NETHSM_HANDLES=reuse: the lowest id that no other live session of the same connection has /
+// that no other live object has, so a value is given again as soon as it is free.
+NH_INTERNAL uint32_t nh_session_lowest_id(struct nh_state *s, const struct nh_session *self);
+NH_INTERNAL uint32_t nh_object_lowest_id(struct nh_state *s, const struct nh_object *self);
 NH_INTERNAL struct nh_object *nh_object_find(struct nh_state *s, uint32_t id);
 NH_INTERNAL void nh_object_free(struct nh_object *o);
 

@@ -339,7 +339,7 @@ void nh_session_close(struct nh_state *s, struct nh_session *se) {
     uint32_t conn = se->conn;
     for (int i = 0; i < NH_MAX_OBJECTS; i++) {
         struct nh_object *o = &s->objects[i];
-        if (o->in_use && !o->token && o->session == se->id) nh_object_free(o);
+        if (o->in_use && !o->token && o->session == se->id && o->conn == se->conn) nh_object_free(o);
     }
     memset(se, 0, sizeof *se);
     if (nh_session_count(s, conn, 0) == 0) {
@@ -361,6 +361,25 @@ struct nh_object *nh_object_new(struct nh_state *s) {
         }
     }
     return NULL;
+}
+
+uint32_t nh_session_lowest_id(struct nh_state *s, const struct nh_session *self) {
+    for (uint32_t id = 1;; id++) {
+        int used = 0;
+        for (int i = 0; i < NH_MAX_SESSIONS && !used; i++) {
+            const struct nh_session *se = &s->sessions[i];
+            used = se != self && se->in_use && se->conn == self->conn && se->id == id;
+        }
+        if (!used) return id;
+    }
+}
+
+uint32_t nh_object_lowest_id(struct nh_state *s, const struct nh_object *self) {
+    for (uint32_t id = 1;; id++) {
+        int used = 0;
+        for (int i = 0; i < NH_MAX_OBJECTS && !used; i++) used = &s->objects[i] != self && s->objects[i].in_use && s->objects[i].id == id;
+        if (!used) return id;
+    }
 }
 
 struct nh_object *nh_object_find(struct nh_state *s, uint32_t id) {

@@ -533,7 +533,7 @@ static void *initialize_racer(void *unused) {
 
 // N threads call while the main thread initialises the library again after a C_Finalize: calls
 // before it answer CKR_CRYPTOKI_NOT_INITIALIZED, calls after it work, the stale session handle
-// never reaches anything of the new initialisation.
+// gets the module's own answer (it reaches the module as it would directly).
 static int scenario_initialize_race(void) {
     const char *step;
     double started = now();

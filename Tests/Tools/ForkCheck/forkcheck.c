@@ -11,7 +11,7 @@
 //                     [--helper-mechanisms] [--ignore-mechanism-flags F] [--worker-user NAME] SCENARIO
 //
 // Scenarios: inherited, generations, child-initializes, child-teardown, threads, child-threads,
-// pin-changed, storm, same-view, orphans, broker-dies, chain, handle-values (the last four described where they are written). same-view: each child first opens a session of its own on
+// pin-changed, storm, same-view, orphans, broker-dies, chain, handle-values, reuse (the last five described where they are written). same-view: each child first opens a session of its own on
 // --named-slot ID (default: the token's slot; never listed in the child), logs in, signs with it,
 // then compares C_GetInfo, both slot lists, every slot's CK_SLOT_INFO and CK_TOKEN_INFO (but for
 // session counts, free memory and the clock) and the token's mechanism list and infos with the parent's
@@ -345,6 +345,27 @@ static int scenario_handle_values(void) {
     int problems = run_children(children, handle_values_child, &verified);
     if (!problems && verified != 6 * children * signatures) return tool_fail("handle-values: %d signatures verified", verified);
     return parent_still_signs("handle-values", problems, verified);
+}
+
+// reuse: no fork. Opens two sessions, closes the first, opens another, and prints the values and
+// what the module answers for the closed one; through p11fork they must be the module's own.
+static int scenario_reuse(void) {
+    CK_SESSION_HANDLE a, b, c;
+    CK_RV rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &a);
+    if (rv == CKR_OK) rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &b);
+    if (rv == CKR_OK) rv = p11->C_CloseSession(a);
+    if (rv == CKR_OK) rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &c);
+    if (rv != CKR_OK) return tool_fail("reuse: opening and closing sessions: %s", tool_rv_name(rv));
+    CK_OBJECT_HANDLE key;
+    rv = find_object(c, !strcmp(mechanism_name, "hmac") ? CKO_SECRET_KEY : CKO_PRIVATE_KEY, key_label, &key);
+    if (rv != CKR_OK) return tool_fail("reuse: finding the key: %s", tool_rv_name(rv));
+    p11->C_CloseSession(b);
+    CK_SESSION_INFO info;
+    CK_RV closed = p11->C_GetSessionInfo(b, &info);
+    tool_say("reuse: session 0x%lx, then 0x%lx and 0x%lx, after closing 0x%lx: 0x%lx; key found 0x%lx; the closed one answers %s",
+             session, a, b, a, c, key, tool_rv_name(closed));
+    tool_say("result: ok reuse");
+    return 0;
 }
 
 // The old rule: the child calls C_Initialize, opens its own session, logs in, finds the key.
@@ -1010,6 +1031,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(scenario, "orphans")) result = scenario_orphans();
     else if (!strcmp(scenario, "chain")) result = scenario_chain();
     else if (!strcmp(scenario, "handle-values")) result = scenario_handle_values();
+    else if (!strcmp(scenario, "reuse")) result = scenario_reuse();
     else if (!strcmp(scenario, "broker-dies")) result = scenario_broker_dies();
     else if (!strcmp(scenario, "lane-abuse")) result = scenario_lane_abuse();
     else return usage("unknown scenario");

@@ -238,14 +238,11 @@ static int newest_live(int kind) {
     return -1;
 }
 
-// A handle of an earlier life of the module: p11fork keeps it invalid and passes
-// CK_INVALID_HANDLE on (README "How it behaves"), while SoftHSM may have given its number to
-// something else since. The direct side therefore gets CK_INVALID_HANDLE for it: that is the
-// documented difference, and the only place where the two sides get different values.
-static CK_ULONG pair_value(int k, int side) {
-    if (side == DIRECT && pairs[k].kind != H_SLOT && pairs[k].epoch != cur_epoch) return CK_INVALID_HANDLE;
-    return pairs[k].h[side];
-}
+// Each side gets the value its own module issued, a handle of an earlier life of the module
+// included: p11fork passes handle values through where nothing has forked (README "How it
+// behaves"), so both modules must answer alike, also where SoftHSM gave the number to something
+// else since.
+static CK_ULONG pair_value(int k, int side) { return pairs[k].h[side]; }
 
 static int value_in_use(CK_ULONG v) {
     for (int k = 0; k < npairs; k++)
@@ -258,7 +255,7 @@ static CK_ULONG unknown_value(uint8_t b, int kind) {
     static const CK_ULONG base[3] = { 0x51000000UL, 0x5e000000UL, 0x0b000000UL };
     CK_ULONG v;
     switch (b % 8) {
-    case 0: v = base[kind] + 0x200 + (b >> 3); break;              // p11fork's range, never issued
+    case 0: v = base[kind] + 0x200 + (b >> 3); break;              // the range p11fork's own handles once had
     case 1: v = (1UL << 32) | (base[kind] + 1 + (b >> 6)); break;   // an issued index, another generation
     case 2: v = ~0UL; break;
     case 3: v = 0x7fffffffUL; break;
