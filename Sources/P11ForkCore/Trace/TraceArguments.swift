@@ -34,7 +34,7 @@ extension TraceLine {
         }
     }
 
-    /// An object handle the call returned (already virtual when the call succeeded).
+    /// An object handle the call returned (already the application's when the call succeeded).
     mutating func newObject(_ name: StaticString, _ pointer: UnsafeMutablePointer<CK_OBJECT_HANDLE>?, _ rv: CK_RV) {
         key(name)
         guard let pointer else { return null() }
